@@ -1,0 +1,139 @@
+"""The communicator hpcnn works on: rank facts, root-only printing, agreement on errors, threads.
+
+hpcnn never uses ``COMM_WORLD`` for its own traffic: ``Comm.world()`` wraps a ``Dup()`` of it, so
+user code and libraries sharing the process cannot collide with hpcnn's messages, and tests can run
+the same code on ``COMM_SELF``. This is the only module that imports ``mpi4py.MPI``.
+"""
+
+import os
+import sys
+import traceback
+from contextlib import contextmanager
+
+# MPICH busy-polls while waiting; with more ranks than cores on a node the spinning ranks steal the
+# cores that the computing ranks need (8 ranks on 2 cores: ~3x slower collectives). MPICH's launcher
+# tells each process how many ranks share its node, before MPI starts; that is the only chance to
+# ask MPICH to yield. A user's own setting wins.
+if int(os.environ.get("MPI_LOCALNRANKS", "1")) > (os.cpu_count() or 1):
+    os.environ.setdefault("MPIR_CVAR_ENABLE_HEAVY_YIELD", "1")
+
+from mpi4py import MPI  # noqa: E402  (must follow the environment set-up above)
+
+from hpcnn.errors import EXIT_INTERNAL, EXIT_USAGE, JobError, UserError  # noqa: E402
+
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+class Comm:
+    """A thin wrapper over an mpi4py communicator with the facts and helpers hpcnn needs.
+
+    Parameters
+    ----------
+    comm : mpi4py.MPI.Comm, owned by this object (pass a ``Dup()``, not a shared communicator)
+    """
+
+    def __init__(self, comm):
+        self.comm = comm
+        self.rank = comm.Get_rank()
+        self.size = comm.Get_size()
+        self.is_root = self.rank == 0
+        node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        self.local_size = node.Get_size()  # ranks sharing this node's cores
+        node.Free()
+
+    @classmethod
+    def world(cls) -> "Comm":
+        return cls(MPI.COMM_WORLD.Dup())
+
+    @classmethod
+    def serial(cls) -> "Comm":
+        """A one-rank communicator (tests, serial references, task groups of one)."""
+        return cls(MPI.COMM_SELF.Dup())
+
+    def print0(self, *args, **kwargs) -> None:
+        """Print on rank 0 only (and flush: SLURM output files should show progress live)."""
+        if self.is_root:
+            print(*args, **kwargs, flush=True)
+
+    def allreduce_sum_(self, buf) -> None:
+        """Sum a contiguous numpy buffer over all ranks, in place."""
+        self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+
+    def broadcast_(self, buf, root: int = 0) -> None:
+        self.comm.Bcast(buf, root=root)
+
+    def sum(self, value):
+        """Sum a small Python value (scalar metadata, not a hot-path buffer) over all ranks."""
+        return self.comm.allreduce(value, op=MPI.SUM)
+
+    def max(self, value):
+        return self.comm.allreduce(value, op=MPI.MAX)
+
+    def min(self, value):
+        return self.comm.allreduce(value, op=MPI.MIN)
+
+    def wtime(self) -> float:
+        return MPI.Wtime()
+
+    @contextmanager
+    def agreed(self, debug: bool = False):
+        """Run a block on every rank, then agree on whether any rank failed.
+
+        The block must contain no collective operations (a rank that fails early would leave the
+        others waiting in it). After the block one small ``allgather`` tells every rank whether
+        any rank raised; if so every rank raises the same ``JobError``, whose message rank 0 prints.
+        A ``UserError`` becomes exit code 2; anything else is an internal error (exit 1).
+        """
+        failure = None
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001  (every failure must reach the agreement below)
+            detail = traceback.format_exc() if debug else ""
+            failure = (isinstance(exc, UserError), str(exc) or type(exc).__name__, detail)
+        failures = self.comm.allgather(failure)
+        failed = [(rank, f) for rank, f in enumerate(failures) if f is not None]
+        if not failed:
+            return
+        rank, (user, message, detail) = failed[0]
+        same_everywhere = len(failed) == self.size and all(f[1] == message for _, f in failed)
+        if not user:
+            message = f"internal error: {message}"
+        if not same_everywhere:
+            message = f"rank {rank}: {message}"
+        if detail:
+            message = f"{detail.rstrip()}\n{message}"
+        raise JobError(message, EXIT_USAGE if user else EXIT_INTERNAL)
+
+    def abort(self, exc: BaseException, debug: bool = False) -> None:
+        """End the whole job from one rank that failed outside an agreed block.
+
+        The other ranks may be waiting inside a collective and cannot be told politely, so this
+        rank prints its own message (prefixed with its rank) and calls ``MPI_Abort``, which makes
+        the launcher kill every rank. Never returns.
+        """
+        code = EXIT_USAGE if isinstance(exc, UserError) else EXIT_INTERNAL
+        if debug:
+            traceback.print_exception(exc, file=sys.stderr)
+        kind = "error" if isinstance(exc, UserError) else "internal error"
+        print(f"hpcnn: rank {self.rank}: {kind}: {exc}", file=sys.stderr, flush=True)
+        MPI.COMM_WORLD.Abort(code)
+
+
+def blas_threads(local_ranks: int) -> tuple[int | None, str]:
+    """Give this rank ``max(1, cores // ranks_on_this_node)`` BLAS threads.
+
+    A user's ``OMP_NUM_THREADS`` / ``OPENBLAS_NUM_THREADS`` / ``MKL_NUM_THREADS`` wins, then SLURM's
+    ``SLURM_CPUS_PER_TASK``. Returns the thread count applied (``None`` when left to the user's
+    variable) and where it came from.
+    """
+    for var in THREAD_VARS:
+        if os.environ.get(var):
+            return None, f"{var}={os.environ[var]}"
+    if os.environ.get("SLURM_CPUS_PER_TASK"):
+        n, source = int(os.environ["SLURM_CPUS_PER_TASK"]), "SLURM_CPUS_PER_TASK"
+    else:
+        n, source = max(1, (os.cpu_count() or 1) // local_ranks), "cores // ranks per node"
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=n, user_api="blas")
+    return n, source

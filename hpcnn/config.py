@@ -1,0 +1,236 @@
+"""Training settings as data: one dataclass, fed by a TOML file and ``--flag`` overrides.
+
+Every field is a key of the TOML file and a flag (``batch_size`` <-> ``--batch-size``); flags
+override the file, the file overrides the defaults. An unknown key, a wrong type or an invalid
+value is a ``UserError`` that names the key and what is expected. The resolved config is what a
+run prints, and what later features (checkpoints, run directories) store.
+"""
+
+import argparse
+import dataclasses
+import sys
+from dataclasses import dataclass, field, fields
+
+from hpcnn.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def _f(default, help: str, choices=None, group: str = "training"):
+    meta = {"help": help, "choices": choices, "group": group}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Config:
+    # --- model
+    hidden: list = _f(
+        [256, 128], "hidden layer widths, comma-separated (empty: no hidden layer)", group="model"
+    )
+    activation: str = _f("relu", "activation between layers", ["relu", "gelu", "tanh", "sigmoid"], "model")
+    output_activation: str = _f(
+        "identity", "activation after the last layer", ["identity", "sigmoid", "tanh"], "model"
+    )
+    loss: str = _f(
+        "cross_entropy",
+        "loss: fused softmax cross-entropy or mean squared error",
+        ["cross_entropy", "mse"],
+        "model",
+    )
+    dtype: str = _f(
+        "float32", "floating-point type of parameters and activations", ["float32", "float64"], "model"
+    )
+    # --- data
+    data: str = _f("digits", "built-in dataset (digits, xor, synthetic) or an HDF5 file", group="data")
+    x_key: str = _f("x", "inputs dataset in the HDF5 file", group="data")
+    y_key: str = _f("y", "labels dataset in the HDF5 file", group="data")
+    test_x_key: str = _f("x_test", "held-out inputs dataset (used if present)", group="data")
+    test_y_key: str = _f("y_test", "held-out labels dataset (used if present)", group="data")
+    test_fraction: float = _f(
+        0.0, "hold out this fraction of the rows when the file has no held-out datasets", group="data"
+    )
+    synthetic_rows: int = _f(10000, "rows of the synthetic dataset", group="data")
+    synthetic_features: int = _f(32, "features of the synthetic dataset", group="data")
+    synthetic_classes: int = _f(10, "classes of the synthetic dataset", group="data")
+    synthetic_seed: int = _f(0, "seed of the synthetic dataset", group="data")
+    # --- training
+    epochs: int = _f(30, "passes over the training rows")
+    batch_size: int = _f(64, "global batch size: rows per step summed over all ranks")
+    drop_last: bool = _f(False, "drop the last partial batch of each epoch")
+    seed: int = _f(0, "seed for initialisation and shuffling")
+    eval_batch_size: int = _f(4096, "rows per forward pass when evaluating, per rank")
+    eval_every: int = _f(1, "evaluate the held-out rows every this many epochs (0: only at the end)")
+    max_steps: int = _f(0, "stop after this many optimizer steps in all (0: run every epoch)")
+    # --- optimizer
+    optimizer: str = _f("adam", "optimizer", ["sgd", "adam", "adamw"], "optimizer")
+    lr: float = _f(1e-3, "peak learning rate", group="optimizer")
+    momentum: float = _f(0.9, "SGD momentum (0 disables it)", group="optimizer")
+    nesterov: bool = _f(False, "Nesterov momentum (SGD)", group="optimizer")
+    beta1: float = _f(0.9, "Adam/AdamW first-moment decay", group="optimizer")
+    beta2: float = _f(0.999, "Adam/AdamW second-moment decay", group="optimizer")
+    eps: float = _f(1e-8, "Adam/AdamW epsilon", group="optimizer")
+    weight_decay: float = _f(
+        0.0, "L2 weight decay (decoupled for AdamW), on all parameters", group="optimizer"
+    )
+    schedule: str = _f("cosine", "learning-rate schedule", ["constant", "step", "cosine"], "optimizer")
+    warmup_steps: int = _f(0, "linear warm-up steps before the schedule", group="optimizer")
+    step_size: int = _f(1000, "steps between decays of the step schedule", group="optimizer")
+    gamma: float = _f(0.1, "decay factor of the step schedule", group="optimizer")
+    min_lr: float = _f(0.0, "final learning rate of the cosine schedule", group="optimizer")
+    clip_norm: float = _f(0.0, "clip the global gradient norm to this (0: no clipping)", group="optimizer")
+    # --- run
+    threads: int = _f(
+        0, "BLAS threads per rank (0: cores // ranks per node, or OMP_NUM_THREADS)", group="run"
+    )
+    debug: bool = _f(False, "print tracebacks with errors", group="run")
+
+    def validate(self) -> "Config":
+        """Check values that types alone do not; raise ``UserError`` naming the key."""
+        for f in fields(self):
+            choices = f.metadata["choices"]
+            if choices and getattr(self, f.name) not in choices:
+                raise UserError(f"{f.name} = {getattr(self, f.name)!r}: expected one of {', '.join(choices)}")
+        positive = (
+            "epochs",
+            "batch_size",
+            "eval_batch_size",
+            "synthetic_rows",
+            "synthetic_features",
+            "step_size",
+        )
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise UserError(f"{key} = {getattr(self, key)}: must be a positive integer")
+        for key in ("eval_every", "max_steps", "warmup_steps", "threads"):
+            if getattr(self, key) < 0:
+                raise UserError(f"{key} = {getattr(self, key)}: must be >= 0")
+        for key in ("lr", "eps"):
+            if not getattr(self, key) > 0:
+                raise UserError(f"{key} = {getattr(self, key)}: must be > 0")
+        for key in ("weight_decay", "clip_norm", "min_lr", "momentum"):
+            if not getattr(self, key) >= 0:
+                raise UserError(f"{key} = {getattr(self, key)}: must be >= 0")
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise UserError(f"{key} = {getattr(self, key)}: must be in [0, 1)")
+        if not 0 <= self.test_fraction < 1:
+            raise UserError(f"test_fraction = {self.test_fraction}: must be in [0, 1)")
+        if self.synthetic_classes < 2:
+            raise UserError(f"synthetic_classes = {self.synthetic_classes}: must be >= 2")
+        if any(w <= 0 for w in self.hidden):
+            raise UserError(f"hidden = {self.hidden}: widths must be positive integers")
+        if self.nesterov and self.momentum == 0:
+            raise UserError("nesterov needs momentum > 0")
+        return self
+
+    def to_toml(self) -> str:
+        """The resolved config as a TOML document (readable by ``--config``)."""
+        lines = []
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool):
+                text = str(v).lower()
+            elif isinstance(v, str):
+                text = '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            else:
+                text = repr(v)
+            lines.append(f"{f.name} = {text}")
+        return "\n".join(lines) + "\n"
+
+
+def _coerce(key: str, value, kind, where: str):
+    """``value`` as ``kind``, or a ``UserError`` naming the key and the expected type."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is list:
+        if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return value
+        raise UserError(f"{where}: {key} = {value!r}: expected a list of integers, e.g. [256, 128]")
+    if type(value) is not kind:
+        raise UserError(f"{where}: {key} = {value!r}: expected {kind.__name__}")
+    return value
+
+
+def _int_list(text: str) -> list:
+    try:
+        return [int(w) for w in text.replace(" ", "").split(",") if w]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, e.g. 256,128; got {text!r}"
+        ) from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ``UserError`` instead of exiting, and prints (help) on rank 0 only."""
+
+    def __init__(self, *args, is_root: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.is_root = is_root
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+    def _print_message(self, message, file=None):
+        if self.is_root:
+            super()._print_message(message, file)
+
+
+def build_parser(prog: str = "python -m hpcnn.train", is_root: bool = True) -> argparse.ArgumentParser:
+    """The training command line: one flag per ``Config`` field, plus ``--config FILE.toml``."""
+    p = _Parser(
+        prog=prog,
+        is_root=is_root,
+        description="Train a neural network with data-parallel SPMD over MPI "
+        "(run under mpirun/srun; any number of ranks).",
+        argument_default=argparse.SUPPRESS,
+    )
+    p.add_argument(
+        "--config", metavar="FILE.toml", help="TOML file whose keys are the flags' names with _ for -"
+    )
+    groups = {}
+    defaults = Config()
+    for f in fields(Config):
+        group = groups.get(f.metadata["group"]) or p.add_argument_group(f.metadata["group"])
+        groups[f.metadata["group"]] = group
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        help_text = f"{f.metadata['help']} (default: {shown})"
+        kind = f.type
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        elif kind is list:
+            group.add_argument(flag, type=_int_list, metavar="N,N,...", help=help_text)
+        else:
+            group.add_argument(flag, type=kind, choices=f.metadata["choices"], help=help_text)
+    return p
+
+
+def load_toml(path: str) -> dict:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def resolve(argv=None, is_root: bool = True) -> Config:
+    """Defaults, then the ``--config`` file, then the flags; validated."""
+    args = vars(build_parser(is_root=is_root).parse_args(argv))
+    cfg = Config()
+    kinds = {f.name: f.type for f in fields(Config)}
+    path = args.pop("config", None)
+    if path is not None:
+        for key, value in load_toml(path).items():
+            if key not in kinds:
+                raise UserError(f"{path}: unknown key {key!r}; valid keys: {', '.join(kinds)}")
+            setattr(cfg, key, _coerce(key, value, kinds[key], path))
+    cfg = dataclasses.replace(cfg, **args)
+    return cfg.validate()

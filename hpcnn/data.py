@@ -1,0 +1,391 @@
+"""Datasets: HDF5 files read by rows, built-in datasets, and the per-rank sampler.
+
+The HDF5 layout hpcnn reads (and ``python -m hpcnn.data`` writes):
+
+- ``x``: float array (rows, features); ``y``: integer class labels (rows,), or floats
+  (rows, outputs) for regression with ``--loss mse``;
+- optional held-out pair ``x_test`` / ``y_test`` of the same kinds;
+- optional attribute ``num_classes`` on the file (otherwise the labels' maximum + 1, found by the
+  ranks together, each reading one block of labels).
+
+Names are configurable (``--x-key`` and friends). **Each rank reads only the rows it needs**: the
+sampler hands every rank the row ids of its slice of each global batch, and ``H5Source.read`` asks
+HDF5 for exactly those rows (a hyperslab for a contiguous run, a sorted point list otherwise).
+
+Sampling: each epoch's order is a permutation drawn from ``(seed, epoch)``, identical on every rank;
+global batch ``b`` is rows ``[b*B, (b+1)*B)`` of it, split into ``size`` contiguous slices that
+differ by at most one row. Every row is used exactly once per epoch across all ranks, without
+padding; the last partial batch is kept unless ``drop_last``.
+"""
+
+import argparse
+import sys
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from hpcnn.errors import UserError
+
+BUILTIN = ("digits", "xor", "synthetic")
+SPLIT_SEED = 0  # held-out split by fraction: fixed, so every seed of a sweep sees the same split
+FORMAT_VERSION = 1
+
+
+def split_counts(n: int, parts: int, index: int) -> tuple[int, int]:
+    """Start and length of slice ``index`` when ``n`` rows are cut into ``parts`` near-equal slices."""
+    base, extra = divmod(n, parts)
+    return index * base + min(index, extra), base + (index < extra)
+
+
+class ArraySource:
+    """Rows held in memory (built-in and synthetic data)."""
+
+    def __init__(self, x, y, name: str):
+        self.x, self.y, self.name = x, y, name
+        self.rows, self.rows_read = len(x), 0
+
+    def read(self, ids):
+        self.rows_read += len(ids)
+        return self.x[ids], self.y[ids]
+
+    def close(self) -> None:
+        pass
+
+
+class H5Source:
+    """Rows of two datasets in an HDF5 file, read on demand, one selection per call."""
+
+    def __init__(self, f, x_key: str, y_key: str):
+        self.file, self.x, self.y = f, f[x_key], f[y_key]
+        self.name = f"{f.filename}:{x_key}/{y_key}"
+        self.rows, self.rows_read = self.x.shape[0], 0
+
+    def read(self, ids):
+        """Rows ``ids`` (any order, no repeats), returned in that order."""
+        self.rows_read += len(ids)
+        if len(ids) == 0:
+            return (
+                np.empty((0,) + self.x.shape[1:], self.x.dtype),
+                np.empty((0,) + self.y.shape[1:], self.y.dtype),
+            )
+        order = np.argsort(ids, kind="stable")
+        ids_sorted = ids[order]
+        lo, hi = int(ids_sorted[0]), int(ids_sorted[-1]) + 1
+        # A contiguous run is one hyperslab; otherwise h5py wants increasing point lists.
+        sel = slice(lo, hi) if hi - lo == len(ids) else ids_sorted
+        x, y = self.x[sel], self.y[sel]
+        if order[0] == 0 and np.all(order[1:] > order[:-1]):
+            return x, y
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        return x[inverse], y[inverse]
+
+    def close(self) -> None:
+        self.file.close()  # h5py: closing a closed file is a no-op, so shared files are fine
+
+
+@dataclass
+class Split:
+    """Rows ``ids`` of ``source``: a training set or a held-out set."""
+
+    source: object
+    ids: np.ndarray  # (rows,) row indices into source
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class Dataset:
+    name: str
+    train: Split
+    test: Split | None  # None: no held-out rows; evaluation then reports the training rows
+    features: int
+    num_classes: int | None  # None: regression targets
+    outputs: int
+
+    def close(self) -> None:
+        self.train.source.close()
+        if self.test is not None:
+            self.test.source.close()
+
+
+def xor_arrays():
+    """The tutorial's four XOR points, as a 2-class problem."""
+    x = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=np.float32)  # (4, 2)
+    return x, np.array([0, 1, 1, 0], dtype=np.int64)
+
+
+SYNTHETIC_BLOCK = 65536
+
+
+def synthetic_blocks(rows: int, features: int, classes: int, seed: int, stream: int = 0):
+    """Seeded Gaussian class clusters, ``x = centre[y] + noise``, as ``(start, x, y)`` blocks.
+
+    Block ``b`` comes from its own generator ``(seed, stream, b)``, so a file written block by
+    block (bounded memory) holds exactly the rows of the in-memory dataset. Stream 1 is held out.
+    """
+    centres = np.random.default_rng((seed, 2**31)).normal(0.0, 1.0, (classes, features))
+    for b, start in enumerate(range(0, rows, SYNTHETIC_BLOCK)):
+        n = min(SYNTHETIC_BLOCK, rows - start)
+        rng = np.random.default_rng((seed, stream, b))
+        y = rng.integers(0, classes, n)  # (n,)
+        x = (centres[y] + 0.8 * rng.standard_normal((n, features))).astype(np.float32)  # (n, features)
+        yield start, x, y
+
+
+def synthetic_arrays(rows: int, features: int, classes: int, seed: int, stream: int = 0):
+    """The whole synthetic dataset in memory (see ``synthetic_blocks``)."""
+    x = np.empty((rows, features), np.float32)
+    y = np.empty(rows, np.int64)
+    for start, xb, yb in synthetic_blocks(rows, features, classes, seed, stream):
+        x[start : start + len(xb)], y[start : start + len(yb)] = xb, yb
+    return x, y
+
+
+def _open_h5(path: Path):
+    import h5py
+
+    if not path.exists():
+        raise UserError(f"data file {path} does not exist")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise UserError(f"data file {path} is not a readable HDF5 file ({exc})") from None
+
+
+def _h5_pair(f, x_key: str, y_key: str, required: bool):
+    present = [k for k in (x_key, y_key) if k in f]
+    if not present and not required:
+        return None
+    missing = [k for k in (x_key, y_key) if k not in f]
+    if missing:
+        raise UserError(
+            f"{f.filename}: no dataset {missing[0]!r} (datasets in the file: {sorted(f.keys())}); "
+            "set --x-key/--y-key (or --test-x-key/--test-y-key) to the names used"
+        )
+    x, y = f[x_key], f[y_key]
+    if x.ndim != 2 or y.ndim not in (1, 2) or x.shape[0] != y.shape[0]:
+        raise UserError(
+            f"{f.filename}: {x_key!r} must be (rows, features) and {y_key!r} (rows,) or "
+            f"(rows, outputs) with the same rows; got {x.shape} and {y.shape}"
+        )
+    if not np.issubdtype(x.dtype, np.floating) and not np.issubdtype(x.dtype, np.integer):
+        raise UserError(f"{f.filename}: {x_key!r} must be numeric, got {x.dtype}")
+    return H5Source(f, x_key, y_key)
+
+
+def open_dataset(cfg, rank: int, size: int) -> tuple[Dataset, tuple[int, int] | None]:
+    """Open the dataset ``cfg.data`` names, touching no rows but a block of labels at most.
+
+    Returns the dataset and, when the number of classes must be found from the labels, this rank's
+    ``(min, max)`` over its block of training labels (the caller reduces it across ranks and
+    calls ``set_num_classes``). No collective operations happen here.
+    """
+    if cfg.data == "xor":
+        x, y = xor_arrays()
+        src = ArraySource(x, y, "xor")
+        return Dataset("xor", Split(src, np.arange(4)), None, 2, 2, 2), None
+    if cfg.data == "synthetic":
+        rows, feats, classes = cfg.synthetic_rows, cfg.synthetic_features, cfg.synthetic_classes
+        seed = cfg.synthetic_seed
+        train = ArraySource(*synthetic_arrays(rows, feats, classes, seed, 0), "synthetic")
+        n_test = max(1, rows // 5)
+        test = ArraySource(*synthetic_arrays(n_test, feats, classes, seed, 1), "synthetic-test")
+        ds = Dataset(
+            "synthetic",
+            Split(train, np.arange(rows)),
+            Split(test, np.arange(n_test)),
+            feats,
+            classes,
+            classes,
+        )
+        return ds, None
+    if cfg.data == "digits":
+        path = Path(str(resources.files("hpcnn") / "datasets" / "digits.h5"))
+    else:
+        path = Path(cfg.data)
+        if path.suffix not in (".h5", ".hdf5", ".hdf") and not path.exists():
+            raise UserError(
+                f"--data {cfg.data!r} is neither a built-in dataset ({', '.join(BUILTIN)}) "
+                "nor an existing HDF5 file"
+            )
+    name = cfg.data if cfg.data in BUILTIN else str(path)
+    f = _open_h5(path)
+    train = _h5_pair(f, cfg.x_key, cfg.y_key, required=True)
+    test = _h5_pair(f, cfg.test_x_key, cfg.test_y_key, required=False)
+    if test is not None and test.x.shape[1:] != train.x.shape[1:]:
+        raise UserError(
+            f"{path}: held-out rows have shape {test.x.shape[1:]}, training rows {train.x.shape[1:]}"
+        )
+    train_ids = np.arange(train.rows)
+    test_split = Split(test, np.arange(test.rows)) if test is not None else None
+    if test is None and cfg.test_fraction > 0:
+        perm = np.random.default_rng(SPLIT_SEED).permutation(train.rows)
+        n_test = int(round(cfg.test_fraction * train.rows))
+        if not 0 < n_test < train.rows:
+            raise UserError(
+                f"--test-fraction {cfg.test_fraction} leaves no training or no held-out rows of {train.rows}"
+            )
+        test_split = Split(train, np.sort(perm[:n_test]))
+        train_ids = np.sort(perm[n_test:])
+    features = int(train.x.shape[1])
+    if train.y.ndim == 2 or np.issubdtype(train.y.dtype, np.floating):
+        if cfg.loss != "mse":
+            raise UserError(
+                f"{path}: {cfg.y_key!r} holds {train.y.dtype} targets; class labels must be "
+                "integers (or use --loss mse for regression)"
+            )
+        outputs = int(train.y.shape[1]) if train.y.ndim == 2 else 1
+        ds = Dataset(name, Split(train, train_ids), test_split, features, None, outputs)
+        return ds, None
+    ds = Dataset(name, Split(train, train_ids), test_split, features, None, 0)
+    if "num_classes" in f.attrs:
+        set_num_classes(ds, int(f.attrs["num_classes"]))
+        return ds, None
+    start, count = split_counts(train.rows, size, rank)
+    block = train.y[start : start + count]
+    return ds, ((int(block.min()), int(block.max())) if count else None)
+
+
+def set_num_classes(ds: Dataset, num_classes: int) -> None:
+    if num_classes < 2:
+        raise UserError(f"{ds.name}: labels must be 0..C-1 with C >= 2 classes, found C = {num_classes}")
+    ds.num_classes = ds.outputs = num_classes
+
+
+class EpochSampler:
+    """Row ids of this rank's slice of every global batch.
+
+    Parameters
+    ----------
+    ids : (rows,) the training row ids
+    batch_size : global batch size (rows over all ranks)
+    rank, size : this rank and the number of data-parallel ranks
+    seed : shuffling seed; epoch ``e`` uses the permutation drawn from ``(seed, e)``
+    drop_last : drop the last batch if it is partial
+    """
+
+    def __init__(self, ids, batch_size: int, rank: int, size: int, seed: int, drop_last=False):
+        self.ids, self.batch_size, self.rank, self.size = ids, batch_size, rank, size
+        self.seed, self.drop_last = seed, drop_last
+
+    def __len__(self) -> int:
+        n, b = len(self.ids), self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def epoch(self, epoch: int):
+        """Yield ``(local_ids, global_rows)`` for each global batch of ``epoch``."""
+        order = self.ids[np.random.default_rng((self.seed, 0xDA7A, epoch)).permutation(len(self.ids))]
+        for b in range(len(self)):
+            batch = order[b * self.batch_size : (b + 1) * self.batch_size]
+            start, count = split_counts(len(batch), self.size, self.rank)
+            yield batch[start : start + count], len(batch)
+
+
+# --- python -m hpcnn.data: write datasets in the layout above -------------------------------------
+
+
+def write_h5(path, x, y, x_test=None, y_test=None, num_classes=None, attrs=None) -> None:
+    """Write arrays in hpcnn's dataset layout (gzip-compressed, chunked by rows)."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        f.attrs["format_version"] = FORMAT_VERSION
+        if num_classes is not None:
+            f.attrs["num_classes"] = int(num_classes)
+        for key, value in (attrs or {}).items():
+            f.attrs[key] = value
+        pairs = [("x", x), ("y", y)] + (
+            [("x_test", x_test), ("y_test", y_test)] if x_test is not None else []
+        )
+        for key, arr in pairs:
+            f.create_dataset(key, data=arr, compression="gzip", shuffle=True)
+
+
+def write_synthetic(path, rows, test_rows, features, classes, seed) -> None:
+    """Write the synthetic dataset block by block, so any size fits in bounded memory."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["num_classes"] = int(classes)
+        f.attrs["source"] = f"hpcnn synthetic: seed {seed}, {classes} Gaussian clusters"
+        for suffix, n, stream in (("", rows, 0), ("_test", test_rows, 1)):
+            chunk = (min(max(n, 1), 1024), features)
+            x = f.create_dataset("x" + suffix, (n, features), np.float32, chunks=chunk)
+            y = f.create_dataset("y" + suffix, (n,), np.int64, chunks=(chunk[0],))
+            for start, xb, yb in synthetic_blocks(n, features, classes, seed, stream):
+                x[start : start + len(xb)], y[start : start + len(yb)] = xb, yb
+
+
+def _classes_of(*labels) -> int | None:
+    ys = [y for y in labels if y is not None]
+    if all(np.issubdtype(y.dtype, np.integer) and y.ndim == 1 for y in ys):
+        return int(max(int(y.max()) for y in ys if len(y)) + 1)
+    return None
+
+
+def convert(inputs: list[str], out: str, x_key: str, y_key: str) -> str:
+    """Arrays from ``.npz`` (keys x, y, optional x_test, y_test) or two ``.npy`` files -> HDF5."""
+    if len(inputs) == 1 and inputs[0].endswith(".npz"):
+        with np.load(inputs[0]) as z:
+            arrays = {k: z[k] for k in z.files}
+        if x_key not in arrays or y_key not in arrays:
+            raise UserError(f"{inputs[0]} has arrays {sorted(arrays)}; expected {x_key!r} and {y_key!r}")
+        x, y = arrays[x_key], arrays[y_key]
+        xt, yt = arrays.get(f"{x_key}_test"), arrays.get(f"{y_key}_test")
+    elif len(inputs) == 2 and all(p.endswith(".npy") for p in inputs):
+        x, y = (np.load(p) for p in inputs)
+        xt = yt = None
+    else:
+        raise UserError("convert takes one .npz file or two .npy files (inputs, then labels)")
+    if x.ndim == 1 or x.ndim > 2:
+        x = x.reshape(len(x), -1)  # images and such become (rows, features)
+        xt = None if xt is None else xt.reshape(len(xt), -1)
+    if len(x) != len(y):
+        raise UserError(f"inputs have {len(x)} rows but labels have {len(y)}")
+    write_h5(out, x, y, xt, yt, _classes_of(y, yt))
+    return f"wrote {out}: {len(x)} rows x {x.shape[1]} features" + (
+        f", {len(xt)} held-out rows" if xt is not None else ""
+    )
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m hpcnn.data", description="Write datasets in the HDF5 layout hpcnn reads."
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("convert", help="convert .npz (x, y[, x_test, y_test]) or two .npy files to HDF5")
+    c.add_argument("inputs", nargs="+", help="one .npz, or inputs.npy labels.npy")
+    c.add_argument("out", help="output .h5 file")
+    c.add_argument("--x-key", default="x", help="inputs array in the .npz (default: x)")
+    c.add_argument("--y-key", default="y", help="labels array in the .npz (default: y)")
+    s = sub.add_parser("synthetic", help="write a seeded synthetic classification dataset")
+    s.add_argument("out", help="output .h5 file")
+    s.add_argument("--rows", type=int, default=100_000, help="training rows (default: 100000)")
+    s.add_argument("--features", type=int, default=784, help="features per row (default: 784)")
+    s.add_argument("--classes", type=int, default=10, help="classes (default: 10)")
+    s.add_argument("--test-rows", type=int, default=None, help="held-out rows (default: rows // 5)")
+    s.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    args = p.parse_args(argv)
+    try:
+        if args.command == "convert":
+            print(convert(args.inputs, args.out, args.x_key, args.y_key))
+        else:
+            test_rows = args.rows // 5 if args.test_rows is None else args.test_rows
+            write_synthetic(args.out, args.rows, test_rows, args.features, args.classes, args.seed)
+            print(
+                f"wrote {args.out}: {args.rows} rows x {args.features} features, "
+                f"{args.classes} classes, {test_rows} held-out rows"
+            )
+    except UserError as exc:
+        print(f"hpcnn.data: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""Errors the face (``train``) turns into one message and an exit code.
+
+Library code raises ``UserError`` where user input (flags, config files, data files) is wrong and
+plain exceptions or ``assert`` for internal faults. ``JobError`` is what every rank raises once the
+ranks have agreed that some rank failed, so that all of them exit together and only rank 0 speaks.
+"""
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1  # a bug or an environment fault: report it with --debug's traceback
+EXIT_USAGE = 2  # bad flags, config, or data: the message says what to change
+
+
+class UserError(Exception):
+    """Bad input from the user; the message names the flag, key, file or value and what is expected."""
+
+
+class JobError(Exception):
+    """Raised on every rank after some rank failed; ``message`` is the one line rank 0 prints."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.message, self.exit_code = message, exit_code

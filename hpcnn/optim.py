@@ -1,0 +1,141 @@
+"""Optimizers, learning-rate schedules and gradient clipping, all on the flat buffers.
+
+Each optimizer owns its state as whole-buffer arrays (momentum, Adam moments) plus one scratch
+buffer allocated once, and updates ``params.data`` from ``params.grad`` with in-place vector
+operations: no parameter-sized allocation per step. Conventions follow PyTorch's so that users get
+the hyper-parameters they know (momentum without dampening, L2 weight decay added to the gradient
+for SGD and Adam, decoupled weight decay for AdamW).
+"""
+
+import math
+
+from hpcnn.backend import xp
+
+
+class SGD:
+    """SGD with optional (Nesterov) momentum and L2 weight decay.
+
+    ``v = mu * v + g``; the step uses ``v`` (classical) or ``g + mu * v`` (Nesterov).
+    """
+
+    def __init__(self, params, momentum=0.0, nesterov=False, weight_decay=0.0):
+        if nesterov and momentum <= 0:
+            raise ValueError("nesterov needs momentum > 0")
+        self.params, self.momentum, self.nesterov = params, momentum, nesterov
+        self.weight_decay = weight_decay
+        self.state = {"velocity": xp.zeros_like(params.data)} if momentum else {}
+        self.scratch = xp.empty_like(params.data)
+        self.t = 0
+
+    def step(self, lr: float) -> None:
+        p, g, s = self.params.data, self.params.grad, self.scratch
+        self.t += 1
+        if self.weight_decay:
+            xp.multiply(p, self.weight_decay, out=s)
+            g += s
+        if self.momentum:
+            v = self.state["velocity"]
+            v *= self.momentum
+            v += g
+            if self.nesterov:
+                xp.multiply(v, self.momentum, out=s)
+                g += s
+            else:
+                g = v
+        xp.multiply(g, lr, out=s)
+        p -= s
+
+
+class Adam:
+    """Adam with bias correction; ``decoupled=True`` is AdamW (Loshchilov & Hutter).
+
+    Adam adds ``weight_decay * p`` to the gradient (L2); AdamW instead shrinks the parameters by
+    ``1 - lr * weight_decay`` before the Adam update.
+    """
+
+    def __init__(self, params, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=False):
+        self.params, self.beta1, self.beta2, self.eps = params, beta1, beta2, eps
+        self.weight_decay, self.decoupled = weight_decay, decoupled
+        self.state = {"m": xp.zeros_like(params.data), "v": xp.zeros_like(params.data)}
+        self.scratch = xp.empty_like(params.data)
+        self.t = 0
+
+    def step(self, lr: float) -> None:
+        p, g, s = self.params.data, self.params.grad, self.scratch
+        m, v = self.state["m"], self.state["v"]
+        b1, b2 = self.beta1, self.beta2
+        self.t += 1
+        if self.weight_decay and self.decoupled:
+            p *= 1 - lr * self.weight_decay
+        elif self.weight_decay:
+            xp.multiply(p, self.weight_decay, out=s)
+            g += s
+        m *= b1
+        xp.multiply(g, 1 - b1, out=s)
+        m += s
+        v *= b2
+        xp.multiply(g, g, out=s)
+        s *= 1 - b2
+        v += s
+        # p -= lr / (1 - b1^t) * m / (sqrt(v / (1 - b2^t)) + eps)
+        xp.sqrt(v, out=s)
+        s *= 1 / math.sqrt(1 - b2**self.t)
+        s += self.eps
+        xp.divide(m, s, out=s)
+        s *= lr / (1 - b1**self.t)
+        p -= s
+
+
+def make_optimizer(cfg, params):
+    """The optimizer ``cfg.optimizer`` names (``sgd``, ``adam``, ``adamw``) over ``params``."""
+    if cfg.optimizer == "sgd":
+        return SGD(params, cfg.momentum, cfg.nesterov, cfg.weight_decay)
+    if cfg.optimizer in ("adam", "adamw"):
+        decoupled = cfg.optimizer == "adamw"
+        return Adam(params, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, decoupled)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+
+
+class Schedule:
+    """Learning rate as a function of the 0-based step index.
+
+    ``warmup_steps`` ramps linearly from ``lr / warmup_steps`` up to ``lr`` (for every kind), then:
+    ``constant``; ``step``: times ``gamma`` every ``step_size`` steps; ``cosine``: from ``lr`` down to
+    ``min_lr`` at ``total_steps``.
+    """
+
+    KINDS = ("constant", "step", "cosine")
+
+    def __init__(self, kind, lr, total_steps, warmup_steps=0, step_size=1, gamma=0.1, min_lr=0.0):
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown schedule {kind!r}")
+        self.kind, self.lr, self.total_steps = kind, lr, total_steps
+        self.warmup_steps, self.step_size = warmup_steps, step_size
+        self.gamma, self.min_lr = gamma, min_lr
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.kind == "constant":
+            return self.lr
+        if self.kind == "step":
+            return self.lr * self.gamma ** ((step - self.warmup_steps) // self.step_size)
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def clip_grad_norm(grad, max_norm: float, sum_across=None) -> float:
+    """Scale ``grad`` in place so that its global L2 norm is at most ``max_norm``.
+
+    ``sum_across`` adds the squared norm over the ranks that hold other parts of the model
+    (pipeline stages); data-parallel replicas already hold the full reduced gradient and pass
+    nothing. Returns the norm before clipping.
+    """
+    sq = float(xp.dot(grad, grad))
+    if sum_across is not None:
+        sq = sum_across(sq)
+    norm = math.sqrt(sq)
+    if norm > max_norm:
+        grad *= max_norm / (norm + 1e-6)
+    return norm
