@@ -1,0 +1,83 @@
+"""Config: defaults, TOML file, flag overrides, and errors that name the key."""
+
+import pytest
+
+from hpcnn.config import Config, build_parser, resolve
+from hpcnn.errors import UserError
+
+
+def test_defaults_and_flags():
+    cfg = resolve([])
+    assert cfg == Config()
+    cfg = resolve(["--hidden", "32,16", "--lr", "0.5", "--nesterov", "--optimizer", "sgd", "--dtype=float64"])
+    got = (cfg.hidden, cfg.lr, cfg.nesterov, cfg.optimizer, cfg.dtype)
+    assert got == ([32, 16], 0.5, True, "sgd", "float64")
+    assert resolve(["--hidden", ""]).hidden == []
+
+
+def test_toml_then_flags_override(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('epochs = 3\nlr = 1\nhidden = [8]\noptimizer = "sgd"\nnesterov = true\n')
+    cfg = resolve(["--config", str(path), "--epochs", "5"])
+    assert (cfg.epochs, cfg.lr, cfg.hidden, cfg.optimizer, cfg.nesterov) == (5, 1.0, [8], "sgd", True)
+    assert isinstance(cfg.lr, float)
+
+
+def test_resolved_config_round_trips_through_toml(tmp_path):
+    cfg = resolve(["--hidden", "7,5", "--data", 'we"ird\\path.h5', "--drop-last"])
+    path = tmp_path / "resolved.toml"
+    path.write_text(cfg.to_toml())
+    assert resolve(["--config", str(path)]) == cfg
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("epoch = 3\n", "unknown key 'epoch'; valid keys: hidden, activation"),
+        ('epochs = "3"\n', "epochs = '3': expected int"),
+        ("hidden = [1.5]\n", "expected a list of integers"),
+        ("nesterov = 1\n", "expected bool"),
+        ('optimizer = "lamb"\n', "optimizer = 'lamb': expected one of sgd, adam, adamw"),
+        ("epochs = [\n", "not valid TOML"),
+    ],
+)
+def test_bad_config_files(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        resolve(["--config", str(path)])
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--epochs", "0"], "epochs = 0: must be a positive integer"),
+        (["--lr", "-1"], "lr = -1.0: must be > 0"),
+        (["--beta2", "1"], "beta2 = 1.0: must be in"),
+        (["--hidden", "8,x"], "expected comma-separated integers"),
+        (["--optimizer", "lamb"], "invalid choice: 'lamb'"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--config", "/nonexistent.toml"], "does not exist"),
+        (["--nesterov", "--momentum", "0"], "nesterov needs momentum"),
+    ],
+)
+def test_bad_flags(argv, message):
+    with pytest.raises(UserError, match=message):
+        resolve(argv)
+
+
+def test_help_names_every_key_and_its_default(capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for name in vars(Config()):
+        flag = "--" + name.replace("_", "-")
+        assert flag in out, flag
+    assert "(default: 256,128)" in out and "(default: digits)" in out and "(default: 0.001)" in out
+
+
+def test_help_is_silent_off_root(capsys):
+    with pytest.raises(SystemExit):
+        build_parser(is_root=False).parse_args(["--help"])
+    assert capsys.readouterr().out == ""

@@ -1,0 +1,211 @@
+"""Sampler coverage, HDF5 row reading, dataset opening errors and the conversion command."""
+
+import h5py
+import numpy as np
+import pytest
+
+from hpcnn.config import Config
+from hpcnn.data import (
+    EpochSampler,
+    H5Source,
+    main,
+    open_dataset,
+    split_counts,
+    synthetic_arrays,
+    write_h5,
+)
+from hpcnn.errors import UserError
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 64, 1437])
+@pytest.mark.parametrize("parts", [1, 2, 3, 4, 8])
+def test_split_counts_tile_exactly_and_differ_by_at_most_one(n, parts):
+    slices = [split_counts(n, parts, r) for r in range(parts)]
+    assert slices[0][0] == 0 and sum(c for _, c in slices) == n
+    assert all(s + c == slices[i + 1][0] for i, (s, c) in enumerate(slices[:-1]))
+    assert max(c for _, c in slices) - min(c for _, c in slices) <= 1
+
+
+SAMPLER_CASES = [
+    (n, batch, size)
+    for n, batch in [(1438, 64), (100, 10), (7, 3), (37, 37), (10, 64)]
+    for size in (1, 2, 3, 4, 8)
+    if batch >= size  # smaller global batches are rejected before sampling
+]
+
+
+@pytest.mark.parametrize("n,batch,size", SAMPLER_CASES)
+def test_sampler_uses_every_row_exactly_once_per_epoch(n, batch, size):
+    ids = np.arange(100, 100 + n)  # row ids need not start at 0
+    samplers = [EpochSampler(ids, batch, r, size, seed=3) for r in range(size)]
+    for epoch in (0, 1):
+        per_rank = [list(s.epoch(epoch)) for s in samplers]
+        assert all(len(p) == len(samplers[0]) == -(-n // batch) for p in per_rank)
+        used = np.concatenate([i for p in per_rank for i, _ in p])
+        assert np.array_equal(np.sort(used), ids)
+        serial = list(EpochSampler(ids, batch, 0, 1, seed=3).epoch(epoch))
+        for b, (whole, rows) in enumerate(serial):
+            # the ranks' slices, in rank order, are the serial batch: the layout does not change batches
+            assert np.array_equal(np.concatenate([p[b][0] for p in per_rank]), whole)
+            assert all(p[b][1] == rows == len(whole) for p in per_rank)
+            counts = [len(p[b][0]) for p in per_rank]
+            assert max(counts) - min(counts) <= 1
+    orders = [np.concatenate([i for i, _ in EpochSampler(ids, batch, 0, 1, seed=3).epoch(e)]) for e in (0, 1)]
+    assert n < 3 or not np.array_equal(*orders), "each epoch draws a new order"
+
+
+def test_sampler_drop_last():
+    s = EpochSampler(np.arange(10), 4, 0, 1, seed=0, drop_last=True)
+    batches = list(s.epoch(0))
+    assert len(s) == 2 and [len(i) for i, _ in batches] == [4, 4]
+
+
+@pytest.fixture
+def h5file(tmp_path):
+    x = np.arange(50 * 3, dtype=np.float32).reshape(50, 3)  # row r holds 3r, 3r+1, 3r+2
+    y = np.arange(50) % 4
+    path = tmp_path / "rows.h5"
+    write_h5(path, x, y, x[:5], y[:5], num_classes=4)
+    return path, x, y
+
+
+ID_CASES = [
+    [7, 3, 41, 0],
+    [10, 11, 12, 13],
+    [13, 12, 11, 10],
+    [49],
+    [],
+    list(np.random.default_rng(0).permutation(50)),
+]
+
+
+@pytest.mark.parametrize("ids", ID_CASES)
+def test_h5_source_reads_exactly_the_rows_asked_in_that_order(h5file, ids):
+    path, x, y = h5file
+    with h5py.File(path, "r") as f:
+        src = H5Source(f, "x", "y")
+        ids = np.array(ids, dtype=np.int64)
+        xr, yr = src.read(ids)
+        assert np.array_equal(xr, x[ids]) and np.array_equal(yr, y[ids])
+        assert xr.shape == (len(ids), 3) and src.rows_read == len(ids)
+
+
+def test_each_rank_reads_only_its_rows(h5file):
+    """Simulated ranks: over an epoch each reads exactly its slices' rows, and the right ones."""
+    path, x, y = h5file
+    cfg = Config(data=str(path))
+    size = 4
+    for rank in range(size):
+        ds, _ = open_dataset(cfg, rank, size)
+        sampler = EpochSampler(ds.train.ids, 12, rank, size, seed=1)
+        expected = 0
+        for ids, _ in sampler.epoch(0):
+            xr, yr = ds.train.source.read(ids)
+            assert np.array_equal(xr, x[ids]) and np.array_equal(yr, y[ids])
+            expected += len(ids)
+        assert (
+            ds.train.source.rows_read
+            == expected
+            == split_counts(12, size, rank)[1] * 4 + split_counts(2, size, rank)[1]
+        )
+        ds.close()
+
+
+def test_open_dataset_reads_layout_and_held_out_split(h5file):
+    path, _, _ = h5file
+    ds, needs_reduction = open_dataset(Config(data=str(path)), 0, 1)
+    assert (len(ds.train), len(ds.test), ds.features, ds.num_classes, needs_reduction) == (50, 5, 3, 4, None)
+    ds.close()
+
+
+def test_test_fraction_split_is_disjoint_and_fixed(tmp_path):
+    path = tmp_path / "plain.h5"
+    write_h5(path, np.zeros((40, 2)), np.arange(40) % 2, num_classes=2)
+    a, _ = open_dataset(Config(data=str(path), test_fraction=0.25), 0, 1)
+    b, _ = open_dataset(Config(data=str(path), test_fraction=0.25, seed=9), 0, 1)
+    assert len(a.test) == 10 and len(a.train) == 30
+    assert not set(a.test.ids) & set(a.train.ids)
+    assert np.array_equal(a.test.ids, b.test.ids), "the split does not move with the training seed"
+    a.close()
+    b.close()
+
+
+def test_class_count_found_from_labels_when_not_recorded(tmp_path):
+    path = tmp_path / "noattr.h5"
+    with h5py.File(path, "w") as f:
+        f["x"] = np.zeros((10, 2), np.float32)
+        f["y"] = np.array([0, 1, 2, 6, 1, 0, 0, 3, 2, 1])
+    ranges = []
+    for rank in range(3):
+        ds, r = open_dataset(Config(data=str(path)), rank, 3)
+        ranges.append(r)
+        ds.close()
+    assert ranges == [(0, 6), (0, 1), (1, 3)]  # each rank looked at its block of labels only
+
+
+@pytest.mark.parametrize(
+    "make,cfg,message",
+    [
+        (None, {}, "does not exist"),
+        ("text", {}, "not a readable HDF5 file"),
+        ("good", {"x_key": "inputs"}, "no dataset 'inputs'"),
+        ("floaty", {}, "class labels must be integers"),
+        ("ragged", {}, "same rows"),
+        ("good", {"test_fraction": 0.999}, "leaves no training"),
+    ],
+)
+def test_bad_data_is_a_clear_error(tmp_path, make, cfg, message):
+    path = tmp_path / "d.h5"
+    if make == "text":
+        path.write_text("not hdf5")
+    elif make == "good":
+        with h5py.File(path, "w") as f:
+            f["x"], f["y"] = np.zeros((4, 2)), np.arange(4)
+    elif make == "floaty":
+        with h5py.File(path, "w") as f:
+            f["x"], f["y"] = np.zeros((4, 2)), np.zeros(4)
+    elif make == "ragged":
+        with h5py.File(path, "w") as f:
+            f["x"], f["y"] = np.zeros((4, 2)), np.arange(5)
+    with pytest.raises(UserError, match=message):
+        open_dataset(Config(data=str(path), **cfg), 0, 1)
+
+
+def test_unknown_dataset_name_lists_the_built_ins():
+    with pytest.raises(UserError, match="digits, xor, synthetic"):
+        open_dataset(Config(data="mnist"), 0, 1)
+
+
+def test_digits_is_shipped_and_complete():
+    ds, _ = open_dataset(Config(), 0, 1)
+    assert (len(ds.train) + len(ds.test), ds.features, ds.num_classes) == (1797, 64, 10)
+    x, y = ds.train.source.read(np.arange(len(ds.train)))
+    assert x.min() >= 0.0 and x.max() <= 1.0 and set(np.unique(y)) == set(range(10))
+    ds.close()
+
+
+def test_convert_npz_and_npy(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(20, 2, 3)).astype(np.float32), rng.integers(0, 3, 20)
+    np.savez(tmp_path / "a.npz", x=x, y=y, x_test=x[:4], y_test=y[:4])
+    assert main(["convert", str(tmp_path / "a.npz"), str(tmp_path / "a.h5")]) == 0
+    ds, _ = open_dataset(Config(data=str(tmp_path / "a.h5")), 0, 1)
+    assert (len(ds.train), len(ds.test), ds.features) == (20, 4, 6) and ds.num_classes == int(y.max()) + 1
+    xr, yr = ds.train.source.read(np.arange(20))
+    assert np.array_equal(xr, x.reshape(20, 6)) and np.array_equal(yr, y)
+    ds.close()
+    np.save(tmp_path / "x.npy", x[:, 0, :])
+    np.save(tmp_path / "y.npy", y)
+    assert main(["convert", str(tmp_path / "x.npy"), str(tmp_path / "y.npy"), str(tmp_path / "b.h5")]) == 0
+    assert main(["convert", str(tmp_path / "x.npy"), str(tmp_path / "b2.h5")]) == 2
+    assert "one .npz file or two .npy files" in capsys.readouterr().err
+
+
+def test_synthetic_file_equals_the_in_memory_dataset(tmp_path):
+    path = tmp_path / "syn.h5"
+    argv = ["synthetic", str(path), "--rows", "70000", "--features", "5", "--classes", "3", "--seed", "4"]
+    assert main(argv) == 0
+    x, y = synthetic_arrays(70000, 5, 3, 4)  # spans two generation blocks
+    with h5py.File(path, "r") as f:
+        assert np.array_equal(f["x"][:], x) and np.array_equal(f["y"][:], y)
+        assert f["x_test"].shape == (14000, 5) and f.attrs["num_classes"] == 3

@@ -1,0 +1,148 @@
+"""The invariants of data parallelism, asserted at whatever world size the suite runs at.
+
+Run with ``mpiexec -n N python -m pytest --with-mpi -m mpi tests`` (CTest does N = 2, 4, 8).
+Every test compares the distributed result with a serial run of the same settings on
+``COMM_SELF``, trained by rank 0 and broadcast.
+"""
+
+import hashlib
+import os
+import tempfile
+
+import h5py
+import numpy as np
+import pytest
+
+from hpcnn.comm import Comm, blas_threads
+from hpcnn.config import Config
+from hpcnn.data import EpochSampler, open_dataset, write_h5
+from hpcnn.errors import JobError, UserError
+from hpcnn.train import fit
+
+pytestmark = pytest.mark.mpi(min_size=2)
+
+
+@pytest.fixture(scope="module")
+def world():
+    comm = Comm.world()
+    blas_threads(comm.local_size)  # as the CLI does: ranks x BLAS threads must not exceed the cores
+    return comm
+
+
+@pytest.fixture(scope="module")
+def serial(world):
+    """``serial(cfg)``: rank 0 trains ``cfg`` alone on COMM_SELF; every rank gets its result."""
+    alone = Comm.serial()
+
+    def run(cfg):
+        ref = fit(cfg, alone) if world.is_root else None
+        return world.comm.bcast(ref)
+
+    return run
+
+
+@pytest.fixture
+def shared_dir(world):
+    """A directory all ranks see (rank 0 makes it, everybody learns its name)."""
+    path = world.comm.bcast(tempfile.mkdtemp(prefix="hpcnn-mpi-") if world.is_root else None)
+    yield path
+    world.comm.Barrier()
+
+
+def assert_replicas_identical(world, params):
+    digest = hashlib.sha256(params.data.tobytes()).hexdigest()
+    assert len(set(world.comm.allgather(digest))) == 1, "ranks hold different parameters"
+
+
+CASES = [
+    # 45 steps cross the epoch boundary and include the last partial batch (1438 = 38 * 37 + 32).
+    ("float64", 1e-10, dict(batch_size=37, optimizer="sgd", momentum=0.9, nesterov=True)),
+    ("float32", 1e-5, dict(batch_size=37, optimizer="sgd", momentum=0.9)),
+    ("float64", 1e-10, dict(batch_size=64, optimizer="adam", weight_decay=1e-4)),
+    ("float32", 1e-5, dict(batch_size=37, optimizer="adamw", weight_decay=1e-2)),
+    ("float64", 1e-10, dict(batch_size=37, optimizer="sgd", lr=0.5, clip_norm=0.5)),
+    ("float64", 1e-10, dict(batch_size=53, loss="mse", activation="tanh", optimizer="sgd", lr=0.1)),
+]
+
+
+@pytest.mark.parametrize("dtype,tol,settings", CASES)
+def test_distributed_equals_serial(world, serial, dtype, tol, settings):
+    cfg = Config(hidden=[32, 16], dtype=dtype, epochs=2, max_steps=45, eval_every=0, seed=5, **settings)
+    dist = fit(cfg, world)
+    ref = serial(cfg)
+    assert dist.steps == ref.steps == 45
+    diff = np.abs(dist.model.params.data.astype(np.float64) - ref.model.params.data).max()
+    assert diff < tol, f"max |distributed - serial| = {diff:.3e} at {world.size} ranks"
+    assert_replicas_identical(world, dist.model.params)
+    for a, b in zip(dist.history, ref.history, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=tol, abs=tol)
+        assert a["accuracy"] == pytest.approx(b["accuracy"], abs=1e-12)
+    assert dist.final["rows"] == ref.final["rows"] == 359
+    assert dist.final["loss"] == pytest.approx(ref.final["loss"], rel=tol, abs=tol)
+
+
+def test_full_default_run_matches_serial(world, serial):
+    dist, ref = fit(Config(), world), serial(Config())
+    assert dist.final["accuracy"] >= 0.97
+    assert dist.final["accuracy"] == pytest.approx(ref.final["accuracy"], abs=1e-12)
+    assert np.abs(dist.model.params.data - ref.model.params.data).max() < 1e-4
+    assert_replicas_identical(world, dist.model.params)
+
+
+def test_sampler_covers_every_row_once_across_real_ranks(world):
+    ids = np.arange(1000)
+    sampler = EpochSampler(ids, 96, world.rank, world.size, seed=11)
+    mine = [i for i, _ in sampler.epoch(3)]
+    everyone = world.comm.allgather(mine)
+    used = np.concatenate([b for rank_batches in everyone for b in rank_batches])
+    assert np.array_equal(np.sort(used), ids)
+    for b in range(len(sampler)):  # batch b is the same rows however many ranks there are
+        whole = np.concatenate([everyone[r][b] for r in range(world.size)])
+        serial_batch = list(EpochSampler(ids, 96, 0, 1, seed=11).epoch(3))[b][0]
+        assert np.array_equal(whole, serial_batch)
+
+
+def test_each_rank_reads_its_own_rows_from_hdf5(world, shared_dir):
+    path = os.path.join(shared_dir, "rows.h5")
+    x = np.arange(333 * 2, dtype=np.float32).reshape(333, 2)
+    if world.is_root:
+        write_h5(path, x, np.arange(333) % 3, num_classes=3)
+    world.comm.Barrier()
+    ds, _ = open_dataset(Config(data=path), world.rank, world.size)
+    sampler = EpochSampler(ds.train.ids, 50, world.rank, world.size, seed=2)
+    share = 0
+    for ids, _ in sampler.epoch(0):
+        xr, yr = ds.train.source.read(ids)
+        assert np.array_equal(xr, x[ids]) and np.array_equal(yr, ids % 3)
+        share += len(ids)
+    assert ds.train.source.rows_read == share  # never more than its slices
+    assert world.sum(share) == 333
+    ds.close()
+
+
+def test_class_count_found_by_all_ranks_together(world, serial, shared_dir):
+    path = os.path.join(shared_dir, "noattr.h5")
+    if world.is_root:
+        rng = np.random.default_rng(0)
+        with h5py.File(path, "w") as f:
+            f["x"] = rng.normal(size=(200, 4)).astype(np.float32)
+            f["y"] = np.r_[np.zeros(199, np.int64), 6]  # the largest label is in the last rank's block
+    world.comm.Barrier()
+    cfg = Config(data=path, hidden=[4], epochs=1, batch_size=32)
+    assert fit(cfg, world).model.layers[-1].fan_out == serial(cfg).model.layers[-1].fan_out == 7
+
+
+def test_an_error_on_one_rank_is_agreed_by_all(world):
+    with pytest.raises(JobError) as exc, world.agreed():
+        if world.rank == world.size - 1:
+            raise UserError("only the last rank saw this")
+    assert exc.value.exit_code == 2
+    assert exc.value.message == f"rank {world.size - 1}: only the last rank saw this"
+    with pytest.raises(JobError) as exc, world.agreed():
+        raise UserError("everyone saw this")
+    assert exc.value.message == "everyone saw this"
+
+
+def test_batch_smaller_than_world_is_rejected(world):
+    with pytest.raises(JobError, match=f"batch_size = 1 is smaller than the {world.size} ranks"):
+        fit(Config(batch_size=1), world)

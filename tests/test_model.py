@@ -1,0 +1,76 @@
+"""Flat buffers, views, initialisation and cutting a model into stages."""
+
+import numpy as np
+import pytest
+
+from hpcnn.layers import Dense, ReLU
+from hpcnn.model import Sequential, build_mlp
+
+
+def test_views_share_the_flat_buffers_in_model_order():
+    model = build_mlp([3, 4, 2], "relu", np.float32)
+    p = model.params
+    assert p.size == 3 * 4 + 4 + 4 * 2 + 2
+    assert p.data.dtype == np.float32 and p.data.flags.c_contiguous and p.grad.shape == p.data.shape
+    offsets = [(s.layer, s.name, s.offset) for s in p.slots]
+    assert offsets == [(0, "W", 0), (0, "b", 12), (2, "W", 16), (2, "b", 24)]
+    first, second = model.layers[0], model.layers[2]
+    first.W[1, 2] = 7.0
+    second.b[1] = -3.0
+    assert p.data[1 * 4 + 2] == 7.0 and p.data[25] == -3.0
+    assert np.shares_memory(first.dW, p.grad) and np.shares_memory(second.db, p.grad)
+
+
+def test_backward_writes_into_the_gradient_buffer_without_reallocating_it():
+    model = build_mlp([3, 4, 2], "relu", np.float64)
+    model.params.initialize(np.random.default_rng(0))
+    grad = model.params.grad
+    before = grad.__array_interface__["data"][0]
+    model.forward(np.ones((5, 3)))
+    model.backward(np.ones((5, 2)))
+    assert model.params.grad is grad and grad.__array_interface__["data"][0] == before
+    assert np.abs(grad).sum() > 0
+
+
+def test_initialisation_is_seeded_and_scaled():
+    a = build_mlp([200, 300, 10], "relu", np.float64)
+    b = build_mlp([200, 300, 10], "relu", np.float64)
+    a.params.initialize(np.random.default_rng(7))
+    b.params.initialize(np.random.default_rng(7))
+    assert np.array_equal(a.params.data, b.params.data)
+    he = a.layers[0].W
+    assert he.std() == pytest.approx(np.sqrt(2 / 200), rel=0.02)
+    assert not a.layers[0].b.any()
+    t = build_mlp([200, 300, 10], "tanh", np.float64)
+    t.params.initialize(np.random.default_rng(7))
+    limit = np.sqrt(6 / 500)
+    assert np.abs(t.layers[0].W).max() <= limit
+    assert t.layers[0].W.std() == pytest.approx(
+        limit / np.sqrt(3), rel=0.02
+    )  # uniform(-a, a): std a / sqrt(3)
+
+
+def test_stages_compose_to_the_whole_model():
+    rng = np.random.default_rng(3)
+    model = build_mlp([5, 8, 6, 3], "tanh", np.float64)
+    model.params.initialize(rng)
+    x = rng.normal(size=(4, 5))
+    first, second = model.stage(0, 3), model.stage(3, len(model.layers))
+    assert first.params.size + second.params.size == model.params.size
+    assert np.array_equal(second.forward(first.forward(x, False), False), model.forward(x, False))
+    assert not np.shares_memory(first.params.data, model.params.data)
+    # gradients of the pieces are the pieces of the whole model's gradient
+    r = rng.normal(size=(4, 3))
+    model.forward(x)
+    model.backward(r)
+    h = first.forward(x)
+    second.forward(h)
+    first.backward(second.backward(r, need_input_grad=True))
+    pieces = np.concatenate([first.params.grad, second.params.grad])
+    assert np.allclose(pieces, model.params.grad, rtol=0, atol=1e-14)
+
+
+def test_a_model_is_any_list_of_layers():
+    model = Sequential([Dense(2, 3), ReLU(), Dense(3, 3), ReLU(), Dense(3, 1)], np.float32)
+    assert model.out_features(2) == 1
+    assert "Dense(2, 3) -> ReLU" in model.describe()

@@ -1,0 +1,116 @@
+"""Optimizers, schedules and clipping against values computed by hand."""
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from hpcnn.optim import SGD, Adam, Schedule, clip_grad_norm
+
+
+def flat(p, g):
+    return SimpleNamespace(data=np.array(p, dtype=np.float64), grad=np.array(g, dtype=np.float64))
+
+
+def test_sgd_plain():
+    ps = flat([1.0, 2.0], [0.5, -1.0])
+    SGD(ps).step(0.1)
+    assert ps.data.tolist() == pytest.approx([0.95, 2.1], abs=1e-15)
+
+
+def test_sgd_momentum_two_steps():
+    ps = flat([1.0], [0.5])
+    opt = SGD(ps, momentum=0.9)
+    opt.step(0.1)  # v = 0.5, p = 1 - 0.05
+    assert ps.data[0] == pytest.approx(0.95, abs=1e-15)
+    ps.grad[:] = 0.5
+    opt.step(0.1)  # v = 0.9 * 0.5 + 0.5 = 0.95, p = 0.95 - 0.095
+    assert ps.data[0] == pytest.approx(0.855, abs=1e-15)
+    assert opt.state["velocity"][0] == pytest.approx(0.95, abs=1e-15)
+
+
+def test_sgd_nesterov_two_steps():
+    ps = flat([1.0], [0.5])
+    opt = SGD(ps, momentum=0.9, nesterov=True)
+    opt.step(0.1)  # v = 0.5, step with g + 0.9 v = 0.95 -> p = 0.905
+    assert ps.data[0] == pytest.approx(0.905, abs=1e-15)
+    ps.grad[:] = 0.5
+    opt.step(0.1)  # v = 0.95, step with 0.5 + 0.855 = 1.355 -> p = 0.905 - 0.1355
+    assert ps.data[0] == pytest.approx(0.7695, abs=1e-15)
+
+
+def test_sgd_weight_decay():
+    ps = flat([2.0], [0.5])
+    SGD(ps, weight_decay=0.1).step(0.1)  # g = 0.5 + 0.2 = 0.7 -> p = 2 - 0.07
+    assert ps.data[0] == pytest.approx(1.93, abs=1e-15)
+
+
+def test_adam_first_step_is_lr_times_sign():
+    ps = flat([1.0, -1.0], [0.3, -2.0])
+    Adam(ps, eps=0.0).step(0.01)  # bias-corrected m / sqrt(v) = g / |g|
+    assert ps.data.tolist() == pytest.approx([0.99, -0.99], abs=1e-15)
+
+
+def test_adam_several_steps_against_the_formula():
+    grads = [0.5, -0.2, 0.1]
+    ps = flat([1.0], [0.0])
+    opt = Adam(ps, beta1=0.9, beta2=0.99, eps=1e-8)
+    p, m, v = 1.0, 0.0, 0.0
+    for t, g in enumerate(grads, start=1):
+        ps.grad[:] = g
+        opt.step(0.1)
+        m = 0.9 * m + 0.1 * g
+        v = 0.99 * v + 0.01 * g * g
+        p -= 0.1 * (m / (1 - 0.9**t)) / (math.sqrt(v / (1 - 0.99**t)) + 1e-8)
+        assert ps.data[0] == pytest.approx(p, rel=1e-14)
+    # step 2 by hand: m = 0.9*0.05 - 0.02 = 0.025, v = 0.99*0.0025 + 0.0004 = 0.002875
+    # mhat = 0.025 / 0.19, vhat = 0.002875 / 0.0199
+
+
+def test_adam_l2_versus_adamw_decoupled():
+    l2 = flat([2.0], [0.5])
+    Adam(l2, eps=0.0, weight_decay=0.1).step(0.01)  # g = 0.7, first step moves by lr
+    assert l2.data[0] == pytest.approx(1.99, abs=1e-15)
+    w = flat([2.0], [0.5])
+    Adam(w, eps=0.0, weight_decay=0.1, decoupled=True).step(0.01)  # 2 * (1 - 0.001) - 0.01
+    assert w.data[0] == pytest.approx(1.988, abs=1e-15)
+    neg = flat([2.0], [-0.1])
+    Adam(neg, eps=0.0, weight_decay=0.1).step(0.01)  # g = -0.1 + 0.2 = 0.1 > 0: moves down
+    assert neg.data[0] == pytest.approx(1.99, abs=1e-15)
+
+
+def test_optimizers_do_not_allocate_parameter_sized_arrays_per_step():
+    ps = flat(np.ones(1000), np.full(1000, 0.1))
+    for opt in (SGD(ps, momentum=0.9, nesterov=True, weight_decay=0.1), Adam(ps, weight_decay=0.1)):
+        bufs = [ps.data, ps.grad, opt.scratch, *opt.state.values()]
+        addresses = [b.__array_interface__["data"][0] for b in bufs]
+        opt.step(0.1)
+        assert [b.__array_interface__["data"][0] for b in bufs] == addresses
+
+
+def test_schedules():
+    const = Schedule("constant", 0.1, 100)
+    assert [const(s) for s in (0, 50, 99)] == [0.1, 0.1, 0.1]
+    step = Schedule("step", 1.0, 100, step_size=10, gamma=0.5)
+    assert [step(s) for s in (0, 9, 10, 25)] == [1.0, 1.0, 0.5, 0.25]
+    cos = Schedule("cosine", 1.0, 110, warmup_steps=10, min_lr=0.1)
+    assert [cos(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert cos(10) == pytest.approx(1.0)
+    assert cos(60) == pytest.approx(0.55)  # halfway: min + (max - min) / 2
+    assert cos(110) == pytest.approx(0.1)
+    with pytest.raises(ValueError):
+        Schedule("linear", 1.0, 10)
+
+
+def test_clip_grad_norm():
+    g = np.array([3.0, 4.0])
+    assert clip_grad_norm(g, 1.0) == 5.0
+    assert g == pytest.approx([0.6, 0.8], rel=1e-6)
+    small = np.array([0.3, 0.4])
+    assert clip_grad_norm(small, 1.0) == pytest.approx(0.5)
+    assert small.tolist() == [0.3, 0.4]
+    # the norm over parts held elsewhere (pipeline stages) is added by sum_across
+    part = np.array([3.0])
+    assert clip_grad_norm(part, 2.5, sum_across=lambda sq: sq + 16.0) == 5.0
+    assert part[0] == pytest.approx(1.5, rel=1e-6)

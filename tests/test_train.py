@@ -1,0 +1,120 @@
+"""Training end to end at one rank, and the command line's behaviour under mpiexec."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from hpcnn.comm import Comm
+from hpcnn.config import Config
+from hpcnn.train import fit
+
+ROOT = Path(__file__).resolve().parents[1]
+MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
+needs_mpiexec = pytest.mark.skipif(
+    MPIEXEC is None, reason="these tests launch mpiexec, and there is none on PATH or beside Python"
+)
+
+
+@pytest.fixture(scope="module")
+def comm():
+    return Comm.serial()
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(hidden=[8], activation="tanh", lr=0.05, epochs=200, schedule="constant"),
+        # the tutorial's network: sigmoid hidden and output units, MSE, gradient descent (with momentum)
+        dict(
+            hidden=[4], activation="sigmoid", output_activation="sigmoid", loss="mse",
+            optimizer="sgd", lr=2.0, momentum=0.9, epochs=500, schedule="constant",
+        ),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_xor_reaches_full_accuracy(comm, settings, seed):
+    result = fit(Config(data="xor", batch_size=4, seed=seed, **settings), comm)
+    assert result.final["split"] == "training" and result.final["accuracy"] == 1.0
+
+
+def test_digits_default_reaches_97_percent_held_out(comm):
+    result = fit(Config(), comm)
+    assert result.final["split"] == "held-out" and result.final["rows"] == 359
+    assert result.final["accuracy"] >= 0.97
+    assert result.history[-1]["loss"] < result.history[0]["loss"] / 10
+
+
+def test_uneven_last_batch_is_trained_and_max_steps_stops(comm):
+    cfg = Config(hidden=[16], epochs=2, batch_size=500)  # 1438 rows: 500, 500, 438
+    result = fit(cfg, comm)
+    assert result.steps == 6 and [row["step"] for row in result.history] == [3, 6]
+    assert fit(Config(hidden=[16], epochs=2, batch_size=500, drop_last=True), comm).steps == 4
+    assert fit(Config(hidden=[16], epochs=5, max_steps=4, batch_size=500), comm).steps == 4
+
+
+def test_regression_with_float_targets(comm, tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 3)).astype(np.float32)
+    y = np.stack([x[:, 0] - 2 * x[:, 1], x[:, 2] ** 2], axis=1).astype(np.float32)  # (256, 2)
+    with h5py.File(tmp_path / "reg.h5", "w") as f:
+        f["x"], f["y"] = x, y
+    result = fit(Config(data=str(tmp_path / "reg.h5"), loss="mse", hidden=[32], epochs=60, lr=0.01), comm)
+    assert result.final["accuracy"] is None
+    assert result.final["loss"] < 0.05 * result.history[0]["loss"]
+
+
+def test_float64_training_runs_in_float64(comm):
+    result = fit(Config(hidden=[8], epochs=1, dtype="float64"), comm)
+    assert result.model.params.data.dtype == np.float64
+
+
+def run_cli(args, ranks=None, timeout=120):
+    cmd = [sys.executable, "-m", "hpcnn.train", *args]
+    if ranks:
+        cmd = [MPIEXEC, "-n", str(ranks), *cmd]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_trains_and_reports(tmp_path):
+    proc = run_cli(["--epochs", "2", "--hidden", "32"])
+    assert proc.returncode == 0, proc.stderr
+    assert "epoch 2/2" in proc.stdout and "final held-out loss" in proc.stdout
+    assert proc.stderr == ""
+
+
+@needs_mpiexec
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--epochs", "0"], "epochs = 0: must be a positive integer"),
+        (["--batch-size", "3"], "batch_size = 3 is smaller than the 4 ranks"),
+        (["--data", "missing.h5"], "data file missing.h5 does not exist"),
+        (["--config", "nope.toml"], "config file nope.toml does not exist"),
+    ],
+)
+def test_cli_user_errors_print_one_message_and_fail_on_every_rank(args, message):
+    proc = run_cli(args, ranks=4, timeout=60)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith(f"hpcnn: error: {message}"), proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout.count("hpcnn 0.") <= 1
+
+
+@needs_mpiexec
+def test_cli_help_prints_once_and_succeeds():
+    proc = run_cli(["--help"], ranks=4, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.count("usage:") == 1 and "--batch-size" in proc.stdout
+
+
+@needs_mpiexec
+def test_cli_unknown_config_key_names_the_valid_ones(tmp_path):
+    (tmp_path / "c.toml").write_text("learning_rate = 0.1\n")
+    proc = run_cli(["--config", str(tmp_path / "c.toml")], ranks=2, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("hpcnn: error:") == 1
+    assert "unknown key 'learning_rate'; valid keys: hidden," in proc.stderr and "lr," in proc.stderr
