@@ -193,10 +193,11 @@ def _announce_layout(cfg: Config, comm: Comm) -> None:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     comm = Comm.world()
-    debug = "--debug" in argv
+    debug = "--debug" in argv  # until the config (which may set it too) is read
     try:
         with comm.agreed(debug):
             cfg = resolve(argv, is_root=comm.is_root)
+        debug = cfg.debug
         _announce_layout(cfg, comm)
         t0 = time.perf_counter()
         result = fit(cfg, comm, log=comm.print0)
