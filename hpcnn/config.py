@@ -112,10 +112,17 @@ class Config:
         for key in ("lr", "eps"):
             if not getattr(self, key) > 0:
                 raise UserError(f"{key} = {getattr(self, key)}: must be > 0")
-        for key in ("weight_decay", "clip_norm", "min_lr", "momentum"):
+        for key in ("weight_decay", "clip_norm", "min_lr"):
             if not getattr(self, key) >= 0:
                 raise UserError(f"{key} = {getattr(self, key)}: must be >= 0")
-        for key in ("beta1", "beta2"):
+        for key in ("seed", "synthetic_seed"):
+            if getattr(self, key) < 0:
+                raise UserError(f"{key} = {getattr(self, key)}: must be >= 0")
+        if not self.gamma > 0:
+            raise UserError(f"gamma = {self.gamma}: must be > 0")
+        if self.min_lr > self.lr:
+            raise UserError(f"min_lr = {self.min_lr} is above lr = {self.lr}")
+        for key in ("beta1", "beta2", "momentum"):
             if not 0 <= getattr(self, key) < 1:
                 raise UserError(f"{key} = {getattr(self, key)}: must be in [0, 1)")
         if not 0 <= self.test_fraction < 1:

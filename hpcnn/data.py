@@ -177,13 +177,27 @@ def _h5_pair(f, x_key: str, y_key: str, required: bool):
     return H5Source(f, x_key, y_key)
 
 
-def open_dataset(cfg, rank: int, size: int) -> tuple[Dataset, tuple[int, int] | None]:
-    """Open the dataset ``cfg.data`` names, touching no rows but a block of labels at most.
+NO_LABELS = (2**62, -1)  # (min, max) of an empty block: neutral under MIN and MAX reductions
 
-    Returns the dataset and, when the number of classes must be found from the labels, this rank's
-    ``(min, max)`` over its block of training labels (the caller reduces it across ranks and
-    calls ``set_num_classes``). No collective operations happen here.
+
+def _label_block(source: H5Source, rank: int, size: int) -> tuple[int, int]:
+    """``(min, max)`` of this rank's contiguous block of labels."""
+    start, count = split_counts(source.rows, size, rank)
+    block = source.y[start : start + count]
+    return (int(block.min()), int(block.max())) if count else NO_LABELS
+
+
+def open_dataset(cfg, rank: int, size: int) -> tuple[Dataset, tuple[int, int] | None]:
+    """Open the dataset ``cfg.data`` names, reading no rows but one block of labels.
+
+    For class labels in a file, also returns this rank's ``(min, max)`` over its blocks of the
+    training and held-out labels (``None`` for built-in data and regression targets); the
+    caller reduces these across ranks, checks them and calls ``set_num_classes``, so that a bad
+    label is a clear error before training instead of an index error in the middle of it.
+    No collective operations happen here.
     """
+    if cfg.data in ("xor", "synthetic") and cfg.test_fraction:
+        raise UserError(f"--test-fraction applies to data files; the built-in {cfg.data} has a fixed split")
     if cfg.data == "xor":
         x, y = xor_arrays()
         src = ArraySource(x, y, "xor")
@@ -194,16 +208,11 @@ def open_dataset(cfg, rank: int, size: int) -> tuple[Dataset, tuple[int, int] | 
         train = ArraySource(*synthetic_arrays(rows, feats, classes, seed, 0), "synthetic")
         n_test = max(1, rows // 5)
         test = ArraySource(*synthetic_arrays(n_test, feats, classes, seed, 1), "synthetic-test")
-        ds = Dataset(
-            "synthetic",
-            Split(train, np.arange(rows)),
-            Split(test, np.arange(n_test)),
-            feats,
-            classes,
-            classes,
-        )
-        return ds, None
+        train_split, test_split = Split(train, np.arange(rows)), Split(test, np.arange(n_test))
+        return Dataset("synthetic", train_split, test_split, feats, classes, classes), None
     if cfg.data == "digits":
+        if cfg.test_fraction:
+            raise UserError("--test-fraction applies to data files; the built-in digits has a fixed split")
         path = Path(str(resources.files("hpcnn") / "datasets" / "digits.h5"))
     else:
         path = Path(cfg.data)
@@ -220,9 +229,21 @@ def open_dataset(cfg, rank: int, size: int) -> tuple[Dataset, tuple[int, int] | 
         raise UserError(
             f"{path}: held-out rows have shape {test.x.shape[1:]}, training rows {train.x.shape[1:]}"
         )
+    if test is not None and (test.y.ndim, test.y.dtype.kind) != (train.y.ndim, train.y.dtype.kind):
+        raise UserError(
+            f"{path}: held-out labels are {test.y.dtype} {test.y.shape[1:]}, training labels differ"
+        )
+    if test is not None and test.rows == 0:
+        test = None  # an empty held-out pair is no held-out set
+    if train.rows == 0:
+        raise UserError(f"{path}: {cfg.x_key!r} has no rows")
     train_ids = np.arange(train.rows)
     test_split = Split(test, np.arange(test.rows)) if test is not None else None
-    if test is None and cfg.test_fraction > 0:
+    if test is not None and cfg.test_fraction:
+        raise UserError(
+            f"{path} has held-out datasets {cfg.test_x_key!r}/{cfg.test_y_key!r}; drop --test-fraction"
+        )
+    if cfg.test_fraction:
         perm = np.random.default_rng(SPLIT_SEED).permutation(train.rows)
         n_test = int(round(cfg.test_fraction * train.rows))
         if not 0 < n_test < train.rows:
@@ -232,22 +253,20 @@ def open_dataset(cfg, rank: int, size: int) -> tuple[Dataset, tuple[int, int] | 
         test_split = Split(train, np.sort(perm[:n_test]))
         train_ids = np.sort(perm[n_test:])
     features = int(train.x.shape[1])
-    if train.y.ndim == 2 or np.issubdtype(train.y.dtype, np.floating):
+    if train.y.ndim == 2 or not np.issubdtype(train.y.dtype, np.integer):
         if cfg.loss != "mse":
+            kind = f"2-D targets {train.y.shape}" if train.y.ndim == 2 else f"{train.y.dtype} targets"
             raise UserError(
-                f"{path}: {cfg.y_key!r} holds {train.y.dtype} targets; class labels must be "
-                "integers (or use --loss mse for regression)"
+                f"{path}: {cfg.y_key!r} holds {kind}; class labels for {cfg.loss} are 1-D integers "
+                "(use --loss mse for regression targets)"
             )
         outputs = int(train.y.shape[1]) if train.y.ndim == 2 else 1
-        ds = Dataset(name, Split(train, train_ids), test_split, features, None, outputs)
-        return ds, None
+        return Dataset(name, Split(train, train_ids), test_split, features, None, outputs), None
     ds = Dataset(name, Split(train, train_ids), test_split, features, None, 0)
     if "num_classes" in f.attrs:
         set_num_classes(ds, int(f.attrs["num_classes"]))
-        return ds, None
-    start, count = split_counts(train.rows, size, rank)
-    block = train.y[start : start + count]
-    return ds, ((int(block.min()), int(block.max())) if count else None)
+    blocks = [_label_block(s, rank, size) for s in (train, test) if s is not None]
+    return ds, (min(b[0] for b in blocks), max(b[1] for b in blocks))
 
 
 def set_num_classes(ds: Dataset, num_classes: int) -> None:
@@ -337,6 +356,10 @@ def convert(inputs: list[str], out: str, x_key: str, y_key: str) -> str:
             raise UserError(f"{inputs[0]} has arrays {sorted(arrays)}; expected {x_key!r} and {y_key!r}")
         x, y = arrays[x_key], arrays[y_key]
         xt, yt = arrays.get(f"{x_key}_test"), arrays.get(f"{y_key}_test")
+        if (xt is None) != (yt is None):
+            raise UserError(
+                f"{inputs[0]} has only one of {x_key}_test and {y_key}_test; give both or neither"
+            )
     elif len(inputs) == 2 and all(p.endswith(".npy") for p in inputs):
         x, y = (np.load(p) for p in inputs)
         xt = yt = None

@@ -37,8 +37,10 @@ class Result:
 
 def _as_batch(x, y, dtype, classify: bool):
     x = xp.asarray(x, dtype=dtype)  # (rows, features)
-    y = xp.asarray(y) if classify else xp.asarray(y, dtype=dtype).reshape(len(x), -1)
-    return x, y
+    if classify:
+        return x, xp.asarray(y)
+    y = xp.asarray(y, dtype=dtype)
+    return x, (y[:, None] if y.ndim == 1 else y)  # (rows, outputs), also for 0 rows
 
 
 def evaluate(model, loss_fn, split, comm, cfg, classify: bool) -> dict:
@@ -65,16 +67,16 @@ def _prepare(cfg: Config, comm: Comm):
                 f"needs at least one row of each global batch (use batch_size >= {comm.size})"
             )
         ds, label_range = open_dataset(cfg, comm.rank, comm.size)
-    if ds.outputs == 0:  # class count not recorded in the file: the ranks find it together
-        lo = comm.min(label_range[0] if label_range else 0)
-        hi = comm.max(label_range[1] if label_range else -1)
+    if label_range is not None:  # class labels from a file (the same on every rank): check them all
+        lo, hi = comm.min(label_range[0]), comm.max(label_range[1])
         with comm.agreed(cfg.debug):
             if lo < 0:
                 raise UserError(f"{ds.name}: labels must be class indices >= 0, found {lo}")
-            set_num_classes(ds, hi + 1)
+            if ds.num_classes is None:  # not recorded in the file: the largest label decides
+                set_num_classes(ds, hi + 1)
+            elif hi >= ds.num_classes:
+                raise UserError(f"{ds.name}: label {hi} is out of range for num_classes = {ds.num_classes}")
     with comm.agreed(cfg.debug):
-        if len(ds.train) < comm.size and cfg.batch_size > len(ds.train):
-            raise UserError(f"{ds.name} has {len(ds.train)} training rows, fewer than the {comm.size} ranks")
         sizes = [ds.features, *cfg.hidden, ds.outputs]
         model = build_mlp(sizes, cfg.activation, dtype_of(cfg.dtype), cfg.output_activation)
         model.params.initialize(np.random.default_rng(cfg.seed))

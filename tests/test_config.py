@@ -59,6 +59,10 @@ def test_bad_config_files(tmp_path, text, message):
         (["--bogus"], "unrecognized arguments: --bogus"),
         (["--config", "/nonexistent.toml"], "does not exist"),
         (["--nesterov", "--momentum", "0"], "nesterov needs momentum"),
+        (["--momentum", "1"], "momentum = 1.0: must be in"),
+        (["--seed", "-1"], "seed = -1: must be >= 0"),
+        (["--gamma", "-0.5"], "gamma = -0.5: must be > 0"),
+        (["--min-lr", "0.1", "--lr", "0.01"], "min_lr = 0.1 is above lr = 0.01"),
     ],
 )
 def test_bad_flags(argv, message):

@@ -58,6 +58,9 @@ def test_sampler_drop_last():
     s = EpochSampler(np.arange(10), 4, 0, 1, seed=0, drop_last=True)
     batches = list(s.epoch(0))
     assert len(s) == 2 and [len(i) for i, _ in batches] == [4, 4]
+    kept = np.concatenate([i for i, _ in batches])
+    full = np.concatenate([i for i, _ in EpochSampler(np.arange(10), 4, 0, 1, seed=0).epoch(0)])
+    assert np.array_equal(kept, full[:8])  # the same order, the partial batch left out
 
 
 @pytest.fixture
@@ -113,8 +116,9 @@ def test_each_rank_reads_only_its_rows(h5file):
 
 def test_open_dataset_reads_layout_and_held_out_split(h5file):
     path, _, _ = h5file
-    ds, needs_reduction = open_dataset(Config(data=str(path)), 0, 1)
-    assert (len(ds.train), len(ds.test), ds.features, ds.num_classes, needs_reduction) == (50, 5, 3, 4, None)
+    ds, labels = open_dataset(Config(data=str(path)), 0, 1)
+    assert (len(ds.train), len(ds.test), ds.features, ds.num_classes) == (50, 5, 3, 4)
+    assert labels == (0, 3)  # this rank's label range, checked against num_classes by the caller
     ds.close()
 
 
@@ -125,6 +129,7 @@ def test_test_fraction_split_is_disjoint_and_fixed(tmp_path):
     b, _ = open_dataset(Config(data=str(path), test_fraction=0.25, seed=9), 0, 1)
     assert len(a.test) == 10 and len(a.train) == 30
     assert not set(a.test.ids) & set(a.train.ids)
+    assert np.array_equal(np.sort(np.r_[a.test.ids, a.train.ids]), np.arange(40))
     assert np.array_equal(a.test.ids, b.test.ids), "the split does not move with the training seed"
     a.close()
     b.close()
@@ -149,7 +154,7 @@ def test_class_count_found_from_labels_when_not_recorded(tmp_path):
         (None, {}, "does not exist"),
         ("text", {}, "not a readable HDF5 file"),
         ("good", {"x_key": "inputs"}, "no dataset 'inputs'"),
-        ("floaty", {}, "class labels must be integers"),
+        ("floaty", {}, "class labels for cross_entropy are 1-D integers"),
         ("ragged", {}, "same rows"),
         ("good", {"test_fraction": 0.999}, "leaves no training"),
     ],
@@ -169,6 +174,21 @@ def test_bad_data_is_a_clear_error(tmp_path, make, cfg, message):
             f["x"], f["y"] = np.zeros((4, 2)), np.arange(5)
     with pytest.raises(UserError, match=message):
         open_dataset(Config(data=str(path), **cfg), 0, 1)
+
+
+def test_empty_held_out_pair_means_no_held_out_set(tmp_path):
+    path = tmp_path / "e.h5"
+    write_h5(path, np.zeros((8, 2)), np.arange(8) % 2, np.zeros((0, 2)), np.zeros(0, np.int64), num_classes=2)
+    ds, _ = open_dataset(Config(data=str(path)), 0, 1)
+    assert ds.test is None
+    ds.close()
+
+
+@pytest.mark.parametrize("data", ["digits", "xor", "synthetic", "file-with-held-out"])
+def test_test_fraction_is_refused_where_the_split_is_fixed(h5file, data):
+    path = str(h5file[0]) if data == "file-with-held-out" else data
+    with pytest.raises(UserError, match="test-fraction"):
+        open_dataset(Config(data=path, test_fraction=0.2), 0, 1)
 
 
 def test_unknown_dataset_name_lists_the_built_ins():
@@ -197,6 +217,11 @@ def test_convert_npz_and_npy(tmp_path, capsys):
     np.save(tmp_path / "x.npy", x[:, 0, :])
     np.save(tmp_path / "y.npy", y)
     assert main(["convert", str(tmp_path / "x.npy"), str(tmp_path / "y.npy"), str(tmp_path / "b.h5")]) == 0
+    with h5py.File(tmp_path / "b.h5", "r") as f:
+        assert np.array_equal(f["x"][:], x[:, 0, :]) and np.array_equal(f["y"][:], y) and "x_test" not in f
+    np.savez(tmp_path / "half.npz", x=x, y=y, x_test=x[:4])
+    assert main(["convert", str(tmp_path / "half.npz"), str(tmp_path / "c.h5")]) == 2
+    assert "only one of x_test and y_test" in capsys.readouterr().err
     assert main(["convert", str(tmp_path / "x.npy"), str(tmp_path / "b2.h5")]) == 2
     assert "one .npz file or two .npy files" in capsys.readouterr().err
 

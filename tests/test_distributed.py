@@ -89,6 +89,28 @@ def test_full_default_run_matches_serial(world, serial):
     assert_replicas_identical(world, dist.model.params)
 
 
+def test_ranks_with_empty_slices_still_match_serial(world, serial, shared_dir):
+    """Fewer rows than ranks in a batch (xor: 4 rows), and regression with a 1-row last batch."""
+    xor = Config(data="xor", batch_size=max(4, world.size), hidden=[8], activation="tanh", lr=0.05,
+                 epochs=30, schedule="constant", dtype="float64")  # fmt: skip
+    dist, ref = fit(xor, world), serial(xor)
+    assert np.abs(dist.model.params.data - ref.model.params.data).max() < 1e-10
+    path = os.path.join(shared_dir, "reg.h5")
+    if world.is_root:
+        rng = np.random.default_rng(1)
+        x = rng.normal(size=(257, 3)).astype(np.float32)
+        with h5py.File(path, "w") as f:
+            f["x"], f["y"] = x, (x[:, 0] - 2 * x[:, 1]).astype(np.float32)  # 1-D float targets
+    world.comm.Barrier()
+    reg = Config(
+        data=path, loss="mse", hidden=[8], epochs=2, batch_size=64, dtype="float64", test_fraction=0.1
+    )
+    dist, ref = fit(reg, world), serial(reg)
+    assert dist.steps == ref.steps == 2 * 4  # 231 training rows: 3 full batches and one of 39
+    assert np.abs(dist.model.params.data - ref.model.params.data).max() < 1e-10
+    assert dist.final["loss"] == pytest.approx(ref.final["loss"], rel=1e-10)
+
+
 def test_sampler_covers_every_row_once_across_real_ranks(world):
     ids = np.arange(1000)
     sampler = EpochSampler(ids, 96, world.rank, world.size, seed=11)

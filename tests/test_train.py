@@ -11,6 +11,7 @@ import pytest
 
 from hpcnn.comm import Comm
 from hpcnn.config import Config
+from hpcnn.errors import JobError
 from hpcnn.train import fit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,9 +69,30 @@ def test_regression_with_float_targets(comm, tmp_path):
     assert result.final["loss"] < 0.05 * result.history[0]["loss"]
 
 
-def test_float64_training_runs_in_float64(comm):
-    result = fit(Config(hidden=[8], epochs=1, dtype="float64"), comm)
-    assert result.model.params.data.dtype == np.float64
+@pytest.mark.parametrize(
+    "labels,test_labels,attr,message",
+    [
+        ([0, 1, 2, 4], None, 3, "label 4 is out of range for num_classes = 3"),
+        ([0, 1, 2, 2], [5], None, None),  # held-out label above every training label: C = 6, fine
+        ([0, 1, -1, 2], None, None, "labels must be class indices >= 0, found -1"),
+        ([0, 1, 1, 0], [3], 2, "label 3 is out of range for num_classes = 2"),
+    ],
+)
+def test_labels_are_checked_before_training(comm, tmp_path, labels, test_labels, attr, message):
+    path = tmp_path / "labels.h5"
+    with h5py.File(path, "w") as f:
+        f["x"], f["y"] = np.zeros((4, 2), np.float32), np.array(labels)
+        if test_labels is not None:
+            f["x_test"], f["y_test"] = np.zeros((len(test_labels), 2), np.float32), np.array(test_labels)
+        if attr is not None:
+            f.attrs["num_classes"] = attr
+    cfg = Config(data=str(path), hidden=[4], epochs=1, batch_size=2)
+    if message is None:
+        assert fit(cfg, comm).model.layers[-1].fan_out == 6
+    else:
+        with pytest.raises(JobError, match=message) as exc:
+            fit(cfg, comm)
+        assert exc.value.exit_code == 2
 
 
 def run_cli(args, ranks=None, timeout=120):
