@@ -110,9 +110,11 @@ def fit(cfg: Config, comm: Comm, log=None) -> Result:
         f"data: {ds.name}: {len(ds.train)} training rows, {held_out} held-out, {ds.features} features, {kind}"
     )
     log(f"model: {model.describe()}, {cfg.dtype}")
+    per_rank = min(cfg.batch_size, len(ds.train)) / comm.size
+    stop = f", stopping after {steps} steps" if cfg.max_steps else ""
     log(
         f"training: {cfg.epochs} epochs x {len(sampler)} steps of {cfg.batch_size} rows "
-        f"(~{cfg.batch_size // comm.size} per rank), {cfg.optimizer} lr {cfg.lr:g}, {cfg.schedule}"
+        f"(~{per_rank:.3g} per rank){stop}, {cfg.optimizer} lr {cfg.lr:g}, {cfg.schedule}"
     )
     result = Result(model, 0)
     grad = model.params.grad
