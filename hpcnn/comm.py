@@ -10,11 +10,22 @@ import sys
 import traceback
 from contextlib import contextmanager
 
+
 # MPICH busy-polls while waiting; with more ranks than cores on a node the spinning ranks steal the
-# cores that the computing ranks need (8 ranks on 2 cores: ~3x slower collectives). MPICH's launcher
-# tells each process how many ranks share its node, before MPI starts; that is the only chance to
+# cores that the computing ranks need (8 ranks on 2 cores: ~3x slower collectives). The launcher
+# tells each process how many ranks share its node before MPI starts, which is the only moment to
 # ask MPICH to yield. A user's own setting wins.
-if int(os.environ.get("MPI_LOCALNRANKS", "1")) > (os.cpu_count() or 1):
+def _ranks_on_this_node() -> int:
+    # MPICH's hydra (mpiexec), Open MPI, and srun ("4(x2)" means 4 on each of 2 nodes; the first
+    # entry is an estimate on uneven layouts, which is enough for this decision).
+    for var in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_STEP_TASKS_PER_NODE"):
+        text = os.environ.get(var, "").split("(")[0].split(",")[0]
+        if text.isdigit():
+            return int(text)
+    return 1
+
+
+if _ranks_on_this_node() > (os.cpu_count() or 1):
     os.environ.setdefault("MPIR_CVAR_ENABLE_HEAVY_YIELD", "1")
 
 from mpi4py import MPI  # noqa: E402  (must follow the environment set-up above)

@@ -151,7 +151,12 @@ def _open_h5(path: Path):
     if not path.exists():
         raise UserError(f"data file {path} does not exist")
     try:
-        return h5py.File(path, "r")
+        # Readers need no lock, and many parallel file systems refuse HDF5's flock ("unable to lock
+        # file"): open without one where this h5py/HDF5 allows it.
+        try:
+            return h5py.File(path, "r", locking=False)
+        except (TypeError, ValueError):  # h5py < 3.5 or HDF5 without the option
+            return h5py.File(path, "r")
     except OSError as exc:
         raise UserError(f"data file {path} is not a readable HDF5 file ({exc})") from None
 

@@ -140,3 +140,33 @@ def test_cli_unknown_config_key_names_the_valid_ones(tmp_path):
     proc = run_cli(["--config", str(tmp_path / "c.toml")], ranks=2, timeout=60)
     assert proc.returncode == 2 and proc.stderr.count("hpcnn: error:") == 1
     assert "unknown key 'learning_rate'; valid keys: hidden," in proc.stderr and "lr," in proc.stderr
+
+
+@needs_mpiexec
+def test_a_rank_failing_alone_mid_training_ends_the_job_fast():
+    """Rank 2 raises inside its 5th data read while the others wait in the Allreduce: no hang."""
+    inject = (
+        "import sys\n"
+        "from hpcnn import data\n"
+        "from mpi4py import MPI\n"
+        "read, calls = data.H5Source.read, []\n"
+        "def faulty(self, ids):\n"
+        "    calls.append(1)\n"
+        "    if MPI.COMM_WORLD.rank == 2 and len(calls) == 5:\n"
+        "        raise RuntimeError('injected fault')\n"
+        "    return read(self, ids)\n"
+        "data.H5Source.read = faulty\n"
+        "from hpcnn.train import main\n"
+        "sys.exit(main(['--epochs', '1']))\n"
+    )
+    proc = subprocess.run(
+        [MPIEXEC, "-n", "4", sys.executable, "-c", inject],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("hpcnn:")]
+    assert ours == ["hpcnn: rank 2: internal error: injected fault"], proc.stderr
+    assert "final held-out" not in proc.stdout
