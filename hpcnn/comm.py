@@ -64,7 +64,13 @@ class Comm:
     def print0(self, *args, **kwargs) -> None:
         """Print on rank 0 only (and flush: SLURM output files should show progress live)."""
         if self.is_root:
-            print(*args, **kwargs, flush=True)
+            try:
+                print(*args, **kwargs, flush=True)
+            except BrokenPipeError:
+                # `mpirun ... | head`: the reader is gone, the training is not. Send the rest of
+                # the output nowhere instead of failing (other ranks would be left waiting).
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, (kwargs.get("file") or sys.stdout).fileno())
 
     def allreduce_sum_(self, buf) -> None:
         """Sum a contiguous numpy buffer over all ranks, in place."""
@@ -130,17 +136,19 @@ class Comm:
         MPI.COMM_WORLD.Abort(code)
 
 
-def blas_threads(local_ranks: int) -> tuple[int | None, str]:
+def blas_threads(local_ranks: int, requested: int = 0) -> tuple[int | None, str]:
     """Give this rank ``max(1, cores // ranks_on_this_node)`` BLAS threads.
 
-    A user's ``OMP_NUM_THREADS`` / ``OPENBLAS_NUM_THREADS`` / ``MKL_NUM_THREADS`` wins, then SLURM's
-    ``SLURM_CPUS_PER_TASK``. Returns the thread count applied (``None`` when left to the user's
-    variable) and where it came from.
+    ``requested`` (``--threads``) wins, then a user's ``OMP_NUM_THREADS`` / ``OPENBLAS_NUM_THREADS`` /
+    ``MKL_NUM_THREADS``, then SLURM's ``SLURM_CPUS_PER_TASK``. Returns the thread count applied
+    (``None`` when left to the user's variable) and where it came from.
     """
-    for var in THREAD_VARS:
-        if os.environ.get(var):
-            return None, f"{var}={os.environ[var]}"
-    if os.environ.get("SLURM_CPUS_PER_TASK"):
+    if requested:
+        n, source = requested, "--threads"
+    elif any(os.environ.get(var) for var in THREAD_VARS):
+        var = next(var for var in THREAD_VARS if os.environ.get(var))
+        return None, f"{var}={os.environ[var]}"
+    elif os.environ.get("SLURM_CPUS_PER_TASK"):
         n, source = int(os.environ["SLURM_CPUS_PER_TASK"]), "SLURM_CPUS_PER_TASK"
     else:
         n, source = max(1, (os.cpu_count() or 1) // local_ranks), "cores // ranks per node"

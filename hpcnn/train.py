@@ -177,11 +177,7 @@ def _epoch_line(row: dict, epochs: int) -> str:
 
 
 def _announce_layout(cfg: Config, comm: Comm) -> None:
-    threads = [cfg.threads, "--threads"] if cfg.threads else blas_threads(comm.local_size)
-    if cfg.threads:
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(limits=cfg.threads, user_api="blas")
+    threads = blas_threads(comm.local_size, cfg.threads)
     cores = os.cpu_count() or 1
     comm.print0(
         f"hpcnn {__version__}: {comm.size} rank(s), {comm.local_size} on this node with "
