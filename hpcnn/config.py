@@ -77,7 +77,7 @@ class Config:
     weight_decay: float = _f(
         0.0, "L2 weight decay (decoupled for AdamW), on all parameters", group="optimizer"
     )
-    schedule: str = _f("cosine", "learning-rate schedule", ["constant", "step", "cosine"], "optimizer")
+    lr_schedule: str = _f("cosine", "learning-rate schedule", ["constant", "step", "cosine"], "optimizer")
     warmup_steps: int = _f(0, "linear warm-up steps before the schedule", group="optimizer")
     step_size: int = _f(1000, "steps between decays of the step schedule", group="optimizer")
     gamma: float = _f(0.1, "decay factor of the step schedule", group="optimizer")

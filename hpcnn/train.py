@@ -103,7 +103,9 @@ def fit(cfg: Config, comm: Comm, log=None) -> Result:
     opt = make_optimizer(cfg, model.params)
     steps = len(sampler) * cfg.epochs
     steps = min(cfg.max_steps, steps) if cfg.max_steps else steps
-    schedule = Schedule(cfg.schedule, cfg.lr, steps, cfg.warmup_steps, cfg.step_size, cfg.gamma, cfg.min_lr)
+    schedule = Schedule(
+        cfg.lr_schedule, cfg.lr, steps, cfg.warmup_steps, cfg.step_size, cfg.gamma, cfg.min_lr
+    )
     kind = f"{ds.num_classes} classes" if classify else f"{ds.outputs} regression outputs"
     held_out = len(ds.test) if ds.test else 0
     log(
@@ -114,7 +116,7 @@ def fit(cfg: Config, comm: Comm, log=None) -> Result:
     stop = f", stopping after {steps} steps" if cfg.max_steps else ""
     log(
         f"training: {cfg.epochs} epochs x {len(sampler)} steps of {cfg.batch_size} rows "
-        f"(~{per_rank:.3g} per rank){stop}, {cfg.optimizer} lr {cfg.lr:g}, {cfg.schedule}"
+        f"(~{per_rank:.3g} per rank){stop}, {cfg.optimizer} lr {cfg.lr:g}, {cfg.lr_schedule}"
     )
     result = Result(model, 0)
     grad = model.params.grad

@@ -92,7 +92,7 @@ def test_full_default_run_matches_serial(world, serial):
 def test_ranks_with_empty_slices_still_match_serial(world, serial, shared_dir):
     """Fewer rows than ranks in a batch (xor: 4 rows), and regression with a 1-row last batch."""
     xor = Config(data="xor", batch_size=max(4, world.size), hidden=[8], activation="tanh", lr=0.05,
-                 epochs=30, schedule="constant", dtype="float64")  # fmt: skip
+                 epochs=30, lr_schedule="constant", dtype="float64")  # fmt: skip
     dist, ref = fit(xor, world), serial(xor)
     assert np.abs(dist.model.params.data - ref.model.params.data).max() < 1e-10
     path = os.path.join(shared_dir, "reg.h5")

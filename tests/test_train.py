@@ -29,11 +29,11 @@ def comm():
 @pytest.mark.parametrize(
     "settings",
     [
-        dict(hidden=[8], activation="tanh", lr=0.05, epochs=200, schedule="constant"),
+        dict(hidden=[8], activation="tanh", lr=0.05, epochs=200, lr_schedule="constant"),
         # the tutorial's network: sigmoid hidden and output units, MSE, gradient descent (with momentum)
         dict(
             hidden=[4], activation="sigmoid", output_activation="sigmoid", loss="mse",
-            optimizer="sgd", lr=2.0, momentum=0.9, epochs=500, schedule="constant",
+            optimizer="sgd", lr=2.0, momentum=0.9, epochs=500, lr_schedule="constant",
         ),
     ],
 )  # fmt: skip
