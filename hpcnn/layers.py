@@ -1,10 +1,16 @@
 """Layers: forward and backward on views into the flat buffers.
 
 A layer declares the tensors it needs (``param_specs``), receives views of them (``bind``), and
-implements ``forward(x, train)`` and ``backward(dy, need_dx)``. Arrays are ``(batch, features)``.
-Weight gradients are written straight into the gradient buffer with ``out=`` so backward never
-allocates a parameter-sized array. Nothing here is MLP-specific: a model is any ordered list of
-layers, and a pipeline stage is a consecutive run of them.
+implements ``forward(x, saved)`` and ``backward(dy, saved, need_dx, accumulate)``. Arrays are
+``(batch, features)``. What backward needs from forward goes into ``saved``, a dict the caller owns
+(``None`` for inference: nothing is kept). Keeping that state outside the layer is what lets a
+pipeline stage hold several micro-batches in flight through the same layers.
+
+Weight gradients are written straight into the gradient buffer with ``out=``; with
+``accumulate=True`` (micro-batches after the first) they go through one scratch array per layer,
+allocated once, and are added. Backward never allocates a parameter-sized array per step.
+Nothing here is MLP-specific: a model is any ordered list of layers, and a pipeline stage is a
+consecutive run of them.
 """
 
 import math
@@ -22,14 +28,18 @@ class Layer:
     def bind(self, params: dict, grads: dict) -> None:
         assert not params and not grads
 
-    def forward(self, x, train: bool = True):
+    def forward(self, x, saved: dict | None):
         return x
 
-    def backward(self, dy, need_dx: bool = True):
+    def backward(self, dy, saved: dict, need_dx: bool = True, accumulate: bool = False):
         return dy
 
     def out_features(self, in_features: int) -> int:
         return in_features
+
+    def flops(self, in_features: int) -> float:
+        """Floating-point operations per row, forward and backward (for balancing stages)."""
+        return 4.0 * in_features  # elementwise: a few passes over the row
 
     def __repr__(self) -> str:
         return type(self).__name__
@@ -40,6 +50,7 @@ class Dense(Layer):
 
     def __init__(self, fan_in: int, fan_out: int, init: str = "he"):
         self.fan_in, self.fan_out, self.init = fan_in, fan_out, init
+        self._dW_part = None  # scratch for accumulated micro-batch gradients, made on first use
 
     def param_specs(self):
         return [
@@ -50,69 +61,75 @@ class Dense(Layer):
     def bind(self, params, grads):
         self.W, self.b = params["W"], params["b"]
         self.dW, self.db = grads["W"], grads["b"]
+        self._dW_part = None
 
-    def forward(self, x, train=True):
-        if train:
-            self.x = x  # (batch, fan_in), kept for dW
+    def forward(self, x, saved):
+        if saved is not None:
+            saved["x"] = x  # (batch, fan_in), kept for dW
         y = x @ self.W  # (batch, fan_out)
         y += self.b
         return y
 
-    def backward(self, dy, need_dx=True):
-        xp.matmul(self.x.T, dy, out=self.dW)
-        xp.sum(dy, axis=0, out=self.db)
-        dx = dy @ self.W.T if need_dx else None  # (batch, fan_in)
-        self.x = None
-        return dx
+    def backward(self, dy, saved, need_dx=True, accumulate=False):
+        x = saved.pop("x")
+        if accumulate:
+            if self._dW_part is None:
+                self._dW_part = xp.empty_like(self.dW)
+            xp.matmul(x.T, dy, out=self._dW_part)
+            self.dW += self._dW_part
+            self.db += dy.sum(axis=0)
+        else:
+            xp.matmul(x.T, dy, out=self.dW)
+            xp.sum(dy, axis=0, out=self.db)
+        return dy @ self.W.T if need_dx else None  # (batch, fan_in)
 
     def out_features(self, in_features):
         assert in_features == self.fan_in, (in_features, self.fan_in)
         return self.fan_out
+
+    def flops(self, in_features):
+        return 6.0 * self.fan_in * self.fan_out  # forward x@W, backward dy@W.T and x.T@dy
 
     def __repr__(self):
         return f"Dense({self.fan_in}, {self.fan_out})"
 
 
 class ReLU(Layer):
-    def forward(self, x, train=True):
+    def forward(self, x, saved):
         y = xp.maximum(x, 0)
-        if train:
-            self.y = y
+        if saved is not None:
+            saved["y"] = y
         return y
 
-    def backward(self, dy, need_dx=True):
-        dx = dy * (self.y > 0)
-        self.y = None
-        return dx
+    def backward(self, dy, saved, need_dx=True, accumulate=False):
+        return dy * (saved.pop("y") > 0)
 
 
 class Sigmoid(Layer):
-    def forward(self, x, train=True):
+    def forward(self, x, saved):
         # 0.5 * (1 + tanh(x / 2)) is the logistic function without exp overflow for large |x|.
         y = xp.tanh(0.5 * x)
         y += 1
         y *= 0.5
-        if train:
-            self.y = y
+        if saved is not None:
+            saved["y"] = y
         return y
 
-    def backward(self, dy, need_dx=True):
-        dx = dy * self.y * (1 - self.y)
-        self.y = None
-        return dx
+    def backward(self, dy, saved, need_dx=True, accumulate=False):
+        y = saved.pop("y")
+        return dy * y * (1 - y)
 
 
 class Tanh(Layer):
-    def forward(self, x, train=True):
+    def forward(self, x, saved):
         y = xp.tanh(x)
-        if train:
-            self.y = y
+        if saved is not None:
+            saved["y"] = y
         return y
 
-    def backward(self, dy, need_dx=True):
-        dx = dy * (1 - self.y * self.y)
-        self.y = None
-        return dx
+    def backward(self, dy, saved, need_dx=True, accumulate=False):
+        y = saved.pop("y")
+        return dy * (1 - y * y)
 
 
 class GELU(Layer):
@@ -120,18 +137,19 @@ class GELU(Layer):
 
     _C = math.sqrt(2.0 / math.pi)
 
-    def forward(self, x, train=True):
+    def forward(self, x, saved):
         t = xp.tanh(self._C * (x + 0.044715 * x**3))
-        if train:
-            self.x, self.t = x, t
+        if saved is not None:
+            saved["x"], saved["t"] = x, t
         return 0.5 * x * (1 + t)
 
-    def backward(self, dy, need_dx=True):
-        x, t = self.x, self.t
+    def backward(self, dy, saved, need_dx=True, accumulate=False):
+        x, t = saved.pop("x"), saved.pop("t")
         dt = self._C * (1 + 3 * 0.044715 * x * x)
-        dx = dy * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * dt)
-        self.x = self.t = None
-        return dx
+        return dy * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * dt)
+
+    def flops(self, in_features):
+        return 20.0 * in_features
 
 
 ACTIVATIONS = {"relu": ReLU, "sigmoid": Sigmoid, "tanh": Tanh, "gelu": GELU, "identity": Layer}

@@ -24,17 +24,26 @@ class Sequential:
         self.layers = list(layers)
         self.dtype = dtype
         self.params = FlatParams(self.layers, dtype)
+        self._tape = None
 
-    def forward(self, x, train: bool = True):
-        for layer in self.layers:
-            x = layer.forward(x, train)
+    def forward(self, x, train: bool = True, tape: list | None = None):
+        """Run the layers; with ``train``, what backward needs is kept on ``tape``.
+
+        ``tape`` is one dict per layer; by default the model keeps one for the latest forward.
+        A pipeline stage passes one tape per micro-batch in flight.
+        """
+        if train and tape is None:
+            tape = self._tape = [{} for _ in self.layers]
+        for i, layer in enumerate(self.layers):
+            x = layer.forward(x, tape[i] if train else None)
         return x
 
-    def backward(self, dout, need_input_grad: bool = False):
-        """Fill ``params.grad`` (overwriting it) and return the input gradient if asked."""
-        last = len(self.layers) - 1
-        for i in range(last, -1, -1):
-            dout = self.layers[i].backward(dout, need_dx=need_input_grad or i > 0)
+    def backward(self, dout, need_input_grad: bool = False, tape: list | None = None, accumulate=False):
+        """Fill ``params.grad`` (overwriting it, or adding to it with ``accumulate``) from the
+        forward recorded on ``tape``; return the input gradient if asked."""
+        tape = self._tape if tape is None else tape
+        for i in range(len(self.layers) - 1, -1, -1):
+            dout = self.layers[i].backward(dout, tape[i], need_input_grad or i > 0, accumulate)
         return dout
 
     def stage(self, start: int, stop: int) -> "Sequential":
@@ -49,6 +58,14 @@ class Sequential:
         for layer in self.layers:
             in_features = layer.out_features(in_features)
         return in_features
+
+    def flops(self, in_features: int) -> list[float]:
+        """Per-layer floating-point operations per row (forward + backward)."""
+        costs = []
+        for layer in self.layers:
+            costs.append(layer.flops(in_features))
+            in_features = layer.out_features(in_features)
+        return costs
 
     def describe(self) -> str:
         return " -> ".join(map(repr, self.layers)) + f"  ({self.params.size:,} parameters)"

@@ -45,9 +45,10 @@ def test_activation_input_gradient(layer_cls):
     layer = layer_cls()
     x = away_from_kinks(rng, (5, 7))
     r = rng.normal(size=(5, 7))  # upstream gradient: objective is sum(forward(x) * r)
-    layer.forward(x)
-    dx = layer.backward(r.copy())
-    num = numeric_grad(lambda: float((layer.forward(x, train=False) * r).sum()), x)
+    saved = {}
+    layer.forward(x, saved)
+    dx = layer.backward(r.copy(), saved)
+    num = numeric_grad(lambda: float((layer.forward(x, None) * r).sum()), x)
     assert rel_error(dx, num) < TOL
 
 
@@ -148,3 +149,22 @@ def test_gradient_of_empty_slice_is_zero():
     assert loss.forward(model.forward(np.empty((0, 3))), np.empty(0, np.int64)) == 0.0
     model.backward(loss.backward(0.5))
     assert not model.params.grad.any()
+
+
+def test_accumulated_micro_batch_gradients_equal_the_whole_batch_gradient():
+    """Micro-batches in flight together (one tape each), backward in any order, accumulated."""
+    rng = np.random.default_rng(6)
+    model = build_mlp([4, 6, 3], "gelu", np.float64)
+    model.params.initialize(rng)
+    x, r = rng.normal(size=(9, 4)), rng.normal(size=(9, 3))
+    model.forward(x)
+    model.backward(r)
+    whole = model.params.grad.copy()
+    parts = [slice(0, 4), slice(4, 5), slice(5, 9)]
+    tapes = [[{} for _ in model.layers] for _ in parts]
+    for part, tape in zip(parts, tapes, strict=True):
+        model.forward(x[part], tape=tape)
+    for i in (2, 0, 1):
+        model.backward(r[parts[i]], tape=tapes[i], accumulate=i != 2)
+    assert np.abs(model.params.grad - whole).max() < 1e-13
+    assert all(not saved for tape in tapes for saved in tape), "backward releases what forward kept"
