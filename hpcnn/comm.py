@@ -92,6 +92,21 @@ class Comm:
     def wtime(self) -> float:
         return MPI.Wtime()
 
+    def split(self, color: int, key: int) -> "Comm":
+        """The sub-communicator of the ranks that pass the same ``color``, ordered by ``key``."""
+        return Comm(self.comm.Split(color, key))
+
+    # Point-to-point on contiguous numpy buffers, for pipeline stages.
+    def isend(self, buf, dest: int, tag: int):
+        return self.comm.Isend(buf, dest=dest, tag=tag)
+
+    def recv_(self, buf, source: int, tag: int) -> None:
+        self.comm.Recv(buf, source=source, tag=tag)
+
+    @staticmethod
+    def waitall(requests) -> None:
+        MPI.Request.Waitall(requests)
+
     @contextmanager
     def agreed(self, debug: bool = False):
         """Run a block on every rank, then agree on whether any rank failed.
@@ -134,6 +149,27 @@ class Comm:
         kind = "error" if isinstance(exc, UserError) else "internal error"
         print(f"hpcnn: rank {self.rank}: {kind}: {exc}", file=sys.stderr, flush=True)
         MPI.COMM_WORLD.Abort(code)
+
+
+class Grid:
+    """Ranks as a grid of ``replicas`` data-parallel copies x ``stages`` pipeline stages.
+
+    World rank ``r`` is stage ``r % stages`` of replica ``r // stages``: a pipeline's stages are
+    consecutive ranks, which launchers place on the same node (block placement), so activations and
+    their gradients cross shared memory while only the gradient reduction crosses nodes.
+    ``pipe`` links the stages of this rank's replica, ``dp`` the ranks that hold this rank's stage.
+    """
+
+    def __init__(self, world: Comm, stages: int):
+        assert world.size % stages == 0, (world.size, stages)
+        self.world, self.stages, self.replicas = world, stages, world.size // stages
+        self.replica, self.stage = divmod(world.rank, stages)
+        self.pipe = world.split(self.replica, self.stage) if stages > 1 else None
+        self.dp = world.split(self.stage, self.replica) if stages > 1 else world
+        self.is_first, self.is_last = self.stage == 0, self.stage == stages - 1
+
+    def ranks_of_stage(self, stage: int) -> list[int]:
+        return [d * self.stages + stage for d in range(self.replicas)]
 
 
 def blas_threads(local_ranks: int, requested: int = 0) -> tuple[int | None, str]:

@@ -66,6 +66,22 @@ class Config:
     eval_batch_size: int = _f(4096, "rows per forward pass when evaluating, per rank")
     eval_every: int = _f(1, "evaluate the held-out rows every this many epochs (0: only at the end)")
     max_steps: int = _f(0, "stop after this many optimizer steps in all (0: run every epoch)")
+    # --- parallel layout
+    pipeline_stages: int = _f(
+        1, "pipeline stages P: ranks form (ranks / P) data-parallel replicas x P stages", group="parallel"
+    )
+    stage_layers: list = _f(
+        [], "first layer index of stages 1..P-1, comma-separated (empty: balance by FLOPs)", group="parallel"
+    )
+    micro_batches: int = _f(
+        1, "micro-batches M each replica's share of a global batch is cut into", group="parallel"
+    )
+    schedule: str = _f(
+        "1f1b",
+        "pipeline schedule: 1f1b (at most P micro-batches alive) or gpipe",
+        ["1f1b", "gpipe"],
+        "parallel",
+    )
     # --- optimizer
     optimizer: str = _f("adam", "optimizer", ["sgd", "adam", "adamw"], "optimizer")
     lr: float = _f(1e-3, "peak learning rate", group="optimizer")

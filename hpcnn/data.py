@@ -46,9 +46,9 @@ class ArraySource:
         self.x, self.y, self.name = x, y, name
         self.rows, self.rows_read = len(x), 0
 
-    def read(self, ids):
+    def read(self, ids, inputs: bool = True, labels: bool = True):
         self.rows_read += len(ids)
-        return self.x[ids], self.y[ids]
+        return (self.x[ids] if inputs else None), (self.y[ids] if labels else None)
 
     def close(self) -> None:
         pass
@@ -62,25 +62,28 @@ class H5Source:
         self.name = f"{f.filename}:{x_key}/{y_key}"
         self.rows, self.rows_read = self.x.shape[0], 0
 
-    def read(self, ids):
-        """Rows ``ids`` (any order, no repeats), returned in that order."""
+    def read(self, ids, inputs: bool = True, labels: bool = True):
+        """Rows ``ids`` (any order, no repeats) of the inputs and/or labels, in that order.
+
+        A pipeline's first stage asks for inputs only, its last stage for labels only.
+        """
         self.rows_read += len(ids)
+        return (self._rows(self.x, ids) if inputs else None), (self._rows(self.y, ids) if labels else None)
+
+    @staticmethod
+    def _rows(dset, ids):
         if len(ids) == 0:
-            return (
-                np.empty((0,) + self.x.shape[1:], self.x.dtype),
-                np.empty((0,) + self.y.shape[1:], self.y.dtype),
-            )
+            return np.empty((0,) + dset.shape[1:], dset.dtype)
         order = np.argsort(ids, kind="stable")
         ids_sorted = ids[order]
         lo, hi = int(ids_sorted[0]), int(ids_sorted[-1]) + 1
         # A contiguous run is one hyperslab; otherwise h5py wants increasing point lists.
-        sel = slice(lo, hi) if hi - lo == len(ids) else ids_sorted
-        x, y = self.x[sel], self.y[sel]
-        if order[0] == 0 and np.all(order[1:] > order[:-1]):
-            return x, y
+        rows = dset[slice(lo, hi) if hi - lo == len(ids) else ids_sorted]
+        if np.all(order[1:] > order[:-1]):
+            return rows
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
-        return x[inverse], y[inverse]
+        return rows[inverse]
 
     def close(self) -> None:
         self.file.close()  # h5py: closing a closed file is a no-op, so shared files are fine

@@ -6,6 +6,7 @@ stage holds. ``build_mlp`` is one way to make the layer list; the core types do 
 """
 
 import copy
+import math
 
 from hpcnn.layers import ACTIVATIONS, INIT_FOR, Dense
 from hpcnn.params import FlatParams
@@ -20,10 +21,11 @@ class Sequential:
     dtype : dtype of parameters, gradients and activations
     """
 
-    def __init__(self, layers, dtype):
+    def __init__(self, layers, dtype, bind: bool = True):
         self.layers = list(layers)
         self.dtype = dtype
-        self.params = FlatParams(self.layers, dtype)
+        # bind=False: a description only (no buffers), e.g. of a whole model cut into stages
+        self.params = FlatParams(self.layers, dtype) if bind else None
         self._tape = None
 
     def forward(self, x, train: bool = True, tape: list | None = None):
@@ -55,20 +57,26 @@ class Sequential:
         return part
 
     def out_features(self, in_features: int) -> int:
-        for layer in self.layers:
-            in_features = layer.out_features(in_features)
-        return in_features
+        return self.features_after(self.layers, in_features)
 
-    def flops(self, in_features: int) -> list[float]:
+    @staticmethod
+    def layer_flops(layers, in_features: int) -> list[float]:
         """Per-layer floating-point operations per row (forward + backward)."""
         costs = []
-        for layer in self.layers:
+        for layer in layers:
             costs.append(layer.flops(in_features))
             in_features = layer.out_features(in_features)
         return costs
 
+    @staticmethod
+    def features_after(layers, in_features: int) -> int:
+        for layer in layers:
+            in_features = layer.out_features(in_features)
+        return in_features
+
     def describe(self) -> str:
-        return " -> ".join(map(repr, self.layers)) + f"  ({self.params.size:,} parameters)"
+        count = sum(math.prod(spec.shape) for layer in self.layers for spec in layer.param_specs())
+        return " -> ".join(map(repr, self.layers)) + f"  ({count:,} parameters)"
 
 
 def build_mlp(sizes, activation: str, dtype, output_activation: str = "identity") -> Sequential:
@@ -77,6 +85,11 @@ def build_mlp(sizes, activation: str, dtype, output_activation: str = "identity"
     ``output_activation`` follows the last Dense (``identity`` for logits fed to the fused softmax
     cross-entropy; ``sigmoid`` for the tutorial's MSE network).
     """
+    return Sequential(mlp_layers(sizes, activation, output_activation), dtype)
+
+
+def mlp_layers(sizes, activation: str, output_activation: str = "identity") -> list:
+    """The layer list of ``build_mlp``, without parameter buffers (to be cut into stages)."""
     act = ACTIVATIONS[activation]
     layers = []
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=False)):
@@ -87,4 +100,4 @@ def build_mlp(sizes, activation: str, dtype, output_activation: str = "identity"
             layers.append(act())
         elif output_activation != "identity":
             layers.append(ACTIVATIONS[output_activation]())
-    return Sequential(layers, dtype)
+    return layers

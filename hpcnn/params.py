@@ -75,21 +75,30 @@ class FlatParams:
         """The view of one tensor inside a flat buffer (shares memory, never copies)."""
         return buffer[slot.offset : slot.offset + slot.size].reshape(slot.shape)
 
-    def initialize(self, rng) -> None:
+    def initialize(self, rng, skip=()) -> None:
         """Fill the parameters in slot order from one ``numpy.random.Generator``.
+
+        ``skip`` lists the ``ParamSpec`` of the tensors that come before these in the whole model
+        (earlier pipeline stages): their values are drawn and dropped, so that a stage starts with
+        exactly the values the whole model would have, without ever holding the whole model.
 
         He (normal, std sqrt(2 / fan_in)) suits ReLU-like layers, Xavier (uniform, limit
         sqrt(6 / (fan_in + fan_out))) suits sigmoid/tanh; biases start at zero. Drawing in a fixed
         order from one seeded generator makes the initial model identical on every rank.
         """
+        for spec in skip:
+            _draw(rng, spec)
         for slot in self.slots:
             spec, view = slot.spec, self.view(self.data, slot)
-            if spec.init == "zeros":
-                view[...] = 0
-            elif spec.init == "he":
-                view[...] = rng.normal(0.0, (2.0 / spec.fan_in) ** 0.5, size=slot.shape)
-            elif spec.init == "xavier":
-                limit = (6.0 / (spec.fan_in + spec.fan_out)) ** 0.5
-                view[...] = rng.uniform(-limit, limit, size=slot.shape)
-            else:
-                raise ValueError(f"unknown initialisation {spec.init!r} for {spec.name}")
+            view[...] = _draw(rng, spec)
+
+
+def _draw(rng, spec: ParamSpec):
+    if spec.init == "zeros":
+        return 0
+    if spec.init == "he":
+        return rng.normal(0.0, (2.0 / spec.fan_in) ** 0.5, size=spec.shape)
+    if spec.init == "xavier":
+        limit = (6.0 / (spec.fan_in + spec.fan_out)) ** 0.5
+        return rng.uniform(-limit, limit, size=spec.shape)
+    raise ValueError(f"unknown initialisation {spec.init!r} for {spec.name}")

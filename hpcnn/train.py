@@ -15,56 +15,95 @@ import numpy as np
 
 from hpcnn import __version__
 from hpcnn.backend import dtype_of, xp
-from hpcnn.comm import Comm, blas_threads
+from hpcnn.comm import Comm, Grid, blas_threads
 from hpcnn.config import Config, resolve
 from hpcnn.data import EpochSampler, open_dataset, set_num_classes, split_counts
 from hpcnn.data_parallel import DataParallel
 from hpcnn.errors import EXIT_OK, JobError, UserError
-from hpcnn.losses import LOSSES, count_correct
-from hpcnn.model import build_mlp
+from hpcnn.losses import LOSSES
+from hpcnn.model import Sequential, mlp_layers
 from hpcnn.optim import Schedule, clip_grad_norm, make_optimizer
+from hpcnn.pipeline import Pipeline, balanced_partition, explicit_partition, gpipe_bubble
 
 
 @dataclass
 class Result:
-    """What ``fit`` returns: the trained model and the per-epoch metrics rank 0 printed."""
+    """What ``fit`` returns: this rank's model (its pipeline stage) and the metrics rank 0 printed."""
 
-    model: object
-    steps: int
+    model: object  # the Sequential of this rank's stage (the whole model without pipeline stages)
+    grid: Grid
+    bounds: list  # first layer of each stage, then the number of layers
+    pipeline: Pipeline
+    steps: int = 0
     history: list = field(default_factory=list)  # one dict per epoch
     final: dict = field(default_factory=dict)  # held-out (or training-row) loss and accuracy
 
 
 def _as_batch(x, y, dtype, classify: bool):
-    x = xp.asarray(x, dtype=dtype)  # (rows, features)
-    if classify:
-        return x, xp.asarray(y)
-    y = xp.asarray(y, dtype=dtype)
-    return x, (y[:, None] if y.ndim == 1 else y)  # (rows, outputs), also for 0 rows
+    """Cast what a source returned (either part may be ``None``) for the model."""
+    if x is not None:
+        x = xp.asarray(x, dtype=dtype)  # (rows, features)
+    if y is not None and not classify:
+        y = xp.asarray(y, dtype=dtype)
+        y = y[:, None] if y.ndim == 1 else y  # (rows, outputs), also for 0 rows
+    elif y is not None:
+        y = xp.asarray(y)
+    return x, y
 
 
-def evaluate(model, loss_fn, split, comm, cfg, classify: bool) -> dict:
-    """Loss and accuracy over ``split``; each rank does a contiguous block, each row counted once."""
+def _micro_batches(x, y, micro: int):
+    """Cut a replica's rows into ``micro`` contiguous pieces that differ by at most one row."""
+    rows = len(x) if x is not None else len(y)
+    cuts = [split_counts(rows, micro, m) for m in range(micro)]
+    pieces = lambda a: None if a is None else [a[s : s + n] for s, n in cuts]  # noqa: E731
+    return pieces(x), pieces(y), [n for _, n in cuts]
+
+
+def _read(split, ids, pipe: Pipeline, dtype, classify):
+    x, y = split.source.read(ids, inputs=pipe.is_first, labels=pipe.is_last)
+    if not (pipe.is_first or pipe.is_last):
+        split.source.rows_read -= len(ids)  # a middle stage reads nothing; it only needs the count
+        x = xp.empty((len(ids), 0))
+    return _as_batch(x, y, dtype, classify)
+
+
+def evaluate(pipe: Pipeline, loss_fn, split, grid: Grid, cfg, classify: bool) -> dict:
+    """Loss and accuracy over ``split``: each replica takes a contiguous block (each row counted
+    once) and runs it through its pipeline in chunks of ``eval_batch_size`` micro-batches."""
     dtype = dtype_of(cfg.dtype)
-    start, count = split_counts(len(split), comm.size, comm.rank)
+    start, count = split_counts(len(split), grid.replicas, grid.replica)
     ids = split.ids[start : start + count]
-    sums = np.zeros(3)  # loss sum, correct, rows
+    sums = np.zeros(3)  # loss sum, correct, rows (on last stages only)
     for i in range(0, count, cfg.eval_batch_size):
-        x, y = _as_batch(*split.source.read(ids[i : i + cfg.eval_batch_size]), dtype, classify)
-        out = model.forward(x, train=False)
-        sums += (loss_fn.forward(out, y), count_correct(out, y) if classify else 0, len(x))
-    comm.allreduce_sum_(sums)
+        chunk = ids[i : i + cfg.eval_batch_size]
+        if pipe.is_first or pipe.is_last:
+            x, y = split.source.read(chunk, inputs=pipe.is_first, labels=pipe.is_last)
+            x, y = _as_batch(x, y, dtype, classify)
+        else:
+            x, y = xp.empty((len(chunk), 0)), None
+        inputs, targets, sizes = _micro_batches(x, y, cfg.micro_batches)
+        loss_sum, correct = pipe.forward_only(inputs, targets, sizes, loss_fn)
+        if pipe.is_last:
+            sums += (loss_sum, correct, len(chunk))
+    grid.world.allreduce_sum_(sums)
     rows = max(sums[2], 1)
     return {"loss": sums[0] / rows, "accuracy": sums[1] / rows if classify else None, "rows": int(sums[2])}
 
 
 def _prepare(cfg: Config, comm: Comm):
-    """Open the data and build model, optimizer and sampler; collective errors are agreed on."""
+    """Check the layout, open the data, build this rank's stage; setup errors are agreed on."""
     with comm.agreed(cfg.debug):
-        if cfg.batch_size < comm.size:
+        stages = cfg.pipeline_stages
+        if comm.size % stages:
             raise UserError(
-                f"batch_size = {cfg.batch_size} is smaller than the {comm.size} ranks: every rank "
-                f"needs at least one row of each global batch (use batch_size >= {comm.size})"
+                f"pipeline_stages = {stages} does not divide the {comm.size} ranks "
+                f"(ranks = data-parallel replicas x stages)"
+            )
+        replicas = comm.size // stages
+        if cfg.batch_size < replicas:
+            raise UserError(
+                f"batch_size = {cfg.batch_size} is smaller than the {replicas} data-parallel replicas: "
+                f"every replica needs at least one row of each global batch (use batch_size >= {replicas})"
             )
         ds, label_range = open_dataset(cfg, comm.rank, comm.size)
     if label_range is not None:  # class labels from a file (the same on every rank): check them all
@@ -77,63 +116,65 @@ def _prepare(cfg: Config, comm: Comm):
             elif hi >= ds.num_classes:
                 raise UserError(f"{ds.name}: label {hi} is out of range for num_classes = {ds.num_classes}")
     with comm.agreed(cfg.debug):
-        sizes = [ds.features, *cfg.hidden, ds.outputs]
-        model = build_mlp(sizes, cfg.activation, dtype_of(cfg.dtype), cfg.output_activation)
-        model.params.initialize(np.random.default_rng(cfg.seed))
-        sampler = EpochSampler(ds.train.ids, cfg.batch_size, comm.rank, comm.size, cfg.seed, cfg.drop_last)
+        layers = mlp_layers([ds.features, *cfg.hidden, ds.outputs], cfg.activation, cfg.output_activation)
+        if stages > len(layers):
+            raise UserError(f"pipeline_stages = {stages} exceeds the model's {len(layers)} layers")
+        if cfg.stage_layers:
+            bounds = explicit_partition(cfg.stage_layers, len(layers), stages)
+        else:
+            bounds = balanced_partition(Sequential.layer_flops(layers, ds.features), stages)
+    grid = Grid(comm, stages)
+    with comm.agreed(cfg.debug):
+        first, stop = bounds[grid.stage], bounds[grid.stage + 1]
+        model = Sequential(layers[first:stop], dtype_of(cfg.dtype))
+        # Draw every earlier stage's initial values too, so each stage starts as the whole model would.
+        skip = [spec for layer in layers[:first] for spec in layer.param_specs()]
+        model.params.initialize(np.random.default_rng(cfg.seed), skip=skip)
+        in_features = Sequential.features_after(layers[:first], ds.features)
+        pipe = Pipeline(model, grid.pipe, grid.stage, stages, in_features, cfg.schedule, comm.wtime)
+        sampler = EpochSampler(ds.train.ids, cfg.batch_size, grid.replica, replicas, cfg.seed, cfg.drop_last)
         if len(sampler) == 0:
             raise UserError(
                 f"drop_last with batch_size {cfg.batch_size} > {len(ds.train)} training rows leaves no step"
             )
-    return ds, model, sampler
+    pipe.handshake()
+    return ds, layers, bounds, grid, pipe, sampler
 
 
 def fit(cfg: Config, comm: Comm, log=None) -> Result:
     """Train ``cfg``'s model on ``cfg``'s data over the ranks of ``comm``.
 
-    ``log`` receives rank 0's progress lines (``None``: silent). Returns the model (identical on
-    every rank), the per-epoch metrics and the final evaluation.
+    ``log`` receives rank 0's progress lines (``None``: silent). Returns this rank's stage of the
+    model (identical across data-parallel replicas), the per-epoch metrics and the final evaluation.
     """
     log = log if (log is not None and comm.is_root) else (lambda *a: None)
-    ds, model, sampler = _prepare(cfg, comm)
+    ds, layers, bounds, grid, pipe, sampler = _prepare(cfg, comm)
+    model = pipe.model
     dtype, classify = dtype_of(cfg.dtype), ds.num_classes is not None
     loss_fn = LOSSES[cfg.loss]()
-    dp = DataParallel(comm, model.params)
+    dp = DataParallel(grid.dp, model.params)
     dp.broadcast_parameters()
     opt = make_optimizer(cfg, model.params)
     steps = len(sampler) * cfg.epochs
     steps = min(cfg.max_steps, steps) if cfg.max_steps else steps
-    schedule = Schedule(
-        cfg.lr_schedule, cfg.lr, steps, cfg.warmup_steps, cfg.step_size, cfg.gamma, cfg.min_lr
-    )
-    kind = f"{ds.num_classes} classes" if classify else f"{ds.outputs} regression outputs"
-    held_out = len(ds.test) if ds.test else 0
-    log(
-        f"data: {ds.name}: {len(ds.train)} training rows, {held_out} held-out, {ds.features} features, {kind}"
-    )
-    log(f"model: {model.describe()}, {cfg.dtype}")
-    per_rank = min(cfg.batch_size, len(ds.train)) / comm.size
-    stop = f", stopping after {steps} steps" if cfg.max_steps else ""
-    log(
-        f"training: {cfg.epochs} epochs x {len(sampler)} steps of {cfg.batch_size} rows "
-        f"(~{per_rank:.3g} per rank){stop}, {cfg.optimizer} lr {cfg.lr:g}, {cfg.lr_schedule}"
-    )
-    result = Result(model, 0)
-    grad = model.params.grad
+    lr = Schedule(cfg.lr_schedule, cfg.lr, steps, cfg.warmup_steps, cfg.step_size, cfg.gamma, cfg.min_lr)
+    across_stages = grid.pipe.sum if grid.stages > 1 else None
+    _describe(log, cfg, ds, layers, bounds, grid, sampler, steps)
+    result = Result(model, grid, bounds, pipe)
     step = 0
     for epoch in range(cfg.epochs):
         t0 = comm.wtime()
-        sums = np.zeros(3)  # loss sum, correct, rows on this rank
+        sums = np.zeros(3)  # loss sum, correct, rows: counted on last stages
         for ids, global_rows in sampler.epoch(epoch):
-            x, y = _as_batch(*ds.train.source.read(ids), dtype, classify)
-            out = model.forward(x)
-            loss_sum = loss_fn.forward(out, y)
-            sums += (loss_sum, count_correct(out, y) if classify else 0, len(ids))
-            model.backward(loss_fn.backward(1.0 / global_rows))
+            x, y = _read(ds.train, ids, pipe, dtype, classify)
+            inputs, targets, sizes = _micro_batches(x, y, cfg.micro_batches)
+            loss_sum, correct = pipe.train_step(inputs, targets, sizes, 1.0 / global_rows, loss_fn)
+            if pipe.is_last:
+                sums += (loss_sum, correct, len(ids))
             dp.reduce_gradients()
             if cfg.clip_norm:
-                clip_grad_norm(grad, cfg.clip_norm)
-            opt.step(schedule(step))
+                clip_grad_norm(model.params.grad, cfg.clip_norm, across_stages)
+            opt.step(lr(step))
             step += 1
             if step == cfg.max_steps:
                 break
@@ -144,23 +185,69 @@ def fit(cfg: Config, comm: Comm, log=None) -> Result:
             "step": step,
             "loss": sums[0] / sums[2],
             "accuracy": sums[1] / sums[2] if classify else None,
-            "lr": schedule(step - 1),
+            "lr": lr(step - 1),
             "seconds": seconds,
             "samples_per_s": sums[2] / seconds,
         }
         last = epoch + 1 == cfg.epochs or step == cfg.max_steps
         if ds.test is not None and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
-            row["test"] = evaluate(model, loss_fn, ds.test, comm, cfg, classify)
+            row["test"] = evaluate(pipe, loss_fn, ds.test, grid, cfg, classify)
         result.history.append(row)
         log(_epoch_line(row, cfg.epochs))
         if step == cfg.max_steps:
             break
     result.steps = step
     split = ds.test if ds.test is not None else ds.train
-    result.final = result.history[-1].get("test") or evaluate(model, loss_fn, split, comm, cfg, classify)
+    result.final = result.history[-1].get("test") or evaluate(pipe, loss_fn, split, grid, cfg, classify)
     result.final["split"] = "held-out" if ds.test is not None else "training"
+    if grid.stages > 1:
+        _report_stages(log, cfg, grid, pipe)
     ds.close()
     return result
+
+
+def _describe(log, cfg, ds, layers, bounds, grid, sampler, steps) -> None:
+    classify = ds.num_classes is not None
+    kind = f"{ds.num_classes} classes" if classify else f"{ds.outputs} regression outputs"
+    held_out = len(ds.test) if ds.test else 0
+    log(
+        f"data: {ds.name}: {len(ds.train)} training rows, {held_out} held-out, {ds.features} features, {kind}"
+    )
+    whole = Sequential(layers, dtype_of(cfg.dtype), bind=False)
+    log(f"model: {whole.describe()}, {cfg.dtype}")
+    if grid.stages > 1:
+        costs = Sequential.layer_flops(layers, ds.features)
+        log(
+            f"pipeline: {grid.replicas} data-parallel replica(s) x {grid.stages} stages, "
+            f"schedule {cfg.schedule}, {cfg.micro_batches} micro-batch(es) per step"
+        )
+        for s in range(grid.stages):
+            a, b = bounds[s], bounds[s + 1]
+            share = sum(costs[a:b]) / sum(costs)
+            names = " -> ".join(map(repr, layers[a:b]))
+            ranks = grid.ranks_of_stage(s)
+            log(f"  stage {s}: layers {a}-{b - 1} {names}: {100 * share:.1f}% of FLOPs, ranks {ranks}")
+    per_replica = min(cfg.batch_size, len(ds.train)) / grid.replicas
+    stop = f", stopping after {steps} steps" if cfg.max_steps else ""
+    log(
+        f"training: {cfg.epochs} epochs x {len(sampler)} steps of {cfg.batch_size} rows "
+        f"(~{per_replica:.3g} per replica){stop}, {cfg.optimizer} lr {cfg.lr:g}, {cfg.lr_schedule}"
+    )
+
+
+def _report_stages(log, cfg, grid, pipe) -> None:
+    """Rank 0 prints where each stage of pipeline 0 spent its time, against GPipe's theory."""
+    t = pipe.times
+    rows = grid.pipe.comm.gather((t.compute, t.wait, t.total, t.bubble, t.peak_live), root=0)
+    if rows is None:
+        return
+    theory = gpipe_bubble(grid.stages, cfg.micro_batches)
+    log(f"pipeline time per stage (replica 0; theory for equal stages: bubble {100 * theory:.1f}%):")
+    for s, (compute, wait, total, bubble, peak) in enumerate(rows):
+        log(
+            f"  stage {s}: compute {compute:.2f} s, waiting {wait:.2f} s of {total:.2f} s, "
+            f"bubble {100 * bubble:.1f}%, at most {peak} micro-batch(es) alive"
+        )
 
 
 def _pct(v) -> str:

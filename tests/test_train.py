@@ -115,7 +115,10 @@ def test_cli_trains_and_reports(tmp_path):
     [
         (["--bogus"], "unrecognized arguments: --bogus"),
         (["--epochs", "0"], "epochs = 0: must be a positive integer"),
-        (["--batch-size", "3"], "batch_size = 3 is smaller than the 4 ranks"),
+        (["--batch-size", "3"], "batch_size = 3 is smaller than the 4 data-parallel replicas"),
+        (["--pipeline-stages", "3"], "pipeline_stages = 3 does not divide the 4 ranks"),
+        (["--pipeline-stages", "2", "--hidden", ""], "pipeline_stages = 2 exceeds the model's 1 layers"),
+        (["--pipeline-stages", "2", "--stage-layers", "9"], "stage_layers = [9]: expected 1 increasing"),
         (["--data", "missing.h5"], "data file missing.h5 does not exist"),
         (["--config", "nope.toml"], "config file nope.toml does not exist"),
     ],
@@ -150,11 +153,11 @@ def test_a_rank_failing_alone_mid_training_ends_the_job_fast():
         "from hpcnn import data\n"
         "from mpi4py import MPI\n"
         "read, calls = data.H5Source.read, []\n"
-        "def faulty(self, ids):\n"
+        "def faulty(self, ids, **parts):\n"
         "    calls.append(1)\n"
         "    if MPI.COMM_WORLD.rank == 2 and len(calls) == 5:\n"
         "        raise RuntimeError('injected fault')\n"
-        "    return read(self, ids)\n"
+        "    return read(self, ids, **parts)\n"
         "data.H5Source.read = faulty\n"
         "from hpcnn.train import main\n"
         "sys.exit(main(['--epochs', '1']))\n"

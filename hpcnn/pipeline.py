@@ -1,0 +1,236 @@
+"""Layer-wise model parallelism: stage partitions and the micro-batch schedules that run them.
+
+A model's layers are cut into ``P`` consecutive stages, one per rank of a pipeline (see
+``comm.Grid``). For each step, every stage walks the same list of micro-batches:
+
+- forward ``F(m)``: stage 0 takes its inputs from the data, later stages ``Recv`` the activation
+  of micro-batch ``m`` from the previous stage (tag ``m``); the output is sent on with ``Isend``,
+  or, on the last stage, goes into the loss, whose gradient is computed at once and kept;
+- backward ``B(m)``: the last stage uses the kept loss gradient, earlier stages ``Recv`` the
+  output gradient from the next stage (tag ``m``); the input gradient is sent back with ``Isend``;
+  weight gradients accumulate over the step's micro-batches in the flat gradient buffer.
+
+Schedules are orders of these operations, the same rule on every stage:
+``gpipe`` runs all forwards, then all backwards (all ``M`` micro-batches' activations alive);
+``1f1b`` (PipeDream-flush) runs ``P - s - 1`` warm-up forwards on stage ``s``, then alternates one
+forward and one backward, then drains the backwards, keeping at most ``P`` micro-batches alive.
+Sends never block (``Isend``, completed at the end of the step), and each ``Recv`` names its
+micro-batch, so no ordering of the ranks can deadlock, whatever the micro-batch sizes (an empty
+micro-batch sends an empty message). Each loss gradient is scaled by ``1 / global_rows``, so the
+accumulated gradient is the global-batch mean, exactly as without micro-batches.
+
+Receive buffers come from a pool keyed by shape: allocated the first time a shape is seen (after
+the shape handshake told each stage the width it will receive), then reused every step.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hpcnn.backend import xp
+from hpcnn.errors import UserError
+from hpcnn.losses import count_correct
+
+SCHEDULES = ("1f1b", "gpipe")
+
+
+def balanced_partition(costs: list[float], stages: int) -> list[int]:
+    """Cut ``costs`` (one per layer) into ``stages`` consecutive non-empty runs, minimising the
+    costliest run. Returns the start index of every stage plus the end: ``[0, b1, ..., len]``."""
+    n = len(costs)
+    assert 1 <= stages <= n, (stages, n)
+    prefix = np.concatenate([[0.0], np.cumsum(costs)])
+    # best[k][i]: the smallest possible maximum when the first i layers form k stages
+    best = np.full((stages + 1, n + 1), np.inf)
+    cut = np.zeros((stages + 1, n + 1), dtype=int)
+    best[0][0] = 0.0
+    for k in range(1, stages + 1):
+        for i in range(k, n - (stages - k) + 1):
+            for j in range(k - 1, i):
+                value = max(best[k - 1][j], prefix[i] - prefix[j])
+                if value < best[k][i]:
+                    best[k][i], cut[k][i] = value, j
+    bounds = [n]
+    for k in range(stages, 0, -1):
+        bounds.append(cut[k][bounds[-1]])
+    return bounds[::-1]
+
+
+def explicit_partition(starts: list[int], n_layers: int, stages: int) -> list[int]:
+    """Bounds from ``--stage-layers``: the first layer index of stages 1..P-1."""
+    bounds = [0, *starts, n_layers]
+    if len(starts) != stages - 1 or any(b >= c for b, c in zip(bounds[:-1], bounds[1:], strict=True)):
+        raise UserError(
+            f"stage_layers = {starts}: expected {stages - 1} increasing layer indices between 1 and "
+            f"{n_layers - 1} (where stages 1..{stages - 1} start; the model has {n_layers} layers)"
+        )
+    return bounds
+
+
+def schedule_ops(kind: str, stage: int, stages: int, micro: int) -> list[tuple[str, int]]:
+    """The order of forward (``"F"``) and backward (``"B"``) operations on ``stage``."""
+    if kind == "gpipe":
+        return [("F", m) for m in range(micro)] + [("B", m) for m in range(micro)]
+    warmup = min(stages - stage - 1, micro)
+    ops = [("F", m) for m in range(warmup)]
+    for m in range(micro - warmup):
+        ops += [("F", warmup + m), ("B", m)]
+    return ops + [("B", m) for m in range(micro - warmup, micro)]
+
+
+@dataclass
+class StageTimes:
+    """Where a stage's time went, summed over steps (seconds)."""
+
+    compute: float = 0.0  # forward, loss, backward
+    wait: float = 0.0  # blocked in Recv and in completing sends
+    total: float = 0.0  # whole steps
+    steps: int = 0
+    peak_live: int = 0  # most micro-batches with forward done and backward not yet
+    samples: list = field(default_factory=list)
+
+    @property
+    def bubble(self) -> float:
+        """The fraction of step time this stage was not computing."""
+        return 1.0 - self.compute / self.total if self.total else 0.0
+
+
+class Pipeline:
+    """This rank's stage of a pipeline, running micro-batches through ``model``.
+
+    Parameters
+    ----------
+    model : Sequential holding this stage's layers
+    pipe : Comm of this replica's stages (``None`` for a one-stage pipeline)
+    stage, stages : this stage's index and the number of stages
+    in_features : width of the activations this stage receives (or reads, on stage 0)
+    schedule : ``"1f1b"`` or ``"gpipe"``
+    clock : a function returning seconds (``MPI.Wtime``)
+    """
+
+    def __init__(self, model, pipe, stage: int, stages: int, in_features: int, schedule: str, clock):
+        self.model, self.pipe, self.stage, self.stages = model, pipe, stage, stages
+        self.in_features, self.out_features = in_features, model.out_features(in_features)
+        self.schedule, self.clock = schedule, clock
+        self.is_first, self.is_last = stage == 0, stage == stages - 1
+        self.times = StageTimes()
+        self._pool: dict[tuple, list] = {}
+        self._deferred: list = []
+
+    def handshake(self) -> None:
+        """Check that each stage sends the width and dtype the next one expects (before any data)."""
+        if self.stages == 1:
+            return
+        mine = (self.out_features, np.dtype(self.model.dtype).str)
+        if not self.is_last:
+            self.pipe.comm.send(mine, dest=self.stage + 1, tag=0)
+        if not self.is_first:
+            theirs = self.pipe.comm.recv(source=self.stage - 1, tag=0)
+            expected = (self.in_features, np.dtype(self.model.dtype).str)
+            assert theirs == expected, f"stage {self.stage} receives {theirs}, expects {expected}"
+
+    def _buffer(self, rows: int, width: int):
+        free = self._pool.get((rows, width))
+        return free.pop() if free else xp.empty((rows, width), dtype=self.model.dtype)
+
+    def _release(self, buf) -> None:
+        self._pool.setdefault(buf.shape, []).append(buf)
+
+    def _recv(self, rows: int, width: int, source: int, tag: int):
+        buf = self._buffer(rows, width)
+        t0 = self.clock()
+        self.pipe.recv_(buf, source, tag)
+        self.times.wait += self.clock() - t0
+        return buf
+
+    def train_step(self, inputs, targets, sizes, scale: float, loss_fn):
+        """Forward and backward all micro-batches of one step; fill ``model.params.grad``.
+
+        ``inputs``/``targets`` are lists of per-micro-batch arrays on the first/last stage (else
+        ``None``); ``sizes`` the micro-batches' row counts, known to every stage. Returns the last
+        stage's ``(loss_sum, correct)`` (zeros elsewhere).
+        """
+        t_step = self.clock()
+        micro = len(sizes)
+        tapes, held, kept = {}, {}, {}  # per micro-batch: forward state, recv buffer, loss grad
+        sends, loss_sum, correct, live, first_backward = [], 0.0, 0, 0, True
+        for op, m in schedule_ops(self.schedule, self.stage, self.stages, micro):
+            if op == "F":
+                if self.is_first:
+                    x = inputs[m]
+                else:
+                    x = held[m] = self._recv(sizes[m], self.in_features, self.stage - 1, m)
+                t0 = self.clock()
+                tapes[m] = [{} for _ in self.model.layers]
+                out = self.model.forward(x, tape=tapes[m])
+                if self.is_last:
+                    loss_sum += loss_fn.forward(out, targets[m])
+                    if targets[m].ndim == 1:
+                        correct += count_correct(out, targets[m])
+                    kept[m] = loss_fn.backward(scale)
+                self.times.compute += self.clock() - t0
+                if not self.is_last:
+                    sends.append((self.pipe.isend(out, self.stage + 1, m), out))
+                live += 1
+                self.times.peak_live = max(self.times.peak_live, live)
+            else:
+                if self.is_last:
+                    dout = kept.pop(m)
+                else:
+                    dout = held_grad = self._recv(sizes[m], self.out_features, self.stage + 1, m)
+                t0 = self.clock()
+                dx = self.model.backward(
+                    dout, need_input_grad=not self.is_first, tape=tapes.pop(m), accumulate=not first_backward
+                )
+                self.times.compute += self.clock() - t0
+                first_backward = False
+                if not self.is_first:
+                    sends.append((self.pipe.isend(dx, self.stage - 1, m), dx))
+                    self._release_unless_sent(held.pop(m), sends)
+                if not self.is_last:
+                    self._release_unless_sent(held_grad, sends)
+                live -= 1
+        if first_backward:  # a stage whose every micro-batch was empty still owes a zero gradient
+            self.model.params.grad[...] = 0
+        self._complete(sends)
+        self.times.total += self.clock() - t_step
+        self.times.steps += 1
+        return loss_sum, correct
+
+    def forward_only(self, inputs, targets, sizes, loss_fn):
+        """Inference through the pipeline (evaluation): returns the last stage's loss sum and correct."""
+        sends, loss_sum, correct = [], 0.0, 0
+        for m, rows in enumerate(sizes):
+            x = inputs[m] if self.is_first else self._recv(rows, self.in_features, self.stage - 1, m)
+            out = self.model.forward(x, train=False)
+            if self.is_last:
+                loss_sum += loss_fn.forward(out, targets[m])
+                if targets[m].ndim == 1:
+                    correct += count_correct(out, targets[m])
+            else:
+                sends.append((self.pipe.isend(out, self.stage + 1, m), out))
+            if not self.is_first:
+                self._release_unless_sent(x, sends)
+        self._complete(sends)
+        return loss_sum, correct
+
+    def _release_unless_sent(self, buf, sends) -> None:
+        """Return a receive buffer to the pool, unless a layer passed it through unchanged and it
+        is now the buffer of a pending send (then it is returned when the sends complete)."""
+        if any(sent is buf for _, sent in sends):
+            self._deferred.append(buf)
+        else:
+            self._release(buf)
+
+    def _complete(self, sends) -> None:
+        if sends:
+            t0 = self.clock()
+            self.pipe.waitall([request for request, _ in sends])
+            self.times.wait += self.clock() - t0
+        while self._deferred:
+            self._release(self._deferred.pop())
+
+
+def gpipe_bubble(stages: int, micro: int) -> float:
+    """The idle fraction of GPipe (and of 1F1B) with equal stages: (P - 1) / (M + P - 1)."""
+    return (stages - 1) / (micro + stages - 1)
