@@ -1,0 +1,129 @@
+"""Pipeline == serial: every (stages P, replicas D) grid that fits in the world, every schedule.
+
+Each layout runs on the first P x D ranks of the world (the others wait), so one launch at 8 ranks
+covers P in {2, 4} x D in {1, 2}; at 2 and 4 ranks the layouts that fit. The serial reference is
+trained once, by rank 0 on COMM_SELF, and broadcast.
+"""
+
+import hashlib
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from hpcnn.comm import Comm, blas_threads
+from hpcnn.config import Config
+from hpcnn.errors import JobError
+from hpcnn.train import fit
+
+pytestmark = pytest.mark.mpi(min_size=2)
+
+# 37 rows per global batch: uneven over 2 replicas (19 + 18) and over 3 or 4 micro-batches.
+BASE = dict(hidden=[32, 16], dtype="float64", epochs=1, max_steps=8, eval_every=0, seed=3, batch_size=37,
+            optimizer="sgd", lr=0.2, momentum=0.9)  # fmt: skip
+LAYOUTS = [(p, d) for p in (2, 4) for d in (1, 2)]
+
+
+@pytest.fixture(scope="module")
+def world():
+    comm = Comm.world()
+    blas_threads(comm.local_size)
+    return comm
+
+
+@pytest.fixture(scope="module")
+def reference(world):
+    """Whole-model parameters and metrics of serial runs, keyed by the extra settings."""
+    cache = {}
+
+    def get(**extra):
+        key = tuple(sorted(extra.items()))
+        if key not in cache:
+            ref = None
+            if world.is_root:
+                r = fit(Config(**{**BASE, **extra}), Comm.serial())
+                ref = SimpleNamespace(params=r.model.params.data, history=r.history, final=r.final)
+            cache[key] = world.comm.bcast(ref)
+        return cache[key]
+
+    return get
+
+
+def run_on_first_ranks(world, ranks, cfg):
+    """``fit`` on world ranks 0..ranks-1; the whole model's parameters gathered on world rank 0."""
+    inside = world.rank < ranks
+    sub = world.split(0 if inside else 1, world.rank)
+    out = None
+    if inside:
+        result = fit(cfg, sub)
+        grid = result.grid
+        # replicas of a stage hold identical bytes
+        digest = hashlib.sha256(result.model.params.data.tobytes()).hexdigest()
+        assert len(set(grid.dp.comm.allgather(digest))) == 1, "replicas of a stage differ"
+        if grid.replica == 0:
+            pieces = grid.pipe.comm.gather(result.model.params.data, root=0) if grid.pipe else None
+            if grid.stage == 0:
+                whole = np.concatenate(pieces) if pieces else result.model.params.data
+                out = SimpleNamespace(params=whole, history=result.history, final=result.final)
+        peaks = sub.comm.gather((grid.stage, result.pipeline.times.peak_live), root=0)
+        if out is not None:
+            out.peaks = peaks
+    sub.comm.Free()
+    return out
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
+@pytest.mark.parametrize("micro", [1, 3, 4])
+@pytest.mark.parametrize("stages,replicas", LAYOUTS)
+def test_pipeline_equals_serial(world, reference, stages, replicas, micro, schedule):
+    if stages * replicas > world.size:
+        pytest.skip(
+            f"{stages} stages x {replicas} replicas need {stages * replicas} ranks; world: {world.size}"
+        )
+    cfg = Config(**BASE, pipeline_stages=stages, micro_batches=micro, schedule=schedule)
+    got = run_on_first_ranks(world, stages * replicas, cfg)
+    ref = reference()
+    problems = []
+    if world.is_root:
+        diff = np.abs(got.params - ref.params).max()
+        if not diff < 1e-10:
+            problems.append(f"max |pipeline - serial| = {diff:.3e}")
+        if got.history[-1]["loss"] != pytest.approx(ref.history[-1]["loss"], rel=1e-10):
+            problems.append(f"training loss {got.history[-1]['loss']} != {ref.history[-1]['loss']}")
+        if got.history[-1]["accuracy"] != ref.history[-1]["accuracy"]:
+            problems.append("training accuracy differs")
+        if not got.final["rows"] == ref.final["rows"] == 359:
+            problems.append(f"evaluated {got.final['rows']} held-out rows")
+        if got.final["loss"] != pytest.approx(ref.final["loss"], rel=1e-10):
+            problems.append(f"held-out loss {got.final['loss']} != {ref.final['loss']}")
+        for stage, peak in got.peaks:
+            # 1F1B keeps at most P - stage micro-batches alive (<= P); GPipe all of them
+            expected = min(stages - stage, micro) if schedule == "1f1b" else micro
+            if peak != expected:
+                problems.append(f"stage {stage}: {peak} micro-batches alive at once, expected {expected}")
+    assert not world.comm.bcast(problems)  # every rank passes or fails together: no desynchronised suite
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        dict(stage_layers=[1]),  # an explicit, unbalanced cut between a Dense and its ReLU
+        dict(clip_norm=0.05),  # the norm is summed over the stages
+        dict(optimizer="adamw", weight_decay=0.01, lr=0.01, loss="mse", activation="gelu"),
+    ],
+)
+def test_pipeline_options_equal_serial(world, reference, extra):
+    cfg = Config(**{**BASE, **extra}, pipeline_stages=2, micro_batches=3)
+    got = run_on_first_ranks(world, 2, cfg)
+    ref = reference(**{k: v for k, v in extra.items() if k != "stage_layers"})
+    diff = world.comm.bcast(np.abs(got.params - ref.params).max() if world.is_root else None)
+    assert diff < 1e-10, f"max |pipeline - serial| = {diff:.3e}"
+
+
+def test_invalid_layouts_are_agreed_errors(world):
+    with pytest.raises(JobError, match=f"pipeline_stages = {world.size + 1} does not divide"):
+        fit(Config(pipeline_stages=world.size + 1), world)
+    with pytest.raises(JobError, match="pipeline_stages = 2 exceeds the model's 1 layers"):
+        fit(Config(pipeline_stages=2, hidden=[], batch_size=64), world)
+    with pytest.raises(JobError, match=r"stage_layers = \[4, 2\]"):
+        fit(Config(pipeline_stages=3 if world.size % 3 == 0 else 2, stage_layers=[4, 2]), world)
