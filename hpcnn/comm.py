@@ -171,6 +171,12 @@ class Grid:
     def ranks_of_stage(self, stage: int) -> list[int]:
         return [d * self.stages + stage for d in range(self.replicas)]
 
+    def free(self) -> None:
+        """Release the sub-communicators (for callers that run many trainings in one process)."""
+        if self.pipe is not None:
+            self.pipe.comm.Free()
+            self.dp.comm.Free()
+
 
 def blas_threads(local_ranks: int, requested: int = 0) -> tuple[int | None, str]:
     """Give this rank ``max(1, cores // ranks_on_this_node)`` BLAS threads.

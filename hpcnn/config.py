@@ -63,7 +63,7 @@ class Config:
     batch_size: int = _f(64, "global batch size: rows per step summed over all ranks")
     drop_last: bool = _f(False, "drop the last partial batch of each epoch")
     seed: int = _f(0, "seed for initialisation and shuffling")
-    eval_batch_size: int = _f(4096, "rows per forward pass when evaluating, per rank")
+    eval_batch_size: int = _f(4096, "held-out rows read and evaluated at a time, per data-parallel replica")
     eval_every: int = _f(1, "evaluate the held-out rows every this many epochs (0: only at the end)")
     max_steps: int = _f(0, "stop after this many optimizer steps in all (0: run every epoch)")
     # --- parallel layout
@@ -118,6 +118,8 @@ class Config:
             "synthetic_rows",
             "synthetic_features",
             "step_size",
+            "pipeline_stages",
+            "micro_batches",
         )
         for key in positive:
             if getattr(self, key) <= 0:

@@ -1,11 +1,11 @@
 """A model is an ordered list of layers over one pair of flat buffers.
 
-``Sequential`` runs forward in order and backward in reverse. ``stage(start, stop)`` cuts out a
-consecutive run of layers as a model of its own (with its own buffers), which is what a pipeline
-stage holds. ``build_mlp`` is one way to make the layer list; the core types do not assume it.
+``Sequential`` runs forward in order and backward in reverse. A pipeline stage is a ``Sequential``
+of a consecutive run of the layers (with buffers of its own), initialised as the whole model would
+be (``FlatParams.initialize(rng, skip=...)``). ``build_mlp`` is one way to make the layer list;
+the core types do not assume it.
 """
 
-import copy
 import math
 
 from hpcnn.layers import ACTIVATIONS, INIT_FOR, Dense
@@ -47,14 +47,6 @@ class Sequential:
         for i in range(len(self.layers) - 1, -1, -1):
             dout = self.layers[i].backward(dout, tape[i], need_input_grad or i > 0, accumulate)
         return dout
-
-    def stage(self, start: int, stop: int) -> "Sequential":
-        """Layers ``start:stop`` as a model of their own, with copies of their parameters."""
-        part = Sequential([copy.copy(layer) for layer in self.layers[start:stop]], self.dtype)
-        mine = [s for s in self.params.slots if start <= s.layer < stop]
-        for src, dst in zip(mine, part.params.slots, strict=True):
-            FlatParams.view(part.params.data, dst)[...] = FlatParams.view(self.params.data, src)
-        return part
 
     def out_features(self, in_features: int) -> int:
         return self.features_after(self.layers, in_features)

@@ -20,7 +20,9 @@ micro-batch sends an empty message). Each loss gradient is scaled by ``1 / globa
 accumulated gradient is the global-batch mean, exactly as without micro-batches.
 
 Receive buffers come from a pool keyed by shape: allocated the first time a shape is seen (after
-the shape handshake told each stage the width it will receive), then reused every step.
+the shape handshake told each stage the width it will receive), then reused every step. A run
+sees few shapes (full micro-batches, the last partial batch's, evaluation chunks'), and the pool
+keeps one buffer per shape and micro-batch in flight.
 """
 
 from dataclasses import dataclass, field
@@ -136,11 +138,12 @@ class Pipeline:
     def _release(self, buf) -> None:
         self._pool.setdefault(buf.shape, []).append(buf)
 
-    def _recv(self, rows: int, width: int, source: int, tag: int):
+    def _recv(self, rows: int, width: int, source: int, tag: int, timed: bool = True):
         buf = self._buffer(rows, width)
         t0 = self.clock()
         self.pipe.recv_(buf, source, tag)
-        self.times.wait += self.clock() - t0
+        if timed:  # training steps only: evaluation is not part of the stage timing report
+            self.times.wait += self.clock() - t0
         return buf
 
     def train_step(self, inputs, targets, sizes, scale: float, loss_fn):
@@ -152,6 +155,7 @@ class Pipeline:
         """
         t_step = self.clock()
         micro = len(sizes)
+        assert micro >= 1, "a step needs at least one micro-batch"
         tapes, held, kept = {}, {}, {}  # per micro-batch: forward state, recv buffer, loss grad
         sends, loss_sum, correct, live, first_backward = [], 0.0, 0, 0, True
         for op, m in schedule_ops(self.schedule, self.stage, self.stages, micro):
@@ -190,8 +194,6 @@ class Pipeline:
                 if not self.is_last:
                     self._release_unless_sent(held_grad, sends)
                 live -= 1
-        if first_backward:  # a stage whose every micro-batch was empty still owes a zero gradient
-            self.model.params.grad[...] = 0
         self._complete(sends)
         self.times.total += self.clock() - t_step
         self.times.steps += 1
@@ -201,7 +203,11 @@ class Pipeline:
         """Inference through the pipeline (evaluation): returns the last stage's loss sum and correct."""
         sends, loss_sum, correct = [], 0.0, 0
         for m, rows in enumerate(sizes):
-            x = inputs[m] if self.is_first else self._recv(rows, self.in_features, self.stage - 1, m)
+            x = (
+                inputs[m]
+                if self.is_first
+                else self._recv(rows, self.in_features, self.stage - 1, m, timed=False)
+            )
             out = self.model.forward(x, train=False)
             if self.is_last:
                 loss_sum += loss_fn.forward(out, targets[m])
@@ -211,7 +217,7 @@ class Pipeline:
                 sends.append((self.pipe.isend(out, self.stage + 1, m), out))
             if not self.is_first:
                 self._release_unless_sent(x, sends)
-        self._complete(sends)
+        self._complete(sends, timed=False)
         return loss_sum, correct
 
     def _release_unless_sent(self, buf, sends) -> None:
@@ -222,11 +228,12 @@ class Pipeline:
         else:
             self._release(buf)
 
-    def _complete(self, sends) -> None:
+    def _complete(self, sends, timed: bool = True) -> None:
         if sends:
             t0 = self.clock()
             self.pipe.waitall([request for request, _ in sends])
-            self.times.wait += self.clock() - t0
+            if timed:
+                self.times.wait += self.clock() - t0
         while self._deferred:
             self._release(self._deferred.pop())
 

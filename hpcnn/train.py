@@ -69,7 +69,8 @@ def _read(split, ids, pipe: Pipeline, dtype, classify):
 
 def evaluate(pipe: Pipeline, loss_fn, split, grid: Grid, cfg, classify: bool) -> dict:
     """Loss and accuracy over ``split``: each replica takes a contiguous block (each row counted
-    once) and runs it through its pipeline in chunks of ``eval_batch_size`` micro-batches."""
+    once) and runs it through its pipeline in chunks of ``eval_batch_size`` rows, each chunk cut
+    into ``micro_batches`` micro-batches."""
     dtype = dtype_of(cfg.dtype)
     start, count = split_counts(len(split), grid.replicas, grid.replica)
     ids = split.ids[start : start + count]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from hpcnn.layers import Dense, ReLU
-from hpcnn.model import Sequential, build_mlp
+from hpcnn.model import Sequential, build_mlp, mlp_layers
 
 
 def test_views_share_the_flat_buffers_in_model_order():
@@ -53,9 +53,14 @@ def test_initialisation_is_seeded_and_scaled():
 def test_stages_compose_to_the_whole_model():
     rng = np.random.default_rng(3)
     model = build_mlp([5, 8, 6, 3], "tanh", np.float64)
-    model.params.initialize(rng)
+    model.params.initialize(np.random.default_rng(9))
     x = rng.normal(size=(4, 5))
-    first, second = model.stage(0, 3), model.stage(3, len(model.layers))
+    layers = mlp_layers([5, 8, 6, 3], "tanh")
+    first, second = Sequential(layers[:3], np.float64), Sequential(layers[3:], np.float64)
+    first.params.initialize(np.random.default_rng(9))
+    second.params.initialize(
+        np.random.default_rng(9), skip=[s for layer in layers[:3] for s in layer.param_specs()]
+    )
     assert first.params.size + second.params.size == model.params.size
     assert np.array_equal(second.forward(first.forward(x, False), False), model.forward(x, False))
     assert not np.shares_memory(first.params.data, model.params.data)

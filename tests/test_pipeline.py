@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from mpi4py import MPI
 
 from hpcnn.comm import Comm, blas_threads
 from hpcnn.config import Config
@@ -57,19 +58,43 @@ def run_on_first_ranks(world, ranks, cfg):
     if inside:
         result = fit(cfg, sub)
         grid = result.grid
-        # replicas of a stage hold identical bytes
         digest = hashlib.sha256(result.model.params.data.tobytes()).hexdigest()
-        assert len(set(grid.dp.comm.allgather(digest))) == 1, "replicas of a stage differ"
+        replicas_agree = len(set(grid.dp.comm.allgather(digest))) == 1
         if grid.replica == 0:
             pieces = grid.pipe.comm.gather(result.model.params.data, root=0) if grid.pipe else None
             if grid.stage == 0:
                 whole = np.concatenate(pieces) if pieces else result.model.params.data
                 out = SimpleNamespace(params=whole, history=result.history, final=result.final)
+                out.bounds = result.bounds
         peaks = sub.comm.gather((grid.stage, result.pipeline.times.peak_live), root=0)
+        agree = sub.comm.allreduce(replicas_agree, op=MPI.LAND)
         if out is not None:
-            out.peaks = peaks
+            out.peaks, out.replicas_agree = peaks, agree
+        grid.free()
     sub.comm.Free()
     return out
+
+
+def agreed_check(world, check):
+    """Run ``check()`` (a list of problems) on rank 0 only; every rank passes or fails with it.
+
+    A failure or exception on rank 0 alone would otherwise leave the ranks in different tests,
+    waiting in each other's collectives until the CTest timeout.
+    """
+    problems = None
+    if world.is_root:
+        try:
+            problems = check()
+        except Exception as exc:  # noqa: BLE001  (reported on every rank below)
+            problems = [f"{type(exc).__name__}: {exc}"]
+    problems = world.comm.bcast(problems)
+    assert not problems, problems
+
+
+def metrics(history):
+    """Each epoch's training loss and accuracy and held-out loss, as one flat list of numbers."""
+    values = [(row["loss"], row["accuracy"], row.get("test", {}).get("loss")) for row in history]
+    return [float(v) for row in values for v in row if v is not None]
 
 
 @pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
@@ -83,15 +108,16 @@ def test_pipeline_equals_serial(world, reference, stages, replicas, micro, sched
     cfg = Config(**BASE, pipeline_stages=stages, micro_batches=micro, schedule=schedule)
     got = run_on_first_ranks(world, stages * replicas, cfg)
     ref = reference()
-    problems = []
-    if world.is_root:
+
+    def check():
+        problems = []
+        if not got.replicas_agree:
+            problems.append("replicas of a stage hold different parameters")
         diff = np.abs(got.params - ref.params).max()
         if not diff < 1e-10:
             problems.append(f"max |pipeline - serial| = {diff:.3e}")
-        if got.history[-1]["loss"] != pytest.approx(ref.history[-1]["loss"], rel=1e-10):
-            problems.append(f"training loss {got.history[-1]['loss']} != {ref.history[-1]['loss']}")
-        if got.history[-1]["accuracy"] != ref.history[-1]["accuracy"]:
-            problems.append("training accuracy differs")
+        if metrics(got.history) != pytest.approx(metrics(ref.history), rel=1e-10):
+            problems.append(f"metrics {metrics(got.history)} != {metrics(ref.history)}")
         if not got.final["rows"] == ref.final["rows"] == 359:
             problems.append(f"evaluated {got.final['rows']} held-out rows")
         if got.final["loss"] != pytest.approx(ref.final["loss"], rel=1e-10):
@@ -101,23 +127,61 @@ def test_pipeline_equals_serial(world, reference, stages, replicas, micro, sched
             expected = min(stages - stage, micro) if schedule == "1f1b" else micro
             if peak != expected:
                 problems.append(f"stage {stage}: {peak} micro-batches alive at once, expected {expected}")
-    assert not world.comm.bcast(problems)  # every rank passes or fails together: no desynchronised suite
+        return problems
+
+    agreed_check(world, check)
 
 
 @pytest.mark.parametrize(
     "extra",
     [
-        dict(stage_layers=[1]),  # an explicit, unbalanced cut between a Dense and its ReLU
+        dict(stage_layers=[3]),  # an explicit cut (the balanced one is [1] for this network)
         dict(clip_norm=0.05),  # the norm is summed over the stages
         dict(optimizer="adamw", weight_decay=0.01, lr=0.01, loss="mse", activation="gelu"),
+        dict(max_steps=0, drop_last=False),  # a whole epoch: the last batch has 32 rows
     ],
 )
 def test_pipeline_options_equal_serial(world, reference, extra):
     cfg = Config(**{**BASE, **extra}, pipeline_stages=2, micro_batches=3)
     got = run_on_first_ranks(world, 2, cfg)
     ref = reference(**{k: v for k, v in extra.items() if k != "stage_layers"})
-    diff = world.comm.bcast(np.abs(got.params - ref.params).max() if world.is_root else None)
-    assert diff < 1e-10, f"max |pipeline - serial| = {diff:.3e}"
+
+    def check():
+        problems = []
+        diff = np.abs(got.params - ref.params).max()
+        if not diff < 1e-10:
+            problems.append(f"max |pipeline - serial| = {diff:.3e}")
+        if metrics(got.history) != pytest.approx(metrics(ref.history), rel=1e-10):
+            problems.append(f"metrics {metrics(got.history)} != {metrics(ref.history)}")
+        if (got.final["loss"], got.final["rows"]) != pytest.approx(
+            (ref.final["loss"], ref.final["rows"]), rel=1e-10
+        ):
+            problems.append(f"held-out {got.final} != {ref.final}")
+        if "stage_layers" in extra and got.bounds != [0, 3, 5]:
+            problems.append(f"partition {got.bounds}, asked for a cut at layer 3")
+        return problems
+
+    agreed_check(world, check)
+
+
+def test_replicas_with_no_rows_and_tiny_held_out_sets(world, reference):
+    """xor has 4 rows: with more replicas than rows some replicas (and micro-batches) are empty."""
+    stages = 2 if world.size % 2 == 0 else 1
+    cfg = Config(data="xor", batch_size=world.size, hidden=[8], activation="tanh", lr=0.05, epochs=20,
+                 lr_schedule="constant", dtype="float64", pipeline_stages=stages,
+                 micro_batches=3)  # fmt: skip
+    got = run_on_first_ranks(world, world.size, cfg)
+
+    def check():
+        ref = fit(Config(**{**vars(cfg), "pipeline_stages": 1, "micro_batches": 1}), Comm.serial())
+        problems = []
+        if np.abs(got.params - ref.model.params.data).max() >= 1e-10:
+            problems.append("parameters differ from serial")
+        if got.final["rows"] != 4 or got.final["accuracy"] != ref.final["accuracy"]:
+            problems.append(f"final {got.final} != {ref.final}")
+        return problems
+
+    agreed_check(world, check)
 
 
 def test_invalid_layouts_are_agreed_errors(world):
