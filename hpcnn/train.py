@@ -60,11 +60,10 @@ def _micro_batches(x, y, micro: int):
 
 
 def _read(split, ids, pipe: Pipeline, dtype, classify):
-    x, y = split.source.read(ids, inputs=pipe.is_first, labels=pipe.is_last)
+    """What this stage needs of rows ``ids``: inputs on the first stage, labels on the last."""
     if not (pipe.is_first or pipe.is_last):
-        split.source.rows_read -= len(ids)  # a middle stage reads nothing; it only needs the count
-        x = xp.empty((len(ids), 0))
-    return _as_batch(x, y, dtype, classify)
+        return xp.empty((len(ids), 0)), None  # a middle stage reads nothing; it only needs the count
+    return _as_batch(*split.source.read(ids, inputs=pipe.is_first, labels=pipe.is_last), dtype, classify)
 
 
 def evaluate(pipe: Pipeline, loss_fn, split, grid: Grid, cfg, classify: bool) -> dict:
@@ -77,12 +76,9 @@ def evaluate(pipe: Pipeline, loss_fn, split, grid: Grid, cfg, classify: bool) ->
     sums = np.zeros(3)  # loss sum, correct, rows (on last stages only)
     for i in range(0, count, cfg.eval_batch_size):
         chunk = ids[i : i + cfg.eval_batch_size]
-        if pipe.is_first or pipe.is_last:
-            x, y = split.source.read(chunk, inputs=pipe.is_first, labels=pipe.is_last)
-            x, y = _as_batch(x, y, dtype, classify)
-        else:
-            x, y = xp.empty((len(chunk), 0)), None
-        inputs, targets, sizes = _micro_batches(x, y, cfg.micro_batches)
+        inputs, targets, sizes = _micro_batches(
+            *_read(split, chunk, pipe, dtype, classify), cfg.micro_batches
+        )
         loss_sum, correct = pipe.forward_only(inputs, targets, sizes, loss_fn)
         if pipe.is_last:
             sums += (loss_sum, correct, len(chunk))
