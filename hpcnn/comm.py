@@ -7,6 +7,7 @@ the same code on ``COMM_SELF``. This is the only module that imports ``mpi4py.MP
 
 import os
 import sys
+import time
 import traceback
 from contextlib import contextmanager
 
@@ -148,6 +149,9 @@ class Comm:
             traceback.print_exception(exc, file=sys.stderr)
         kind = "error" if isinstance(exc, UserError) else "internal error"
         print(f"hpcnn: rank {self.rank}: {kind}: {exc}", file=sys.stderr, flush=True)
+        # The launcher forwards our stderr through a pipe and tears the job down on Abort; a
+        # moment's pause lets the one message that explains the failure reach the user first.
+        time.sleep(0.5)
         MPI.COMM_WORLD.Abort(code)
 
 
