@@ -170,7 +170,6 @@ class Grid:
         self.replica, self.stage = divmod(world.rank, stages)
         self.pipe = world.split(self.replica, self.stage) if stages > 1 else None
         self.dp = world.split(self.stage, self.replica) if stages > 1 else world
-        self.is_first, self.is_last = self.stage == 0, self.stage == stages - 1
 
     def ranks_of_stage(self, stage: int) -> list[int]:
         return [d * self.stages + stage for d in range(self.replicas)]
@@ -189,11 +188,11 @@ def blas_threads(local_ranks: int, requested: int = 0) -> tuple[int | None, str]
     ``MKL_NUM_THREADS``, then SLURM's ``SLURM_CPUS_PER_TASK``. Returns the thread count applied
     (``None`` when left to the user's variable) and where it came from.
     """
+    user_var = next((var for var in THREAD_VARS if os.environ.get(var)), None)
     if requested:
         n, source = requested, "--threads"
-    elif any(os.environ.get(var) for var in THREAD_VARS):
-        var = next(var for var in THREAD_VARS if os.environ.get(var))
-        return None, f"{var}={os.environ[var]}"
+    elif user_var:
+        return None, f"{user_var}={os.environ[user_var]}"
     elif os.environ.get("SLURM_CPUS_PER_TASK"):
         n, source = int(os.environ["SLURM_CPUS_PER_TASK"]), "SLURM_CPUS_PER_TASK"
     else:

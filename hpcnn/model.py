@@ -21,11 +21,10 @@ class Sequential:
     dtype : dtype of parameters, gradients and activations
     """
 
-    def __init__(self, layers, dtype, bind: bool = True):
+    def __init__(self, layers, dtype):
         self.layers = list(layers)
         self.dtype = dtype
-        # bind=False: a description only (no buffers), e.g. of a whole model cut into stages
-        self.params = FlatParams(self.layers, dtype) if bind else None
+        self.params = FlatParams(self.layers, dtype)
         self._tape = None
 
     def forward(self, x, train: bool = True, tape: list | None = None):
@@ -67,8 +66,14 @@ class Sequential:
         return in_features
 
     def describe(self) -> str:
-        count = sum(math.prod(spec.shape) for layer in self.layers for spec in layer.param_specs())
-        return " -> ".join(map(repr, self.layers)) + f"  ({count:,} parameters)"
+        return describe(self.layers)
+
+
+def describe(layers) -> str:
+    """One line naming ``layers`` and their parameter count (needs no buffers: a whole model that
+    lives cut into pipeline stages is described from its layer list)."""
+    count = sum(math.prod(spec.shape) for layer in layers for spec in layer.param_specs())
+    return " -> ".join(map(repr, layers)) + f"  ({count:,} parameters)"
 
 
 def build_mlp(sizes, activation: str, dtype, output_activation: str = "identity") -> Sequential:

@@ -168,9 +168,7 @@ class Pipeline:
                 tapes[m] = [{} for _ in self.model.layers]
                 out = self.model.forward(x, tape=tapes[m])
                 if self.is_last:
-                    loss_sum += loss_fn.forward(out, targets[m])
-                    if targets[m].ndim == 1:
-                        correct += count_correct(out, targets[m])
+                    loss_sum, correct = _score(loss_fn, out, targets[m], loss_sum, correct)
                     kept[m] = loss_fn.backward(scale)
                 self.times.compute += self.clock() - t0
                 if not self.is_last:
@@ -210,9 +208,7 @@ class Pipeline:
             )
             out = self.model.forward(x, train=False)
             if self.is_last:
-                loss_sum += loss_fn.forward(out, targets[m])
-                if targets[m].ndim == 1:
-                    correct += count_correct(out, targets[m])
+                loss_sum, correct = _score(loss_fn, out, targets[m], loss_sum, correct)
             else:
                 sends.append((self.pipe.isend(out, self.stage + 1, m), out))
             if not self.is_first:
@@ -236,6 +232,14 @@ class Pipeline:
                 self.times.wait += self.clock() - t0
         while self._deferred:
             self._release(self._deferred.pop())
+
+
+def _score(loss_fn, out, target, loss_sum: float, correct: int):
+    """Add a micro-batch's loss (and, for class labels, its correct count) to the running sums."""
+    loss_sum += loss_fn.forward(out, target)
+    if target.ndim == 1:  # class labels; regression targets are (rows, outputs)
+        correct += count_correct(out, target)
+    return loss_sum, correct
 
 
 def gpipe_bubble(stages: int, micro: int) -> float:

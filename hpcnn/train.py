@@ -21,7 +21,7 @@ from hpcnn.data import EpochSampler, open_dataset, set_num_classes, split_counts
 from hpcnn.data_parallel import DataParallel
 from hpcnn.errors import EXIT_OK, JobError, UserError
 from hpcnn.losses import LOSSES
-from hpcnn.model import Sequential, mlp_layers
+from hpcnn.model import Sequential, describe, mlp_layers
 from hpcnn.optim import Schedule, clip_grad_norm, make_optimizer
 from hpcnn.pipeline import Pipeline, balanced_partition, explicit_partition, gpipe_bubble
 
@@ -210,8 +210,7 @@ def _describe(log, cfg, ds, layers, bounds, grid, sampler, steps) -> None:
     log(
         f"data: {ds.name}: {len(ds.train)} training rows, {held_out} held-out, {ds.features} features, {kind}"
     )
-    whole = Sequential(layers, dtype_of(cfg.dtype), bind=False)
-    log(f"model: {whole.describe()}, {cfg.dtype}")
+    log(f"model: {describe(layers)}, {cfg.dtype}")
     if grid.stages > 1:
         costs = Sequential.layer_flops(layers, ds.features)
         log(
