@@ -90,8 +90,23 @@ class Comm:
     def min(self, value):
         return self.comm.allreduce(value, op=MPI.MIN)
 
+    def bcast(self, obj, root: int = 0):
+        """Broadcast a small picklable Python object (metadata, decisions), not a buffer."""
+        return self.comm.bcast(obj, root=root)
+
+    def iallreduce_max(self, sendbuf, recvbuf):
+        """Start a non-blocking elementwise MAX of a small buffer; returns the request."""
+        return self.comm.Iallreduce(sendbuf, recvbuf, op=MPI.MAX)
+
     def wtime(self) -> float:
         return MPI.Wtime()
+
+    def dup(self) -> "Comm":
+        """A communicator of the same ranks whose traffic cannot mix with this one's."""
+        return Comm(self.comm.Dup())
+
+    def free(self) -> None:
+        self.comm.Free()
 
     def split(self, color: int, key: int) -> "Comm":
         """The sub-communicator of the ranks that pass the same ``color``, ordered by ``key``."""
@@ -100,6 +115,9 @@ class Comm:
     # Point-to-point on contiguous numpy buffers, for pipeline stages.
     def isend(self, buf, dest: int, tag: int):
         return self.comm.Isend(buf, dest=dest, tag=tag)
+
+    def send_(self, buf, dest: int, tag: int) -> None:
+        self.comm.Send(buf, dest=dest, tag=tag)
 
     def recv_(self, buf, source: int, tag: int) -> None:
         self.comm.Recv(buf, source=source, tag=tag)

@@ -99,6 +99,24 @@ class Config:
     gamma: float = _f(0.1, "decay factor of the step schedule", group="optimizer")
     min_lr: float = _f(0.0, "final learning rate of the cosine schedule", group="optimizer")
     clip_norm: float = _f(0.0, "clip the global gradient norm to this (0: no clipping)", group="optimizer")
+    # --- checkpoints
+    checkpoint_dir: str = _f(
+        "checkpoints", "directory of the checkpoints (empty: write none)", group="checkpoint"
+    )
+    checkpoint_every: int = _f(
+        0, "also write a checkpoint every this many steps (0: at the end and on a signal)", group="checkpoint"
+    )
+    checkpoint_every_epochs: int = _f(0, "also write a checkpoint every this many epochs", group="checkpoint")
+    keep: int = _f(3, "keep the newest this many checkpoints in checkpoint_dir (0: all)", group="checkpoint")
+    resume: str = _f(
+        "", "resume from this checkpoint file, or auto: newest good one in checkpoint_dir", group="checkpoint"
+    )
+    checkpoint_io: str = _f(
+        "auto",
+        "checkpoint writer: mpio (parallel HDF5), gather (rank 0 writes), auto (mpio where available)",
+        ["auto", "mpio", "gather"],
+        "checkpoint",
+    )
     # --- run
     threads: int = _f(
         0, "BLAS threads per rank (0: cores // ranks per node, or OMP_NUM_THREADS)", group="run"
@@ -124,7 +142,7 @@ class Config:
         for key in positive:
             if getattr(self, key) <= 0:
                 raise UserError(f"{key} = {getattr(self, key)}: must be a positive integer")
-        for key in ("eval_every", "max_steps", "warmup_steps", "threads"):
+        for key in ("eval_every", "max_steps", "warmup_steps", "threads", "checkpoint_every", "keep"):
             if getattr(self, key) < 0:
                 raise UserError(f"{key} = {getattr(self, key)}: must be >= 0")
         for key in ("lr", "eps"):
@@ -151,6 +169,10 @@ class Config:
             raise UserError(f"hidden = {self.hidden}: widths must be positive integers")
         if self.nesterov and self.momentum == 0:
             raise UserError("nesterov needs momentum > 0")
+        if self.checkpoint_every_epochs < 0:
+            raise UserError(f"checkpoint_every_epochs = {self.checkpoint_every_epochs}: must be >= 0")
+        if self.resume == "auto" and not self.checkpoint_dir:
+            raise UserError("resume = 'auto' looks in checkpoint_dir, which is empty")
         return self
 
     def to_toml(self) -> str:
@@ -259,3 +281,19 @@ def resolve(argv=None, is_root: bool = True) -> Config:
             setattr(cfg, key, _coerce(key, value, kinds[key], path))
     cfg = dataclasses.replace(cfg, **args)
     return cfg.validate()
+
+
+# Keys whose change on resume alters the data order or the optimisation (layout, I/O and
+# reporting keys may change freely: resuming on another layout is the point).
+TRAINING_GROUPS = ("model", "data", "training", "optimizer")
+
+
+def config_changes(saved_toml: str, cfg: Config) -> list[str]:
+    """``key value (checkpoint: value)`` for each training setting that differs from a saved config."""
+    saved = tomllib.loads(saved_toml)
+    changes = []
+    for f in fields(Config):
+        now = getattr(cfg, f.name)
+        if f.metadata["group"] in TRAINING_GROUPS and f.name in saved and saved[f.name] != now:
+            changes.append(f"{f.name} {getattr(cfg, f.name)!r} (checkpoint: {saved[f.name]!r})")
+    return changes

@@ -8,6 +8,9 @@ ranks have agreed that some rank failed, so that all of them exit together and o
 EXIT_OK = 0
 EXIT_INTERNAL = 1  # a bug or an environment fault: report it with --debug's traceback
 EXIT_USAGE = 2  # bad flags, config, or data: the message says what to change
+# Stopped by SIGTERM/SIGUSR1 after writing a checkpoint: resume with --resume auto. 75 is
+# sysexits' EX_TEMPFAIL ("try again later"), which a job script can turn into a requeue.
+EXIT_PREEMPTED = 75
 
 
 class UserError(Exception):

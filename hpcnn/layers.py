@@ -41,6 +41,10 @@ class Layer:
         """Floating-point operations per row, forward and backward (for balancing stages)."""
         return 4.0 * in_features  # elementwise: a few passes over the row
 
+    def spec(self) -> dict:
+        """What rebuilds this layer (``layer_from_spec``): checkpoints store the architecture as data."""
+        return {"type": type(self).__name__}
+
     def __repr__(self) -> str:
         return type(self).__name__
 
@@ -89,6 +93,9 @@ class Dense(Layer):
 
     def flops(self, in_features):
         return 6.0 * self.fan_in * self.fan_out  # forward x@W, backward dy@W.T and x.T@dy
+
+    def spec(self):
+        return {"type": "Dense", "fan_in": self.fan_in, "fan_out": self.fan_out, "init": self.init}
 
     def __repr__(self):
         return f"Dense({self.fan_in}, {self.fan_out})"
@@ -156,3 +163,14 @@ ACTIVATIONS = {"relu": ReLU, "sigmoid": Sigmoid, "tanh": Tanh, "gelu": GELU, "id
 
 # The initialisation that keeps activations' variance steady through each nonlinearity.
 INIT_FOR = {"relu": "he", "gelu": "he", "sigmoid": "xavier", "tanh": "xavier", "identity": "xavier"}
+
+LAYER_TYPES = {cls.__name__: cls for cls in (Layer, Dense, ReLU, Sigmoid, Tanh, GELU)}
+
+
+def layer_from_spec(spec: dict) -> Layer:
+    """The layer ``spec`` describes (the inverse of ``Layer.spec``)."""
+    kwargs = dict(spec)
+    kind = kwargs.pop("type")
+    if kind not in LAYER_TYPES:
+        raise ValueError(f"unknown layer type {kind!r}")
+    return LAYER_TYPES[kind](**kwargs)

@@ -6,24 +6,38 @@ loop over epochs, usable from Python with any ``Comm``; ``main`` is the command-
 errors into one message from rank 0 and an exit code on every rank.
 """
 
+import itertools
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from hpcnn import __version__
 from hpcnn.backend import dtype_of, xp
+from hpcnn.checkpoint import (
+    Position,
+    architecture,
+    architecture_difference,
+    checkpoints,
+    inspect,
+    prune,
+    read_stage,
+    save,
+    verify,
+)
 from hpcnn.comm import Comm, Grid, blas_threads
-from hpcnn.config import Config, resolve
+from hpcnn.config import Config, config_changes, resolve
 from hpcnn.data import EpochSampler, open_dataset, set_num_classes, split_counts
 from hpcnn.data_parallel import DataParallel
-from hpcnn.errors import EXIT_OK, JobError, UserError
+from hpcnn.errors import EXIT_OK, EXIT_PREEMPTED, JobError, UserError
 from hpcnn.losses import LOSSES
 from hpcnn.model import Sequential, describe, mlp_layers
 from hpcnn.optim import Schedule, clip_grad_norm, make_optimizer
 from hpcnn.pipeline import Pipeline, balanced_partition, explicit_partition, gpipe_bubble
+from hpcnn.preempt import StopRequest
 
 
 @dataclass
@@ -37,6 +51,8 @@ class Result:
     steps: int = 0
     history: list = field(default_factory=list)  # one dict per epoch
     final: dict = field(default_factory=dict)  # held-out (or training-row) loss and accuracy
+    step_losses: list = field(default_factory=list)  # this rank's loss sum of each step run here
+    stopped: str | None = None  # the signal that stopped training early (a checkpoint was written)
 
 
 def _as_batch(x, y, dtype, classify: bool):
@@ -143,6 +159,9 @@ def fit(cfg: Config, comm: Comm, log=None) -> Result:
 
     ``log`` receives rank 0's progress lines (``None``: silent). Returns this rank's stage of the
     model (identical across data-parallel replicas), the per-epoch metrics and the final evaluation.
+    With ``cfg.resume`` training continues from a checkpoint; with ``cfg.checkpoint_dir``
+    checkpoints are written as configured, at the end, and when a stop signal arrives (then
+    ``Result.stopped`` names the signal and no final evaluation runs).
     """
     log = log if (log is not None and comm.is_root) else (lambda *a: None)
     ds, layers, bounds, grid, pipe, sampler = _prepare(cfg, comm)
@@ -158,49 +177,147 @@ def fit(cfg: Config, comm: Comm, log=None) -> Result:
     across_stages = grid.pipe.sum if grid.stages > 1 else None
     _describe(log, cfg, ds, layers, bounds, grid, sampler, steps)
     result = Result(model, grid, bounds, pipe)
-    step = 0
-    for epoch in range(cfg.epochs):
+    start = _resume(cfg, grid, layers, ds.features, bounds, model, opt, log) if cfg.resume else None
+    at = start or Position()
+    result.history = list(at.history)
+    step, epoch, batch = at.step, at.epoch, at.batch
+    saved_step = at.step if start else None  # the checkpoint resumed from is not written again
+
+    def checkpoint(sums, why: str) -> None:
+        nonlocal saved_step
+        if not cfg.checkpoint_dir or saved_step == step:
+            return
+        total = sums.copy()
+        comm.allreduce_sum_(total)  # the epoch's running sums, whatever the layout that resumes them
+        here = Position(step, epoch, batch, total.tolist(), result.history)
         t0 = comm.wtime()
-        sums = np.zeros(3)  # loss sum, correct, rows: counted on last stages
-        for ids, global_rows in sampler.epoch(epoch):
-            x, y = _read(ds.train, ids, pipe, dtype, classify)
-            inputs, targets, sizes = _micro_batches(x, y, cfg.micro_batches)
-            loss_sum, correct = pipe.train_step(inputs, targets, sizes, 1.0 / global_rows, loss_fn)
-            if pipe.is_last:
-                sums += (loss_sum, correct, len(ids))
-            dp.reduce_gradients()
-            if cfg.clip_norm:
-                clip_grad_norm(model.params.grad, cfg.clip_norm, across_stages)
-            opt.step(lr(step))
-            step += 1
-            if step == cfg.max_steps:
-                break
-        comm.allreduce_sum_(sums)
+        args = (cfg, layers, ds.features, bounds, grid, model, opt, here, cfg.checkpoint_io)
+        path = save(cfg.checkpoint_dir, *args)
         seconds = comm.wtime() - t0
-        row = {
-            "epoch": epoch + 1,
-            "step": step,
-            "loss": sums[0] / sums[2],
-            "accuracy": sums[1] / sums[2] if classify else None,
-            "lr": lr(step - 1),
-            "seconds": seconds,
-            "samples_per_s": sums[2] / seconds,
-        }
-        last = epoch + 1 == cfg.epochs or step == cfg.max_steps
-        if ds.test is not None and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
-            row["test"] = evaluate(pipe, loss_fn, ds.test, grid, cfg, classify)
-        result.history.append(row)
-        log(_epoch_line(row, cfg.epochs))
-        if step == cfg.max_steps:
-            break
+        if comm.is_root:
+            if cfg.keep:
+                prune(cfg.checkpoint_dir, cfg.keep)
+            log(f"checkpoint ({why}): {path}, {path.stat().st_size / 2**20:.1f} MiB in {seconds:.2f} s")
+        saved_step = step
+
+    with StopRequest(comm) if cfg.checkpoint_dir else nullcontext() as stop:
+        while epoch < cfg.epochs and step < steps and not result.stopped:
+            t0 = comm.wtime()
+            # Only rank 0 carries a resumed epoch's running sums, so the epoch's reduction adds them once.
+            resumed = start is not None and epoch == start.epoch and comm.is_root
+            sums = np.array(start.epoch_sums) if resumed else np.zeros(3)  # loss sum, correct, rows
+            rows_now = 0
+            for ids, global_rows in itertools.islice(sampler.epoch(epoch), batch, None):
+                x, y = _read(ds.train, ids, pipe, dtype, classify)
+                inputs, targets, sizes = _micro_batches(x, y, cfg.micro_batches)
+                loss_sum, correct = pipe.train_step(inputs, targets, sizes, 1.0 / global_rows, loss_fn)
+                if pipe.is_last:
+                    sums += (loss_sum, correct, len(ids))
+                    result.step_losses.append(loss_sum)
+                rows_now += global_rows
+                dp.reduce_gradients()
+                if cfg.clip_norm:
+                    clip_grad_norm(model.params.grad, cfg.clip_norm, across_stages)
+                opt.step(lr(step))
+                step, batch = step + 1, batch + 1
+                if stop is not None and stop.poll():
+                    result.stopped = stop.received or "a signal on another rank"
+                    checkpoint(sums, f"stop requested: {result.stopped}")
+                    break
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    checkpoint(sums, f"every {cfg.checkpoint_every} steps")
+                if step == steps:
+                    break
+            if result.stopped:
+                break
+            comm.allreduce_sum_(sums)
+            seconds = comm.wtime() - t0
+            row = {
+                "epoch": epoch + 1,
+                "step": step,
+                "loss": sums[0] / sums[2],
+                "accuracy": sums[1] / sums[2] if classify else None,
+                "lr": lr(step - 1),
+                "seconds": seconds,
+                "samples_per_s": rows_now / seconds,
+            }
+            last = epoch + 1 == cfg.epochs or step == steps
+            if ds.test is not None and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
+                row["test"] = evaluate(pipe, loss_fn, ds.test, grid, cfg, classify)
+            result.history.append(row)
+            log(_epoch_line(row, cfg.epochs))
+            if batch == len(sampler):
+                epoch, batch = epoch + 1, 0
+            every = cfg.checkpoint_every_epochs
+            if every and epoch % every == 0 and batch == 0:
+                checkpoint(np.zeros(3), f"every {every} epoch(s)")
+        if not result.stopped:
+            checkpoint(np.zeros(3), "end of training")
     result.steps = step
-    split = ds.test if ds.test is not None else ds.train
-    result.final = result.history[-1].get("test") or evaluate(pipe, loss_fn, split, grid, cfg, classify)
-    result.final["split"] = "held-out" if ds.test is not None else "training"
-    if grid.stages > 1:
-        _report_stages(log, cfg, grid, pipe)
+    if not result.stopped:
+        split = ds.test if ds.test is not None else ds.train
+        final = result.history[-1].get("test") if result.history else None
+        result.final = dict(final or evaluate(pipe, loss_fn, split, grid, cfg, classify))
+        result.final["split"] = "held-out" if ds.test is not None else "training"
+        if grid.stages > 1:
+            _report_stages(log, cfg, grid, pipe)
     ds.close()
     return result
+
+
+def _resume(cfg, grid, layers, in_features, bounds, model, opt, log) -> Position | None:
+    """Load the checkpoint ``cfg.resume`` names into this rank's stage; its position, or ``None``
+    when ``resume = auto`` finds no checkpoint (a first run of a requeued job)."""
+    world = grid.world
+    with world.agreed(cfg.debug):
+        chosen, notes = _choose_checkpoint(cfg) if world.is_root else (None, [])
+    chosen, notes = world.bcast((chosen, notes))
+    for note in notes:
+        log(note)
+    if chosen is None:
+        log(f"resume: no checkpoint in {cfg.checkpoint_dir}: starting from the beginning")
+        return None
+    with world.agreed(cfg.debug):
+        info = inspect(chosen)
+        diff = architecture_difference(info.architecture, architecture(layers, in_features, cfg.dtype))
+        if diff:
+            raise UserError(f"cannot resume from {chosen}: {diff}")
+        if info.optimizer != cfg.optimizer or info.state_names != sorted(opt.state):
+            raise UserError(
+                f"cannot resume from {chosen}: it holds {info.optimizer} state {info.state_names}, "
+                f"this run's {cfg.optimizer} keeps {sorted(opt.state)} (match --optimizer and --momentum)"
+            )
+        stage = grid.stage
+        read_stage(chosen, layers, bounds[stage], bounds[stage + 1], model.params, opt.state)
+        opt.t = info.optimizer_t
+    at = info.position
+    layout = info.layout
+    log(
+        f"resumed from {chosen}: step {at.step}, epoch {at.epoch + 1} after {at.batch} batch(es); "
+        f"written by {layout['ranks']} rank(s) ({layout['replicas']} x {layout['stages']} stages)"
+    )
+    changed = config_changes(info.config, cfg)
+    if changed:
+        log("resume: settings that differ from the checkpoint's run: " + "; ".join(changed))
+    return at
+
+
+def _choose_checkpoint(cfg) -> tuple[str | None, list[str]]:
+    """The checkpoint to resume from (rank 0): ``cfg.resume``, or for ``auto`` the newest one that
+    reads back whole; the notes say which newer ones were unreadable."""
+    if cfg.resume != "auto":
+        verify(cfg.resume)
+        return cfg.resume, []
+    notes = []
+    for path in checkpoints(cfg.checkpoint_dir):
+        try:
+            verify(path)
+            return str(path), notes
+        except UserError as exc:
+            notes.append(f"resume: skipping {exc}")
+    if notes:
+        raise UserError(f"no readable checkpoint in {cfg.checkpoint_dir}: " + "; ".join(notes))
+    return None, notes
 
 
 def _describe(log, cfg, ds, layers, bounds, grid, sampler, steps) -> None:
@@ -286,6 +403,12 @@ def main(argv=None) -> int:
         _announce_layout(cfg, comm)
         t0 = time.perf_counter()
         result = fit(cfg, comm, log=comm.print0)
+        if result.stopped:
+            comm.print0(
+                f"hpcnn: stopped by {result.stopped} after step {result.steps}; continue with "
+                f"--resume auto (exit code {EXIT_PREEMPTED})"
+            )
+            return EXIT_PREEMPTED
         final = result.final
         text = f"final {final['split']} loss {final['loss']:.4f}"
         if final["accuracy"] is not None:

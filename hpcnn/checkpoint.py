@@ -1,0 +1,464 @@
+"""Checkpoints: the whole training state in one HDF5 file that any parallel layout can read.
+
+Layout of ``ckpt-<step>.h5`` (``format_version`` 1)::
+
+    /                      attrs: format_version, kind = "hpcnn checkpoint", hpcnn_version, created,
+                                  config (the resolved config as TOML)
+    /model                 attrs: architecture (JSON: in_features, dtype, one spec per layer),
+                                  description, parameters
+    /model/<LLL>_<type>/<name>          parameters of layer LLL (model order), e.g. 000_dense/W
+    /optimizer             attrs: kind, t (optimizer steps taken), state (JSON list of names)
+    /optimizer/<state>/<LLL>_<type>/<name>   e.g. optimizer/m/000_dense/W (Adam), velocity (SGD)
+    /position              attrs: step, epoch, batch (global batches of ``epoch`` done),
+                                  epoch_sums (loss sum, correct, rows of that epoch so far),
+                                  history (JSON: one row per finished epoch)
+    /rng                   attrs: seed, data_order: what the data order is derived from
+    /layout                attrs: ranks, replicas, stages, stage_bounds, micro_batches, schedule,
+                                  io ("mpio" or "gather"); for information only
+
+Tensors are stored whole (layout-free): a rank reads the tensors of its own stage, whatever
+layout wrote them. Every dataset is chunked with HDF5's Fletcher32 checksum filter, which HDF5
+verifies on every read. A checkpoint is written to a hidden temporary name in the same directory,
+flushed and fsynced, then renamed over the final name (and the directory fsynced): a crash at any
+moment leaves the previous checkpoints intact.
+
+Two writers produce the same datasets (same shapes, chunks, filters, values):
+
+- ``mpio`` (h5py built with parallel HDF5): every rank opens the file with the MPI-IO driver;
+  each tensor is written collectively, the replicas of the owning stage each writing a block of
+  its rows, all other ranks an empty selection.
+- ``gather``: rank 0 writes; replica 0 of each later stage sends its flat buffers to rank 0 one
+  stage at a time (rank 0 holds one stage's state at a time, not the whole model's).
+
+Training draws no random numbers after initialisation: the data order of epoch ``e`` is the
+permutation drawn from ``(seed, e)`` (``data.EpochSampler``), so ``(seed, epoch, batch)`` is the
+whole random state, and resuming continues on exactly the global batches of an uninterrupted run.
+"""
+
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from hpcnn import __version__
+from hpcnn.backend import to_host
+from hpcnn.data import split_counts
+from hpcnn.errors import EXIT_INTERNAL, JobError, UserError
+from hpcnn.model import describe
+
+FORMAT_VERSION = 1
+KIND = "hpcnn checkpoint"
+NAME = re.compile(r"^ckpt-(\d+)\.h5$")
+CHUNK_BYTES = 1 << 20  # chunk size target: large enough for fast I/O, small enough to checksum often
+DATA_ORDER = "permutation of the training rows from numpy.random.default_rng((seed, 0xDA7A, epoch))"
+
+
+def file_name(step: int) -> str:
+    return f"ckpt-{step:09d}.h5"
+
+
+def h5py_parallel() -> bool:
+    """Whether this h5py was built against parallel HDF5 (the ``mpio`` driver)."""
+    import h5py
+
+    return bool(h5py.get_config().mpi)
+
+
+@dataclass
+class Position:
+    """Where training stands: what a resumed run needs besides the tensors."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # the epoch in progress (0-based)
+    batch: int = 0  # global batches of ``epoch`` done
+    epoch_sums: list = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss sum, correct, rows
+    history: list = field(default_factory=list)  # one dict per finished epoch
+
+
+@dataclass
+class Info:
+    """What a checkpoint holds, read from its attributes (no tensors)."""
+
+    path: str
+    hpcnn_version: str
+    created: str
+    config: str  # TOML
+    architecture: dict
+    description: str
+    parameters: int
+    optimizer: str
+    optimizer_t: int
+    state_names: list
+    position: Position
+    seed: int
+    layout: dict
+
+
+# --- names ------------------------------------------------------------------------------------
+
+
+def layer_key(index: int, layer) -> str:
+    return f"{index:03d}_{type(layer).__name__.lower()}"
+
+
+def stage_tensors(layers, first: int, stop: int):
+    """``(key, offset, shape)`` of each tensor of layers ``[first, stop)``, in flat-buffer order
+    (the order ``FlatParams`` lays them out), with keys named by global layer index."""
+    out, offset = [], 0
+    for i in range(first, stop):
+        for spec in layers[i].param_specs():
+            out.append((f"{layer_key(i, layers[i])}/{spec.name}", offset, tuple(spec.shape)))
+            offset += math.prod(spec.shape)
+    return out
+
+
+def architecture(layers, in_features: int, dtype: str) -> dict:
+    return {"in_features": int(in_features), "dtype": dtype, "layers": [layer.spec() for layer in layers]}
+
+
+def architecture_difference(saved: dict, current: dict) -> str | None:
+    """A sentence naming the first difference between two architectures, or ``None``."""
+    if saved["dtype"] != current["dtype"]:
+        return f"the checkpoint's dtype is {saved['dtype']}, this run's is {current['dtype']}"
+    if saved["in_features"] != current["in_features"]:
+        return (
+            f"the checkpoint's model takes {saved['in_features']} input features, "
+            f"this run's data has {current['in_features']}"
+        )
+    a, b = saved["layers"], current["layers"]
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return f"layer {i} is {_spec_text(x)} in the checkpoint, {_spec_text(y)} in this run"
+    if len(a) != len(b):
+        return f"the checkpoint's model has {len(a)} layers, this run's has {len(b)}"
+    return None
+
+
+def _spec_text(spec: dict) -> str:
+    args = ", ".join(str(v) for k, v in spec.items() if k not in ("type", "init"))
+    return f"{spec['type']}({args})" if args else spec["type"]
+
+
+# --- writing ----------------------------------------------------------------------------------
+
+
+def _chunks(shape: tuple, itemsize: int) -> tuple:
+    row_bytes = math.prod(shape[1:]) * itemsize
+    rows = max(1, min(shape[0], CHUNK_BYTES // max(row_bytes, 1)))
+    return (rows, *shape[1:])
+
+
+def _create(f, key: str, shape: tuple, dtype):
+    chunks = _chunks(shape, np.dtype(dtype).itemsize)
+    return f.create_dataset(key, shape, dtype, chunks=chunks, fletcher32=True)
+
+
+def _write_attrs(f, meta: dict) -> None:
+    for group, attrs in meta.items():
+        target = f if group == "/" else f.require_group(group)
+        for name, value in attrs.items():
+            target.attrs[name] = value
+
+
+def metadata(cfg, layers, in_features, bounds, grid, opt, position: Position, io: str) -> dict:
+    """The attributes of a checkpoint, grouped by HDF5 group (identical on every rank)."""
+    arch = architecture(layers, in_features, cfg.dtype)
+    return {
+        "/": {
+            "format_version": FORMAT_VERSION,
+            "kind": KIND,
+            "hpcnn_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "config": cfg.to_toml(),
+        },
+        "model": {
+            "architecture": json.dumps(arch),
+            "description": describe(layers),
+            "parameters": sum(math.prod(s.shape) for layer in layers for s in layer.param_specs()),
+        },
+        "optimizer": {"kind": cfg.optimizer, "t": opt.t, "state": json.dumps(sorted(opt.state))},
+        "position": {
+            "step": position.step,
+            "epoch": position.epoch,
+            "batch": position.batch,
+            "epoch_sums": np.asarray(position.epoch_sums, np.float64),
+            "history": json.dumps(position.history),
+        },
+        "rng": {"seed": cfg.seed, "data_order": DATA_ORDER},
+        "layout": {
+            "ranks": grid.world.size,
+            "replicas": grid.replicas,
+            "stages": grid.stages,
+            "stage_bounds": np.asarray(bounds, np.int64),
+            "micro_batches": cfg.micro_batches,
+            "schedule": cfg.schedule,
+            "io": io,
+        },
+    }
+
+
+def _buffers(model, opt) -> list[tuple[str, object]]:
+    """This stage's flat buffers and the HDF5 group each one's tensors go under."""
+    return [("model", model.params.data)] + [(f"optimizer/{n}", opt.state[n]) for n in sorted(opt.state)]
+
+
+def save(directory, cfg, layers, in_features, bounds, grid, model, opt, position: Position, io: str = "auto"):
+    """Write a checkpoint of ``position.step`` into ``directory`` (collective over ``grid.world``).
+
+    Returns the path written. Raises ``JobError`` on every rank if the write failed, after
+    removing the temporary file; existing checkpoints are never touched by a failed write.
+    """
+    world = grid.world
+    io = ("mpio" if h5py_parallel() and world.size > 1 else "gather") if io == "auto" else io
+    meta = world.bcast(
+        metadata(cfg, layers, in_features, bounds, grid, opt, position, io) if world.is_root else None
+    )
+    directory = Path(directory)
+    final = directory / file_name(position.step)
+    tmp = directory / f".{final.name}.tmp"
+    failure = None
+    if world.is_root:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            failure = f"cannot create checkpoint directory {directory}: {exc}"
+    failure = world.bcast(failure)
+    if failure is None:
+        write = _write_mpio if io == "mpio" else _write_gathered
+        failure = write(tmp, meta, grid, layers, bounds, _buffers(model, opt))
+    if failure is None and world.is_root:
+        try:
+            _fsync(tmp)
+            os.replace(tmp, final)
+            _fsync(directory)
+        except OSError as exc:
+            failure = f"{exc}"
+    failure = world.bcast(failure)
+    if failure is not None:
+        if world.is_root:
+            tmp.unlink(missing_ok=True)
+        message = f"writing checkpoint {final} failed: {failure} (earlier checkpoints are intact)"
+        raise JobError(message, EXIT_INTERNAL)
+    return final
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_gathered(tmp, meta, grid, layers, bounds, buffers) -> str | None:
+    """Rank 0 writes everything; replica 0 of stage s (world rank s) sends it its buffers."""
+    import h5py
+
+    world = grid.world
+    if not world.is_root:
+        if grid.replica == 0:
+            for tag, (_, buf) in enumerate(buffers):
+                world.send_(to_host(buf), 0, tag)
+        return world.bcast(None)
+    failure, f = None, None
+    try:
+        f = h5py.File(tmp, "w")
+        _write_attrs(f, meta)
+    except (OSError, ValueError) as exc:
+        failure = str(exc)
+    dtype = to_host(buffers[0][1]).dtype
+    for stage in range(grid.stages):
+        tensors = stage_tensors(layers, bounds[stage], bounds[stage + 1])
+        size = sum(math.prod(shape) for _, _, shape in tensors)
+        for tag, (group, buf) in enumerate(buffers):
+            if stage == 0:
+                flat = to_host(buf)
+            else:  # always receive, even after a failure: the sender must not be left waiting
+                flat = np.empty(size, dtype)
+                world.recv_(flat, stage, tag)
+            if failure is not None:
+                continue
+            try:
+                for key, offset, shape in tensors:
+                    values = flat[offset : offset + math.prod(shape)].reshape(shape)
+                    _create(f, f"{group}/{key}", shape, dtype)[...] = values
+            except (OSError, ValueError) as exc:
+                failure = str(exc)
+    try:
+        if f is not None:
+            f.close()
+    except (OSError, ValueError) as exc:
+        failure = failure or str(exc)
+    return world.bcast(failure)
+
+
+def _write_mpio(tmp, meta, grid, layers, bounds, buffers) -> str | None:
+    """Every rank opens the file; each tensor is one collective write by its stage's replicas."""
+    import h5py
+    from h5py import h5fd, h5p, h5s
+
+    world = grid.world
+    dxpl = h5p.create(h5p.DATASET_XFER)
+    dxpl.set_dxpl_mpio(h5fd.MPIO_COLLECTIVE)
+    try:
+        f = h5py.File(tmp, "w", driver="mpio", comm=world.comm)
+    except (OSError, ValueError) as exc:
+        failure = str(exc)
+    else:
+        failure = None
+        try:
+            _write_attrs(f, meta)
+            dtype = to_host(buffers[0][1]).dtype
+            for stage in range(grid.stages):
+                tensors = stage_tensors(layers, bounds[stage], bounds[stage + 1])
+                for group, buf in buffers:
+                    flat = to_host(buf)
+                    for key, offset, shape in tensors:
+                        dset = _create(f, f"{group}/{key}", shape, dtype)  # collective: all ranks
+                        fspace = dset.id.get_space()
+                        start, count = 0, 0
+                        if grid.stage == stage:  # my replica writes a block of the rows
+                            start, count = split_counts(shape[0], grid.replicas, grid.replica)
+                        row = math.prod(shape[1:])
+                        src = flat[offset + start * row : offset + (start + count) * row]
+                        if count:
+                            fspace.select_hyperslab((start,) + (0,) * (len(shape) - 1), (count, *shape[1:]))
+                            mspace = h5s.create_simple((count, *shape[1:]))
+                            src = src.reshape(count, *shape[1:])
+                        else:  # take part in the collective write with nothing to write
+                            fspace.select_none()
+                            mspace = h5s.create_simple((1,))
+                            mspace.select_none()
+                            src = np.zeros(1, dtype)
+                        dset.id.write(mspace, fspace, np.ascontiguousarray(src), dxpl=dxpl)
+        except (OSError, ValueError) as exc:
+            failure = str(exc)
+        try:
+            f.close()
+        except (OSError, ValueError) as exc:
+            failure = failure or str(exc)
+    # A rank that failed alone must not leave the others believing the file is good.
+    failures = world.comm.allgather(failure)
+    return next((x for x in failures if x is not None), None)
+
+
+def prune(directory, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest checkpoints in ``directory`` (rank 0 calls this)."""
+    found = checkpoints(directory)
+    for path in found[keep:]:
+        path.unlink(missing_ok=True)
+    return found[keep:]
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+
+def checkpoints(directory) -> list[Path]:
+    """The checkpoints in ``directory``, newest (highest step) first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := NAME.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def _open(path):
+    import h5py
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        try:
+            return h5py.File(path, "r", locking=False)
+        except (TypeError, ValueError):  # h5py < 3.5 or HDF5 without the option
+            return h5py.File(path, "r")
+    except OSError as exc:
+        raise UserError(f"checkpoint {path} is not a readable HDF5 file ({exc})") from None
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def inspect(path) -> Info:
+    """Read what a checkpoint holds (attributes only); ``UserError`` if it is not one hpcnn reads."""
+    with _open(path) as f:
+        if _text(f.attrs.get("kind", "")) != KIND:
+            raise UserError(f"{path} is not an hpcnn checkpoint (no kind = {KIND!r} attribute)")
+        version = int(f.attrs.get("format_version", -1))
+        if version != FORMAT_VERSION:
+            raise UserError(
+                f"checkpoint {path} has format_version {version}; this hpcnn {__version__} reads "
+                f"format_version {FORMAT_VERSION}"
+            )
+        try:
+            m, o, p, layout = f["model"].attrs, f["optimizer"].attrs, f["position"].attrs, f["layout"].attrs
+            return Info(
+                path=str(path),
+                hpcnn_version=_text(f.attrs["hpcnn_version"]),
+                created=_text(f.attrs["created"]),
+                config=_text(f.attrs["config"]),
+                architecture=json.loads(_text(m["architecture"])),
+                description=_text(m["description"]),
+                parameters=int(m["parameters"]),
+                optimizer=_text(o["kind"]),
+                optimizer_t=int(o["t"]),
+                state_names=json.loads(_text(o["state"])),
+                position=Position(
+                    int(p["step"]),
+                    int(p["epoch"]),
+                    int(p["batch"]),
+                    [float(v) for v in p["epoch_sums"]],
+                    json.loads(_text(p["history"])),
+                ),
+                seed=int(f["rng"].attrs["seed"]),
+                layout={k: (v.tolist() if hasattr(v, "tolist") else _text(v)) for k, v in layout.items()},
+            )
+        except (KeyError, ValueError) as exc:
+            raise UserError(f"checkpoint {path} is incomplete: {exc}") from None
+
+
+def verify(path) -> int:
+    """Read every dataset (HDF5 checks each chunk's Fletcher32 checksum); return the bytes read.
+
+    Raises ``UserError`` naming the first dataset that fails."""
+    inspect(path)
+    total = 0
+    with _open(path) as f:
+        names = []
+        f.visititems(lambda name, obj: names.append(name) if hasattr(obj, "shape") else None)
+        for name in names:
+            dset = f[name]
+            if dset.fletcher32 is not True:
+                raise UserError(f"checkpoint {path}: dataset {name} has no checksum")
+            try:
+                total += dset[...].nbytes
+            except OSError as exc:
+                raise UserError(f"checkpoint {path}: dataset {name} is corrupt ({exc})") from None
+    return total
+
+
+def read_stage(path, layers, first: int, stop: int, params, state: dict) -> None:
+    """Fill this stage's flat parameter and optimizer-state buffers from ``path``."""
+    tensors = stage_tensors(layers, first, stop)
+    targets = [("model", params.data)] + [(f"optimizer/{n}", state[n]) for n in sorted(state)]
+    with _open(path) as f:
+        for group, flat in targets:
+            for key, offset, shape in tensors:
+                name = f"{group}/{key}"
+                if name not in f:
+                    raise UserError(f"checkpoint {path} has no dataset {name}")
+                dset = f[name]
+                if tuple(dset.shape) != shape:
+                    raise UserError(f"checkpoint {path}: {name} has shape {dset.shape}, expected {shape}")
+                try:
+                    values = dset[...]
+                except OSError as exc:
+                    raise UserError(f"checkpoint {path}: dataset {name} is corrupt ({exc})") from None
+                flat[offset : offset + math.prod(shape)] = values.reshape(-1)
