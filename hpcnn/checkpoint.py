@@ -347,15 +347,21 @@ def _write_mpio(tmp, meta, grid, layers, bounds, buffers) -> str | None:
     return next((x for x in failures if x is not None), None)
 
 
-def prune(directory, keep: int) -> list[Path]:
-    """Delete all but the ``keep`` newest checkpoints in ``directory`` (rank 0 calls this)."""
-    found = checkpoints(directory)
-    for path in found[keep:]:
+def prune(directory, keep: int, written: Path) -> list[Path]:
+    """Delete all but the ``keep`` newest checkpoints in ``directory``, never ``written`` (the one
+    just written: a newer-numbered file can only be a corrupt one that a resume skipped)."""
+    others = [p for p in checkpoints(directory) if p.name != Path(written).name]
+    doomed = others[max(keep - 1, 0) :]
+    for path in doomed:
         path.unlink(missing_ok=True)
-    return found[keep:]
+    return doomed
 
 
 # --- reading ----------------------------------------------------------------------------------
+
+
+def step_of(path) -> int:
+    return int(NAME.match(Path(path).name).group(1))
 
 
 def checkpoints(directory) -> list[Path]:

@@ -101,7 +101,7 @@ class Config:
     clip_norm: float = _f(0.0, "clip the global gradient norm to this (0: no clipping)", group="optimizer")
     # --- checkpoints
     checkpoint_dir: str = _f(
-        "checkpoints", "directory of the checkpoints (empty: write none)", group="checkpoint"
+        "", "write checkpoints into this directory (empty: write none)", group="checkpoint"
     )
     checkpoint_every: int = _f(
         0, "also write a checkpoint every this many steps (0: at the end and on a signal)", group="checkpoint"

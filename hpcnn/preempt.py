@@ -22,7 +22,8 @@ class StopRequest:
     def __init__(self, comm, signals=SIGNALS):
         self.comm = comm.dup()
         self.signals, self.previous = signals, {}
-        self.received = None  # the first signal this rank received
+        self.received = 0  # the first signal number this rank received
+        self.agreed = None  # the name of a signal some rank received, once all ranks know it
         self._send = np.zeros(1, np.int32)
         self._agreed = np.zeros(1, np.int32)
         self._request = None
@@ -34,17 +35,18 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame) -> None:
-        self.received = self.received or signal.Signals(signum).name
+        self.received = self.received or signum
 
     def poll(self) -> bool:
-        """Collective, once per step: whether any rank had received a signal one step ago."""
-        stop = False
+        """Collective, once per step: whether any rank had received a signal a step ago (then
+        ``agreed`` names one of the signals received, the same on every rank)."""
         if self._request is not None:
             self._request.Wait()
-            stop = bool(self._agreed[0])
-        self._send[0] = self.received is not None
+            if self._agreed[0]:
+                self.agreed = signal.Signals(int(self._agreed[0])).name
+        self._send[0] = self.received
         self._request = self.comm.iallreduce_max(self._send, self._agreed)
-        return stop
+        return self.agreed is not None
 
     def __exit__(self, *exc) -> None:
         if self._request is not None and exc[0] is None:

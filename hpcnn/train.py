@@ -26,6 +26,7 @@ from hpcnn.checkpoint import (
     prune,
     read_stage,
     save,
+    step_of,
     verify,
 )
 from hpcnn.comm import Comm, Grid, blas_threads
@@ -103,21 +104,9 @@ def evaluate(pipe: Pipeline, loss_fn, split, grid: Grid, cfg, classify: bool) ->
     return {"loss": sums[0] / rows, "accuracy": sums[1] / rows if classify else None, "rows": int(sums[2])}
 
 
-def _prepare(cfg: Config, comm: Comm):
-    """Check the layout, open the data, build this rank's stage; setup errors are agreed on."""
+def open_data(cfg: Config, comm: Comm):
+    """Open ``cfg``'s dataset on every rank and check its labels together; errors are agreed on."""
     with comm.agreed(cfg.debug):
-        stages = cfg.pipeline_stages
-        if comm.size % stages:
-            raise UserError(
-                f"pipeline_stages = {stages} does not divide the {comm.size} ranks "
-                f"(ranks = data-parallel replicas x stages)"
-            )
-        replicas = comm.size // stages
-        if cfg.batch_size < replicas:
-            raise UserError(
-                f"batch_size = {cfg.batch_size} is smaller than the {replicas} data-parallel replicas: "
-                f"every replica needs at least one row of each global batch (use batch_size >= {replicas})"
-            )
         ds, label_range = open_dataset(cfg, comm.rank, comm.size)
     if label_range is not None:  # class labels from a file (the same on every rank): check them all
         lo, hi = comm.min(label_range[0]), comm.max(label_range[1])
@@ -128,14 +117,25 @@ def _prepare(cfg: Config, comm: Comm):
                 set_num_classes(ds, hi + 1)
             elif hi >= ds.num_classes:
                 raise UserError(f"{ds.name}: label {hi} is out of range for num_classes = {ds.num_classes}")
+    return ds
+
+
+def build_stages(cfg: Config, comm: Comm, layers, in_features: int):
+    """Cut ``layers`` into ``cfg.pipeline_stages`` stages over the ranks of ``comm`` and build this
+    rank's stage, initialised as the whole model would be. Returns ``(bounds, grid, pipeline)``."""
+    stages = cfg.pipeline_stages
     with comm.agreed(cfg.debug):
-        layers = mlp_layers([ds.features, *cfg.hidden, ds.outputs], cfg.activation, cfg.output_activation)
+        if comm.size % stages:
+            raise UserError(
+                f"pipeline_stages = {stages} does not divide the {comm.size} ranks "
+                f"(ranks = data-parallel replicas x stages)"
+            )
         if stages > len(layers):
             raise UserError(f"pipeline_stages = {stages} exceeds the model's {len(layers)} layers")
         if cfg.stage_layers:
             bounds = explicit_partition(cfg.stage_layers, len(layers), stages)
         else:
-            bounds = balanced_partition(Sequential.layer_flops(layers, ds.features), stages)
+            bounds = balanced_partition(Sequential.layer_flops(layers, in_features), stages)
     grid = Grid(comm, stages)
     with comm.agreed(cfg.debug):
         first, stop = bounds[grid.stage], bounds[grid.stage + 1]
@@ -143,14 +143,30 @@ def _prepare(cfg: Config, comm: Comm):
         # Draw every earlier stage's initial values too, so each stage starts as the whole model would.
         skip = [spec for layer in layers[:first] for spec in layer.param_specs()]
         model.params.initialize(np.random.default_rng(cfg.seed), skip=skip)
-        in_features = Sequential.features_after(layers[:first], ds.features)
-        pipe = Pipeline(model, grid.pipe, grid.stage, stages, in_features, cfg.schedule, comm.wtime)
+        stage_in = Sequential.features_after(layers[:first], in_features)
+        pipe = Pipeline(model, grid.pipe, grid.stage, stages, stage_in, cfg.schedule, comm.wtime)
+    pipe.handshake()
+    return bounds, grid, pipe
+
+
+def _prepare(cfg: Config, comm: Comm):
+    """Check the layout, open the data, build this rank's stage; setup errors are agreed on."""
+    ds = open_data(cfg, comm)
+    with comm.agreed(cfg.debug):
+        replicas = comm.size // cfg.pipeline_stages
+        if cfg.batch_size < replicas:
+            raise UserError(
+                f"batch_size = {cfg.batch_size} is smaller than the {replicas} data-parallel replicas: "
+                f"every replica needs at least one row of each global batch (use batch_size >= {replicas})"
+            )
+        layers = mlp_layers([ds.features, *cfg.hidden, ds.outputs], cfg.activation, cfg.output_activation)
+    bounds, grid, pipe = build_stages(cfg, comm, layers, ds.features)
+    with comm.agreed(cfg.debug):
         sampler = EpochSampler(ds.train.ids, cfg.batch_size, grid.replica, replicas, cfg.seed, cfg.drop_last)
         if len(sampler) == 0:
             raise UserError(
                 f"drop_last with batch_size {cfg.batch_size} > {len(ds.train)} training rows leaves no step"
             )
-    pipe.handshake()
     return ds, layers, bounds, grid, pipe, sampler
 
 
@@ -178,6 +194,7 @@ def fit(cfg: Config, comm: Comm, log=None) -> Result:
     _describe(log, cfg, ds, layers, bounds, grid, sampler, steps)
     result = Result(model, grid, bounds, pipe)
     start = _resume(cfg, grid, layers, ds.features, bounds, model, opt, log) if cfg.resume else None
+    _check_checkpoint_dir(cfg, comm, start)
     at = start or Position()
     result.history = list(at.history)
     step, epoch, batch = at.step, at.epoch, at.batch
@@ -196,7 +213,7 @@ def fit(cfg: Config, comm: Comm, log=None) -> Result:
         seconds = comm.wtime() - t0
         if comm.is_root:
             if cfg.keep:
-                prune(cfg.checkpoint_dir, cfg.keep)
+                prune(cfg.checkpoint_dir, cfg.keep, path)
             log(f"checkpoint ({why}): {path}, {path.stat().st_size / 2**20:.1f} MiB in {seconds:.2f} s")
         saved_step = step
 
@@ -221,7 +238,7 @@ def fit(cfg: Config, comm: Comm, log=None) -> Result:
                 opt.step(lr(step))
                 step, batch = step + 1, batch + 1
                 if stop is not None and stop.poll():
-                    result.stopped = stop.received or "a signal on another rank"
+                    result.stopped = stop.agreed
                     checkpoint(sums, f"stop requested: {result.stopped}")
                     break
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
@@ -300,6 +317,27 @@ def _resume(cfg, grid, layers, in_features, bounds, model, opt, log) -> Position
     if changed:
         log("resume: settings that differ from the checkpoint's run: " + "; ".join(changed))
     return at
+
+
+def _check_checkpoint_dir(cfg, comm, start: Position | None) -> None:
+    """Refuse to write into a directory whose checkpoints would be overwritten or mixed with this
+    run's: a fresh run needs a directory without checkpoints, a resumed one no newer checkpoints
+    than its starting point (``auto`` starts from the newest good one: newer ones are unreadable)."""
+    with comm.agreed(cfg.debug):
+        if comm.is_root and cfg.checkpoint_dir and cfg.resume != "auto":
+            step = start.step if start else -1
+            ahead = [p for p in checkpoints(cfg.checkpoint_dir) if step_of(p) > step]
+            if ahead and start is None:
+                raise UserError(
+                    f"checkpoint_dir {cfg.checkpoint_dir} already holds checkpoints of another run "
+                    f"(newest {ahead[0].name}): continue it with --resume auto, or choose another "
+                    "--checkpoint-dir"
+                )
+            if ahead:
+                raise UserError(
+                    f"checkpoint_dir {cfg.checkpoint_dir} holds checkpoints newer than {cfg.resume} "
+                    f"(newest {ahead[0].name}) that this run would overwrite: choose another --checkpoint-dir"
+                )
 
 
 def _choose_checkpoint(cfg) -> tuple[str | None, list[str]]:
