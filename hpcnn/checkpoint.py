@@ -468,3 +468,72 @@ def read_stage(path, layers, first: int, stop: int, params, state: dict) -> None
                 except OSError as exc:
                     raise UserError(f"checkpoint {path}: dataset {name} is corrupt ({exc})") from None
                 flat[offset : offset + math.prod(shape)] = values.reshape(-1)
+
+
+# --- python -m hpcnn.checkpoint ---------------------------------------------------------------
+
+
+def describe_info(info: Info, verified_bytes: int | None) -> str:
+    at, layout, arch = info.position, info.layout, info.architecture
+    lines = [
+        f"{info.path}: {KIND}, format_version {FORMAT_VERSION}, hpcnn {info.hpcnn_version}, {info.created}",
+        f"model: {info.description}, {arch['dtype']}, {arch['in_features']} input features",
+        f"optimizer: {info.optimizer}, {info.optimizer_t} steps taken, "
+        f"state {', '.join(info.state_names) or '-'}",
+        f"position: step {at.step}: {at.epoch} epoch(s) and {at.batch} batch(es) done; "
+        f"data order from seed {info.seed}",
+        f"written by {layout['ranks']} rank(s): {layout['replicas']} replica(s) x {layout['stages']} "
+        f"stage(s), stage bounds {layout['stage_bounds']}, {layout['io']} writer",
+    ]
+    if at.history:
+        last = at.history[-1]
+        text = f"last finished epoch {last['epoch']}: loss {last['loss']:.4f}"
+        if last.get("test"):
+            text += f", held-out loss {last['test']['loss']:.4f}"
+            if last["test"].get("accuracy") is not None:
+                text += f", accuracy {100 * last['test']['accuracy']:.2f}%"
+        lines.append(text)
+    if verified_bytes is not None:
+        lines.append(f"checksums: every dataset verified ({verified_bytes / 2**20:.2f} MiB of tensors)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m hpcnn.checkpoint", description="Inspect hpcnn checkpoints.")
+    sub = p.add_subparsers(dest="command", required=True)
+    info_p = sub.add_parser("info", help="what a checkpoint holds; verifies every checksum")
+    info_p.add_argument("file")
+    info_p.add_argument("--no-verify", action="store_true", help="read the attributes only")
+    info_p.add_argument("--config", action="store_true", help="also print the run's config (TOML)")
+    list_p = sub.add_parser("list", help="the checkpoints of a directory, newest first, with their state")
+    list_p.add_argument("directory")
+    args = p.parse_args(argv)
+    try:
+        if args.command == "info":
+            verified = None if args.no_verify else verify(args.file)
+            print(describe_info(inspect(args.file), verified))
+            if args.config:
+                print(inspect(args.file).config, end="")
+            return 0
+        found = checkpoints(args.directory)
+        if not found:
+            print(f"{args.directory}: no checkpoints")
+        bad = 0
+        for path in found:
+            try:
+                verify(path)
+                print(f"{path}: step {step_of(path)}, good")
+            except UserError as exc:
+                bad += 1
+                print(f"{path}: step {step_of(path)}, UNREADABLE: {exc}")
+        return 2 if bad else 0
+    except UserError as exc:
+        print(f"hpcnn: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

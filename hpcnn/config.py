@@ -271,16 +271,25 @@ def load_toml(path: str) -> dict:
 def resolve(argv=None, is_root: bool = True) -> Config:
     """Defaults, then the ``--config`` file, then the flags; validated."""
     args = vars(build_parser(is_root=is_root).parse_args(argv))
-    cfg = Config()
-    kinds = {f.name: f.type for f in fields(Config)}
     path = args.pop("config", None)
-    if path is not None:
-        for key, value in load_toml(path).items():
-            if key not in kinds:
-                raise UserError(f"{path}: unknown key {key!r}; valid keys: {', '.join(kinds)}")
-            setattr(cfg, key, _coerce(key, value, kinds[key], path))
+    cfg = from_dict(load_toml(path), path) if path is not None else Config()
     cfg = dataclasses.replace(cfg, **args)
     return cfg.validate()
+
+
+def parse_toml(text: str) -> dict:
+    return tomllib.loads(text)
+
+
+def from_dict(values: dict, where: str) -> Config:
+    """A ``Config`` from TOML keys (defaults for the keys not given); ``where`` names the source."""
+    cfg = Config()
+    kinds = {f.name: f.type for f in fields(Config)}
+    for key, value in values.items():
+        if key not in kinds:
+            raise UserError(f"{where}: unknown key {key!r}; valid keys: {', '.join(kinds)}")
+        setattr(cfg, key, _coerce(key, value, kinds[key], where))
+    return cfg
 
 
 # Keys whose change on resume alters the data order or the optimisation (layout, I/O and
@@ -290,7 +299,7 @@ TRAINING_GROUPS = ("model", "data", "training", "optimizer")
 
 def config_changes(saved_toml: str, cfg: Config) -> list[str]:
     """``key value (checkpoint: value)`` for each training setting that differs from a saved config."""
-    saved = tomllib.loads(saved_toml)
+    saved = parse_toml(saved_toml)
     changes = []
     for f in fields(Config):
         now = getattr(cfg, f.name)

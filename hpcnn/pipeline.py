@@ -197,8 +197,10 @@ class Pipeline:
         self.times.steps += 1
         return loss_sum, correct
 
-    def forward_only(self, inputs, targets, sizes, loss_fn):
-        """Inference through the pipeline (evaluation): returns the last stage's loss sum and correct."""
+    def forward_only(self, inputs, targets, sizes, loss_fn, outputs: list | None = None):
+        """Inference through the pipeline: returns the last stage's loss sum and correct count
+        (zeros without ``targets``); with ``outputs``, the last stage appends each micro-batch's
+        model output to it (prediction)."""
         sends, loss_sum, correct = [], 0.0, 0
         for m, rows in enumerate(sizes):
             x = (
@@ -208,7 +210,10 @@ class Pipeline:
             )
             out = self.model.forward(x, train=False)
             if self.is_last:
-                loss_sum, correct = _score(loss_fn, out, targets[m], loss_sum, correct)
+                if outputs is not None:
+                    outputs.append(xp.array(out))  # a copy: out may be a pooled receive buffer
+                if targets is not None:
+                    loss_sum, correct = _score(loss_fn, out, targets[m], loss_sum, correct)
             else:
                 sends.append((self.pipe.isend(out, self.stage + 1, m), out))
             if not self.is_first:

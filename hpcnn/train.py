@@ -310,7 +310,7 @@ def _resume(cfg, grid, layers, in_features, bounds, model, opt, log) -> Position
     at = info.position
     layout = info.layout
     log(
-        f"resumed from {chosen}: step {at.step}, epoch {at.epoch + 1} after {at.batch} batch(es); "
+        f"resumed from {chosen}: step {at.step}: {at.epoch} epoch(s) and {at.batch} batch(es) done; "
         f"written by {layout['ranks']} rank(s) ({layout['replicas']} x {layout['stages']} stages)"
     )
     changed = config_changes(info.config, cfg)

@@ -1,0 +1,213 @@
+"""``python -m hpcnn.evaluate``: score a checkpoint, or predict new inputs, at any rank count.
+
+The model is rebuilt from the architecture stored in the checkpoint and cut into whatever
+pipeline layout this run asks for; each rank reads only its stage's tensors. Data settings default
+to those the checkpoint was trained with, so ``--checkpoint FILE`` alone scores the held-out rows
+(or, without any, the training rows) of the training data.
+
+``--predict OUT.h5`` instead runs the ``x`` rows of ``--data`` (no labels needed) through the
+model and writes, in row order, ``outputs`` (the model's outputs: logits for cross-entropy) and,
+for classifiers, ``probabilities`` (softmax) and ``predictions`` (the class index). Rank 0 writes
+the file under a temporary name and renames it when complete.
+"""
+
+import argparse
+import os
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+
+from hpcnn.backend import dtype_of, to_host, xp
+from hpcnn.checkpoint import inspect, read_stage
+from hpcnn.comm import Comm, blas_threads
+from hpcnn.config import Config, _int_list, _Parser, from_dict, parse_toml
+from hpcnn.data import split_counts
+from hpcnn.errors import EXIT_OK, JobError, UserError
+from hpcnn.layers import layer_from_spec
+from hpcnn.losses import LOSSES
+from hpcnn.train import _micro_batches, build_stages, evaluate, open_data
+
+# Flags that may override the checkpoint's own settings (data and parallel layout only: the
+# model is the checkpoint's).
+OVERRIDES = {
+    "data": str,
+    "x_key": str,
+    "y_key": str,
+    "test_x_key": str,
+    "test_y_key": str,
+    "test_fraction": float,
+    "eval_batch_size": int,
+    "pipeline_stages": int,
+    "stage_layers": _int_list,
+    "micro_batches": int,
+    "threads": int,
+}
+
+
+def build_parser(is_root: bool = True) -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m hpcnn.evaluate",
+        is_root=is_root,
+        description="Score a checkpoint on labelled rows, or write predictions for new inputs "
+        "(run under mpirun/srun at any rank count and pipeline layout).",
+        argument_default=argparse.SUPPRESS,
+    )
+    p.add_argument("--checkpoint", required=True, metavar="FILE", help="an hpcnn checkpoint (.h5)")
+    p.add_argument(
+        "--split",
+        choices=["held-out", "training"],
+        help="rows to score (default: held-out if the data has any, else training)",
+    )
+    p.add_argument("--predict", metavar="OUT.h5", help="write predictions for the x rows of --data")
+    for key, kind in OVERRIDES.items():
+        p.add_argument("--" + key.replace("_", "-"), type=kind, help="(default: the checkpoint's)")
+    p.add_argument("--debug", action="store_true", help="print tracebacks with errors")
+    return p
+
+
+def load(path, overrides: dict, comm: Comm):
+    """The checkpoint's config (with ``overrides``), its layers, and this rank's stage loaded."""
+    with comm.agreed(overrides.get("debug", False)):
+        info = inspect(path)
+        saved = parse_toml(info.config)
+        # The layout the checkpoint was written with says nothing about this run's ranks.
+        layout = {f.name for f in fields(Config) if f.metadata["group"] == "parallel"} | {"threads"}
+        cfg = from_dict({k: v for k, v in saved.items() if k not in layout}, str(path))
+        for key, value in overrides.items():
+            setattr(cfg, key, value)
+        cfg.checkpoint_dir, cfg.resume = "", ""
+        cfg.validate()
+        layers = [layer_from_spec(spec) for spec in info.architecture["layers"]]
+    in_features = info.architecture["in_features"]
+    bounds, grid, pipe = build_stages(cfg, comm, layers, in_features)
+    with comm.agreed(cfg.debug):
+        read_stage(path, layers, bounds[grid.stage], bounds[grid.stage + 1], pipe.model.params, {})
+    return cfg, info, layers, grid, pipe
+
+
+def score(path, split_name, overrides: dict, comm: Comm) -> dict:
+    cfg, info, layers, grid, pipe = load(path, overrides, comm)
+    ds = open_data(cfg, comm)
+    with comm.agreed(cfg.debug):
+        _check_widths(ds.name, ds.features, ds.outputs, info, layers)
+        split = ds.train if split_name == "training" or ds.test is None else ds.test
+        if split_name == "held-out" and ds.test is None:
+            raise UserError(f"{ds.name} has no held-out rows (use --split training)")
+    classify = ds.num_classes is not None
+    metrics = evaluate(pipe, LOSSES[cfg.loss](), split, grid, cfg, classify)
+    metrics.update(
+        split="held-out" if split is ds.test else "training", data=ds.name, step=info.position.step
+    )
+    ds.close()
+    return metrics
+
+
+def _check_widths(name, features, outputs, info, layers) -> None:
+    want_in = info.architecture["in_features"]
+    want_out = [spec for spec in info.architecture["layers"] if spec["type"] == "Dense"][-1]["fan_out"]
+    if features != want_in:
+        raise UserError(f"{name} has {features} features; the checkpoint's model takes {want_in}")
+    if outputs is not None and outputs != want_out:
+        raise UserError(f"{name} has {outputs} classes/outputs; the checkpoint's model gives {want_out}")
+
+
+def predict(path, out_path, overrides: dict, comm: Comm) -> int:
+    """Write predictions for the inputs of ``--data`` to ``out_path``; returns the rows written."""
+    import h5py
+
+    cfg, info, layers, grid, pipe = load(path, overrides, comm)
+    with comm.agreed(cfg.debug):
+        source = Path(cfg.data)
+        if not source.is_file():
+            raise UserError(f"--predict reads inputs from an HDF5 file; --data {cfg.data!r} is not one")
+        try:
+            f = h5py.File(source, "r", locking=False)
+        except OSError as exc:
+            raise UserError(f"{source} is not a readable HDF5 file ({exc})") from None
+        if cfg.x_key not in f or f[cfg.x_key].ndim != 2:
+            raise UserError(f"{source} has no (rows, features) dataset {cfg.x_key!r} (set --x-key)")
+        x = f[cfg.x_key]
+        _check_widths(str(source), x.shape[1], None, info, layers)
+    rows = x.shape[0]
+    start, count = split_counts(rows, grid.replicas, grid.replica)
+    dtype = dtype_of(cfg.dtype)
+    width = _last_width(info)
+    kept = []
+    for i in range(start, start + count, cfg.eval_batch_size):
+        n = min(cfg.eval_batch_size, start + count - i)
+        inputs = xp.asarray(x[i : i + n], dtype=dtype) if pipe.is_first else xp.empty((n, 0))
+        pieces, _, sizes = _micro_batches(inputs, None, cfg.micro_batches)
+        pipe.forward_only(pieces if pipe.is_first else None, None, sizes, None, kept)
+    f.close()
+    world, last = grid.world, grid.stages - 1
+    block = to_host(xp.concatenate(kept)) if kept else np.empty((0, width), dtype)
+    if pipe.is_last and not world.is_root:
+        world.send_(np.ascontiguousarray(block), 0, grid.replica)
+    if world.is_root:
+        blocks = []
+        for r in range(grid.replicas):
+            n = split_counts(rows, grid.replicas, r)[1]
+            if r * grid.stages + last == 0:
+                blocks.append(block)
+            else:
+                blocks.append(np.empty((n, width), dtype))
+                world.recv_(blocks[-1], r * grid.stages + last, r)
+    with comm.agreed(cfg.debug):
+        if world.is_root:
+            _write_predictions(Path(out_path), np.concatenate(blocks), cfg.loss == "cross_entropy", path)
+    return rows
+
+
+def _last_width(info) -> int:
+    return [spec for spec in info.architecture["layers"] if spec["type"] == "Dense"][-1]["fan_out"]
+
+
+def _write_predictions(out: Path, outputs, classify: bool, checkpoint) -> None:
+    import h5py
+
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["checkpoint"] = str(checkpoint)
+            f.create_dataset("outputs", data=outputs)
+            if classify:
+                e = np.exp(outputs - outputs.max(axis=1, keepdims=True))
+                f.create_dataset("probabilities", data=e / e.sum(axis=1, keepdims=True))
+                f.create_dataset("predictions", data=outputs.argmax(axis=1).astype(np.int64))
+        os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write predictions to {out}: {exc}") from None
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    comm = Comm.world()
+    debug = "--debug" in argv
+    try:
+        with comm.agreed(debug):
+            args = vars(build_parser(is_root=comm.is_root).parse_args(argv))
+        path, split, out = args.pop("checkpoint"), args.pop("split", None), args.pop("predict", None)
+        blas_threads(comm.local_size, args.get("threads", 0))
+        if out is not None:
+            rows = predict(path, out, args, comm)
+            comm.print0(f"predictions for {rows} rows written to {out}")
+            return EXIT_OK
+        m = score(path, split, args, comm)
+        text = f"{path} (step {m['step']}): {m['split']} rows of {m['data']}: loss {m['loss']:.4f}"
+        if m["accuracy"] is not None:
+            text += f", accuracy {100 * m['accuracy']:.2f}%"
+        comm.print0(f"{text} ({m['rows']} rows, {comm.size} rank(s))")
+    except JobError as exc:
+        if comm.is_root:
+            print(f"hpcnn: error: {exc.message}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    except Exception as exc:  # noqa: BLE001  (a rank failing alone must take the job down, not hang it)
+        comm.abort(exc, debug)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
