@@ -131,16 +131,21 @@ def architecture_difference(saved: dict, current: dict) -> str | None:
             f"this run's data has {current['in_features']}"
         )
     a, b = saved["layers"], current["layers"]
-    for i, (x, y) in enumerate(zip(a, b, strict=False)):
-        if x != y:
-            return f"layer {i} is {_spec_text(x)} in the checkpoint, {_spec_text(y)} in this run"
-    if len(a) != len(b):
-        return f"the checkpoint's model has {len(a)} layers, this run's has {len(b)}"
+    # Shapes and types first (the difference a user made), then details such as initialisation.
+    for detail in (False, True):
+        for i, (x, y) in enumerate(zip(a, b, strict=False)):
+            was, now = _spec_text(x, detail), _spec_text(y, detail)
+            if was != now:
+                return f"layer {i} is {was} in the checkpoint, {now} in this run"
+        if len(a) != len(b):
+            return f"the checkpoint's model has {len(a)} layers, this run's has {len(b)}"
     return None
 
 
-def _spec_text(spec: dict) -> str:
-    args = ", ".join(str(v) for k, v in spec.items() if k not in ("type", "init"))
+def _spec_text(spec: dict, detail: bool = True) -> str:
+    args = ", ".join(str(v) if k != "init" else f"init={v}" for k, v in spec.items() if k != "type")
+    if not detail:
+        args = ", ".join(str(v) for k, v in spec.items() if k not in ("type", "init"))
     return f"{spec['type']}({args})" if args else spec["type"]
 
 

@@ -12,6 +12,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -193,12 +194,21 @@ def fit(cfg: Config, comm: Comm, log=None) -> Result:
     across_stages = grid.pipe.sum if grid.stages > 1 else None
     _describe(log, cfg, ds, layers, bounds, grid, sampler, steps)
     result = Result(model, grid, bounds, pipe)
-    start = _resume(cfg, grid, layers, ds.features, bounds, model, opt, log) if cfg.resume else None
+    start, source = (
+        _resume(cfg, grid, layers, ds.features, bounds, model, opt, log) if cfg.resume else (None, None)
+    )
     _check_checkpoint_dir(cfg, comm, start)
     at = start or Position()
     result.history = list(at.history)
     step, epoch, batch = at.step, at.epoch, at.batch
-    saved_step = at.step if start else None  # the checkpoint resumed from is not written again
+    # The checkpoint resumed from is not written again into its own directory (into another one
+    # it is: a run continued elsewhere has its starting point there).
+    same_dir = (
+        source is not None
+        and cfg.checkpoint_dir
+        and Path(source).parent.resolve() == Path(cfg.checkpoint_dir).resolve()
+    )
+    saved_step = at.step if same_dir else None
 
     def checkpoint(sums, why: str) -> None:
         nonlocal saved_step
@@ -282,9 +292,9 @@ def fit(cfg: Config, comm: Comm, log=None) -> Result:
     return result
 
 
-def _resume(cfg, grid, layers, in_features, bounds, model, opt, log) -> Position | None:
-    """Load the checkpoint ``cfg.resume`` names into this rank's stage; its position, or ``None``
-    when ``resume = auto`` finds no checkpoint (a first run of a requeued job)."""
+def _resume(cfg, grid, layers, in_features, bounds, model, opt, log):
+    """Load the checkpoint ``cfg.resume`` names into this rank's stage; returns its position and
+    path, or ``(None, None)`` when ``resume = auto`` finds no checkpoint (a requeued job's first run)."""
     world = grid.world
     with world.agreed(cfg.debug):
         chosen, notes = _choose_checkpoint(cfg) if world.is_root else (None, [])
@@ -293,7 +303,7 @@ def _resume(cfg, grid, layers, in_features, bounds, model, opt, log) -> Position
         log(note)
     if chosen is None:
         log(f"resume: no checkpoint in {cfg.checkpoint_dir}: starting from the beginning")
-        return None
+        return None, None
     with world.agreed(cfg.debug):
         info = inspect(chosen)
         diff = architecture_difference(info.architecture, architecture(layers, in_features, cfg.dtype))
@@ -316,7 +326,7 @@ def _resume(cfg, grid, layers, in_features, bounds, model, opt, log) -> Position
     changed = config_changes(info.config, cfg)
     if changed:
         log("resume: settings that differ from the checkpoint's run: " + "; ".join(changed))
-    return at
+    return at, chosen
 
 
 def _check_checkpoint_dir(cfg, comm, start: Position | None) -> None:
