@@ -1,0 +1,204 @@
+"""Checkpoints over MPI, at every world size CTest launches (2, 4, 8).
+
+- same layout: stopping at a checkpoint and resuming gives bitwise the per-step losses and
+  parameters of the uninterrupted run, for data-parallel and data x pipeline layouts;
+- another layout: a checkpoint written by one grid loads bitwise into every other grid that fits,
+  and training continues on the same global batches (final parameters equal to rounding);
+- a signal on one rank stops every rank after the same step;
+- the parallel-HDF5 writer (where h5py has it) stores the same bytes as the gathering writer.
+
+Rank 0 creates one directory for all ranks and reads the files; verdicts are broadcast so that
+all ranks pass or fail together (no rank is left waiting in a collective of another test).
+"""
+
+import os
+import shutil
+import signal
+import tempfile
+
+import h5py
+import numpy as np
+import pytest
+
+from hpcnn import checkpoint, train
+from hpcnn.checkpoint import h5py_parallel
+from hpcnn.comm import Comm, blas_threads
+from hpcnn.config import Config
+from hpcnn.train import fit
+
+pytestmark = pytest.mark.mpi(min_size=2)
+
+# digits: 1438 rows / 100 = 15 steps per epoch, 30 in all; 2 micro-batches per step.
+BASE = dict(hidden=[32, 16], epochs=2, batch_size=100, eval_every=0, seed=5, micro_batches=2)
+STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def world():
+    comm = Comm.world()
+    blas_threads(comm.local_size)
+    return comm
+
+
+@pytest.fixture
+def shared(world):
+    """A directory every rank sees (the per-rank tmp_path differs by rank)."""
+    path = world.bcast(tempfile.mkdtemp(prefix="hpcnn-ckpt-") if world.is_root else None)
+    yield path
+    world.comm.Barrier()
+    if world.is_root:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def stage_counts(size: int) -> list[int]:
+    return [p for p in (1, 2, 4) if size % p == 0 and p <= 5]  # the model has 5 layers
+
+
+def agreed(world, problems: list) -> None:
+    """Fail on every rank if any rank found a problem."""
+    everything = [p for rank_problems in world.comm.allgather(problems) for p in rank_problems]
+    assert not everything, everything
+
+
+def on_root(world, check) -> None:
+    problems = []
+    if world.is_root:
+        try:
+            problems = check()
+        except Exception as exc:  # noqa: BLE001  (reported on every rank)
+            problems = [f"{type(exc).__name__}: {exc}"]
+    agreed(world, world.bcast(problems))
+
+
+def tensors(path) -> dict:
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[...]) if hasattr(obj, "shape") else None)
+    return out
+
+
+@pytest.mark.parametrize("stages", [1, 2, 4])
+def test_resume_on_the_same_layout_is_bitwise_identical(world, shared, stages):
+    if stages not in stage_counts(world.size):
+        pytest.skip(f"{stages} stages do not fit {world.size} ranks and a 5-layer model")
+    a, b = os.path.join(shared, "a"), os.path.join(shared, "b")
+    layout = dict(BASE, pipeline_stages=stages)
+    straight = fit(Config(**layout, checkpoint_dir=a, checkpoint_every=7), world)
+    resumed = fit(Config(**layout, checkpoint_dir=b, resume=os.path.join(a, "ckpt-000000021.h5")), world)
+    problems = []
+    if resumed.step_losses != straight.step_losses[21:]:
+        problems.append(f"rank {world.rank}: per-step losses differ after the resume")
+    if not np.array_equal(resumed.model.params.data, straight.model.params.data):
+        problems.append(f"rank {world.rank}: parameters differ")
+    agreed(world, problems)
+
+    def same_files():
+        x, y = tensors(os.path.join(a, "ckpt-000000030.h5")), tensors(os.path.join(b, "ckpt-000000030.h5"))
+        return [k for k in x if not np.array_equal(x[k], y[k])]
+
+    on_root(world, same_files)
+
+
+def test_a_checkpoint_loads_exactly_into_every_layout_and_continues(world, shared):
+    """Written by (size/2 replicas x 2 stages); resumed by every grid that fits this world size."""
+    src = os.path.join(shared, "src")
+    straight = fit(Config(**BASE, pipeline_stages=2, checkpoint_dir=src, checkpoint_every=7, keep=0), world)
+    first = os.path.join(src, "ckpt-000000007.h5")
+    for stages in stage_counts(world.size):
+        for micro in (1, 3):
+            # max_steps = 7: load, train nothing, write the loaded state to a new directory.
+            d = os.path.join(shared, f"load-{stages}-{micro}")
+            layout = dict(BASE, pipeline_stages=stages, micro_batches=micro)
+            loaded = fit(Config(**{**layout, "max_steps": 7}, checkpoint_dir=d, resume=first), world)
+            assert loaded.steps == 7
+
+            def exact(d=d, stages=stages):
+                x, y = tensors(first), tensors(os.path.join(d, "ckpt-000000007.h5"))
+                return [f"{stages} stages: {k} differs" for k in x if not np.array_equal(x[k], y[k])]
+
+            on_root(world, exact)
+            d = os.path.join(shared, f"continue-{stages}-{micro}")
+            cont = fit(Config(**layout, checkpoint_dir=d, resume=first), world)
+            assert cont.steps == STEPS
+            # Epoch losses are sums over the same global batches (same data order).
+            for r, s in zip(cont.history, straight.history, strict=True):
+                assert r["loss"] == pytest.approx(s["loss"], rel=1e-5)
+
+            def close(d=d, stages=stages, micro=micro):
+                x = tensors(os.path.join(src, "ckpt-000000030.h5"))
+                y = tensors(os.path.join(d, "ckpt-000000030.h5"))
+                return [
+                    f"{stages} stages, {micro} micro-batches: {k} differs beyond rounding"
+                    for k in x
+                    if k.startswith("model/") and not np.allclose(x[k], y[k], rtol=1e-4, atol=1e-6)
+                ]
+
+            on_root(world, close)
+
+
+class SignalOnRank:
+    def __init__(self, opt, rank, at):
+        self.opt, self.rank, self.at = opt, rank, at
+
+    def __getattr__(self, name):
+        return getattr(self.opt, name)
+
+    def step(self, lr):
+        self.opt.step(lr)
+        if self.opt.t == self.at and Comm.world().rank == self.rank:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(world, shared, monkeypatch):
+    layout = dict(BASE, pipeline_stages=2)
+    straight = fit(Config(**layout), world)
+    make = train.make_optimizer
+    monkeypatch.setattr(train, "make_optimizer", lambda cfg, p: SignalOnRank(make(cfg, p), 1, 10))
+    d = os.path.join(shared, "run")
+    stopped = fit(Config(**layout, checkpoint_dir=d), world)
+    monkeypatch.setattr(train, "make_optimizer", make)
+    agreed(
+        world,
+        [] if (stopped.stopped, stopped.steps) == ("SIGUSR1", 11) else [f"rank {world.rank}: {stopped}"],
+    )
+    on_root(world, lambda: [] if os.listdir(d) == ["ckpt-000000011.h5"] else [os.listdir(d)])
+    resumed = fit(Config(**layout, checkpoint_dir=d, resume="auto"), world)
+    problems = []
+    if stopped.step_losses + resumed.step_losses != straight.step_losses:
+        problems.append(f"rank {world.rank}: losses differ")
+    if not np.array_equal(resumed.model.params.data, straight.model.params.data):
+        problems.append(f"rank {world.rank}: parameters differ")
+    agreed(world, problems)
+
+
+@pytest.mark.skipif(not h5py_parallel(), reason="h5py was built without parallel HDF5 (no mpio driver)")
+@pytest.mark.parametrize("stages", [1, 2])
+def test_the_parallel_writer_stores_the_same_bytes_as_the_gathering_one(world, shared, stages):
+    runs = {}
+    for io in ("mpio", "gather"):
+        runs[io] = os.path.join(shared, io)
+        cfg = Config(**BASE, pipeline_stages=stages, max_steps=9, checkpoint_dir=runs[io], checkpoint_io=io)
+        fit(cfg, world)
+
+    def same_bytes():
+        problems = []
+        f = h5py.File(os.path.join(runs["mpio"], "ckpt-000000009.h5"), "r")
+        g = h5py.File(os.path.join(runs["gather"], "ckpt-000000009.h5"), "r")
+        with f, g:
+            assert f["layout"].attrs["io"] == "mpio" and g["layout"].attrs["io"] == "gather"
+            names = []
+            f.visititems(lambda n, o: names.append(n) if hasattr(o, "shape") else None)
+            for n in names:
+                a, b = f[n], g[n]
+                props = lambda d: (d.shape, d.dtype, d.chunks, d.fletcher32)  # noqa: E731
+                if props(a) != props(b):
+                    problems.append(f"{n}: dataset properties differ")
+                    continue
+                for i in range(a.id.get_num_chunks()):
+                    where = a.id.get_chunk_info(i).chunk_offset
+                    if a.id.read_direct_chunk(where) != b.id.read_direct_chunk(where):
+                        problems.append(f"{n}: chunk {where} differs")
+        checkpoint.verify(os.path.join(runs["mpio"], "ckpt-000000009.h5"))
+        return problems
+
+    on_root(world, same_bytes)
