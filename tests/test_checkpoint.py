@@ -403,3 +403,42 @@ def _pids_with(marker: str) -> list[int]:
 def _is_python(pid: int) -> bool:
     argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     return Path(argv[0].decode()).name.startswith("python")
+
+
+@needs_mpiexec
+def test_a_checkpoint_from_4_ranks_resumes_exactly_at_1_2_and_8_ranks(tmp_path):
+    """Written by 2 replicas x 2 stages; loaded by 1 rank, 2 ranks (2 stages) and 8 ranks (2 x 4
+    and 4 x 2): the loaded state is bitwise the saved one, and training continues on the same
+    global batches to the same result (to rounding)."""
+    common = ["--hidden", "32,16", "--epochs", "2", "--batch-size", "100", "--eval-every", "0", "--seed", "5"]
+    src = tmp_path / "src"
+    args = [
+        *common,
+        "--pipeline-stages",
+        "2",
+        "--checkpoint-dir",
+        str(src),
+        "--checkpoint-every",
+        "7",
+        "--keep",
+        "0",
+    ]
+    proc = run_tool("hpcnn.train", args, 4)
+    assert proc.returncode == 0, proc.stderr
+    first = str(src / "ckpt-000000007.h5")
+    saved, final = tensors(first), tensors(src / "ckpt-000000030.h5")
+    for ranks, stages in ((None, 1), (2, 2), (8, 4), (8, 2)):
+        out = tmp_path / f"load-{ranks}-{stages}"
+        layout = ["--pipeline-stages", str(stages), "--checkpoint-dir", str(out), "--resume", first]
+        proc = run_tool("hpcnn.train", [*common, *layout, "--max-steps", "7"], ranks)
+        assert proc.returncode == 0 and "written by 4 rank(s) (2 x 2 stages)" in proc.stdout, proc.stderr
+        loaded = tensors(out / "ckpt-000000007.h5")
+        assert loaded.keys() == saved.keys() and all(np.array_equal(saved[k], loaded[k]) for k in saved)
+        out = tmp_path / f"continue-{ranks}-{stages}"
+        layout[3] = str(out)
+        proc = run_tool("hpcnn.train", [*common, *layout], ranks)
+        assert proc.returncode == 0, proc.stderr
+        ended = tensors(out / "ckpt-000000030.h5")
+        for k in final:
+            if k.startswith("model/"):
+                np.testing.assert_allclose(ended[k], final[k], rtol=1e-4, atol=1e-6, err_msg=k)
