@@ -224,7 +224,7 @@ def fit(cfg: Config, comm: Comm, log=None) -> Result:
         if comm.is_root:
             if cfg.keep:
                 prune(cfg.checkpoint_dir, cfg.keep, path)
-            log(f"checkpoint ({why}): {path}, {path.stat().st_size / 2**20:.1f} MiB in {seconds:.2f} s")
+            log(f"checkpoint ({why}): {path}, {path.stat().st_size / 2**20:.1f} MiB in {seconds:.3f} s")
         saved_step = step
 
     with StopRequest(comm) if cfg.checkpoint_dir else nullcontext() as stop:
