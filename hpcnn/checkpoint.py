@@ -47,7 +47,7 @@ import numpy as np
 
 from hpcnn import __version__
 from hpcnn.backend import to_host
-from hpcnn.data import split_counts
+from hpcnn.data import open_h5, split_counts
 from hpcnn.errors import EXIT_INTERNAL, JobError, UserError
 from hpcnn.model import describe
 
@@ -382,18 +382,7 @@ def checkpoints(directory) -> list[Path]:
 
 
 def _open(path):
-    import h5py
-
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"checkpoint {path} does not exist")
-    try:
-        try:
-            return h5py.File(path, "r", locking=False)
-        except (TypeError, ValueError):  # h5py < 3.5 or HDF5 without the option
-            return h5py.File(path, "r")
-    except OSError as exc:
-        raise UserError(f"checkpoint {path} is not a readable HDF5 file ({exc})") from None
+    return open_h5(path, "checkpoint")
 
 
 def _text(value) -> str:

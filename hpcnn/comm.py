@@ -49,6 +49,7 @@ class Comm:
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
         self.is_root = self.rank == 0
+        self.debug = False  # print tracebacks with errors (set from --debug by commands)
         node = comm.Split_type(MPI.COMM_TYPE_SHARED)
         self.local_size = node.Get_size()  # ranks sharing this node's cores
         node.Free()
@@ -171,6 +172,26 @@ class Comm:
         # moment's pause lets the one message that explains the failure reach the user first.
         time.sleep(0.5)
         MPI.COMM_WORLD.Abort(code)
+
+
+def run_command(body, argv) -> int:
+    """The face of every ``python -m hpcnn.<command>``: ``body(comm, argv)`` on every rank.
+
+    Returns ``body``'s exit code. A ``JobError`` (the ranks agreed that something failed) is printed
+    once, by rank 0, and its code returned on every rank; any other exception comes from a rank
+    failing alone while others may wait in a collective, and ends the job with ``abort``.
+    ``body`` may set ``comm.debug`` (``--debug`` in ``argv`` sets it from the start).
+    """
+    comm = Comm.world()
+    comm.debug = "--debug" in argv
+    try:
+        return body(comm, argv)
+    except JobError as exc:
+        if comm.is_root:
+            print(f"hpcnn: error: {exc.message}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    except Exception as exc:  # noqa: BLE001  (a rank failing alone must take the job down, not hang it)
+        comm.abort(exc, comm.debug)
 
 
 class Grid:

@@ -150,11 +150,13 @@ def synthetic_arrays(rows: int, features: int, classes: int, seed: int, stream: 
     return x, y
 
 
-def _open_h5(path: Path):
+def open_h5(path, what: str = "data file"):
+    """Open an HDF5 file read-only; a missing or unreadable file is a ``UserError`` naming ``what``."""
     import h5py
 
+    path = Path(path)
     if not path.exists():
-        raise UserError(f"data file {path} does not exist")
+        raise UserError(f"{what} {path} does not exist")
     try:
         # Readers need no lock, and many parallel file systems refuse HDF5's flock ("unable to lock
         # file"): open without one where this h5py/HDF5 allows it.
@@ -163,7 +165,7 @@ def _open_h5(path: Path):
         except (TypeError, ValueError):  # h5py < 3.5 or HDF5 without the option
             return h5py.File(path, "r")
     except OSError as exc:
-        raise UserError(f"data file {path} is not a readable HDF5 file ({exc})") from None
+        raise UserError(f"{what} {path} is not a readable HDF5 file ({exc})") from None
 
 
 def _h5_pair(f, x_key: str, y_key: str, required: bool):
@@ -232,7 +234,7 @@ def open_dataset(cfg, rank: int, size: int) -> tuple[Dataset, tuple[int, int] | 
                 "nor an existing HDF5 file"
             )
     name = cfg.data if cfg.data in BUILTIN else str(path)
-    f = _open_h5(path)
+    f = open_h5(path)
     train = _h5_pair(f, cfg.x_key, cfg.y_key, required=True)
     test = _h5_pair(f, cfg.test_x_key, cfg.test_y_key, required=False)
     if test is not None and test.x.shape[1:] != train.x.shape[1:]:

@@ -21,10 +21,10 @@ import numpy as np
 
 from hpcnn.backend import dtype_of, to_host, xp
 from hpcnn.checkpoint import inspect, read_stage
-from hpcnn.comm import Comm, blas_threads
+from hpcnn.comm import Comm, blas_threads, run_command
 from hpcnn.config import Config, _int_list, _Parser, from_dict, parse_toml
-from hpcnn.data import split_counts
-from hpcnn.errors import EXIT_OK, JobError, UserError
+from hpcnn.data import BUILTIN, open_h5, split_counts
+from hpcnn.errors import EXIT_OK, UserError
 from hpcnn.layers import layer_from_spec
 from hpcnn.losses import LOSSES
 from hpcnn.train import _micro_batches, build_stages, evaluate, open_data
@@ -115,17 +115,13 @@ def _check_widths(name, features, outputs, info, layers) -> None:
 
 def predict(path, out_path, overrides: dict, comm: Comm) -> int:
     """Write predictions for the inputs of ``--data`` to ``out_path``; returns the rows written."""
-    import h5py
 
     cfg, info, layers, grid, pipe = load(path, overrides, comm)
     with comm.agreed(cfg.debug):
         source = Path(cfg.data)
-        if not source.is_file():
+        if cfg.data in BUILTIN and not source.is_file():
             raise UserError(f"--predict reads inputs from an HDF5 file; --data {cfg.data!r} is not one")
-        try:
-            f = h5py.File(source, "r", locking=False)
-        except OSError as exc:
-            raise UserError(f"{source} is not a readable HDF5 file ({exc})") from None
+        f = open_h5(source, "--data file")
         if cfg.x_key not in f or f[cfg.x_key].ndim != 2:
             raise UserError(f"{source} has no (rows, features) dataset {cfg.x_key!r} (set --x-key)")
         x = f[cfg.x_key]
@@ -182,31 +178,25 @@ def _write_predictions(out: Path, outputs, classify: bool, checkpoint) -> None:
         raise UserError(f"cannot write predictions to {out}: {exc}") from None
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    comm = Comm.world()
-    debug = "--debug" in argv
-    try:
-        with comm.agreed(debug):
-            args = vars(build_parser(is_root=comm.is_root).parse_args(argv))
-        path, split, out = args.pop("checkpoint"), args.pop("split", None), args.pop("predict", None)
-        blas_threads(comm.local_size, args.get("threads", 0))
-        if out is not None:
-            rows = predict(path, out, args, comm)
-            comm.print0(f"predictions for {rows} rows written to {out}")
-            return EXIT_OK
-        m = score(path, split, args, comm)
-        text = f"{path} (step {m['step']}): {m['split']} rows of {m['data']}: loss {m['loss']:.4f}"
-        if m["accuracy"] is not None:
-            text += f", accuracy {100 * m['accuracy']:.2f}%"
-        comm.print0(f"{text} ({m['rows']} rows, {comm.size} rank(s))")
-    except JobError as exc:
-        if comm.is_root:
-            print(f"hpcnn: error: {exc.message}", file=sys.stderr, flush=True)
-        return exc.exit_code
-    except Exception as exc:  # noqa: BLE001  (a rank failing alone must take the job down, not hang it)
-        comm.abort(exc, debug)
+def _main(comm: Comm, argv) -> int:
+    with comm.agreed(comm.debug):
+        args = vars(build_parser(is_root=comm.is_root).parse_args(argv))
+    path, split, out = args.pop("checkpoint"), args.pop("split", None), args.pop("predict", None)
+    blas_threads(comm.local_size, args.get("threads", 0))
+    if out is not None:
+        rows = predict(path, out, args, comm)
+        comm.print0(f"predictions for {rows} rows written to {out}")
+        return EXIT_OK
+    m = score(path, split, args, comm)
+    text = f"{path} (step {m['step']}): {m['split']} rows of {m['data']}: loss {m['loss']:.4f}"
+    if m["accuracy"] is not None:
+        text += f", accuracy {100 * m['accuracy']:.2f}%"
+    comm.print0(f"{text} ({m['rows']} rows, {comm.size} rank(s))")
     return EXIT_OK
+
+
+def main(argv=None) -> int:
+    return run_command(_main, sys.argv[1:] if argv is None else list(argv))
 
 
 if __name__ == "__main__":

@@ -30,11 +30,11 @@ from hpcnn.checkpoint import (
     step_of,
     verify,
 )
-from hpcnn.comm import Comm, Grid, blas_threads
+from hpcnn.comm import Comm, Grid, blas_threads, run_command
 from hpcnn.config import Config, config_changes, resolve
 from hpcnn.data import EpochSampler, open_dataset, set_num_classes, split_counts
 from hpcnn.data_parallel import DataParallel
-from hpcnn.errors import EXIT_OK, EXIT_PREEMPTED, JobError, UserError
+from hpcnn.errors import EXIT_OK, EXIT_PREEMPTED, UserError
 from hpcnn.losses import LOSSES
 from hpcnn.model import Sequential, describe, mlp_layers
 from hpcnn.optim import Schedule, clip_grad_norm, make_optimizer
@@ -440,35 +440,29 @@ def _announce_layout(cfg: Config, comm: Comm) -> None:
         )
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    comm = Comm.world()
-    debug = "--debug" in argv  # until the config (which may set it too) is read
-    try:
-        with comm.agreed(debug):
-            cfg = resolve(argv, is_root=comm.is_root)
-        debug = cfg.debug
-        _announce_layout(cfg, comm)
-        t0 = time.perf_counter()
-        result = fit(cfg, comm, log=comm.print0)
-        if result.stopped:
-            comm.print0(
-                f"hpcnn: stopped by {result.stopped} after step {result.steps}; continue with "
-                f"--resume auto (exit code {EXIT_PREEMPTED})"
-            )
-            return EXIT_PREEMPTED
-        final = result.final
-        text = f"final {final['split']} loss {final['loss']:.4f}"
-        if final["accuracy"] is not None:
-            text += f", accuracy {100 * final['accuracy']:.2f}% ({final['rows']} rows)"
-        comm.print0(f"{text}; {result.steps} steps in {time.perf_counter() - t0:.1f} s")
-    except JobError as exc:
-        if comm.is_root:
-            print(f"hpcnn: error: {exc.message}", file=sys.stderr, flush=True)
-        return exc.exit_code
-    except Exception as exc:  # noqa: BLE001  (a rank failing alone must take the job down, not hang it)
-        comm.abort(exc, debug)
+def _main(comm: Comm, argv) -> int:
+    with comm.agreed(comm.debug):
+        cfg = resolve(argv, is_root=comm.is_root)
+    comm.debug = cfg.debug
+    _announce_layout(cfg, comm)
+    t0 = time.perf_counter()
+    result = fit(cfg, comm, log=comm.print0)
+    if result.stopped:
+        comm.print0(
+            f"hpcnn: stopped by {result.stopped} after step {result.steps}; continue with "
+            f"--resume auto (exit code {EXIT_PREEMPTED})"
+        )
+        return EXIT_PREEMPTED
+    final = result.final
+    text = f"final {final['split']} loss {final['loss']:.4f}"
+    if final["accuracy"] is not None:
+        text += f", accuracy {100 * final['accuracy']:.2f}% ({final['rows']} rows)"
+    comm.print0(f"{text}; {result.steps} steps in {time.perf_counter() - t0:.1f} s")
     return EXIT_OK
+
+
+def main(argv=None) -> int:
+    return run_command(_main, sys.argv[1:] if argv is None else list(argv))
 
 
 if __name__ == "__main__":
