@@ -2,8 +2,9 @@
 
 One step: read my rows of the global batch -> forward -> loss -> backward (into the flat gradient
 buffer) -> one Allreduce -> clip -> optimizer step on the flat parameter buffer. ``fit`` is that
-loop over epochs, usable from Python with any ``Comm``; ``main`` is the command-line face that turns
-errors into one message from rank 0 and an exit code on every rank.
+loop over epochs, usable from Python with any ``Comm``; it resumes from a checkpoint, writes them,
+and stops after the same step on every rank when a stop signal arrives (``preempt``). ``main`` is
+the command-line face that turns errors into one message from rank 0 and an exit code on every rank.
 """
 
 import itertools
