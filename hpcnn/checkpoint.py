@@ -356,9 +356,10 @@ def _write_mpio(tmp, meta, grid, layers, bounds, buffers) -> str | None:
 
 
 def prune(directory, keep: int, written: Path) -> list[Path]:
-    """Delete all but the ``keep`` newest checkpoints in ``directory``, never ``written`` (the one
-    just written: a newer-numbered file can only be a corrupt one that a resume skipped)."""
-    others = [p for p in checkpoints(directory) if p.name != Path(written).name]
+    """Delete all but the ``keep`` newest checkpoints up to ``written`` (the one just written) in
+    ``directory``. Newer-numbered files can only be unreadable ones that ``--resume auto``
+    reported and skipped: they are neither counted nor deleted."""
+    others = [p for p in checkpoints(directory) if step_of(p) < step_of(written)]
     doomed = others[max(keep - 1, 0) :]
     for path in doomed:
         path.unlink(missing_ok=True)

@@ -95,6 +95,9 @@ class Comm:
         """Broadcast a small picklable Python object (metadata, decisions), not a buffer."""
         return self.comm.bcast(obj, root=root)
 
+    def allreduce_max_(self, sendbuf, recvbuf) -> None:
+        self.comm.Allreduce(sendbuf, recvbuf, op=MPI.MAX)
+
     def iallreduce_max(self, sendbuf, recvbuf):
         """Start a non-blocking elementwise MAX of a small buffer; returns the request."""
         return self.comm.Iallreduce(sendbuf, recvbuf, op=MPI.MAX)
@@ -126,6 +129,16 @@ class Comm:
     @staticmethod
     def waitall(requests) -> None:
         MPI.Request.Waitall(requests)
+
+    def poll(self, tag: int) -> int | None:
+        """The source of a message with ``tag`` waiting to be received, or ``None`` (never blocks)."""
+        status = MPI.Status()
+        return status.Get_source() if self.comm.Iprobe(MPI.ANY_SOURCE, tag, status) else None
+
+    @staticmethod
+    def abort_job(code: int) -> None:
+        """End every rank of the job now (from any thread); the caller has printed why."""
+        MPI.COMM_WORLD.Abort(code)
 
     @contextmanager
     def agreed(self, debug: bool = False):

@@ -117,6 +117,17 @@ class Config:
         ["auto", "mpio", "gather"],
         "checkpoint",
     )
+    # --- failures
+    stall_timeout: float = _f(
+        0.0,
+        "end the job when a rank makes no progress for this many seconds (0: 20 x the longest step, >= 60 s)",
+        group="failures",
+    )
+    check_replicas: int = _f(
+        0,
+        "every this many steps, check that data-parallel replicas hold identical parameters (0: never)",
+        group="failures",
+    )
     # --- run
     threads: int = _f(
         0, "BLAS threads per rank (0: cores // ranks per node, or OMP_NUM_THREADS)", group="run"
@@ -142,7 +153,16 @@ class Config:
         for key in positive:
             if getattr(self, key) <= 0:
                 raise UserError(f"{key} = {getattr(self, key)}: must be a positive integer")
-        for key in ("eval_every", "max_steps", "warmup_steps", "threads", "checkpoint_every", "keep"):
+        for key in (
+            "eval_every",
+            "max_steps",
+            "warmup_steps",
+            "threads",
+            "checkpoint_every",
+            "keep",
+            "check_replicas",
+            "stall_timeout",
+        ):
             if getattr(self, key) < 0:
                 raise UserError(f"{key} = {getattr(self, key)}: must be >= 0")
         for key in ("lr", "eps"):

@@ -11,6 +11,8 @@ EXIT_USAGE = 2  # bad flags, config, or data: the message says what to change
 # Stopped by SIGTERM/SIGUSR1 after writing a checkpoint: resume with --resume auto. 75 is
 # sysexits' EX_TEMPFAIL ("try again later"), which a job script can turn into a requeue.
 EXIT_PREEMPTED = 75
+EXIT_NONFINITE = 3  # the loss or a gradient became NaN/Inf: training stopped, checkpoints untouched
+EXIT_STALL = 4  # the stall inspector ended a job in which some rank stopped making progress
 
 
 class UserError(Exception):

@@ -125,14 +125,14 @@ class Schedule:
         return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def clip_grad_norm(grad, max_norm: float, sum_across=None) -> float:
+def clip_grad_norm(grad, max_norm: float, sum_across=None, sq: float | None = None) -> float:
     """Scale ``grad`` in place so that its global L2 norm is at most ``max_norm``.
 
     ``sum_across`` adds the squared norm over the ranks that hold other parts of the model
     (pipeline stages); data-parallel replicas already hold the full reduced gradient and pass
     nothing. Returns the norm before clipping.
     """
-    sq = float(xp.dot(grad, grad))
+    sq = float(xp.dot(grad, grad)) if sq is None else sq  # the caller may have it already
     if sum_across is not None:
         sq = sum_across(sq)
     norm = math.sqrt(sq)

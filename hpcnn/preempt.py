@@ -1,11 +1,15 @@
-"""Stop requests: SIGTERM/SIGUSR1 on any rank stop every rank after the same step.
+"""Reasons to stop early that every rank must learn at the same step.
 
-SLURM sends a signal before a job's time runs out (``#SBATCH --signal=USR1@120``) or when it is
-preempted (SIGTERM, then SIGKILL after ``KillWait``); often only some ranks see it, at different
-moments. A handler only sets a flag. Once per step every rank contributes its flag to a
-non-blocking MAX reduction on a communicator of its own, started after the step and completed
-after the next one, so the check costs no waiting and every rank learns of the request at the same
-step: all of them then write the same checkpoint and exit with ``EXIT_PREEMPTED``.
+- **Signals.** SLURM sends a signal before a job's time runs out (``#SBATCH --signal=USR1@120``)
+  or when it is preempted (SIGTERM, then SIGKILL after ``KillWait``); often only some ranks see
+  it. A handler (installed only when checkpoints are written) just sets a flag.
+- **Non-finite values.** A rank whose loss or reduced gradient holds NaN/Inf notes the step and the
+  first layer affected (and skips its optimizer step, so its state stays the last finite one).
+- **Bad input rows.** A rank that reads a NaN/Inf input notes the row.
+
+Once per step every rank contributes these notes to one non-blocking MAX reduction of a few
+integers, on a communicator of its own, started after the step and completed after the next one:
+the check costs no waiting, and every rank learns of any note at the same step and stops there.
 """
 
 import signal
@@ -14,22 +18,30 @@ import threading
 import numpy as np
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+NONE = np.iinfo(np.int64).min  # "no note": neutral under MAX; fields hold -value to find minimums
+SIGNAL, BAD_STEP, BAD_LAYER, BAD_LOSS, ROW_STEP, BAD_ROW = range(6)
 
 
 class StopRequest:
-    """Collective stop flag over ``comm`` (an ``hpcnn.comm.Comm``); use as a context manager."""
+    """Collective stop notes over ``comm`` (an ``hpcnn.comm.Comm``); a context manager.
+
+    ``signals``: the signals to catch (empty: leave signal handling alone).
+    """
 
     def __init__(self, comm, signals=SIGNALS):
         self.comm = comm.dup()
         self.signals, self.previous = signals, {}
         self.received = 0  # the first signal number this rank received
-        self.agreed = None  # the name of a signal some rank received, once all ranks know it
-        self._send = np.zeros(1, np.int32)
-        self._agreed = np.zeros(1, np.int32)
+        self._notes = np.array([0, NONE, NONE, 0, NONE, NONE], np.int64)
+        self._send = self._notes.copy()
+        self._agreed = self._notes.copy()
         self._request = None
+        self.agreed = None  # after poll: the name of a signal some rank received
+        self.nonfinite = None  # after poll: (step, first layer, loss was non-finite)
+        self.bad_input = None  # after poll: (step, row)
 
     def __enter__(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+        if self.signals and threading.current_thread() is threading.main_thread():
             for sig in self.signals:
                 self.previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -37,16 +49,57 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         self.received = self.received or signum
 
+    def note_nonfinite(self, step: int, layer: int, loss: bool) -> None:
+        if self._notes[BAD_STEP] == NONE:
+            self._notes[BAD_STEP], self._notes[BAD_LAYER], self._notes[BAD_LOSS] = -step, -layer, loss
+
+    def note_bad_input(self, step: int, row: int) -> None:
+        if self._notes[ROW_STEP] == NONE:
+            self._notes[ROW_STEP], self._notes[BAD_ROW] = -step, -row
+
+    @property
+    def local_trouble(self) -> bool:
+        """Whether this rank has noted non-finite values or bad input (not yet agreed)."""
+        return self._notes[BAD_STEP] != NONE or self._notes[ROW_STEP] != NONE
+
     def poll(self) -> bool:
-        """Collective, once per step: whether any rank had received a signal a step ago (then
-        ``agreed`` names one of the signals received, the same on every rank)."""
+        """Collective, once per step: whether any rank had noted a reason to stop a step ago.
+        Every rank gets the same answer; after ``True`` no reduction is left pending."""
         if self._request is not None:
             self._request.Wait()
-            if self._agreed[0]:
-                self.agreed = signal.Signals(int(self._agreed[0])).name
-        self._send[0] = self.received
+            self._request = None
+            if self._decode():
+                return True
+        self._load()
         self._request = self.comm.iallreduce_max(self._send, self._agreed)
-        return self.agreed is not None
+        return False
+
+    def drain(self) -> bool:
+        """Collective, after the last step: complete the pending check and check once more,
+        blocking, so that nothing noted during the last steps goes unseen."""
+        if self.poll():
+            return True
+        self._request.Wait()
+        self._request = None
+        if self._decode():
+            return True
+        self._load()
+        self.comm.allreduce_max_(self._send, self._agreed)
+        return self._decode()
+
+    def _load(self) -> None:
+        self._send[:] = self._notes
+        self._send[SIGNAL] = self.received
+
+    def _decode(self) -> bool:
+        a = self._agreed
+        if a[SIGNAL]:
+            self.agreed = signal.Signals(int(a[SIGNAL])).name
+        if a[BAD_STEP] != NONE:
+            self.nonfinite = (-int(a[BAD_STEP]), -int(a[BAD_LAYER]), bool(a[BAD_LOSS]))
+        if a[ROW_STEP] != NONE:
+            self.bad_input = (-int(a[ROW_STEP]), -int(a[BAD_ROW]))
+        return self.agreed is not None or self.nonfinite is not None or self.bad_input is not None
 
     def __exit__(self, *exc) -> None:
         if self._request is not None and exc[0] is None:

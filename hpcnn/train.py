@@ -8,22 +8,24 @@ the command-line face that turns errors into one message from rank 0 and an exit
 """
 
 import itertools
+import math
 import os
 import sys
+import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from hpcnn import __version__
-from hpcnn.backend import dtype_of, xp
+from hpcnn import __version__, faults
+from hpcnn.backend import dtype_of, to_host, xp
 from hpcnn.checkpoint import (
     Position,
     architecture,
     architecture_difference,
     checkpoints,
+    h5py_parallel,
     inspect,
     prune,
     read_stage,
@@ -35,12 +37,21 @@ from hpcnn.comm import Comm, Grid, blas_threads, run_command
 from hpcnn.config import Config, config_changes, resolve
 from hpcnn.data import EpochSampler, open_dataset, set_num_classes, split_counts
 from hpcnn.data_parallel import DataParallel
-from hpcnn.errors import EXIT_OK, EXIT_PREEMPTED, UserError
+from hpcnn.errors import (
+    EXIT_INTERNAL,
+    EXIT_NONFINITE,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    EXIT_USAGE,
+    JobError,
+    UserError,
+)
+from hpcnn.inspector import Inspector
 from hpcnn.losses import LOSSES
 from hpcnn.model import Sequential, describe, mlp_layers
 from hpcnn.optim import Schedule, clip_grad_norm, make_optimizer
 from hpcnn.pipeline import Pipeline, balanced_partition, explicit_partition, gpipe_bubble
-from hpcnn.preempt import StopRequest
+from hpcnn.preempt import SIGNALS, StopRequest
 
 
 @dataclass
@@ -179,118 +190,254 @@ def fit(cfg: Config, comm: Comm, log=None) -> Result:
     model (identical across data-parallel replicas), the per-epoch metrics and the final evaluation.
     With ``cfg.resume`` training continues from a checkpoint; with ``cfg.checkpoint_dir``
     checkpoints are written as configured, at the end, and when a stop signal arrives (then
-    ``Result.stopped`` names the signal and no final evaluation runs).
+    ``Result.stopped`` names the signal and no final evaluation runs). A stall inspector watches
+    every rank throughout (``inspector``); non-finite values and bad input rows stop every rank at
+    the same step with a ``JobError``.
     """
     log = log if (log is not None and comm.is_root) else (lambda *a: None)
-    ds, layers, bounds, grid, pipe, sampler = _prepare(cfg, comm)
-    model = pipe.model
-    dtype, classify = dtype_of(cfg.dtype), ds.num_classes is not None
-    loss_fn = LOSSES[cfg.loss]()
-    dp = DataParallel(grid.dp, model.params)
-    dp.broadcast_parameters()
-    opt = make_optimizer(cfg, model.params)
-    steps = len(sampler) * cfg.epochs
-    steps = min(cfg.max_steps, steps) if cfg.max_steps else steps
-    lr = Schedule(cfg.lr_schedule, cfg.lr, steps, cfg.warmup_steps, cfg.step_size, cfg.gamma, cfg.min_lr)
-    across_stages = grid.pipe.sum if grid.stages > 1 else None
-    _describe(log, cfg, ds, layers, bounds, grid, sampler, steps)
-    result = Result(model, grid, bounds, pipe)
-    start, source = (
-        _resume(cfg, grid, layers, ds.features, bounds, model, opt, log) if cfg.resume else (None, None)
-    )
-    _check_checkpoint_dir(cfg, comm, start)
-    at = start or Position()
-    result.history = list(at.history)
-    step, epoch, batch = at.step, at.epoch, at.batch
-    # The checkpoint resumed from is not written again into its own directory (into another one
-    # it is: a run continued elsewhere has its starting point there).
-    same_dir = (
-        source is not None
-        and cfg.checkpoint_dir
-        and Path(source).parent.resolve() == Path(cfg.checkpoint_dir).resolve()
-    )
-    saved_step = at.step if same_dir else None
+    inspector = Inspector(comm, cfg.stall_timeout)
+    try:
+        result = _Training(cfg, comm, log, inspector).run()
+    except BaseException:
+        inspector.abandon()
+        raise
+    inspector.close(log)
+    return result
 
-    def checkpoint(sums, why: str) -> None:
-        nonlocal saved_step
-        if not cfg.checkpoint_dir or saved_step == step:
+
+class _Training:
+    """One run's state on this rank: what the loop, its epoch summaries and its checkpoints share."""
+
+    def __init__(self, cfg: Config, comm: Comm, log, inspector: Inspector):
+        self.cfg, self.comm, self.log, self.inspector = cfg, comm, log, inspector
+        faults.rank = comm.rank
+        ds, layers, bounds, grid, pipe, sampler = _prepare(cfg, comm)
+        self.ds, self.layers, self.bounds, self.grid, self.pipe, self.sampler = (
+            ds,
+            layers,
+            bounds,
+            grid,
+            pipe,
+            sampler,
+        )
+        pipe.mark = inspector.mark
+        self.model = pipe.model
+        self.dtype, self.classify = dtype_of(cfg.dtype), ds.num_classes is not None
+        self.loss_fn = LOSSES[cfg.loss]()
+        self.dp = DataParallel(grid.dp, self.model.params)
+        self.dp.broadcast_parameters()
+        self.opt = make_optimizer(cfg, self.model.params)
+        steps = len(sampler) * cfg.epochs
+        self.steps = min(cfg.max_steps, steps) if cfg.max_steps else steps
+        self.lr = Schedule(
+            cfg.lr_schedule, cfg.lr, self.steps, cfg.warmup_steps, cfg.step_size, cfg.gamma, cfg.min_lr
+        )
+        self.across_stages = grid.pipe.sum if grid.stages > 1 else None
+        _describe(log, cfg, ds, layers, bounds, grid, sampler, self.steps)
+        self.result = Result(self.model, grid, bounds, pipe)
+        self.start, source = (
+            _resume(cfg, grid, layers, ds.features, bounds, self.model, self.opt, log)
+            if cfg.resume
+            else (None, None)
+        )
+        _check_checkpoint_dir(cfg, comm, self.start)
+        at = self.start or Position()
+        self.finished = list(at.history)  # rows of complete epochs (what checkpoints carry)
+        self.result.history = list(at.history)
+        self.step, self.epoch, self.batch = at.step, at.epoch, at.batch
+        # The checkpoint resumed from is not written again into its own directory (into another
+        # one it is: a run continued elsewhere has its starting point there).
+        same_dir = (
+            source is not None
+            and cfg.checkpoint_dir
+            and Path(source).parent.resolve() == Path(cfg.checkpoint_dir).resolve()
+        )
+        self.saved_at = (at.step, at.epoch, at.batch) if same_dir else None
+        self.stop = None
+
+    def run(self) -> Result:
+        cfg, result = self.cfg, self.result
+        sums = np.zeros(3)
+        with StopRequest(self.comm, SIGNALS if cfg.checkpoint_dir else ()) as self.stop:
+            while self.epoch < cfg.epochs and not (self.step >= self.steps and self.batch == 0):
+                # Only rank 0 carries a resumed epoch's running sums: the epoch's reduction adds them once.
+                resumed = self.start is not None and self.epoch == self.start.epoch and self.comm.is_root
+                sums = np.array(self.start.epoch_sums) if resumed else np.zeros(3)  # loss, correct, rows
+                t0, rows = self.comm.wtime(), 0
+                for ids, global_rows in itertools.islice(self.sampler.epoch(self.epoch), self.batch, None):
+                    if self.step >= self.steps:
+                        break
+                    self._step(ids, global_rows, sums)
+                    rows += global_rows
+                    self.inspector.mark("stop check")
+                    if self.stop.poll():
+                        return self._stopped(sums)
+                    if cfg.check_replicas and self.step % cfg.check_replicas == 0:
+                        self._check_replicas()
+                    if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                        self.checkpoint(sums, f"every {cfg.checkpoint_every} steps")
+                self._close_epoch(sums, rows, self.comm.wtime() - t0)
+                if self.step >= self.steps:
+                    break
+            if self.stop.drain():
+                return self._stopped(sums)
+            self.checkpoint(sums if self.batch else np.zeros(3), "end of training")
+            self._final()
+        return result
+
+    def _step(self, ids, global_rows: int, sums) -> None:
+        """One optimizer step on the global batch whose rows ``ids`` are this replica's."""
+        cfg, pipe, params = self.cfg, self.pipe, self.model.params
+        t0 = self.comm.wtime()
+        faults.step = self.step
+        self.inspector.mark("read data")
+        x, y = _read(self.ds.train, ids, pipe, self.dtype, self.classify)
+        if faults.point("data") == "nan":
+            x[-1, 0] = xp.nan
+        if pipe.is_first and len(ids) and not xp.isfinite(x).all():
+            bad = int(ids[int(np.argwhere(~np.isfinite(to_host(x)).all(axis=1))[0][0])])
+            self.stop.note_bad_input(self.step, bad)
+        inputs, targets, sizes = _micro_batches(x, y, cfg.micro_batches)
+        self.inspector.mark("forward/backward")
+        loss_sum, correct = pipe.train_step(inputs, targets, sizes, 1.0 / global_rows, self.loss_fn)
+        if pipe.is_last:
+            sums += (loss_sum, correct, len(ids))
+            self.result.step_losses.append(loss_sum)
+        self.inspector.mark("gradient allreduce")
+        faults.point("allreduce")
+        self.dp.reduce_gradients()
+        self.inspector.mark("optimizer step")
+        sq = float(xp.dot(params.grad, params.grad))
+        if cfg.clip_norm:  # collective across stages: every rank takes part, finite or not
+            clip_grad_norm(params.grad, cfg.clip_norm, self.across_stages, sq)
+        loss_bad = pipe.is_last and not math.isfinite(loss_sum)
+        if math.isfinite(sq) and not loss_bad:
+            self.opt.step(self.lr(self.step))
+        else:  # keep the last finite state; every rank learns of it at the next stop check
+            self.stop.note_nonfinite(self.step, self._first_nonfinite_layer(), loss_bad)
+        if faults.point("optimizer") == "diverge":
+            params.data[0] += 1e-3
+        self.step, self.batch = self.step + 1, self.batch + 1
+        self.inspector.step_done(self.step, self.comm.wtime() - t0)
+
+    def _first_nonfinite_layer(self) -> int:
+        params = self.model.params
+        for slot in params.slots:
+            if not xp.isfinite(params.view(params.grad, slot)).all():
+                return self.bounds[self.grid.stage] + slot.layer
+        return self.bounds[self.grid.stage + 1]  # finite but overflowing: past this stage's layers
+
+    def _close_epoch(self, sums, rows: int, seconds: float) -> None:
+        """Report the epoch (the part run here, for a max_steps stop), evaluate, advance."""
+        cfg = self.cfg
+        total = sums.copy()
+        self.comm.allreduce_sum_(total)
+        row = {
+            "epoch": self.epoch + 1,
+            "step": self.step,
+            "loss": total[0] / total[2],
+            "accuracy": total[1] / total[2] if self.classify else None,
+            "lr": self.lr(self.step - 1),
+            "seconds": seconds,
+            "samples_per_s": rows / seconds,
+        }
+        last = self.epoch + 1 == cfg.epochs or self.step >= self.steps
+        if self.ds.test is not None and (last or (cfg.eval_every and (self.epoch + 1) % cfg.eval_every == 0)):
+            row["test"] = self._evaluate(self.ds.test)
+        self.result.history.append(row)
+        self.log(_epoch_line(row, cfg.epochs))
+        if self.batch == len(self.sampler):
+            self.finished.append(row)
+            self.epoch, self.batch = self.epoch + 1, 0
+            every = cfg.checkpoint_every_epochs
+            if every and self.epoch % every == 0:
+                self.checkpoint(np.zeros(3), f"every {every} epoch(s)")
+
+    def _evaluate(self, split) -> dict:
+        self.inspector.mark("evaluation")
+        faults.point("evaluation")
+        return evaluate(self.pipe, self.loss_fn, split, self.grid, self.cfg, self.classify)
+
+    def checkpoint(self, sums, why: str) -> None:
+        """Write the state after ``self.step`` (collective); ``sums``: this rank's running sums of
+        the epoch in progress. Never writes a state some rank found non-finite."""
+        cfg, comm = self.cfg, self.comm
+        here = (self.step, self.epoch, self.batch)
+        if not cfg.checkpoint_dir or self.saved_at == here:
             return
+        if comm.max(int(self.stop.local_trouble)):
+            return  # the next stop check ends the run and says why
+        self.inspector.mark("checkpoint")
         total = sums.copy()
         comm.allreduce_sum_(total)  # the epoch's running sums, whatever the layout that resumes them
-        here = Position(step, epoch, batch, total.tolist(), result.history)
+        position = Position(*here, total.tolist(), self.finished)
         t0 = comm.wtime()
-        args = (cfg, layers, ds.features, bounds, grid, model, opt, here, cfg.checkpoint_io)
-        path = save(cfg.checkpoint_dir, *args)
+        args = (cfg, self.layers, self.ds.features, self.bounds, self.grid, self.model, self.opt, position)
+        path = save(cfg.checkpoint_dir, *args, cfg.checkpoint_io)
         seconds = comm.wtime() - t0
         if comm.is_root:
             if cfg.keep:
                 prune(cfg.checkpoint_dir, cfg.keep, path)
-            log(f"checkpoint ({why}): {path}, {path.stat().st_size / 2**20:.1f} MiB in {seconds:.3f} s")
-        saved_step = step
+            self.log(f"checkpoint ({why}): {path}, {path.stat().st_size / 2**20:.1f} MiB in {seconds:.3f} s")
+        self.saved_at = here
 
-    with StopRequest(comm) if cfg.checkpoint_dir else nullcontext() as stop:
-        while epoch < cfg.epochs and step < steps and not result.stopped:
-            t0 = comm.wtime()
-            # Only rank 0 carries a resumed epoch's running sums, so the epoch's reduction adds them once.
-            resumed = start is not None and epoch == start.epoch and comm.is_root
-            sums = np.array(start.epoch_sums) if resumed else np.zeros(3)  # loss sum, correct, rows
-            rows_now = 0
-            for ids, global_rows in itertools.islice(sampler.epoch(epoch), batch, None):
-                x, y = _read(ds.train, ids, pipe, dtype, classify)
-                inputs, targets, sizes = _micro_batches(x, y, cfg.micro_batches)
-                loss_sum, correct = pipe.train_step(inputs, targets, sizes, 1.0 / global_rows, loss_fn)
-                if pipe.is_last:
-                    sums += (loss_sum, correct, len(ids))
-                    result.step_losses.append(loss_sum)
-                rows_now += global_rows
-                dp.reduce_gradients()
-                if cfg.clip_norm:
-                    clip_grad_norm(model.params.grad, cfg.clip_norm, across_stages)
-                opt.step(lr(step))
-                step, batch = step + 1, batch + 1
-                if stop is not None and stop.poll():
-                    result.stopped = stop.agreed
-                    checkpoint(sums, f"stop requested: {result.stopped}")
-                    break
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                    checkpoint(sums, f"every {cfg.checkpoint_every} steps")
-                if step == steps:
-                    break
-            if result.stopped:
-                break
-            comm.allreduce_sum_(sums)
-            seconds = comm.wtime() - t0
-            row = {
-                "epoch": epoch + 1,
-                "step": step,
-                "loss": sums[0] / sums[2],
-                "accuracy": sums[1] / sums[2] if classify else None,
-                "lr": lr(step - 1),
-                "seconds": seconds,
-                "samples_per_s": rows_now / seconds,
-            }
-            last = epoch + 1 == cfg.epochs or step == steps
-            if ds.test is not None and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
-                row["test"] = evaluate(pipe, loss_fn, ds.test, grid, cfg, classify)
-            result.history.append(row)
-            log(_epoch_line(row, cfg.epochs))
-            if batch == len(sampler):
-                epoch, batch = epoch + 1, 0
-            every = cfg.checkpoint_every_epochs
-            if every and epoch % every == 0 and batch == 0:
-                checkpoint(np.zeros(3), f"every {every} epoch(s)")
-        if not result.stopped:
-            checkpoint(np.zeros(3), "end of training")
-    result.steps = step
-    if not result.stopped:
+    def _stopped(self, sums) -> Result:
+        """Every rank agreed to stop: say why (or, for a signal, checkpoint and return)."""
+        stop, result = self.stop, self.result
+        result.steps = self.step
+        if stop.bad_input is not None:
+            at_step, row = stop.bad_input
+            raise JobError(
+                f"{self.ds.name}: training row {row} has a non-finite input value (NaN or Inf), read for "
+                f"step {at_step}; training stopped, checkpoints untouched",
+                EXIT_USAGE,
+            )
+        if stop.nonfinite is not None:
+            at_step, layer, loss = stop.nonfinite
+            what = "loss and gradient" if loss else "gradient"
+            where = (
+                f"first in layer {layer} ({self.layers[layer]!r})"
+                if layer < len(self.layers)
+                else "finite values whose squared norm overflows"
+            )
+            raise JobError(
+                f"non-finite {what} at step {at_step} ({where}); training stopped, no checkpoint written "
+                "from that state (try a lower --lr or --clip-norm)",
+                EXIT_NONFINITE,
+            )
+        result.stopped = stop.agreed
+        self.checkpoint(sums, f"stop requested: {result.stopped}")
+        self.ds.close()
+        return result
+
+    def _check_replicas(self) -> None:
+        """Every data-parallel replica of a stage must hold bitwise the same parameters."""
+        data = to_host(self.model.params.data)
+        checksum = int(data.view(np.uint8).astype(np.uint64).sum()) if data.size else 0
+        rows = self.comm.comm.allgather((self.grid.stage, checksum))
+        odd = []
+        for stage in range(self.grid.stages):
+            sums = [(r, c) for r, (s, c) in enumerate(rows) if s == stage]
+            values = [c for _, c in sums]
+            common = max(set(values), key=values.count)
+            odd += [r for r, c in sums if c != common]
+        if odd:
+            raise JobError(
+                f"replicas diverged by step {self.step}: rank(s) {odd} hold parameters that differ from "
+                "the other replicas of their stage (a silent hardware or communication fault?)",
+                EXIT_INTERNAL,
+            )
+
+    def _final(self) -> None:
+        result, ds = self.result, self.ds
+        result.steps = self.step
         split = ds.test if ds.test is not None else ds.train
         final = result.history[-1].get("test") if result.history else None
-        result.final = dict(final or evaluate(pipe, loss_fn, split, grid, cfg, classify))
+        result.final = dict(final or self._evaluate(split))
         result.final["split"] = "held-out" if ds.test is not None else "training"
-        if grid.stages > 1:
-            _report_stages(log, cfg, grid, pipe)
-    ds.close()
-    return result
+        if self.grid.stages > 1:
+            _report_stages(self.log, self.cfg, self.grid, self.pipe)
+        ds.close()
 
 
 def _resume(cfg, grid, layers, in_features, bounds, model, opt, log):
@@ -333,8 +480,21 @@ def _resume(cfg, grid, layers, in_features, bounds, model, opt, log):
 def _check_checkpoint_dir(cfg, comm, start: Position | None) -> None:
     """Refuse to write into a directory whose checkpoints would be overwritten or mixed with this
     run's: a fresh run needs a directory without checkpoints, a resumed one no newer checkpoints
-    than its starting point (``auto`` starts from the newest good one: newer ones are unreadable)."""
+    than its starting point (``auto`` starts from the newest good one: newer ones are unreadable).
+    Also, before any training: the directory must be writable, and ``mpio`` available if asked for."""
     with comm.agreed(cfg.debug):
+        if cfg.checkpoint_dir and cfg.checkpoint_io == "mpio" and not h5py_parallel():
+            raise UserError(
+                "checkpoint_io = 'mpio' needs h5py built with parallel HDF5 (h5py.get_config().mpi is "
+                "False here); use --checkpoint-io gather or auto"
+            )
+        if comm.is_root and cfg.checkpoint_dir:
+            try:
+                Path(cfg.checkpoint_dir).mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryFile(dir=cfg.checkpoint_dir, prefix=".hpcnn-write-test-"):
+                    pass
+            except OSError as exc:
+                raise UserError(f"checkpoint_dir {cfg.checkpoint_dir} is not writable: {exc}") from None
         if comm.is_root and cfg.checkpoint_dir and cfg.resume != "auto":
             step = start.step if start else -1
             ahead = [p for p in checkpoints(cfg.checkpoint_dir) if step_of(p) > step]

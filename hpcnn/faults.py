@@ -1,0 +1,64 @@
+"""Test-only fault injection: ``HPCNN_FAULT="KIND@SITE:rank=R,step=S"``.
+
+hpcnn's failure handling (one message, every rank gone within seconds, no hang) is tested by making
+real runs fail on purpose. The variable names what goes wrong, where, on which world rank and at
+which optimizer step (0-based; ``step`` may be left out: the first time the site is reached):
+
+- KIND: ``raise`` (a RuntimeError), ``kill`` (SIGKILL to the process: a crashed or OOM-killed
+  rank), ``hang`` (sleep forever: a stuck rank), ``nan`` (the site's values become NaN), ``diverge``
+  (perturb this rank's parameters: a silently diverged replica);
+- SITE: ``data`` (after reading a batch), ``forward``, ``backward``, ``allreduce`` (just before the
+  gradient reduction), ``optimizer``, ``checkpoint`` (inside a checkpoint write), ``evaluation``.
+
+Example: ``HPCNN_FAULT=raise@backward:rank=2,step=5 mpirun -n 4 python -m hpcnn.train``. Unset, each
+site costs one comparison with ``None``.
+"""
+
+import os
+import signal
+import time
+
+KINDS = ("raise", "kill", "hang", "nan", "diverge")
+SITES = ("data", "forward", "backward", "allreduce", "optimizer", "checkpoint", "evaluation")
+VARIABLE = "HPCNN_FAULT"
+
+
+def _parse(text: str | None):
+    if not text:
+        return None
+    try:
+        head, _, tail = text.partition(":")
+        kind, site = head.split("@")
+        fields = dict(part.split("=") for part in tail.split(",") if part)
+        spec = (kind, site, int(fields.get("rank", 0)), int(fields["step"]) if "step" in fields else None)
+    except (ValueError, KeyError):
+        raise ValueError(f"{VARIABLE}={text!r}: expected KIND@SITE:rank=R,step=S") from None
+    if kind not in KINDS or site not in SITES:
+        raise ValueError(f"{VARIABLE}={text!r}: KIND is one of {KINDS}, SITE one of {SITES}")
+    return spec
+
+
+_spec = _parse(os.environ.get(VARIABLE))
+rank = 0  # set by the training loop: this process's world rank and its current step
+step = 0
+_fired = False
+
+
+def point(site: str) -> str | None:
+    """Called at each site. Returns ``"nan"`` or ``"diverge"`` when the caller must act; raises,
+    kills or hangs for the other kinds; ``None`` (nearly free) when no fault is armed here."""
+    global _fired
+    if _spec is None:
+        return None
+    kind, where, on_rank, at_step = _spec
+    if where != site or on_rank != rank or _fired or (at_step is not None and at_step != step):
+        return None
+    _fired = True
+    if kind == "raise":
+        raise RuntimeError(f"injected fault at {site}, step {step}")
+    if kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if kind == "hang":
+        while True:
+            time.sleep(3600)
+    return kind

@@ -1,0 +1,200 @@
+"""Stall inspector: no rank waits forever, and rank 0 says who is missing and where.
+
+Every rank records the operation it is in (``mark``): setup, reading data, forward/backward, a
+pipeline receive, the gradient reduction, the optimizer step, evaluation, a checkpoint write. A
+thread on each rank sends ``(step, operation, seconds in it)`` to rank 0 once per ``period`` over a
+communicator of its own (mpi4py releases the GIL inside blocking MPI calls and initialises MPI
+with ``MPI_THREAD_MULTIPLE``, so the thread runs while the main thread waits in a collective).
+
+Rank 0's thread declares a stall when a rank has been in one operation longer than the deadline,
+or has not been heard from for that long (a dead or frozen process). It prints which ranks are
+waiting where, which have not arrived and where they are, and ends the job with ``EXIT_STALL``.
+A rank whose own operation outlasts twice the deadline ends the job itself (rank 0 may be the
+rank that is lost).
+
+Deadline: ``--stall-timeout`` seconds; 0 (the default) adapts to the run: 20 x the longest
+training step so far, at least 60 s, and at least 600 s for setup, evaluation, checkpoint writes
+and the first step (no step time is known yet).
+
+At the end every rank's time is split into computing and waiting (receives, reductions), and
+rank 0 names the slowest rank: stragglers show up without a profiler.
+"""
+
+import sys
+import threading
+import time
+
+import numpy as np
+
+from hpcnn.errors import EXIT_STALL
+
+OPS = (
+    "setup",
+    "read data",
+    "forward/backward",
+    "pipeline receive",
+    "gradient allreduce",
+    "optimizer step",
+    "stop check",
+    "evaluation",
+    "checkpoint",
+    "done",
+)
+_INDEX = {name: i for i, name in enumerate(OPS)}
+WAITING = frozenset(_INDEX[n] for n in ("pipeline receive", "gradient allreduce", "stop check"))
+LONG = frozenset(_INDEX[n] for n in ("setup", "evaluation", "checkpoint"))
+DONE = _INDEX["done"]
+HEARTBEAT, FINAL = 1, 2
+FLOOR, LONG_FLOOR, STEPS = 60.0, 600.0, 20.0
+
+
+class Inspector:
+    """Watch the ranks of ``comm`` (an ``hpcnn.comm.Comm``); ``timeout`` 0 means automatic."""
+
+    def __init__(self, comm, timeout: float = 0.0, period: float = 1.0):
+        self.comm = comm.dup()
+        self.timeout, self.period = timeout, period
+        self.op, self.detail, self.step = 0, 0, 0
+        self.since = time.monotonic()
+        self.longest_step = 0.0
+        self.totals = np.zeros(len(OPS))  # seconds spent in each operation
+        self._stop = threading.Event()
+        target = self._watch if comm.is_root else self._beat
+        self._thread = threading.Thread(target=target, name="hpcnn-stall-inspector", daemon=True)
+        self._thread.start()
+
+    # --- the main thread ------------------------------------------------------------------
+
+    def mark(self, op: str, detail: int = 0) -> None:
+        """This rank now starts ``op`` (``detail``: e.g. the stage a receive waits for)."""
+        now = time.monotonic()
+        self.totals[self.op] += now - self.since
+        self.op, self.detail, self.since = _INDEX[op], detail, now
+
+    def step_done(self, step: int, seconds: float) -> None:
+        self.step = step
+        self.longest_step = max(self.longest_step, seconds)
+
+    def close(self, report=None) -> None:
+        """Stop the thread; collective (every rank of ``comm``). With ``report`` (rank 0's log),
+        say which rank computed longest and how long each waited."""
+        self.mark("done")
+        self._stop.set()
+        self._thread.join()
+        mine = np.array([self.step, DONE, 0, 0.0])
+        if self.comm.is_root:  # drain every rank's heartbeats up to its final message
+            buf, finals = np.empty(4), 1
+            while finals < self.comm.size:
+                source = self.comm.poll(FINAL)
+                if source is not None:
+                    self.comm.recv_(buf, source, FINAL)
+                    finals += 1
+                while (source := self.comm.poll(HEARTBEAT)) is not None:
+                    self.comm.recv_(buf, source, HEARTBEAT)
+                if finals < self.comm.size:
+                    time.sleep(0.001)
+        else:
+            self.comm.send_(mine, 0, FINAL)
+        waiting = sum(self.totals[i] for i in WAITING)
+        rows = self.comm.comm.gather((self.totals.sum() - waiting, waiting), root=0)
+        if report is not None and rows is not None and len(rows) > 1:
+            slow = max(range(len(rows)), key=lambda r: rows[r][0])
+            fast = min(range(len(rows)), key=lambda r: rows[r][0])
+            report(
+                f"time per rank (computing / waiting): slowest rank {slow}: {rows[slow][0]:.2f} s / "
+                f"{rows[slow][1]:.2f} s; fastest rank {fast}: {rows[fast][0]:.2f} s / {rows[fast][1]:.2f} s"
+            )
+        self.comm.free()
+
+    def abandon(self) -> None:
+        """Stop the thread without the collective shutdown (an error is ending the run)."""
+        self._stop.set()
+        self._thread.join()
+
+    # --- the thread -----------------------------------------------------------------------
+
+    def deadline(self, op: int) -> float:
+        if self.timeout > 0:
+            return self.timeout
+        if op in LONG or self.longest_step == 0.0:
+            return max(LONG_FLOOR, STEPS * self.longest_step)
+        return max(FLOOR, STEPS * self.longest_step)
+
+    def _state(self) -> np.ndarray:
+        op, detail, since, step = self.op, self.detail, self.since, self.step  # one consistent read
+        return np.array([step, op, detail, time.monotonic() - since])
+
+    def _beat(self) -> None:
+        """Any rank but 0: send the state to rank 0; end the job if this rank itself is stuck."""
+        request = None
+        while not self._stop.wait(self.period):
+            state = self._state()
+            if request is not None:
+                request.Wait()
+            request = self.comm.isend(state, 0, HEARTBEAT)
+            self._beat_buffer = state  # keep the buffer alive until the send completes
+            op = int(state[1])
+            if op != DONE and state[3] > 2 * self.deadline(op) + 10 * self.period:
+                self._fail(
+                    f"rank {self.comm.rank}: no progress for {state[3]:.0f} s in {OPS[op]} at step "
+                    f"{int(state[0])}, and rank 0 did not end the job (rank 0 may be lost)"
+                )
+        if request is not None:
+            request.Wait()
+
+    def _watch(self) -> None:
+        """Rank 0: collect heartbeats, diagnose a stall, end the job."""
+        size = self.comm.size
+        state = np.zeros((size, 4))
+        heard = np.full(size, time.monotonic())
+        buf = np.empty(4)
+        while not self._stop.wait(self.period):
+            while (source := self.comm.poll(HEARTBEAT)) is not None:
+                self.comm.recv_(buf, source, HEARTBEAT)
+                state[source], heard[source] = buf, time.monotonic()
+            now = time.monotonic()
+            state[0], heard[0] = self._state(), now
+            message = diagnose(state, now - heard, self.deadline)
+            if message is not None and not self._stop.is_set():
+                self._fail(message)
+
+    def _fail(self, message: str) -> None:
+        print(f"hpcnn: error: stall: {message}", file=sys.stderr, flush=True)
+        time.sleep(0.5)  # let the launcher forward the message before it tears the job down
+        self.comm.abort_job(EXIT_STALL)
+
+
+def diagnose(state, silent, deadline) -> str | None:
+    """The stall report for ``state`` rows ``(step, op, detail, seconds in op)`` per rank and
+    ``silent`` (seconds since each rank was heard from), or ``None`` if nothing is late."""
+    ops = state[:, 1].astype(int)
+    age = state[:, 3] + silent  # seconds in the current operation, extrapolated to now
+    late = [r for r in range(len(state)) if ops[r] != DONE and age[r] > deadline(ops[r])]
+    if not late:
+        return None
+    where = lambda r: f"{OPS[ops[r]]}{_detail(ops[r], state[r, 2])} at step {int(state[r, 0])}"  # noqa: E731
+    limit = max(deadline(ops[r]) for r in late)
+    lines = [f"no progress for {age[late].max():.0f} s (deadline {limit:.0f} s, see --stall-timeout)"]
+    groups: dict[str, list[int]] = {}
+    lost = []
+    for r in range(len(state)):
+        if silent[r] > deadline(ops[r]):
+            lost.append(r)
+        elif ops[r] in WAITING:
+            groups.setdefault(where(r), []).append(r)
+    for place, ranks in groups.items():
+        lines.append(f"waiting in {place}: ranks {_ranks(ranks)}")
+    absent = [r for r in range(len(state)) if r not in lost and ops[r] not in WAITING and ops[r] != DONE]
+    for r in absent:
+        lines.append(f"not arrived: rank {r}, in {where(r)} for {age[r]:.0f} s")
+    for r in lost:
+        lines.append(f"lost: rank {r}, not heard from for {silent[r]:.0f} s (last seen in {where(r)})")
+    return "\n  ".join(lines)
+
+
+def _detail(op: int, detail: float) -> str:
+    return f" from stage {int(detail)}" if OPS[op] == "pipeline receive" else ""
+
+
+def _ranks(ranks: list[int]) -> str:
+    return ", ".join(map(str, ranks)) if len(ranks) <= 16 else f"{ranks[0]}..{ranks[-1]} ({len(ranks)})"
