@@ -9,6 +9,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from contextlib import contextmanager
 
 
@@ -29,7 +30,14 @@ def _ranks_on_this_node() -> int:
 if _ranks_on_this_node() > (os.cpu_count() or 1):
     os.environ.setdefault("MPIR_CVAR_ENABLE_HEAVY_YIELD", "1")
 
-from mpi4py import MPI  # noqa: E402  (must follow the environment set-up above)
+import mpi4py  # noqa: E402  (must follow the environment set-up above)
+
+if "mpi4py.MPI" not in sys.modules:
+    # Initialise MPI ourselves (``_init``), after checking that the launcher is one this MPI can
+    # join: MPICH inside Open MPI's mpirun otherwise dies in MPI_Init with a PMI error per rank.
+    mpi4py.rc.initialize, mpi4py.rc.finalize = False, True
+    warnings.filterwarnings("ignore", "suspicious MPI execution environment")  # we say it better
+from mpi4py import MPI  # noqa: E402
 
 from hpcnn.errors import EXIT_INTERNAL, EXIT_USAGE, JobError, UserError  # noqa: E402
 
@@ -56,11 +64,13 @@ class Comm:
 
     @classmethod
     def world(cls) -> "Comm":
+        _init()
         return cls(MPI.COMM_WORLD.Dup())
 
     @classmethod
     def serial(cls) -> "Comm":
         """A one-rank communicator (tests, serial references, task groups of one)."""
+        _init()
         return cls(MPI.COMM_SELF.Dup())
 
     def print0(self, *args, **kwargs) -> None:
@@ -187,6 +197,49 @@ class Comm:
         MPI.COMM_WORLD.Abort(code)
 
 
+# What launchers tell each process about the job: (size variable, rank variable).
+LAUNCHER_VARS = (("PMI_SIZE", "PMI_RANK"), ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"))
+
+
+class LaunchMismatch(UserError):
+    """mpi4py's MPI is not the launcher's; ``rank_var`` names the launcher's rank variable."""
+
+    def __init__(self, message: str, rank_var: str):
+        super().__init__(message)
+        self.rank_var = rank_var
+
+
+def _mismatch(size_text: str, size_var: str, rank_var: str, world: str) -> LaunchMismatch:
+    library = MPI.Get_library_version().strip().splitlines()[0]
+    return LaunchMismatch(
+        f"the launcher started {size_text} processes ({size_var}={size_text}) but {world}: mpi4py uses "
+        f"another MPI ({library}) than the launcher. Launch with that MPI's mpiexec (pip's mpich: the "
+        "mpiexec beside this python), or rebuild mpi4py for the launcher's MPI "
+        "(MPICC=mpicc pip install --no-binary=mpi4py mpi4py)",
+        rank_var,
+    )
+
+
+def _init() -> None:
+    """Initialise MPI (``MPI_THREAD_MULTIPLE``: the stall inspector's thread talks MPI) unless done."""
+    if MPI.Is_initialized():
+        return
+    size = os.environ.get("OMPI_COMM_WORLD_SIZE", "")
+    if size and "Open MPI" not in MPI.Get_library_version():  # would fail inside MPI_Init
+        raise _mismatch(size, "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "MPI cannot join it")
+    MPI.Init_thread(MPI.THREAD_MULTIPLE)
+
+
+def launch_mismatch(size: int) -> LaunchMismatch | None:
+    """The error to report if the launcher started a different number of processes than MPI
+    says the world has (N singletons instead of one job of N), else ``None``."""
+    for size_var, rank_var in LAUNCHER_VARS:
+        text = os.environ.get(size_var, "")
+        if text.isdigit() and int(text) != size:
+            return _mismatch(text, size_var, rank_var, f"MPI reports a world of {size}")
+    return None
+
+
 def run_command(body, argv) -> int:
     """The face of every ``python -m hpcnn.<command>``: ``body(comm, argv)`` on every rank.
 
@@ -195,7 +248,15 @@ def run_command(body, argv) -> int:
     failing alone while others may wait in a collective, and ends the job with ``abort``.
     ``body`` may set ``comm.debug`` (``--debug`` in ``argv`` sets it from the start).
     """
-    comm = Comm.world()
+    try:
+        comm = Comm.world()
+        mismatch = launch_mismatch(comm.size)
+        if mismatch is not None:
+            raise mismatch
+    except LaunchMismatch as exc:
+        if os.environ.get(exc.rank_var, "0") == "0":  # each process may think it is rank 0: ask the launcher
+            print(f"hpcnn: error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
     comm.debug = "--debug" in argv
     try:
         return body(comm, argv)

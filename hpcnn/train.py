@@ -10,6 +10,7 @@ the command-line face that turns errors into one message from rank 0 and an exit
 import itertools
 import math
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -396,7 +397,7 @@ class _Training:
             at_step, layer, loss = stop.nonfinite
             what = "loss and gradient" if loss else "gradient"
             where = (
-                f"first in layer {layer} ({self.layers[layer]!r})"
+                f"the first layer with a non-finite gradient is {layer}, {self.layers[layer]!r}"
                 if layer < len(self.layers)
                 else "finite values whose squared norm overflows"
             )
@@ -599,6 +600,30 @@ def _announce_layout(cfg: Config, comm: Comm) -> None:
             f"hpcnn: note: {comm.local_size} ranks share {cores} cores on this node (oversubscribed): "
             "fine for testing, not for speed"
         )
+    # Launchers report a dead process by host and PID (MPICH's "BAD TERMINATION ... PID 2456"):
+    # this line turns that into a rank.
+    placement = comm.comm.gather((socket.gethostname(), os.getpid()), root=0)
+    if comm.size > 1 and placement is not None:
+        comm.print0(f"hpcnn: ranks by host (rank=pid): {_placement(placement)}")
+
+
+def _placement(rows) -> str:
+    """``host: 0=2450 1=2451 ...`` per host, runs of consecutive ranks and PIDs folded."""
+    hosts: dict[str, list] = {}
+    for rank, (host, pid) in enumerate(rows):
+        hosts.setdefault(host, []).append((rank, pid))
+    parts = []
+    for host, pairs in hosts.items():
+        runs, i = [], 0
+        while i < len(pairs):
+            j = i
+            while j + 1 < len(pairs) and pairs[j + 1] == (pairs[j][0] + 1, pairs[j][1] + 1):
+                j += 1
+            (r0, p0), (r1, p1) = pairs[i], pairs[j]
+            runs.append(f"{r0}={p0}" if i == j else f"{r0}-{r1}={p0}-{p1}")
+            i = j + 1
+        parts.append(f"{host}: {' '.join(runs)}")
+    return "; ".join(parts)
 
 
 def _main(comm: Comm, argv) -> int:

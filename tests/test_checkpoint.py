@@ -442,3 +442,66 @@ def test_a_checkpoint_from_4_ranks_resumes_exactly_at_1_2_and_8_ranks(tmp_path):
         for k in final:
             if k.startswith("model/"):
                 np.testing.assert_allclose(ended[k], final[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_a_stop_at_the_last_step_resumes_to_the_uninterrupted_result(comm, straight, tmp_path, monkeypatch):
+    result, _ = straight()
+    make = train.make_optimizer
+    monkeypatch.setattr(train, "make_optimizer", lambda cfg, p: SignalAtStep(make(cfg, p), STEPS - 1))
+    stopped = fit(Config(**BASE, checkpoint_dir=str(tmp_path)), comm)
+    assert stopped.stopped == "SIGUSR1" and stopped.steps == STEPS
+    at = inspect(tmp_path / "ckpt-000000030.h5").position
+    assert (at.epoch, at.batch, len(at.history)) == (1, 15, 1)  # the last epoch is not closed yet
+    monkeypatch.setattr(train, "make_optimizer", make)
+    resumed = fit(Config(**BASE, checkpoint_dir=str(tmp_path), resume="auto"), comm)
+    assert resumed.final == pytest.approx(result.final) and len(resumed.history) == 2
+    assert resumed.history[1]["loss"] == pytest.approx(result.history[1]["loss"], rel=1e-12)
+    at = inspect(tmp_path / "ckpt-000000030.h5").position  # rewritten once the epoch was closed
+    assert (at.epoch, at.batch, len(at.history)) == (2, 0, 2)
+
+
+def test_checkpoints_at_the_end_hold_the_closed_epoch(straight):
+    result, d = straight()  # checkpoint_every = 7 does not divide 30; 15 does
+    at = inspect(d / "ckpt-000000030.h5").position
+    assert (at.epoch, at.batch) == (2, 0) and [r["epoch"] for r in at.history] == [1, 2]
+    at = inspect(d / "ckpt-000000014.h5").position
+    assert (at.epoch, at.batch, at.epoch_sums[2]) == (0, 14, 1400.0)
+
+
+def test_a_max_steps_stop_mid_epoch_resumes_the_same_epoch(comm, tmp_path):
+    settings = dict(BASE, lr_schedule="constant")  # max_steps does not change the learning rates
+    whole = fit(Config(**settings), comm)
+    part = fit(Config(**settings, max_steps=20, checkpoint_dir=str(tmp_path)), comm)
+    at = inspect(tmp_path / "ckpt-000000020.h5").position
+    assert (at.epoch, at.batch, at.epoch_sums[2], len(at.history)) == (1, 5, 500.0, 1)
+    assert [r["epoch"] for r in part.history] == [1, 2]  # the partial epoch is reported
+    rest = fit(Config(**settings, checkpoint_dir=str(tmp_path), resume="auto"), comm)
+    assert [r["epoch"] for r in rest.history] == [1, 2]
+    assert [r["loss"] for r in rest.history] == pytest.approx([r["loss"] for r in whole.history], rel=1e-12)
+    np.testing.assert_array_equal(rest.model.params.data, whole.model.params.data)
+
+
+def test_pruning_keeps_good_checkpoints_and_leaves_unreadable_newer_ones(comm, straight, tmp_path):
+    _, d = straight()
+    run = tmp_path / "run"
+    copy_run(d, run, (7, 14))
+    (run / "ckpt-000000040.h5").write_bytes(b"not hdf5")  # from a crash of a longer run, say
+    lines = []
+    cfg = Config(**BASE, checkpoint_dir=str(run), resume="auto", keep=2, checkpoint_every=7)
+    fit(cfg, comm, log=lines.append)
+    assert any("skipping checkpoint" in line and "ckpt-000000040.h5" in line for line in lines)
+    assert [checkpoint.step_of(p) for p in checkpoints(run)] == [40, 30, 28]
+    verify(run / "ckpt-000000030.h5")
+    verify(run / "ckpt-000000028.h5")
+
+
+@pytest.mark.skipif(checkpoint.h5py_parallel(), reason="this h5py has parallel HDF5, so mpio is available")
+def test_mpio_without_parallel_hdf5_and_unwritable_directories_fail_before_training(comm, tmp_path):
+    lines = []
+    with pytest.raises(JobError, match="checkpoint_io = 'mpio' needs h5py built with parallel HDF5") as exc:
+        fit(Config(**BASE, checkpoint_dir=str(tmp_path / "m"), checkpoint_io="mpio"), comm, log=lines.append)
+    assert exc.value.exit_code == 2 and not any(line.startswith("epoch") for line in lines)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(JobError, match=r"checkpoint_dir .*file/sub is not writable: .*Not a directory"):
+        fit(Config(**BASE, checkpoint_dir=str(tmp_path / "file" / "sub")), comm, log=lines.append)
+    assert not any(line.startswith("epoch") for line in lines)
