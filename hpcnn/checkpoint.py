@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpcnn import __version__
+from hpcnn import __version__, faults
 from hpcnn.backend import to_host
 from hpcnn.data import open_h5, split_counts
 from hpcnn.errors import EXIT_INTERNAL, JobError, UserError
@@ -269,6 +269,7 @@ def _write_gathered(tmp, meta, grid, layers, bounds, buffers) -> str | None:
 
     world = grid.world
     if not world.is_root:
+        faults.point("checkpoint")
         if grid.replica == 0:
             for tag, (_, buf) in enumerate(buffers):
                 world.send_(to_host(buf), 0, tag)
@@ -276,6 +277,7 @@ def _write_gathered(tmp, meta, grid, layers, bounds, buffers) -> str | None:
     failure, f = None, None
     try:
         f = h5py.File(tmp, "w")
+        faults.point("checkpoint")
         _write_attrs(f, meta)
     except (OSError, ValueError) as exc:
         failure = str(exc)
@@ -320,6 +322,7 @@ def _write_mpio(tmp, meta, grid, layers, bounds, buffers) -> str | None:
     else:
         failure = None
         try:
+            faults.point("checkpoint")
             _write_attrs(f, meta)
             dtype = to_host(buffers[0][1]).dtype
             for stage in range(grid.stages):

@@ -150,6 +150,26 @@ class Comm:
         """End every rank of the job now (from any thread); the caller has printed why."""
         MPI.COMM_WORLD.Abort(code)
 
+    def root_decides(self, fn, debug: bool = False):
+        """Run ``fn()`` on rank 0 only (a file-system check, a choice of file) and return its
+        result on every rank. If it raises, every rank raises the same ``JobError``, whose message
+        carries no rank prefix: the question was rank 0's to answer, not rank 0's fault."""
+        outcome = None
+        if self.is_root:
+            try:
+                outcome = (True, fn())
+            except Exception as exc:  # noqa: BLE001  (reported on every rank below)
+                detail = traceback.format_exc() if debug else ""
+                outcome = (False, (isinstance(exc, UserError), str(exc) or type(exc).__name__, detail))
+        ok, value = self.bcast(outcome)
+        if ok:
+            return value
+        user, message, detail = value
+        message = message if user else f"internal error: {message}"
+        raise JobError(
+            f"{detail.rstrip()}\n{message}" if detail else message, EXIT_USAGE if user else EXIT_INTERNAL
+        )
+
     @contextmanager
     def agreed(self, debug: bool = False):
         """Run a block on every rank, then agree on whether any rank failed.

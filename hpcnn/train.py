@@ -277,6 +277,8 @@ class _Training:
                         self._check_replicas()
                     if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                         self.checkpoint(sums, f"every {cfg.checkpoint_every} steps")
+                if self.stop.drain():  # nothing noted in the epoch's last steps may reach its summary
+                    return self._stopped(sums)
                 self._close_epoch(sums, rows, self.comm.wtime() - t0)
                 if self.step >= self.steps:
                     break
@@ -356,6 +358,7 @@ class _Training:
 
     def _evaluate(self, split) -> dict:
         self.inspector.mark("evaluation")
+        faults.step = self.step
         faults.point("evaluation")
         return evaluate(self.pipe, self.loss_fn, split, self.grid, self.cfg, self.classify)
 
@@ -445,9 +448,7 @@ def _resume(cfg, grid, layers, in_features, bounds, model, opt, log):
     """Load the checkpoint ``cfg.resume`` names into this rank's stage; returns its position and
     path, or ``(None, None)`` when ``resume = auto`` finds no checkpoint (a requeued job's first run)."""
     world = grid.world
-    with world.agreed(cfg.debug):
-        chosen, notes = _choose_checkpoint(cfg) if world.is_root else (None, [])
-    chosen, notes = world.bcast((chosen, notes))
+    chosen, notes = world.root_decides(lambda: _choose_checkpoint(cfg), cfg.debug)
     for note in notes:
         log(note)
     if chosen is None:
@@ -483,33 +484,38 @@ def _check_checkpoint_dir(cfg, comm, start: Position | None) -> None:
     run's: a fresh run needs a directory without checkpoints, a resumed one no newer checkpoints
     than its starting point (``auto`` starts from the newest good one: newer ones are unreadable).
     Also, before any training: the directory must be writable, and ``mpio`` available if asked for."""
+    if not cfg.checkpoint_dir:
+        return
     with comm.agreed(cfg.debug):
-        if cfg.checkpoint_dir and cfg.checkpoint_io == "mpio" and not h5py_parallel():
+        if cfg.checkpoint_io == "mpio" and not h5py_parallel():
             raise UserError(
                 "checkpoint_io = 'mpio' needs h5py built with parallel HDF5 (h5py.get_config().mpi is "
                 "False here); use --checkpoint-io gather or auto"
             )
-        if comm.is_root and cfg.checkpoint_dir:
-            try:
-                Path(cfg.checkpoint_dir).mkdir(parents=True, exist_ok=True)
-                with tempfile.TemporaryFile(dir=cfg.checkpoint_dir, prefix=".hpcnn-write-test-"):
-                    pass
-            except OSError as exc:
-                raise UserError(f"checkpoint_dir {cfg.checkpoint_dir} is not writable: {exc}") from None
-        if comm.is_root and cfg.checkpoint_dir and cfg.resume != "auto":
-            step = start.step if start else -1
-            ahead = [p for p in checkpoints(cfg.checkpoint_dir) if step_of(p) > step]
-            if ahead and start is None:
-                raise UserError(
-                    f"checkpoint_dir {cfg.checkpoint_dir} already holds checkpoints of another run "
-                    f"(newest {ahead[0].name}): continue it with --resume auto, or choose another "
-                    "--checkpoint-dir"
-                )
-            if ahead:
-                raise UserError(
-                    f"checkpoint_dir {cfg.checkpoint_dir} holds checkpoints newer than {cfg.resume} "
-                    f"(newest {ahead[0].name}) that this run would overwrite: choose another --checkpoint-dir"
-                )
+    comm.root_decides(lambda: _check_directory(cfg, start), cfg.debug)
+
+
+def _check_directory(cfg, start: Position | None) -> None:
+    try:
+        Path(cfg.checkpoint_dir).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=cfg.checkpoint_dir, prefix=".hpcnn-write-test-"):
+            pass
+    except OSError as exc:
+        raise UserError(f"checkpoint_dir {cfg.checkpoint_dir} is not writable: {exc}") from None
+    if cfg.resume == "auto":
+        return
+    step = start.step if start else -1
+    ahead = [p for p in checkpoints(cfg.checkpoint_dir) if step_of(p) > step]
+    if ahead and start is None:
+        raise UserError(
+            f"checkpoint_dir {cfg.checkpoint_dir} already holds checkpoints of another run "
+            f"(newest {ahead[0].name}): continue it with --resume auto, or choose another --checkpoint-dir"
+        )
+    if ahead:
+        raise UserError(
+            f"checkpoint_dir {cfg.checkpoint_dir} holds checkpoints newer than {cfg.resume} "
+            f"(newest {ahead[0].name}) that this run would overwrite: choose another --checkpoint-dir"
+        )
 
 
 def _choose_checkpoint(cfg) -> tuple[str | None, list[str]]:
