@@ -42,6 +42,7 @@ from mpi4py import MPI  # noqa: E402
 from hpcnn.errors import EXIT_INTERNAL, EXIT_USAGE, JobError, UserError  # noqa: E402
 
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+NULL_REQUEST = MPI.REQUEST_NULL
 
 
 class Comm:
@@ -140,10 +141,18 @@ class Comm:
     def waitall(requests) -> None:
         MPI.Request.Waitall(requests)
 
-    def poll(self, tag: int) -> int | None:
-        """The source of a message with ``tag`` waiting to be received, or ``None`` (never blocks)."""
-        status = MPI.Status()
-        return status.Get_source() if self.comm.Iprobe(MPI.ANY_SOURCE, tag, status) else None
+    def irecv_(self, buf, source: int, tag: int):
+        return self.comm.Irecv(buf, source=source, tag=tag)
+
+    @staticmethod
+    def testsome(requests) -> list[int]:
+        """Indices of the requests that have completed (progressing all of them; never blocks)."""
+        return MPI.Request.Testsome(requests) or []
+
+    @staticmethod
+    def threads_supported() -> bool:
+        """Whether MPI was initialised with MPI_THREAD_MULTIPLE (a helper thread may call MPI)."""
+        return MPI.Query_thread() == MPI.THREAD_MULTIPLE
 
     @staticmethod
     def abort_job(code: int) -> None:

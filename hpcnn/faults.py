@@ -5,8 +5,9 @@ real runs fail on purpose. The variable names what goes wrong, where, on which w
 which optimizer step (0-based; ``step`` may be left out: the first time the site is reached):
 
 - KIND: ``raise`` (a RuntimeError), ``kill`` (SIGKILL to the process: a crashed or OOM-killed
-  rank), ``hang`` (sleep forever: a stuck rank), ``nan`` (the site's values become NaN), ``diverge``
-  (perturb this rank's parameters: a silently diverged replica);
+  rank), ``hang`` (sleep forever: a stuck rank), ``nan`` (at ``data``: an input value becomes NaN;
+  at ``forward``: the stage's output does), ``diverge`` (at ``optimizer``: perturb this rank's
+  parameters, a silently diverged replica);
 - SITE: ``data`` (after reading a batch), ``forward``, ``backward``, ``allreduce`` (just before the
   gradient reduction), ``optimizer``, ``checkpoint`` (inside a checkpoint write), ``evaluation``.
 
@@ -21,6 +22,7 @@ import time
 KINDS = ("raise", "kill", "hang", "nan", "diverge")
 SITES = ("data", "forward", "backward", "allreduce", "optimizer", "checkpoint", "evaluation")
 VARIABLE = "HPCNN_FAULT"
+ACTING = {"nan": ("data", "forward"), "diverge": ("optimizer",)}  # kinds the caller carries out
 
 
 def _parse(text: str | None):
@@ -35,6 +37,8 @@ def _parse(text: str | None):
         raise ValueError(f"{VARIABLE}={text!r}: expected KIND@SITE:rank=R,step=S") from None
     if kind not in KINDS or site not in SITES:
         raise ValueError(f"{VARIABLE}={text!r}: KIND is one of {KINDS}, SITE one of {SITES}")
+    if kind in ACTING and site not in ACTING[kind]:
+        raise ValueError(f"{VARIABLE}={text!r}: {kind} acts only at {', '.join(ACTING[kind])}")
     return spec
 
 

@@ -26,6 +26,7 @@ import time
 
 import numpy as np
 
+from hpcnn.comm import NULL_REQUEST
 from hpcnn.errors import EXIT_STALL
 
 OPS = (
@@ -33,6 +34,8 @@ OPS = (
     "read data",
     "forward/backward",
     "pipeline receive",
+    "evaluation receive",
+    "evaluation allreduce",
     "gradient allreduce",
     "optimizer step",
     "stop check",
@@ -41,10 +44,21 @@ OPS = (
     "done",
 )
 _INDEX = {name: i for i, name in enumerate(OPS)}
-WAITING = frozenset(_INDEX[n] for n in ("pipeline receive", "gradient allreduce", "stop check"))
-LONG = frozenset(_INDEX[n] for n in ("setup", "evaluation", "checkpoint"))
+WAITING = frozenset(
+    _INDEX[n]
+    for n in (
+        "pipeline receive",
+        "evaluation receive",
+        "evaluation allreduce",
+        "gradient allreduce",
+        "stop check",
+    )
+)
+LONG = frozenset(
+    _INDEX[n] for n in ("setup", "evaluation", "evaluation receive", "evaluation allreduce", "checkpoint")
+)
 DONE = _INDEX["done"]
-HEARTBEAT, FINAL = 1, 2
+HEARTBEAT = 1
 FLOOR, LONG_FLOOR, STEPS = 60.0, 600.0, 20.0
 
 
@@ -59,6 +73,15 @@ class Inspector:
         self.longest_step = 0.0
         self.totals = np.zeros(len(OPS))  # seconds spent in each operation
         self._stop = threading.Event()
+        self._thread = None
+        if not comm.threads_supported():
+            return  # MPI without MPI_THREAD_MULTIPLE: no helper thread may call it (times still kept)
+        if comm.is_root:
+            size = self.comm.size
+            self._state_of, self._inbox = np.zeros((size, 4)), np.zeros((size, 4))
+            self._heard, self._done = np.full(size, time.monotonic()), np.zeros(size, bool)
+            self._done[0] = True
+            self._requests = [self.comm.irecv_(self._inbox[r], r, HEARTBEAT) for r in range(1, size)]
         target = self._watch if comm.is_root else self._beat
         self._thread = threading.Thread(target=target, name="hpcnn-stall-inspector", daemon=True)
         self._thread.start()
@@ -80,21 +103,14 @@ class Inspector:
         say which rank computed longest and how long each waited."""
         self.mark("done")
         self._stop.set()
-        self._thread.join()
-        mine = np.array([self.step, DONE, 0, 0.0])
-        if self.comm.is_root:  # drain every rank's heartbeats up to its final message
-            buf, finals = np.empty(4), 1
-            while finals < self.comm.size:
-                source = self.comm.poll(FINAL)
-                if source is not None:
-                    self.comm.recv_(buf, source, FINAL)
-                    finals += 1
-                while (source := self.comm.poll(HEARTBEAT)) is not None:
-                    self.comm.recv_(buf, source, HEARTBEAT)
-                if finals < self.comm.size:
+        if self._thread is not None:
+            self._thread.join()
+            if self.comm.is_root:  # every rank's last message says "done"; nothing is left in flight
+                while not self._done.all():
+                    self._collect()
                     time.sleep(0.001)
-        else:
-            self.comm.send_(mine, 0, FINAL)
+            else:
+                self.comm.send_(self._state(), 0, HEARTBEAT)
         waiting = sum(self.totals[i] for i in WAITING)
         rows = self.comm.comm.gather((self.totals.sum() - waiting, waiting), root=0)
         if report is not None and rows is not None and len(rows) > 1:
@@ -109,7 +125,8 @@ class Inspector:
     def abandon(self) -> None:
         """Stop the thread without the collective shutdown (an error is ending the run)."""
         self._stop.set()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
 
     # --- the thread -----------------------------------------------------------------------
 
@@ -142,19 +159,27 @@ class Inspector:
         if request is not None:
             request.Wait()
 
+    def _collect(self) -> None:
+        """Rank 0: take in every heartbeat that has arrived. One receive stays posted per rank, and
+        the test is repeated until nothing more completes: when rank 0's main thread makes no MPI
+        calls (stuck in computation), each test may progress only one incoming message."""
+        while completed := self.comm.testsome(self._requests):
+            for r in completed:
+                source = r + 1
+                self._state_of[source], self._heard[source] = self._inbox[source], time.monotonic()
+                if int(self._inbox[source, 1]) == DONE:
+                    self._done[source] = True
+                    self._requests[r] = NULL_REQUEST
+                else:
+                    self._requests[r] = self.comm.irecv_(self._inbox[source], source, HEARTBEAT)
+
     def _watch(self) -> None:
         """Rank 0: collect heartbeats, diagnose a stall, end the job."""
-        size = self.comm.size
-        state = np.zeros((size, 4))
-        heard = np.full(size, time.monotonic())
-        buf = np.empty(4)
         while not self._stop.wait(self.period):
-            while (source := self.comm.poll(HEARTBEAT)) is not None:
-                self.comm.recv_(buf, source, HEARTBEAT)
-                state[source], heard[source] = buf, time.monotonic()
+            self._collect()
             now = time.monotonic()
-            state[0], heard[0] = self._state(), now
-            message = diagnose(state, now - heard, self.deadline)
+            self._state_of[0], self._heard[0] = self._state(), now
+            message = diagnose(self._state_of, now - self._heard, self.deadline)
             if message is not None and not self._stop.is_set():
                 self._fail(message)
 
@@ -193,7 +218,7 @@ def diagnose(state, silent, deadline) -> str | None:
 
 
 def _detail(op: int, detail: float) -> str:
-    return f" from stage {int(detail)}" if OPS[op] == "pipeline receive" else ""
+    return f" from stage {int(detail)}" if OPS[op].endswith("receive") else ""
 
 
 def _ranks(ranks: list[int]) -> str:

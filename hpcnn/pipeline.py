@@ -143,7 +143,7 @@ class Pipeline:
     def _recv(self, rows: int, width: int, source: int, tag: int, timed: bool = True):
         buf = self._buffer(rows, width)
         t0 = self.clock()
-        self.mark("pipeline receive", source)
+        self.mark("pipeline receive" if timed else "evaluation receive", source)
         self.pipe.recv_(buf, source, tag)
         self.mark("forward/backward" if timed else "evaluation")
         if timed:  # training steps only: evaluation is not part of the stage timing report

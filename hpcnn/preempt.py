@@ -37,7 +37,7 @@ class StopRequest:
         self._agreed = self._notes.copy()
         self._request = None
         self.agreed = None  # after poll: the name of a signal some rank received
-        self.nonfinite = None  # after poll: (step, first layer, loss was non-finite)
+        self.nonfinite = None  # after poll: (step, first layer with a bad gradient or None, loss bad)
         self.bad_input = None  # after poll: (step, row)
 
     def __enter__(self) -> "StopRequest":
@@ -49,9 +49,11 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         self.received = self.received or signum
 
-    def note_nonfinite(self, step: int, layer: int, loss: bool) -> None:
+    def note_nonfinite(self, step: int, layer: int | None, loss: bool) -> None:
+        """``layer``: the first layer with a non-finite gradient (``None``: the gradient is finite)."""
         if self._notes[BAD_STEP] == NONE:
-            self._notes[BAD_STEP], self._notes[BAD_LAYER], self._notes[BAD_LOSS] = -step, -layer, loss
+            self._notes[BAD_STEP], self._notes[BAD_LOSS] = -step, loss
+            self._notes[BAD_LAYER] = NONE if layer is None else -layer
 
     def note_bad_input(self, step: int, row: int) -> None:
         if self._notes[ROW_STEP] == NONE:
@@ -96,7 +98,8 @@ class StopRequest:
         if a[SIGNAL]:
             self.agreed = signal.Signals(int(a[SIGNAL])).name
         if a[BAD_STEP] != NONE:
-            self.nonfinite = (-int(a[BAD_STEP]), -int(a[BAD_LAYER]), bool(a[BAD_LOSS]))
+            layer = None if a[BAD_LAYER] == NONE else -int(a[BAD_LAYER])
+            self.nonfinite = (-int(a[BAD_STEP]), layer, bool(a[BAD_LOSS]))
         if a[ROW_STEP] != NONE:
             self.bad_input = (-int(a[ROW_STEP]), -int(a[BAD_ROW]))
         return self.agreed is not None or self.nonfinite is not None or self.bad_input is not None

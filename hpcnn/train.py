@@ -7,6 +7,7 @@ and stops after the same step on every rank when a stop signal arrives (``preemp
 the command-line face that turns errors into one message from rank 0 and an exit code on every rank.
 """
 
+import hashlib
 import itertools
 import math
 import os
@@ -113,7 +114,9 @@ def evaluate(pipe: Pipeline, loss_fn, split, grid: Grid, cfg, classify: bool) ->
         loss_sum, correct = pipe.forward_only(inputs, targets, sizes, loss_fn)
         if pipe.is_last:
             sums += (loss_sum, correct, len(chunk))
+    pipe.mark("evaluation allreduce")
     grid.world.allreduce_sum_(sums)
+    pipe.mark("evaluation")
     rows = max(sums[2], 1)
     return {"loss": sums[0] / rows, "accuracy": sums[1] / rows if classify else None, "rows": int(sums[2])}
 
@@ -313,11 +316,15 @@ class _Training:
         sq = float(xp.dot(params.grad, params.grad))
         if cfg.clip_norm:  # collective across stages: every rank takes part, finite or not
             clip_grad_norm(params.grad, cfg.clip_norm, self.across_stages, sq)
+        # Whether to step depends on the reduced gradient only, which all replicas of a stage share,
+        # so replicas stay identical; a non-finite gradient leaves the last finite state in place.
+        # Every rank learns of a note at the next stop check.
         loss_bad = pipe.is_last and not math.isfinite(loss_sum)
-        if math.isfinite(sq) and not loss_bad:
+        if math.isfinite(sq):
             self.opt.step(self.lr(self.step))
-        else:  # keep the last finite state; every rank learns of it at the next stop check
-            self.stop.note_nonfinite(self.step, self._first_nonfinite_layer(), loss_bad)
+        if loss_bad or not math.isfinite(sq):
+            layer = None if math.isfinite(sq) else self._first_nonfinite_layer()
+            self.stop.note_nonfinite(self.step, layer, loss_bad)
         if faults.point("optimizer") == "diverge":
             params.data[0] += 1e-3
         self.step, self.batch = self.step + 1, self.batch + 1
@@ -389,6 +396,7 @@ class _Training:
         """Every rank agreed to stop: say why (or, for a signal, checkpoint and return)."""
         stop, result = self.stop, self.result
         result.steps = self.step
+        stop.drain()  # notes made in the step after a signal's (a NaN, a bad row) must not be lost
         if stop.bad_input is not None:
             at_step, row = stop.bad_input
             raise JobError(
@@ -398,15 +406,18 @@ class _Training:
             )
         if stop.nonfinite is not None:
             at_step, layer, loss = stop.nonfinite
-            what = "loss and gradient" if loss else "gradient"
-            where = (
-                f"the first layer with a non-finite gradient is {layer}, {self.layers[layer]!r}"
-                if layer < len(self.layers)
-                else "finite values whose squared norm overflows"
-            )
+            if layer is None:
+                what = "non-finite loss (the gradient is finite)"
+            elif layer < len(self.layers):
+                what = (
+                    f"non-finite {'loss and ' if loss else ''}gradient (the first layer with a non-finite "
+                    f"gradient is {layer}, {self.layers[layer]!r})"
+                )
+            else:
+                what = f"{'non-finite loss and ' if loss else ''}a gradient whose squared norm overflows"
             raise JobError(
-                f"non-finite {what} at step {at_step} ({where}); training stopped, no checkpoint written "
-                "from that state (try a lower --lr or --clip-norm)",
+                f"{what} at step {at_step}; training stopped, no checkpoint written from that state "
+                "(try a lower --lr or --clip-norm)",
                 EXIT_NONFINITE,
             )
         result.stopped = stop.agreed
@@ -416,19 +427,25 @@ class _Training:
 
     def _check_replicas(self) -> None:
         """Every data-parallel replica of a stage must hold bitwise the same parameters."""
-        data = to_host(self.model.params.data)
-        checksum = int(data.view(np.uint8).astype(np.uint64).sum()) if data.size else 0
-        rows = self.comm.comm.allgather((self.grid.stage, checksum))
-        odd = []
+        digest = hashlib.blake2b(memoryview(to_host(self.model.params.data)), digest_size=16).hexdigest()
+        rows = self.comm.comm.allgather((self.grid.stage, digest))
+        problems = []
         for stage in range(self.grid.stages):
-            sums = [(r, c) for r, (s, c) in enumerate(rows) if s == stage]
-            values = [c for _, c in sums]
+            held = [(r, d) for r, (s, d) in enumerate(rows) if s == stage]
+            values = [d for _, d in held]
             common = max(set(values), key=values.count)
-            odd += [r for r, c in sums if c != common]
-        if odd:
+            if values.count(common) == len(values):
+                continue
+            if 2 * values.count(common) > len(values):  # a majority: the others are the odd ones
+                problems.append(
+                    f"rank(s) {[r for r, d in held if d != common]} differ from the other replicas"
+                )
+            else:  # e.g. two replicas: which one is wrong cannot be told
+                problems.append(f"the replicas of stage {stage} (ranks {[r for r, _ in held]}) disagree")
+        if problems:
             raise JobError(
-                f"replicas diverged by step {self.step}: rank(s) {odd} hold parameters that differ from "
-                "the other replicas of their stage (a silent hardware or communication fault?)",
+                f"replicas diverged by step {self.step}: {'; '.join(problems)} (a silent hardware or "
+                "communication fault?)",
                 EXIT_INTERNAL,
             )
 

@@ -127,9 +127,9 @@ def test_a_nan_loss_stops_every_rank_at_once_and_never_reaches_a_checkpoint(tmp_
     proc, seconds = launch(args, {"HPCNN_FAULT": "nan@forward:rank=1,step=5"})
     assert proc.returncode == 3 and seconds < LIMIT, proc.stderr
     assert ours(proc) == [
-        "hpcnn: error: non-finite loss and gradient at step 5 (the first layer with a non-finite gradient "
-        "is 0, Dense(64, 32)); training stopped, no checkpoint written from that state (try a lower --lr "
-        "or --clip-norm)"
+        "hpcnn: error: non-finite loss and gradient (the first layer with a non-finite gradient is 0, "
+        "Dense(64, 32)) at step 5; training stopped, no checkpoint written from that state (try a lower "
+        "--lr or --clip-norm)"
     ], proc.stderr
     assert checkpoints(d)[0].name == "ckpt-000000005.h5"  # the state after 5 good steps
     with h5py.File(checkpoints(d)[0], "r") as f:
@@ -143,9 +143,49 @@ def test_a_diverged_replica_is_named(tmp_path):
     )
     assert proc.returncode == 1 and seconds < LIMIT
     assert ours(proc) == [
-        "hpcnn: error: replicas diverged by step 4: rank(s) [6] hold parameters that differ from the "
-        "other replicas of their stage (a silent hardware or communication fault?)"
+        "hpcnn: error: replicas diverged by step 4: rank(s) [6] differ from the other replicas (a silent "
+        "hardware or communication fault?)"
     ], proc.stderr
+
+
+def test_two_disagreeing_replicas_are_both_named():
+    """With two replicas a majority cannot tell which one is wrong: both are named."""
+    proc, seconds = launch(
+        [*FAST, "--check-replicas", "1"], {"HPCNN_FAULT": "diverge@optimizer:rank=0,step=3"}, ranks=2
+    )
+    assert proc.returncode == 1 and seconds < LIMIT
+    assert "replicas diverged by step 4: the replicas of stage 0 (ranks [0, 1]) disagree" in proc.stderr
+
+
+def test_a_nan_in_the_step_after_a_signal_is_reported_not_hidden_by_the_stop(tmp_path, monkeypatch):
+    """SIGUSR1 during the 4th step, a NaN input row read for the next one (index 4), which runs before
+    the stop is agreed: the state to checkpoint is not finite, so the run must end with the input
+    error, not with a checkpoint and exit 75."""
+    from test_checkpoint import SignalAtStep
+
+    from hpcnn import faults, train
+    from hpcnn.comm import Comm
+    from hpcnn.config import Config
+    from hpcnn.errors import JobError
+
+    make = train.make_optimizer
+    monkeypatch.setattr(train, "make_optimizer", lambda cfg, p: SignalAtStep(make(cfg, p), 4))
+    monkeypatch.setattr(faults, "_spec", ("nan", "data", 0, 4))
+    monkeypatch.setattr(faults, "_fired", False)
+    with pytest.raises(JobError, match="has a non-finite input value .* read for step 4") as exc:
+        train.fit(Config(hidden=[16], epochs=1, checkpoint_dir=str(tmp_path)), Comm.serial())
+    assert exc.value.exit_code == 2 and checkpoints(tmp_path) == []
+
+
+def test_rank_0_stuck_outside_mpi_still_hears_every_rank():
+    """Rank 0 hangs in evaluation (no MPI calls in its main thread): its inspector must still hear
+    all 7 others each second, so none is reported lost, and rank 0 is named."""
+    args = [*FAST, "--pipeline-stages", "2", "--hidden", "32,32", "--stall-timeout", "4", "--eval-every", "1"]
+    proc, seconds = launch(args, {"HPCNN_FAULT": "hang@evaluation:rank=0"})
+    assert proc.returncode == 4 and seconds < LIMIT, proc.stderr
+    assert "lost:" not in proc.stderr and "not arrived: rank 0, in evaluation" in proc.stderr
+    assert "waiting in evaluation receive from stage 0 at step 23: ranks 1\n" in proc.stderr
+    assert "waiting in evaluation allreduce at step 23: ranks 2, 3, 4, 5, 6, 7" in proc.stderr
 
 
 # --- bad input: one message, exit 2 on every rank, nothing damaged ------------------------------

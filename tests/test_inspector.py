@@ -50,3 +50,5 @@ def test_automatic_deadline_follows_the_longest_step():
     auto.longest_step = 10.0
     assert auto.deadline(OP["forward/backward"]) == 200.0
     assert Bare(7.0).deadline(OP["setup"]) == 7.0
+    # Stages waiting for another stage's evaluation get evaluation's allowance, not a step's.
+    assert auto.deadline(OP["evaluation receive"]) == 600.0
