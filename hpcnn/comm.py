@@ -37,6 +37,7 @@ if "mpi4py.MPI" not in sys.modules:
     # join: MPICH inside Open MPI's mpirun otherwise dies in MPI_Init with a PMI error per rank.
     mpi4py.rc.initialize, mpi4py.rc.finalize = False, True
     warnings.filterwarnings("ignore", "suspicious MPI execution environment")  # we say it better
+import numpy as np  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
 from hpcnn.errors import EXIT_INTERNAL, EXIT_USAGE, JobError, UserError  # noqa: E402
@@ -58,6 +59,7 @@ class Comm:
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
         self.is_root = self.rank == 0
+        self.world_rank = MPI.COMM_WORLD.Get_rank()  # for messages and the fault hook
         self.debug = False  # print tracebacks with errors (set from --debug by commands)
         node = comm.Split_type(MPI.COMM_TYPE_SHARED)
         self.local_size = node.Get_size()  # ranks sharing this node's cores
@@ -115,6 +117,10 @@ class Comm:
 
     def wtime(self) -> float:
         return MPI.Wtime()
+
+    def counter(self) -> "SharedCounter":
+        """A counter on rank 0 that any rank can take the next value of (collective to create)."""
+        return SharedCounter(self)
 
     def dup(self) -> "Comm":
         """A communicator of the same ranks whose traffic cannot mix with this one's."""
@@ -295,6 +301,38 @@ def run_command(body, argv) -> int:
         return exc.exit_code
     except Exception as exc:  # noqa: BLE001  (a rank failing alone must take the job down, not hang it)
         comm.abort(exc, comm.debug)
+
+
+class SharedCounter:
+    """An integer in rank 0's memory that ranks advance with one-sided ``MPI_Fetch_and_op``.
+
+    This is how a task farm hands out work without a dispatcher loop: whichever group is free takes
+    the next task number, and rank 0 keeps computing meanwhile (passive-target RMA needs no action
+    from the target).
+    """
+
+    def __init__(self, comm: Comm):
+        self.win = MPI.Win.Allocate(8 if comm.is_root else 0, 8, comm=comm.comm)
+        if comm.is_root:
+            self.win.Lock(0)
+            self.win.Put(np.zeros(1, np.int64), 0)
+            self.win.Unlock(0)
+        comm.comm.Barrier()  # nobody takes a number before it is zero
+
+    def next(self) -> int:
+        """The current value, incremented atomically for the next caller."""
+        return self.add(1)
+
+    def add(self, amount: int) -> int:
+        """Add ``amount`` atomically; returns the value before."""
+        value, old = np.full(1, amount, np.int64), np.zeros(1, np.int64)
+        self.win.Lock(0, MPI.LOCK_SHARED)
+        self.win.Fetch_and_op(value, old, 0, op=MPI.SUM)
+        self.win.Unlock(0)
+        return int(old[0])
+
+    def free(self) -> None:
+        self.win.Free()  # collective
 
 
 class Grid:

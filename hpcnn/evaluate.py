@@ -156,6 +156,28 @@ def predict(path, out_path, overrides: dict, comm: Comm) -> int:
     return rows
 
 
+def member_probabilities(path):
+    """Softmax outputs of a classifier checkpoint on its own data's held-out rows, and the labels,
+    computed on this process alone (an ensemble's members, averaged by the sweep)."""
+    comm = Comm.serial()
+    cfg, info, layers, grid, pipe = load(path, {}, comm)
+    ds = open_data(cfg, comm)
+    with comm.agreed(cfg.debug):
+        if ds.num_classes is None or ds.test is None:
+            raise UserError(f"{path}: an ensemble needs a classifier and held-out rows")
+    probs, labels = [], []
+    for i in range(0, len(ds.test), cfg.eval_batch_size):
+        ids = ds.test.ids[i : i + cfg.eval_batch_size]
+        x, y = ds.test.source.read(ids)
+        out = to_host(pipe.model.forward(xp.asarray(x, dtype=dtype_of(cfg.dtype)), train=False))
+        e = np.exp(out - out.max(axis=1, keepdims=True))
+        probs.append(e / e.sum(axis=1, keepdims=True))
+        labels.append(np.asarray(y))
+    ds.close()
+    grid.free()
+    return np.concatenate(probs), np.concatenate(labels)
+
+
 def _last_width(info) -> int:
     return [spec for spec in info.architecture["layers"] if spec["type"] == "Dense"][-1]["fan_out"]
 

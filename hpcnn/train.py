@@ -214,7 +214,7 @@ class _Training:
 
     def __init__(self, cfg: Config, comm: Comm, log, inspector: Inspector):
         self.cfg, self.comm, self.log, self.inspector = cfg, comm, log, inspector
-        faults.rank = comm.rank
+        faults.rank = comm.world_rank
         ds, layers, bounds, grid, pipe, sampler = _prepare(cfg, comm)
         self.ds, self.layers, self.bounds, self.grid, self.pipe, self.sampler = (
             ds,

@@ -1,0 +1,337 @@
+"""``python -m hpcnn.sweep SWEEP.toml``: many trainings in one allocation (task parallelism).
+
+The sweep file holds a base training config and its variations::
+
+    [sweep]                    # how to run (flags of the same names override)
+    group_size = 2             # ranks per task group; the world is cut into size / group_size groups
+    directory = "sweep"        # where tasks and the summary go
+    metric = "accuracy"        # sort the summary by held-out accuracy (or "loss")
+    ensemble = false           # also score the members' averaged prediction
+
+    [base]                     # any training option (the keys of --config files)
+    hidden = [128]
+    epochs = 10
+
+    [grid]                     # every combination of these values...
+    lr = [0.001, 0.003]
+    seed = [0, 1]
+
+    [[tasks]]                  # ...then these tasks, one per entry
+    optimizer = "sgd"
+    lr = 0.05
+
+**Scheduling.** Groups are consecutive ranks with a sub-communicator each; a task runs on its group
+as an ordinary ``fit`` (data-parallel, or data x pipeline if its config says so). Tasks are handed
+out dynamically: a group's first rank takes the next task number from a counter in world rank 0's
+memory (``MPI_Fetch_and_op``, no dispatcher loop to wait on) and broadcasts it to its group, so
+tasks of different lengths leave no group idle.
+
+**Records.** ``DIRECTORY/tasks/task-NNN/`` holds the task's settings (``task.toml``), its
+checkpoints and, once it has ended, ``result.json`` (status ``done`` or ``failed`` with the
+message, final metrics, wall time, ranks). A task whose config is invalid or whose training ends
+with an error all its ranks agree on (non-finite loss, bad data) is recorded as failed; the sweep
+goes on. At the end world rank 0 prints and writes ``summary.csv`` and ``summary.md``, sorted by
+the metric; with ``ensemble`` it also scores the average of the members' softmax outputs.
+
+**Preemption and reruns.** Every task checkpoints into its own directory and resumes with
+``--resume auto``. A stop signal stops the groups after their current step (each writes a
+checkpoint) and the sweep exits with 75; running the same command again skips tasks that have a
+``result.json`` and resumes the others. A sweep file whose tasks changed is refused.
+"""
+
+import argparse
+import csv
+import itertools
+import json
+import os
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+from hpcnn.comm import Comm, run_command
+from hpcnn.config import Config, _Parser, from_dict, load_toml, parse_toml
+from hpcnn.errors import EXIT_OK, EXIT_PREEMPTED, JobError, UserError
+
+STOP = 1 << 40  # added to the task counter by a group that was told to stop: no task is handed out
+NO_TASK = -1
+OWNED = ("checkpoint_dir", "resume")  # set per task by the sweep
+
+
+def load_sweep(path) -> tuple[dict, dict, list[dict]]:
+    """``(options, base, tasks)`` from a sweep file; each task is the dict of its varied settings."""
+    spec = load_toml(path)
+    unknown = set(spec) - {"sweep", "base", "grid", "tasks"}
+    if unknown:
+        raise UserError(f"{path}: unknown table(s) {sorted(unknown)}; expected sweep, base, grid, tasks")
+    options, base = spec.get("sweep", {}), spec.get("base", {})
+    grid, listed = spec.get("grid", {}), spec.get("tasks", [])
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise UserError(f"{path}: grid.{key} must be a non-empty list of values")
+    tasks = (
+        [dict(zip(grid, combo, strict=True)) for combo in itertools.product(*grid.values())] if grid else []
+    )
+    tasks += [dict(t) for t in listed]
+    tasks = tasks or [{}]
+    keys = {f.name for f in fields(Config)}
+    for i, settings in enumerate([base, *tasks]):
+        where = f"{path}: " + ("[base]" if i == 0 else f"task {i - 1}")
+        bad = sorted(set(settings) - keys)
+        if bad:
+            raise UserError(f"{where}: unknown key(s) {bad}; valid keys: {', '.join(sorted(keys))}")
+        owned = sorted(set(settings) & set(OWNED))
+        if owned:
+            raise UserError(f"{where}: {owned} are set by the sweep (one checkpoint directory per task)")
+        from_dict({**base, **settings}, where)  # types now; values when the task runs
+    return options, base, tasks
+
+
+def task_config(base: dict, settings: dict, directory: Path) -> Config:
+    cfg = from_dict({**base, **settings}, "task")
+    cfg.checkpoint_dir, cfg.resume = str(directory / "checkpoints"), "auto"
+    return cfg
+
+
+def describe(settings: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in settings.items()) or "(base)"
+
+
+class Sweep:
+    """One sweep over the ranks of ``world`` (an ``hpcnn.comm.Comm``)."""
+
+    def __init__(self, world: Comm, path, group_size=None, directory=None, metric=None, ensemble=None):
+        self.world = world
+        with world.agreed(world.debug):
+            options, self.base, self.tasks = load_sweep(path)
+            self.group_size = int(group_size or options.get("group_size", 1))
+            self.directory = Path(directory or options.get("directory", "sweep"))
+            self.metric = metric or options.get("metric", "accuracy")
+            self.ensemble = bool(options.get("ensemble", False) if ensemble is None else ensemble)
+            if self.metric not in ("accuracy", "loss"):
+                raise UserError(f"metric = {self.metric!r}: expected accuracy or loss")
+            if self.group_size < 1 or world.size % self.group_size:
+                raise UserError(
+                    f"group_size = {self.group_size} does not divide the {world.size} ranks into groups"
+                )
+        world.root_decides(lambda: self._prepare_directory(path), world.debug)
+        self.invocation = world.bcast(f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+
+    def task_dir(self, i: int) -> Path:
+        return self.directory / "tasks" / f"task-{i:03d}"
+
+    def _prepare_directory(self, path) -> None:
+        """Create the task directories, or check that an earlier run's tasks are these tasks."""
+        for i, settings in enumerate(self.tasks):
+            d = self.task_dir(i)
+            recorded = d / "task.toml"
+            text = _toml({**self.base, **settings})
+            if recorded.exists() and recorded.read_text() != text:
+                raise UserError(
+                    f"{self.directory} holds a different sweep (task {i} was\n{recorded.read_text()}now\n"
+                    f"{text}): use another directory for a changed sweep file"
+                )
+            d.mkdir(parents=True, exist_ok=True)
+            recorded.write_text(text)
+        (self.directory / "sweep.toml").write_text(Path(path).read_text())
+
+    def run(self, log) -> int:
+        world, size = self.world, self.group_size
+        group_index = world.rank // size
+        group = world.split(group_index, world.rank)
+        counter = world.counter()
+        stopped = False
+        while True:
+            index = self._take(counter) if group.is_root else None
+            index = group.bcast(index)
+            if index == NO_TASK:
+                break
+            record = self._run_task(index, group, group_index, log)
+            if record["status"] == "stopped":
+                stopped = True
+                if group.is_root:
+                    counter.add(STOP)  # no group takes another task
+        world.comm.Barrier()
+        counter.free()
+        group.free()
+        stopped = bool(world.max(int(stopped)))
+        if world.is_root:
+            self._summary(log)
+            if self.ensemble and not stopped:
+                self._ensemble(log)
+        return EXIT_PREEMPTED if stopped else EXIT_OK
+
+    def _take(self, counter) -> int:
+        """The next task this group should run: one without a result (group root only)."""
+        while True:
+            i = counter.next()
+            if i >= len(self.tasks):
+                return NO_TASK
+            if not (self.task_dir(i) / "result.json").exists():
+                return i
+
+    def _run_task(self, i: int, group: Comm, group_index: int, log) -> dict:
+        from hpcnn.train import fit
+
+        settings, d = self.tasks[i], self.task_dir(i)
+        ranks = (
+            f"{self.world.rank}-{self.world.rank + group.size - 1}"
+            if group.size > 1
+            else str(self.world.rank)
+        )
+        say = (lambda text: print(text, flush=True)) if group.is_root else (lambda text: None)
+        say(f"task {i} ({describe(settings)}) on rank(s) {ranks}: started")
+        t0 = time.perf_counter()
+        record = {"task": i, "settings": settings, "ranks": group.size, "group": group_index,
+                  "invocation": self.invocation}  # fmt: skip
+        lines = []
+        try:
+            with group.agreed(group.debug):
+                cfg = task_config(self.base, settings, d).validate()
+            result = fit(cfg, group, log=lines.append)
+            if result.stopped:
+                record.update(status="stopped", message=f"stopped by {result.stopped}")
+            else:
+                final = result.final
+                record.update(status="done", loss=final["loss"], accuracy=final["accuracy"],
+                              split=final["split"], steps=result.steps)  # fmt: skip
+        except JobError as exc:  # agreed by the group's ranks: this task failed, the sweep goes on
+            record.update(status="failed", message=exc.message.splitlines()[-1])
+        record["seconds"] = round(time.perf_counter() - t0, 3)
+        if group.is_root:
+            (d / "log.txt").open("a").write("\n".join(lines) + ("\n" if lines else ""))
+            if record["status"] != "stopped":
+                _write_json(d / "result.json", record)
+            outcome = record["status"]
+            if outcome == "done" and record["accuracy"] is not None:
+                outcome += f": {record['split']} accuracy {100 * record['accuracy']:.2f}%"
+            elif outcome == "done":
+                outcome += f": {record['split']} loss {record['loss']:.4f}"
+            else:
+                outcome += f": {record['message']}"
+            say(f"task {i} on rank(s) {ranks}: {outcome} ({record['seconds']:.1f} s)")
+        return record
+
+    # --- rank 0, at the end --------------------------------------------------------------------
+
+    def results(self) -> list[dict]:
+        out = []
+        for i, settings in enumerate(self.tasks):
+            path = self.task_dir(i) / "result.json"
+            out.append(json.loads(path.read_text()) if path.exists() else
+                       {"task": i, "settings": settings, "status": "not run"})  # fmt: skip
+        return out
+
+    def _summary(self, log) -> None:
+        rows = self.results()
+        varied = list(dict.fromkeys(k for t in self.tasks for k in t))
+        by_accuracy = self.metric == "accuracy" and any(r.get("accuracy") is not None for r in rows)
+
+        def rank(r):  # finished tasks first, best first
+            if r["status"] != "done":
+                return (1, 0.0)
+            return (0, -r["accuracy"] if by_accuracy else r["loss"])
+
+        rows.sort(key=rank)
+        header = ["task", *varied, "status", "loss", "accuracy", "seconds", "ranks"]
+        table = [self._row(r, varied) for r in rows]
+        with open(self.directory / "summary.csv", "w", newline="") as fh:
+            csv.writer(fh).writerows([header, *table])
+        md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        md += ["| " + " | ".join(row) + " |" for row in table]
+        (self.directory / "summary.md").write_text("\n".join(md) + "\n")
+        widths = [max(len(h), *(len(row[c]) for row in table)) for c, h in enumerate(header)]
+        log(f"sweep summary ({len(rows)} tasks, sorted by {self.metric}; {self.directory}/summary.csv):")
+        for row in [header, *table]:
+            log("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+    def _row(self, r: dict, varied: list) -> list[str]:
+        done = r["status"] == "done"
+        status = r["status"] if "message" not in r else f"{r['status']}: {r['message']}"
+        accuracy = f"{100 * r['accuracy']:.2f}%" if done and r["accuracy"] is not None else ""
+        return [
+            str(r["task"]),
+            *[_text(r["settings"].get(k, self.base.get(k, "-"))) for k in varied],
+            status,
+            f"{r['loss']:.4f}" if done else "",
+            accuracy,
+            f"{r['seconds']:.1f}" if "seconds" in r else "",
+            str(r.get("ranks", "")),
+        ]
+
+    def _ensemble(self, log) -> None:
+        """Average the softmax outputs of every finished member on the held-out rows (rank 0)."""
+        from hpcnn.checkpoint import checkpoints
+        from hpcnn.evaluate import member_probabilities
+
+        members = [r for r in self.results() if r["status"] == "done"]
+        if len(members) < 2:
+            log("ensemble: fewer than 2 finished members; nothing to average")
+            return
+        total, labels, accs = None, None, []
+        for r in members:
+            newest = checkpoints(self.task_dir(r["task"]) / "checkpoints")[0]
+            probs, labels = member_probabilities(newest)
+            total = probs if total is None else total + probs
+            accs.append(float((probs.argmax(axis=1) == labels).mean()))
+        accuracy = float((total.argmax(axis=1) == labels).mean())
+        log(
+            f"ensemble of {len(members)} members: held-out accuracy {100 * accuracy:.2f}% "
+            f"(members: {', '.join(f'{100 * a:.2f}%' for a in accs)}; best member {100 * max(accs):.2f}%)"
+        )
+        summary = {"members": [r["task"] for r in members], "member_accuracy": accs, "accuracy": accuracy}
+        _write_json(self.directory / "ensemble.json", summary)
+
+
+def _text(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _toml(values: dict) -> str:
+    cfg = from_dict(values, "task")
+    saved = parse_toml(cfg.to_toml())
+    return "".join(f"{k} = {json.dumps(saved[k])}\n" for k in sorted(values))
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=float) + "\n")
+    os.replace(tmp, path)
+
+
+def build_parser(is_root: bool = True) -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m hpcnn.sweep",
+        is_root=is_root,
+        description="Run the trainings of a sweep file in groups of ranks, handing tasks to free groups.",
+    )
+    p.add_argument("sweep", metavar="SWEEP.toml")
+    p.add_argument("--group-size", type=int, help="ranks per task group (default: the file's, else 1)")
+    p.add_argument("--dir", dest="directory", help="output directory (default: the file's, else sweep)")
+    p.add_argument("--metric", choices=["accuracy", "loss"], help="sort the summary by this")
+    p.add_argument("--ensemble", action=argparse.BooleanOptionalAction, default=None,
+                   help="also score the average of the finished members' predictions")  # fmt: skip
+    p.add_argument("--debug", action="store_true", help="print tracebacks with errors")
+    return p
+
+
+def _main(comm: Comm, argv) -> int:
+    with comm.agreed(comm.debug):
+        args = build_parser(is_root=comm.is_root).parse_args(argv)
+    sweep = Sweep(comm, args.sweep, args.group_size, args.directory, args.metric, args.ensemble)
+    comm.print0(
+        f"hpcnn sweep: {len(sweep.tasks)} task(s), {comm.size} rank(s) in groups of {sweep.group_size}, "
+        f"into {sweep.directory}"
+    )
+    code = sweep.run(comm.print0)
+    if code == EXIT_PREEMPTED:
+        comm.print0(f"hpcnn: sweep stopped by a signal; run the same command again to continue (exit {code})")
+    return code
+
+
+def main(argv=None) -> int:
+    return run_command(_main, sys.argv[1:] if argv is None else list(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
