@@ -52,6 +52,7 @@ from pathlib import Path
 from hpcnn.comm import Comm, run_command
 from hpcnn.config import Config, _Parser, from_dict, load_toml, parse_toml
 from hpcnn.errors import EXIT_OK, EXIT_PREEMPTED, JobError, UserError
+from hpcnn.preempt import StopRequest
 
 STOP = 1 << 40  # added to the task counter by a group that was told to stop: no task is handed out
 NO_TASK = -1
@@ -127,9 +128,10 @@ class Sweep:
             recorded = d / "task.toml"
             text = _toml({**self.base, **settings})
             if recorded.exists() and recorded.read_text() != text:
+                was, now = (" ".join(t.split()) for t in (recorded.read_text(), text))
                 raise UserError(
-                    f"{self.directory} holds a different sweep (task {i} was\n{recorded.read_text()}now\n"
-                    f"{text}): use another directory for a changed sweep file"
+                    f"{self.directory} holds another sweep (task {i} was: {was}; now: {now}): "
+                    "use another --dir for a changed sweep file"
                 )
             d.mkdir(parents=True, exist_ok=True)
             recorded.write_text(text)
@@ -141,20 +143,25 @@ class Sweep:
         group = world.split(group_index, world.rank)
         counter = world.counter()
         stopped = False
-        while True:
-            index = self._take(counter) if group.is_root else None
-            index = group.bcast(index)
-            if index == NO_TASK:
-                break
-            record = self._run_task(index, group, group_index, log)
-            if record["status"] == "stopped":
-                stopped = True
-                if group.is_root:
+        # A stop signal between tasks (a task's own training catches it while it runs) ends the sweep
+        # after the running tasks, like one during a task.
+        signals = StopRequest(group)
+        with signals:
+            while True:
+                stopped = stopped or bool(group.max(signals.received))
+                if stopped and group.is_root:
                     counter.add(STOP)  # no group takes another task
+                index = self._take(counter) if group.is_root else None
+                index = group.bcast(index)
+                if index == NO_TASK:
+                    break
+                record = self._run_task(index, group, group_index, log)
+                stopped = stopped or record["status"] == "stopped"
         world.comm.Barrier()
         counter.free()
         group.free()
-        stopped = bool(world.max(int(stopped)))
+        unfinished = any(not (self.task_dir(i) / "result.json").exists() for i in range(len(self.tasks)))
+        stopped = bool(world.max(int(stopped))) and unfinished
         if world.is_root:
             self._summary(log)
             if self.ensemble and not stopped:

@@ -1,0 +1,181 @@
+"""Task parallelism: sweeps over groups of ranks (``hpcnn.sweep``).
+
+The in-process test runs at every MPI world size CTest launches (groups of 2); the command-line
+tests launch ``mpiexec -n 4`` and kill or stop the sweep part-way, then run it again.
+"""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from test_train import MPIEXEC, ROOT, needs_mpiexec
+
+from hpcnn.checkpoint import checkpoints
+from hpcnn.errors import UserError
+from hpcnn.sweep import load_sweep
+
+SWEEP = """
+[sweep]
+group_size = 2
+
+[base]
+hidden = [16]
+epochs = {epochs}
+eval_every = 0
+batch_size = 100
+
+[grid]
+lr = [0.001, 0.01]
+seed = [0, 1]
+
+[[tasks]]
+lr = -1.0
+"""
+
+
+def tensors(path) -> dict:
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[...]) if hasattr(obj, "shape") else None)
+    return out
+
+
+def results(directory) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(Path(directory).glob("tasks/task-*/result.json"))]
+
+
+def test_the_sweep_file_is_checked_before_anything_runs(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text(SWEEP.format(epochs=1))
+    options, base, tasks = load_sweep(path)
+    assert options == {"group_size": 2} and base["hidden"] == [16]
+    assert tasks == [{"lr": 0.001, "seed": 0}, {"lr": 0.001, "seed": 1}, {"lr": 0.01, "seed": 0},
+                     {"lr": 0.01, "seed": 1}, {"lr": -1.0}]  # fmt: skip
+    for text, message in [
+        ("[grid]\nlearning_rate = [0.1]\n", r"task 0: unknown key\(s\) \['learning_rate'\]"),
+        ("[base]\nresume = 'auto'\n", r"\[base\]: \['resume'\] are set by the sweep"),
+        ("[grid]\nlr = []\n", "grid.lr must be a non-empty list"),
+        ("[grid]\nlr = ['fast']\n", "task 0: lr = 'fast': expected float"),
+        ("[sweeep]\n", r"unknown table\(s\) \['sweeep'\]"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(UserError, match=message):
+            load_sweep(path)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_every_task_runs_once_and_equals_the_same_training_alone():
+    """5 tasks in groups of 2: each ran exactly once, the failing one is recorded and the others
+    go on, and each finished task's final state is bitwise that of the task run alone on 2 ranks."""
+    from hpcnn.comm import Comm
+    from hpcnn.sweep import Sweep, task_config
+    from hpcnn.train import fit
+
+    world = Comm.world()
+    if world.size % 2:
+        pytest.skip("groups of 2 need an even number of ranks")
+    d = Path(world.bcast(tempfile.mkdtemp(prefix="hpcnn-sweep-") if world.is_root else None))
+    path = d / "s.toml"
+    if world.is_root:
+        path.write_text(SWEEP.format(epochs=2))
+    world.comm.Barrier()
+    sweep = Sweep(world, path, directory=d / "out")
+    assert sweep.run(lambda *a: None) == 0
+    problems = []
+    pair = world.split(0 if world.rank < 2 else 1, world.rank)
+    for i, settings in enumerate(sweep.tasks[:4]):
+        if world.rank < 2:  # the same task alone on a group of 2, into its own directory
+            cfg = task_config(sweep.base, settings, d / "alone" / str(i))
+            fit(cfg, pair)
+        world.comm.Barrier()
+        if world.is_root:
+            a = tensors(checkpoints(sweep.task_dir(i) / "checkpoints")[0])
+            b = tensors(checkpoints(d / "alone" / str(i) / "checkpoints")[0])
+            problems += [f"task {i}: {k} differs" for k in a if not np.array_equal(a[k], b[k])]
+    pair.free()
+    if world.is_root:
+        records = results(d / "out")
+        assert [r["task"] for r in records] == [0, 1, 2, 3, 4]
+        assert len({r["invocation"] for r in records}) == 1  # one run, each task once
+        assert [r["status"] for r in records] == ["done"] * 4 + ["failed"]
+        assert records[4]["message"] == "lr = -1.0: must be > 0"
+        with open(d / "out" / "summary.csv") as fh:
+            assert len(list(csv.reader(fh))) == 6
+    problems = world.bcast(problems)
+    world.comm.Barrier()
+    if world.is_root:
+        import shutil
+
+        shutil.rmtree(d, ignore_errors=True)
+    assert not problems, problems
+
+
+def _sweep(args, **kw):
+    return subprocess.Popen([MPIEXEC, "-n", "4", sys.executable, "-m", "hpcnn.sweep", *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)  # fmt: skip
+
+
+def _ranks_of(marker: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (
+            entry.name.isdigit()
+            and Path(argv[0].decode()).name.startswith("python")
+            and marker.encode() in b" ".join(argv)
+        ):
+            pids.append(int(entry.name))
+    return pids
+
+
+def _wait_for_a_result(out: Path, timeout=60) -> None:
+    deadline = time.monotonic() + timeout
+    while not list(out.glob("tasks/task-*/result.json")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+@needs_mpiexec
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGUSR1"])
+def test_a_sweep_killed_or_stopped_part_way_completes_only_the_rest_when_rerun(tmp_path, how):
+    path, out = tmp_path / "s.toml", tmp_path / "out"
+    path.write_text(SWEEP.format(epochs=12))
+    first = _sweep([str(path), "--dir", str(out)])
+    _wait_for_a_result(out)
+    before = {p: p.read_bytes() for p in out.glob("tasks/task-*/result.json")}
+    assert before, first.communicate(timeout=60)
+    for pid in _ranks_of(str(out)):
+        os.kill(pid, getattr(signal, how))
+    stdout, stderr = first.communicate(timeout=60)
+    if how == "SIGUSR1":
+        assert first.returncode == 75 and "run the same command again to continue" in stdout, stderr
+    else:
+        assert first.returncode != 0
+    second = _sweep([str(path), "--dir", str(out)])
+    stdout, stderr = second.communicate(timeout=120)
+    assert second.returncode == 0, stderr
+    records = results(out)
+    assert [r["task"] for r in records] == [0, 1, 2, 3, 4]
+    for p, data in before.items():  # finished before the interruption: not run again
+        assert p.read_bytes() == data
+    again = [
+        r["task"] for r in records if r["invocation"] != json.loads(next(iter(before.values())))["invocation"]
+    ]
+    assert again and all(f"task {i} (" in stdout for i in again)
+    assert not any(f"task {r['task']} (" in stdout for r in records if r["task"] not in again)
+    if how == "SIGUSR1":  # the stopped tasks continued from the checkpoints they wrote
+        resumed = [
+            i for i in again if "resumed from" in (out / "tasks" / f"task-{i:03d}" / "log.txt").read_text()
+        ]
+        assert resumed, "no stopped task resumed from its checkpoint"
