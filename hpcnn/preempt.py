@@ -44,6 +44,11 @@ class StopRequest:
         if self.signals and threading.current_thread() is threading.main_thread():
             for sig in self.signals:
                 self.previous[sig] = signal.signal(sig, self._handle)
+                # Nested inside another stop request (a training inside a sweep): a signal the outer
+                # one caught just before counts here, and one caught here is passed back on exit.
+                outer = getattr(self.previous[sig], "__self__", None)
+                if isinstance(outer, StopRequest):
+                    self.received = self.received or outer.received
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -110,5 +115,8 @@ class StopRequest:
         self._request = None
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+            outer = getattr(handler, "__self__", None)
+            if isinstance(outer, StopRequest):
+                outer.received = outer.received or self.received
         if exc[0] is None:
             self.comm.free()
