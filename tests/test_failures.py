@@ -103,7 +103,7 @@ def test_a_killed_rank_ends_the_job_within_seconds():
 
 
 def test_a_hung_rank_is_named_by_the_stall_inspector():
-    proc, seconds = launch([*FAST, "--stall-timeout", "3"], {"HPCNN_FAULT": "hang@forward:rank=2,step=5"})
+    proc, seconds = launch([*FAST, "--stall-timeout", "8"], {"HPCNN_FAULT": "hang@forward:rank=2,step=5"})
     assert proc.returncode == 4 and seconds < LIMIT, (proc.returncode, proc.stderr)
     assert len(ours(proc)) == 1 and ours(proc)[0].startswith("hpcnn: error: stall: no progress for")
     assert "waiting in gradient allreduce at step 5: ranks 0, 1, 3, 4, 5, 6, 7" in proc.stderr
@@ -111,7 +111,7 @@ def test_a_hung_rank_is_named_by_the_stall_inspector():
 
 
 def test_a_hung_pipeline_stage_shows_who_waits_for_whom():
-    args = [*FAST, "--hidden", "32,32", "--pipeline-stages", "2", "--stall-timeout", "3"]
+    args = [*FAST, "--hidden", "32,32", "--pipeline-stages", "2", "--stall-timeout", "8"]
     proc, seconds = launch(args, {"HPCNN_FAULT": "hang@backward:rank=1,step=3"})
     assert proc.returncode == 4 and seconds < LIMIT, proc.stderr
     assert "waiting in pipeline receive from stage 1 at step 3: ranks 0" in proc.stderr
@@ -180,7 +180,7 @@ def test_a_nan_in_the_step_after_a_signal_is_reported_not_hidden_by_the_stop(tmp
 def test_rank_0_stuck_outside_mpi_still_hears_every_rank():
     """Rank 0 hangs in evaluation (no MPI calls in its main thread): its inspector must still hear
     all 7 others each second, so none is reported lost, and rank 0 is named."""
-    args = [*FAST, "--pipeline-stages", "2", "--hidden", "32,32", "--stall-timeout", "4", "--eval-every", "1"]
+    args = [*FAST, "--pipeline-stages", "2", "--hidden", "32,32", "--stall-timeout", "8", "--eval-every", "1"]
     proc, seconds = launch(args, {"HPCNN_FAULT": "hang@evaluation:rank=0"})
     assert proc.returncode == 4 and seconds < LIMIT, proc.stderr
     assert "lost:" not in proc.stderr and "not arrived: rank 0, in evaluation" in proc.stderr
