@@ -7,6 +7,7 @@ the same code on ``COMM_SELF``. This is the only module that imports ``mpi4py.MP
 
 import os
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -307,17 +308,27 @@ class SharedCounter:
     """An integer in rank 0's memory that ranks advance with one-sided ``MPI_Fetch_and_op``.
 
     This is how a task farm hands out work without a dispatcher loop: whichever group is free takes
-    the next task number, and rank 0 keeps computing meanwhile (passive-target RMA needs no action
-    from the target).
+    the next task number while rank 0 keeps computing. MPICH completes another rank's access only
+    when rank 0 enters MPI, so rank 0 runs a thread that pokes the progress engine every 10 ms
+    (it sleeps in between; an access waits at most that long).
     """
 
     def __init__(self, comm: Comm):
         self.win = MPI.Win.Allocate(8 if comm.is_root else 0, 8, comm=comm.comm)
+        self._comm = comm.comm
+        self._stop, self._thread = threading.Event(), None
         if comm.is_root:
             self.win.Lock(0)
             self.win.Put(np.zeros(1, np.int64), 0)
             self.win.Unlock(0)
+            if comm.threads_supported():
+                self._thread = threading.Thread(target=self._progress, daemon=True, name="hpcnn-counter")
+                self._thread.start()
         comm.comm.Barrier()  # nobody takes a number before it is zero
+
+    def _progress(self) -> None:
+        while not self._stop.wait(0.01):
+            self._comm.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG)  # drives the progress engine
 
     def next(self) -> int:
         """The current value, incremented atomically for the next caller."""
@@ -332,6 +343,9 @@ class SharedCounter:
         return int(old[0])
 
     def free(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
         self.win.Free()  # collective
 
 

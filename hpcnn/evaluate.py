@@ -175,6 +175,7 @@ def member_probabilities(path):
         labels.append(np.asarray(y))
     ds.close()
     grid.free()
+    comm.free()
     return np.concatenate(probs), np.concatenate(labels)
 
 

@@ -17,6 +17,8 @@ import threading
 
 import numpy as np
 
+from hpcnn.errors import JobError
+
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 NONE = np.iinfo(np.int64).min  # "no note": neutral under MAX; fields hold -value to find minimums
 SIGNAL, BAD_STEP, BAD_LAYER, BAD_LOSS, ROW_STEP, BAD_ROW = range(6)
@@ -110,13 +112,16 @@ class StopRequest:
         return self.agreed is not None or self.nonfinite is not None or self.bad_input is not None
 
     def __exit__(self, *exc) -> None:
-        if self._request is not None and exc[0] is None:
-            self._request.Wait()  # every rank started it; complete it before freeing the communicator
+        # Leaving normally or with a JobError (raised on every rank alike), every rank started the
+        # pending check: complete it and free the communicator. Otherwise one rank is failing alone.
+        together = exc[0] is None or issubclass(exc[0], JobError)
+        if self._request is not None and together:
+            self._request.Wait()
         self._request = None
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
             outer = getattr(handler, "__self__", None)
             if isinstance(outer, StopRequest):
                 outer.received = outer.received or self.received
-        if exc[0] is None:
+        if together:
             self.comm.free()

@@ -49,6 +49,8 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
+import numpy as np
+
 from hpcnn.comm import Comm, run_command
 from hpcnn.config import Config, _Parser, from_dict, load_toml, parse_toml
 from hpcnn.errors import EXIT_OK, EXIT_PREEMPTED, JobError, UserError
@@ -66,6 +68,12 @@ def load_sweep(path) -> tuple[dict, dict, list[dict]]:
     if unknown:
         raise UserError(f"{path}: unknown table(s) {sorted(unknown)}; expected sweep, base, grid, tasks")
     options, base = spec.get("sweep", {}), spec.get("base", {})
+    kinds = {"group_size": int, "directory": str, "metric": str, "ensemble": bool}
+    for key, value in options.items():
+        if key not in kinds:
+            raise UserError(f"{path}: [sweep] has no key {key!r}; valid keys: {', '.join(kinds)}")
+        if type(value) is not kinds[key]:
+            raise UserError(f"{path}: [sweep] {key} = {value!r}: expected {kinds[key].__name__}")
     grid, listed = spec.get("grid", {}), spec.get("tasks", [])
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
@@ -105,7 +113,7 @@ class Sweep:
         self.world = world
         with world.agreed(world.debug):
             options, self.base, self.tasks = load_sweep(path)
-            self.group_size = int(group_size or options.get("group_size", 1))
+            self.group_size = group_size if group_size is not None else options.get("group_size", 1)
             self.directory = Path(directory or options.get("directory", "sweep"))
             self.metric = metric or options.get("metric", "accuracy")
             self.ensemble = bool(options.get("ensemble", False) if ensemble is None else ensemble)
@@ -196,6 +204,7 @@ class Sweep:
             with group.agreed(group.debug):
                 cfg = task_config(self.base, settings, d).validate()
             result = fit(cfg, group, log=lines.append)
+            result.grid.free()
             if result.stopped:
                 record.update(status="stopped", message=f"stopped by {result.stopped}")
             else:
@@ -225,19 +234,26 @@ class Sweep:
         out = []
         for i, settings in enumerate(self.tasks):
             path = self.task_dir(i) / "result.json"
-            out.append(json.loads(path.read_text()) if path.exists() else
-                       {"task": i, "settings": settings, "status": "not run"})  # fmt: skip
+            if path.exists():
+                out.append(json.loads(path.read_text()))
+            else:  # stopped part-way (it has a checkpoint to resume from) or never started
+                started = any((self.task_dir(i) / "checkpoints").glob("ckpt-*.h5"))
+                out.append(
+                    {"task": i, "settings": settings, "status": "unfinished" if started else "not run"}
+                )
         return out
 
     def _summary(self, log) -> None:
         rows = self.results()
         varied = list(dict.fromkeys(k for t in self.tasks for k in t))
-        by_accuracy = self.metric == "accuracy" and any(r.get("accuracy") is not None for r in rows)
+        by_accuracy = self.metric == "accuracy"
 
-        def rank(r):  # finished tasks first, best first
+        def rank(r):  # finished tasks first, best first; tasks without an accuracy by loss after them
             if r["status"] != "done":
-                return (1, 0.0)
-            return (0, -r["accuracy"] if by_accuracy else r["loss"])
+                return (2, 0.0)
+            if by_accuracy and r["accuracy"] is not None:
+                return (0, -r["accuracy"])
+            return (1, r["loss"] if r["loss"] == r["loss"] else float("inf"))
 
         rows.sort(key=rank)
         header = ["task", *varied, "status", "loss", "accuracy", "seconds", "ranks"]
@@ -278,7 +294,15 @@ class Sweep:
         total, labels, accs = None, None, []
         for r in members:
             newest = checkpoints(self.task_dir(r["task"]) / "checkpoints")[0]
-            probs, labels = member_probabilities(newest)
+            try:
+                probs, these = member_probabilities(newest)
+            except (UserError, JobError) as exc:
+                log(f"ensemble: not scored: task {r['task']}: {getattr(exc, 'message', exc)}")
+                return
+            if labels is not None and (probs.shape != total.shape or not np.array_equal(these, labels)):
+                log(f"ensemble: not scored: task {r['task']} is scored on other held-out rows or classes")
+                return
+            labels = these
             total = probs if total is None else total + probs
             accs.append(float((probs.argmax(axis=1) == labels).mean()))
         accuracy = float((total.argmax(axis=1) == labels).mean())

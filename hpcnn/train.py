@@ -202,7 +202,10 @@ def fit(cfg: Config, comm: Comm, log=None) -> Result:
     inspector = Inspector(comm, cfg.stall_timeout)
     try:
         result = _Training(cfg, comm, log, inspector).run()
-    except BaseException:
+    except JobError:
+        inspector.close()  # a JobError is raised on every rank of comm: the collective shutdown is safe
+        raise
+    except BaseException:  # one rank's failure: it is about to end the job; no collective now
         inspector.abandon()
         raise
     inspector.close(log)

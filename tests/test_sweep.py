@@ -66,6 +66,8 @@ def test_the_sweep_file_is_checked_before_anything_runs(tmp_path):
         ("[grid]\nlr = []\n", "grid.lr must be a non-empty list"),
         ("[grid]\nlr = ['fast']\n", "task 0: lr = 'fast': expected float"),
         ("[sweeep]\n", r"unknown table\(s\) \['sweeep'\]"),
+        ("[sweep]\ngroup_sise = 2\n", r"\[sweep\] has no key 'group_sise'"),
+        ("[sweep]\nensemble = 'false'\n", r"\[sweep\] ensemble = 'false': expected bool"),
     ]:
         path.write_text(text)
         with pytest.raises(UserError, match=message):
@@ -179,3 +181,28 @@ def test_a_sweep_killed_or_stopped_part_way_completes_only_the_rest_when_rerun(t
             log = (out / "tasks" / f"task-{i:03d}" / "log.txt").read_text()
             if "checkpoint (stop requested: SIGUSR1)" in log:
                 assert "resumed from" in log, log
+
+
+def test_a_mixed_sweep_is_summarised_and_an_ensemble_of_unlike_members_is_not_scored(tmp_path):
+    """A classifier and a regression in one sweep (one rank, in-process): the summary ranks the
+    classifier by accuracy and the regression after it, and the ensemble declines to average."""
+    from hpcnn.comm import Comm
+    from hpcnn.sweep import Sweep
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(128, 4)).astype(np.float32)
+    with h5py.File(tmp_path / "reg.h5", "w") as f:
+        f["x"], f["y"] = x, (x[:, 0] - x[:, 1]).astype(np.float32)
+        f["x_test"], f["y_test"] = x[:32], (x[:32, 0] - x[:32, 1]).astype(np.float32)
+    path = tmp_path / "s.toml"
+    path.write_text(
+        "[sweep]\nensemble = true\n[base]\nhidden = [8]\nepochs = 1\n"
+        f'[[tasks]]\ndata = "xor"\n[[tasks]]\ndata = "{tmp_path / "reg.h5"}"\nloss = "mse"\n'
+    )
+    lines = []
+    world = Comm.serial()
+    assert Sweep(world, path, directory=tmp_path / "out").run(lines.append) == 0
+    table = [line.split() for line in lines if line.startswith("  ") and line.split()[0].isdigit()]
+    assert [row[0] for row in table] == ["0", "1"]  # the classifier first, then the regression
+    assert any(line.startswith("ensemble: not scored: task") for line in lines), lines
+    world.free()
