@@ -200,10 +200,14 @@ def fit(cfg: Config, comm: Comm, log=None) -> Result:
     """
     log = log if (log is not None and comm.is_root) else (lambda *a: None)
     inspector = Inspector(comm, cfg.stall_timeout)
+    training = None
     try:
-        result = _Training(cfg, comm, log, inspector).run()
+        training = _Training(cfg, comm, log, inspector)
+        result = training.run()
     except JobError:
         inspector.close()  # a JobError is raised on every rank of comm: the collective shutdown is safe
+        if training is not None:
+            training.grid.free()
         raise
     except BaseException:  # one rank's failure: it is about to end the job; no collective now
         inspector.abandon()
