@@ -515,9 +515,10 @@ def main(argv=None) -> int:
     try:
         if args.command == "info":
             verified = None if args.no_verify else verify(args.file)
-            print(describe_info(inspect(args.file), verified))
+            info = inspect(args.file)
+            print(describe_info(info, verified))
             if args.config:
-                print(inspect(args.file).config, end="")
+                print(info.config, end="")
             return 0
         found = checkpoints(args.directory)
         if not found:

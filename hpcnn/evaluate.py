@@ -105,8 +105,7 @@ def score(path, split_name, overrides: dict, comm: Comm) -> dict:
 
 
 def _check_widths(name, features, outputs, info, layers) -> None:
-    want_in = info.architecture["in_features"]
-    want_out = [spec for spec in info.architecture["layers"] if spec["type"] == "Dense"][-1]["fan_out"]
+    want_in, want_out = info.architecture["in_features"], _last_width(info)
     if features != want_in:
         raise UserError(f"{name} has {features} features; the checkpoint's model takes {want_in}")
     if outputs is not None and outputs != want_out:
@@ -170,13 +169,17 @@ def member_probabilities(path):
         ids = ds.test.ids[i : i + cfg.eval_batch_size]
         x, y = ds.test.source.read(ids)
         out = to_host(pipe.model.forward(xp.asarray(x, dtype=dtype_of(cfg.dtype)), train=False))
-        e = np.exp(out - out.max(axis=1, keepdims=True))
-        probs.append(e / e.sum(axis=1, keepdims=True))
+        probs.append(_softmax(out))
         labels.append(np.asarray(y))
     ds.close()
     grid.free()
     comm.free()
     return np.concatenate(probs), np.concatenate(labels)
+
+
+def _softmax(logits):
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))  # (rows, classes); the row max is 0
+    return e / e.sum(axis=1, keepdims=True)
 
 
 def _last_width(info) -> int:
@@ -192,8 +195,7 @@ def _write_predictions(out: Path, outputs, classify: bool, checkpoint) -> None:
             f.attrs["checkpoint"] = str(checkpoint)
             f.create_dataset("outputs", data=outputs)
             if classify:
-                e = np.exp(outputs - outputs.max(axis=1, keepdims=True))
-                f.create_dataset("probabilities", data=e / e.sum(axis=1, keepdims=True))
+                f.create_dataset("probabilities", data=_softmax(outputs))
                 f.create_dataset("predictions", data=outputs.argmax(axis=1).astype(np.int64))
         os.replace(tmp, out)
     except OSError as exc:

@@ -375,7 +375,7 @@ def test_sigusr1_to_one_rank_stops_all_with_exit_75_and_resume_matches(tmp_path)
     deadline = time.monotonic() + 60
     while not checkpoints(d) and time.monotonic() < deadline:
         time.sleep(0.02)
-    ranks = [pid for pid in _pids_with(str(d)) if _is_python(pid)]
+    ranks = python_ranks(str(d))
     assert len(ranks) == 4, ranks
     os.kill(ranks[2], signal.SIGUSR1)
     out, err = proc.communicate(timeout=60)
@@ -389,119 +389,18 @@ def test_sigusr1_to_one_rank_stops_all_with_exit_75_and_resume_matches(tmp_path)
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def _pids_with(marker: str) -> list[int]:
+def python_ranks(marker: str) -> list[int]:
+    """PIDs of the Python processes whose command line contains ``marker`` (a run's directory)."""
     pids = []
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                pids.append(int(entry.name))
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
-            pass
+            continue
+        if (
+            entry.name.isdigit()
+            and Path(argv[0].decode()).name.startswith("python")
+            and marker.encode() in b" ".join(argv)
+        ):
+            pids.append(int(entry.name))
     return sorted(pids)
-
-
-def _is_python(pid: int) -> bool:
-    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    return Path(argv[0].decode()).name.startswith("python")
-
-
-@needs_mpiexec
-def test_a_checkpoint_from_4_ranks_resumes_exactly_at_1_2_and_8_ranks(tmp_path):
-    """Written by 2 replicas x 2 stages; loaded by 1 rank, 2 ranks (2 stages) and 8 ranks (2 x 4
-    and 4 x 2): the loaded state is bitwise the saved one, and training continues on the same
-    global batches to the same result (to rounding)."""
-    common = ["--hidden", "32,16", "--epochs", "2", "--batch-size", "100", "--eval-every", "0", "--seed", "5"]
-    src = tmp_path / "src"
-    args = [
-        *common,
-        "--pipeline-stages",
-        "2",
-        "--checkpoint-dir",
-        str(src),
-        "--checkpoint-every",
-        "7",
-        "--keep",
-        "0",
-    ]
-    proc = run_tool("hpcnn.train", args, 4)
-    assert proc.returncode == 0, proc.stderr
-    first = str(src / "ckpt-000000007.h5")
-    saved, final = tensors(first), tensors(src / "ckpt-000000030.h5")
-    for ranks, stages in ((None, 1), (2, 2), (8, 4), (8, 2)):
-        out = tmp_path / f"load-{ranks}-{stages}"
-        layout = ["--pipeline-stages", str(stages), "--checkpoint-dir", str(out), "--resume", first]
-        proc = run_tool("hpcnn.train", [*common, *layout, "--max-steps", "7"], ranks)
-        assert proc.returncode == 0 and "written by 4 rank(s) (2 x 2 stages)" in proc.stdout, proc.stderr
-        loaded = tensors(out / "ckpt-000000007.h5")
-        assert loaded.keys() == saved.keys() and all(np.array_equal(saved[k], loaded[k]) for k in saved)
-        out = tmp_path / f"continue-{ranks}-{stages}"
-        layout[3] = str(out)
-        proc = run_tool("hpcnn.train", [*common, *layout], ranks)
-        assert proc.returncode == 0, proc.stderr
-        ended = tensors(out / "ckpt-000000030.h5")
-        for k in final:
-            if k.startswith("model/"):
-                np.testing.assert_allclose(ended[k], final[k], rtol=1e-4, atol=1e-6, err_msg=k)
-
-
-def test_a_stop_at_the_last_step_resumes_to_the_uninterrupted_result(comm, straight, tmp_path, monkeypatch):
-    result, _ = straight()
-    make = train.make_optimizer
-    monkeypatch.setattr(train, "make_optimizer", lambda cfg, p: SignalAtStep(make(cfg, p), STEPS - 1))
-    stopped = fit(Config(**BASE, checkpoint_dir=str(tmp_path)), comm)
-    assert stopped.stopped == "SIGUSR1" and stopped.steps == STEPS
-    at = inspect(tmp_path / "ckpt-000000030.h5").position
-    assert (at.epoch, at.batch, len(at.history)) == (1, 15, 1)  # the last epoch is not closed yet
-    monkeypatch.setattr(train, "make_optimizer", make)
-    resumed = fit(Config(**BASE, checkpoint_dir=str(tmp_path), resume="auto"), comm)
-    assert resumed.final == pytest.approx(result.final) and len(resumed.history) == 2
-    assert resumed.history[1]["loss"] == pytest.approx(result.history[1]["loss"], rel=1e-12)
-    at = inspect(tmp_path / "ckpt-000000030.h5").position  # rewritten once the epoch was closed
-    assert (at.epoch, at.batch, len(at.history)) == (2, 0, 2)
-
-
-def test_checkpoints_at_the_end_hold_the_closed_epoch(straight):
-    result, d = straight()  # checkpoint_every = 7 does not divide 30; 15 does
-    at = inspect(d / "ckpt-000000030.h5").position
-    assert (at.epoch, at.batch) == (2, 0) and [r["epoch"] for r in at.history] == [1, 2]
-    at = inspect(d / "ckpt-000000014.h5").position
-    assert (at.epoch, at.batch, at.epoch_sums[2]) == (0, 14, 1400.0)
-
-
-def test_a_max_steps_stop_mid_epoch_resumes_the_same_epoch(comm, tmp_path):
-    settings = dict(BASE, lr_schedule="constant")  # max_steps does not change the learning rates
-    whole = fit(Config(**settings), comm)
-    part = fit(Config(**settings, max_steps=20, checkpoint_dir=str(tmp_path)), comm)
-    at = inspect(tmp_path / "ckpt-000000020.h5").position
-    assert (at.epoch, at.batch, at.epoch_sums[2], len(at.history)) == (1, 5, 500.0, 1)
-    assert [r["epoch"] for r in part.history] == [1, 2]  # the partial epoch is reported
-    rest = fit(Config(**settings, checkpoint_dir=str(tmp_path), resume="auto"), comm)
-    assert [r["epoch"] for r in rest.history] == [1, 2]
-    assert [r["loss"] for r in rest.history] == pytest.approx([r["loss"] for r in whole.history], rel=1e-12)
-    np.testing.assert_array_equal(rest.model.params.data, whole.model.params.data)
-
-
-def test_pruning_keeps_good_checkpoints_and_leaves_unreadable_newer_ones(comm, straight, tmp_path):
-    _, d = straight()
-    run = tmp_path / "run"
-    copy_run(d, run, (7, 14))
-    (run / "ckpt-000000040.h5").write_bytes(b"not hdf5")  # from a crash of a longer run, say
-    lines = []
-    cfg = Config(**BASE, checkpoint_dir=str(run), resume="auto", keep=2, checkpoint_every=7)
-    fit(cfg, comm, log=lines.append)
-    assert any("skipping checkpoint" in line and "ckpt-000000040.h5" in line for line in lines)
-    assert [checkpoint.step_of(p) for p in checkpoints(run)] == [40, 30, 28]
-    verify(run / "ckpt-000000030.h5")
-    verify(run / "ckpt-000000028.h5")
-
-
-@pytest.mark.skipif(checkpoint.h5py_parallel(), reason="this h5py has parallel HDF5, so mpio is available")
-def test_mpio_without_parallel_hdf5_and_unwritable_directories_fail_before_training(comm, tmp_path):
-    lines = []
-    with pytest.raises(JobError, match="checkpoint_io = 'mpio' needs h5py built with parallel HDF5") as exc:
-        fit(Config(**BASE, checkpoint_dir=str(tmp_path / "m"), checkpoint_io="mpio"), comm, log=lines.append)
-    assert exc.value.exit_code == 2 and not any(line.startswith("epoch") for line in lines)
-    (tmp_path / "file").write_text("")
-    with pytest.raises(JobError, match=r"checkpoint_dir .*file/sub is not writable: .*Not a directory"):
-        fit(Config(**BASE, checkpoint_dir=str(tmp_path / "file" / "sub")), comm, log=lines.append)
-    assert not any(line.startswith("epoch") for line in lines)

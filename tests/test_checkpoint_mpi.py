@@ -19,6 +19,7 @@ import tempfile
 import h5py
 import numpy as np
 import pytest
+from test_checkpoint import tensors
 
 from hpcnn import checkpoint, train
 from hpcnn.checkpoint import h5py_parallel
@@ -68,13 +69,6 @@ def on_root(world, check) -> None:
         except Exception as exc:  # noqa: BLE001  (reported on every rank)
             problems = [f"{type(exc).__name__}: {exc}"]
     agreed(world, world.bcast(problems))
-
-
-def tensors(path) -> dict:
-    out = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(lambda name, obj: out.__setitem__(name, obj[...]) if hasattr(obj, "shape") else None)
-    return out
 
 
 @pytest.mark.parametrize("stages", [1, 2, 4])

@@ -17,6 +17,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from test_checkpoint import corrupt
 from test_train import MPIEXEC, ROOT, needs_mpiexec
 
 from hpcnn.checkpoint import checkpoints, verify
@@ -221,13 +222,8 @@ def files(tmp_path_factory):
     ckpt = d / "ckpt"
     subprocess.run([sys.executable, "-m", "hpcnn.train", "--data", good, "--hidden", "8", "--epochs", "1",
                     "--checkpoint-dir", str(ckpt)], cwd=ROOT, check=True, capture_output=True)  # fmt: skip
-    corrupt = d / "corrupt.h5"
-    corrupt.write_bytes(checkpoints(ckpt)[0].read_bytes())
-    with h5py.File(corrupt, "r") as f:
-        offset = f["model/000_dense/W"].id.get_chunk_info(0).byte_offset
-    data = bytearray(corrupt.read_bytes())
-    data[offset + 8] ^= 0xFF
-    corrupt.write_bytes(bytes(data))
+    (d / "corrupt.h5").write_bytes(checkpoints(ckpt)[0].read_bytes())
+    corrupt(d / "corrupt.h5")
     return {
         "dir": d,
         "good": good,

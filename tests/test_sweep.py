@@ -17,6 +17,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from test_checkpoint import python_ranks, tensors
 from test_train import MPIEXEC, ROOT, needs_mpiexec
 
 from hpcnn.checkpoint import checkpoints
@@ -40,13 +41,6 @@ seed = [0, 1]
 [[tasks]]
 lr = -1.0
 """
-
-
-def tensors(path) -> dict:
-    out = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(lambda name, obj: out.__setitem__(name, obj[...]) if hasattr(obj, "shape") else None)
-    return out
 
 
 def results(directory) -> list[dict]:
@@ -126,22 +120,6 @@ def _sweep(args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)  # fmt: skip
 
 
-def _ranks_of(marker: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if (
-            entry.name.isdigit()
-            and Path(argv[0].decode()).name.startswith("python")
-            and marker.encode() in b" ".join(argv)
-        ):
-            pids.append(int(entry.name))
-    return pids
-
-
 def _wait_for_a_result(out: Path, timeout=60) -> None:
     deadline = time.monotonic() + timeout
     while not list(out.glob("tasks/task-*/result.json")) and time.monotonic() < deadline:
@@ -157,7 +135,7 @@ def test_a_sweep_killed_or_stopped_part_way_completes_only_the_rest_when_rerun(t
     _wait_for_a_result(out)
     before = {p: p.read_bytes() for p in out.glob("tasks/task-*/result.json")}
     assert before, first.communicate(timeout=60)
-    for pid in _ranks_of(str(out)):
+    for pid in python_ranks(str(out)):
         os.kill(pid, getattr(signal, how))
     stdout, stderr = first.communicate(timeout=60)
     if how == "SIGUSR1":
