@@ -50,6 +50,7 @@ from hpcnn.backend import to_host
 from hpcnn.data import open_h5, split_counts
 from hpcnn.errors import EXIT_INTERNAL, JobError, UserError
 from hpcnn.model import describe
+from hpcnn.params import layout
 
 FORMAT_VERSION = 1
 KIND = "hpcnn checkpoint"
@@ -107,14 +108,12 @@ def layer_key(index: int, layer) -> str:
 
 
 def stage_tensors(layers, first: int, stop: int):
-    """``(key, offset, shape)`` of each tensor of layers ``[first, stop)``, in flat-buffer order
-    (the order ``FlatParams`` lays them out), with keys named by global layer index."""
-    out, offset = [], 0
-    for i in range(first, stop):
-        for spec in layers[i].param_specs():
-            out.append((f"{layer_key(i, layers[i])}/{spec.name}", offset, tuple(spec.shape)))
-            offset += math.prod(spec.shape)
-    return out
+    """``(key, offset, shape)`` of each tensor of layers ``[first, stop)`` in model order, with its
+    offset in the stage's flat buffer (``params.layout``) and keys named by global layer index."""
+    return [
+        (f"{layer_key(first + s.layer, layers[first + s.layer])}/{s.name}", s.offset, tuple(s.shape))
+        for s in layout(layers[first:stop])
+    ]
 
 
 def architecture(layers, in_features: int, dtype: str) -> dict:

@@ -1,11 +1,18 @@
 """Flat parameter and gradient buffers, and the per-layer views into them.
 
 All parameters of a model live in one contiguous array and all gradients in another of the same
-size and layout. Layers never own arrays: they receive views into these buffers in a fixed order
-(model order, then the order each layer declares). The gradient reduction is therefore one
-buffer, and an optimizer step is a handful of whole-buffer vector operations.
+size and layout. Layers never own arrays: they receive views into these buffers. The gradient
+reduction is therefore one buffer (or a few contiguous buckets of it), and an optimizer step is a
+handful of whole-buffer vector operations.
+
+The layout is **the order backward produces gradients**: the last layer's tensors first, the first
+layer's last (within a layer, the order it declares). A bucket of consecutive layers is then one
+contiguous range, complete as soon as backward has passed its first layer, and its reduction can
+start while backward goes on (``data_parallel``). Everything else (initialisation, checkpoints)
+works per tensor in model order and does not see the layout.
 """
 
+import math
 from dataclasses import dataclass
 
 from hpcnn.backend import xp
@@ -50,19 +57,11 @@ class FlatParams:
     """
 
     def __init__(self, layers, dtype):
-        self.slots: list[Slot] = []
-        offset = 0
-        for i, layer in enumerate(layers):
-            for spec in layer.param_specs():
-                size = 1
-                for d in spec.shape:
-                    size *= d
-                self.slots.append(Slot(i, spec, offset, size))
-                offset += size
-        self.size = offset
+        self.slots: list[Slot] = layout(layers)  # model order; offsets in backward order
+        self.size = sum(s.size for s in self.slots)
         self.dtype = dtype
-        self.data = xp.zeros(offset, dtype=dtype)  # (n_params,)
-        self.grad = xp.zeros(offset, dtype=dtype)  # (n_params,)
+        self.data = xp.zeros(self.size, dtype=dtype)  # (n_params,)
+        self.grad = xp.zeros(self.size, dtype=dtype)  # (n_params,)
         for i, layer in enumerate(layers):
             mine = [s for s in self.slots if s.layer == i]
             layer.bind(
@@ -91,6 +90,27 @@ class FlatParams:
         for slot in self.slots:
             spec, view = slot.spec, self.view(self.data, slot)
             view[...] = _draw(rng, spec)
+
+
+def layout(layers) -> list[Slot]:
+    """Where each tensor of ``layers`` lives in a flat buffer: slots listed in model order (layer,
+    then declared order), offsets assigned in backward order (last layer first)."""
+    slots, offset = {}, 0
+    for i in range(len(layers) - 1, -1, -1):
+        for spec in layers[i].param_specs():
+            size = math.prod(spec.shape)
+            slots[i, spec.name] = Slot(i, spec, offset, size)
+            offset += size
+    return [slots[i, spec.name] for i, layer in enumerate(layers) for spec in layer.param_specs()]
+
+
+def layer_ranges(slots: list[Slot]) -> dict[int, tuple[int, int]]:
+    """``layer -> (start, stop)`` of each parameter-holding layer's contiguous range."""
+    ranges = {}
+    for s in slots:
+        lo, hi = ranges.get(s.layer, (s.offset, s.offset + s.size))
+        ranges[s.layer] = (min(lo, s.offset), max(hi, s.offset + s.size))
+    return ranges
 
 
 def _draw(rng, spec: ParamSpec):

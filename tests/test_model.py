@@ -7,17 +7,18 @@ from hpcnn.layers import Dense, ReLU
 from hpcnn.model import Sequential, build_mlp, mlp_layers
 
 
-def test_views_share_the_flat_buffers_in_model_order():
+def test_views_share_the_flat_buffers_in_backward_order():
     model = build_mlp([3, 4, 2], "relu", np.float32)
     p = model.params
     assert p.size == 3 * 4 + 4 + 4 * 2 + 2
     assert p.data.dtype == np.float32 and p.data.flags.c_contiguous and p.grad.shape == p.data.shape
+    # Slots are listed in model order; the last layer (which backward reaches first) lies first.
     offsets = [(s.layer, s.name, s.offset) for s in p.slots]
-    assert offsets == [(0, "W", 0), (0, "b", 12), (2, "W", 16), (2, "b", 24)]
+    assert offsets == [(0, "W", 10), (0, "b", 22), (2, "W", 0), (2, "b", 8)]
     first, second = model.layers[0], model.layers[2]
     first.W[1, 2] = 7.0
     second.b[1] = -3.0
-    assert p.data[1 * 4 + 2] == 7.0 and p.data[25] == -3.0
+    assert p.data[10 + 1 * 4 + 2] == 7.0 and p.data[9] == -3.0
     assert np.shares_memory(first.dW, p.grad) and np.shares_memory(second.db, p.grad)
 
 
@@ -71,7 +72,7 @@ def test_stages_compose_to_the_whole_model():
     h = first.forward(x)
     second.forward(h)
     first.backward(second.backward(r, need_input_grad=True))
-    pieces = np.concatenate([first.params.grad, second.params.grad])
+    pieces = np.concatenate([second.params.grad, first.params.grad])  # backward order: last stage first
     assert np.allclose(pieces, model.params.grad, rtol=0, atol=1e-14)
 
 
