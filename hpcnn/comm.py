@@ -92,6 +92,15 @@ class Comm:
         """Sum a contiguous numpy buffer over all ranks, in place."""
         self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
 
+    def iallreduce_sum_(self, buf):
+        """Start summing a contiguous buffer over all ranks in place; returns the request."""
+        return self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+
+    @staticmethod
+    def testall(requests) -> bool:
+        """Whether all ``requests`` are complete; the call itself moves MPI's progress engine."""
+        return MPI.Request.Testall(requests)
+
     def broadcast_(self, buf, root: int = 0) -> None:
         self.comm.Bcast(buf, root=root)
 

@@ -82,6 +82,13 @@ class Config:
         ["1f1b", "gpipe"],
         "parallel",
     )
+    overlap: str = _f(
+        "on",
+        "reduce gradient buckets during backward (on) or in one Allreduce after it (off)",
+        ["on", "off"],
+        "parallel",
+    )
+    bucket_mb: float = _f(2.0, "gradient bucket size in MiB for the overlapped reduction", group="parallel")
     # --- optimizer
     optimizer: str = _f("adam", "optimizer", ["sgd", "adam", "adamw"], "optimizer")
     lr: float = _f(1e-3, "peak learning rate", group="optimizer")
@@ -165,7 +172,7 @@ class Config:
         ):
             if getattr(self, key) < 0:
                 raise UserError(f"{key} = {getattr(self, key)}: must be >= 0")
-        for key in ("lr", "eps"):
+        for key in ("lr", "eps", "bucket_mb"):
             if not getattr(self, key) > 0:
                 raise UserError(f"{key} = {getattr(self, key)}: must be > 0")
         for key in ("weight_decay", "clip_norm", "min_lr"):

@@ -8,7 +8,9 @@ pipeline stage hold several micro-batches in flight through the same layers.
 
 Weight gradients are written straight into the gradient buffer with ``out=``; with
 ``accumulate=True`` (micro-batches after the first) they go through one scratch array per layer,
-allocated once, and are added. Backward never allocates a parameter-sized array per step.
+allocated once, and are added. Outputs, input gradients and temporaries come from ``ws``, a
+``workspace.Scope`` that returns the same array every step (``FRESH`` allocates: for a layer used on
+its own). A training step therefore allocates no activation- or parameter-sized array.
 Nothing here is MLP-specific: a model is any ordered list of layers, and a pipeline stage is a
 consecutive run of them.
 """
@@ -17,6 +19,7 @@ import math
 
 from hpcnn.backend import xp
 from hpcnn.params import ParamSpec
+from hpcnn.workspace import FRESH
 
 
 class Layer:
@@ -28,10 +31,10 @@ class Layer:
     def bind(self, params: dict, grads: dict) -> None:
         assert not params and not grads
 
-    def forward(self, x, saved: dict | None):
+    def forward(self, x, saved: dict | None, ws=FRESH):
         return x
 
-    def backward(self, dy, saved: dict, need_dx: bool = True, accumulate: bool = False):
+    def backward(self, dy, saved: dict, need_dx: bool = True, accumulate: bool = False, ws=FRESH):
         return dy
 
     def out_features(self, in_features: int) -> int:
@@ -54,7 +57,7 @@ class Dense(Layer):
 
     def __init__(self, fan_in: int, fan_out: int, init: str = "he"):
         self.fan_in, self.fan_out, self.init = fan_in, fan_out, init
-        self._dW_part = None  # scratch for accumulated micro-batch gradients, made on first use
+        self._dW_part = self._db_part = None  # scratch for accumulated micro-batch gradients
 
     def param_specs(self):
         return [
@@ -65,27 +68,32 @@ class Dense(Layer):
     def bind(self, params, grads):
         self.W, self.b = params["W"], params["b"]
         self.dW, self.db = grads["W"], grads["b"]
-        self._dW_part = None
+        self._dW_part = self._db_part = None
 
-    def forward(self, x, saved):
+    def forward(self, x, saved, ws=FRESH):
         if saved is not None:
             saved["x"] = x  # (batch, fan_in), kept for dW
-        y = x @ self.W  # (batch, fan_out)
+        y = ws("y", (len(x), self.fan_out), x.dtype)
+        xp.matmul(x, self.W, out=y)  # (batch, fan_out)
         y += self.b
         return y
 
-    def backward(self, dy, saved, need_dx=True, accumulate=False):
+    def backward(self, dy, saved, need_dx=True, accumulate=False, ws=FRESH):
         x = saved.pop("x")
         if accumulate:
-            if self._dW_part is None:
-                self._dW_part = xp.empty_like(self.dW)
+            if self._dW_part is None:  # once per run: micro-batches after the first add into dW
+                self._dW_part, self._db_part = xp.empty_like(self.dW), xp.empty_like(self.db)
             xp.matmul(x.T, dy, out=self._dW_part)
             self.dW += self._dW_part
-            self.db += dy.sum(axis=0)
+            xp.sum(dy, axis=0, out=self._db_part)
+            self.db += self._db_part
         else:
             xp.matmul(x.T, dy, out=self.dW)
             xp.sum(dy, axis=0, out=self.db)
-        return dy @ self.W.T if need_dx else None  # (batch, fan_in)
+        if not need_dx:
+            return None
+        dx = ws("dx", (len(dy), self.fan_in), dy.dtype)
+        return xp.matmul(dy, self.W.T, out=dx)  # (batch, fan_in)
 
     def out_features(self, in_features):
         assert in_features == self.fan_in, (in_features, self.fan_in)
@@ -101,42 +109,55 @@ class Dense(Layer):
         return f"Dense({self.fan_in}, {self.fan_out})"
 
 
+# Activations write into workspace arrays of their own rather than over their input: the input may
+# be data the caller still owns (a stage's first layer) or kept by the layer before for backward.
+
+
 class ReLU(Layer):
-    def forward(self, x, saved):
-        y = xp.maximum(x, 0)
+    def forward(self, x, saved, ws=FRESH):
+        y = xp.maximum(x, 0, out=ws("y", x.shape, x.dtype))
         if saved is not None:
             saved["y"] = y
         return y
 
-    def backward(self, dy, saved, need_dx=True, accumulate=False):
-        return dy * (saved.pop("y") > 0)
+    def backward(self, dy, saved, need_dx=True, accumulate=False, ws=FRESH):
+        # sign(y) is exactly 1 where the unit was active and 0 where not (y >= 0): a mask without
+        # a boolean temporary.
+        dx = xp.sign(saved.pop("y"), out=ws("dx", dy.shape, dy.dtype))
+        dx *= dy
+        return dx
 
 
 class Sigmoid(Layer):
-    def forward(self, x, saved):
+    def forward(self, x, saved, ws=FRESH):
         # 0.5 * (1 + tanh(x / 2)) is the logistic function without exp overflow for large |x|.
-        y = xp.tanh(0.5 * x)
+        y = xp.multiply(x, 0.5, out=ws("y", x.shape, x.dtype))
+        xp.tanh(y, out=y)
         y += 1
         y *= 0.5
         if saved is not None:
             saved["y"] = y
         return y
 
-    def backward(self, dy, saved, need_dx=True, accumulate=False):
+    def backward(self, dy, saved, need_dx=True, accumulate=False, ws=FRESH):
         y = saved.pop("y")
-        return dy * y * (1 - y)
+        dx = xp.multiply(dy, y, out=ws("dx", dy.shape, dy.dtype))
+        dx *= xp.subtract(1, y, out=ws("t", y.shape, y.dtype))  # dy * y * (1 - y)
+        return dx
 
 
 class Tanh(Layer):
-    def forward(self, x, saved):
-        y = xp.tanh(x)
+    def forward(self, x, saved, ws=FRESH):
+        y = xp.tanh(x, out=ws("y", x.shape, x.dtype))
         if saved is not None:
             saved["y"] = y
         return y
 
-    def backward(self, dy, saved, need_dx=True, accumulate=False):
+    def backward(self, dy, saved, need_dx=True, accumulate=False, ws=FRESH):
         y = saved.pop("y")
-        return dy * (1 - y * y)
+        t = xp.multiply(y, y, out=ws("t", y.shape, y.dtype))
+        xp.subtract(1, t, out=t)
+        return xp.multiply(dy, t, out=ws("dx", dy.shape, dy.dtype))  # dy * (1 - y * y)
 
 
 class GELU(Layer):
@@ -144,16 +165,36 @@ class GELU(Layer):
 
     _C = math.sqrt(2.0 / math.pi)
 
-    def forward(self, x, saved):
-        t = xp.tanh(self._C * (x + 0.044715 * x**3))
+    def forward(self, x, saved, ws=FRESH):
+        # t = tanh(C * (x + 0.044715 x^3)); y = 0.5 x (1 + t)
+        t = xp.multiply(x, x, out=ws("t", x.shape, x.dtype))
+        t *= x
+        t *= 0.044715
+        t += x
+        t *= self._C
+        xp.tanh(t, out=t)
+        y = xp.add(t, 1, out=ws("y", x.shape, x.dtype))
+        y *= x
+        y *= 0.5
         if saved is not None:
             saved["x"], saved["t"] = x, t
-        return 0.5 * x * (1 + t)
+        return y
 
-    def backward(self, dy, saved, need_dx=True, accumulate=False):
+    def backward(self, dy, saved, need_dx=True, accumulate=False, ws=FRESH):
+        # dy * (0.5 (1 + t) + 0.5 x (1 - t^2) C (1 + 3 * 0.044715 x^2))
         x, t = saved.pop("x"), saved.pop("t")
-        dt = self._C * (1 + 3 * 0.044715 * x * x)
-        return dy * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * dt)
+        a = xp.multiply(x, x, out=ws("a", x.shape, x.dtype))
+        a *= 3 * 0.044715 * self._C
+        a += self._C
+        a *= x
+        a *= 0.5
+        b = xp.multiply(t, t, out=ws("b", t.shape, t.dtype))
+        xp.subtract(1, b, out=b)
+        a *= b
+        xp.add(t, 1, out=b)
+        b *= 0.5
+        a += b
+        return xp.multiply(dy, a, out=ws("dx", dy.shape, dy.dtype))
 
     def flops(self, in_features):
         return 20.0 * in_features

@@ -3,10 +3,12 @@
 ``forward`` returns the *sum* of per-row losses over the rows given, and ``backward(scale)``
 returns the gradient of ``scale * sum``. Data-parallel training passes ``scale = 1 / global_rows``
 so that each rank's local gradient, summed across ranks by one Allreduce, is exactly the mean over
-the global batch however unevenly the rows were split.
+the global batch however unevenly the rows were split. Arrays come from ``ws`` (a workspace scope,
+one per micro-batch in flight), so a step allocates only batch-length vectors here.
 """
 
 from hpcnn.backend import xp
+from hpcnn.workspace import FRESH
 
 
 class SoftmaxCrossEntropy:
@@ -15,13 +17,15 @@ class SoftmaxCrossEntropy:
     Targets are integer class labels of shape (batch,).
     """
 
-    def forward(self, logits, labels) -> float:
-        shifted = logits - logits.max(axis=1, keepdims=True)  # (batch, classes), max is 0
-        exp = xp.exp(shifted)
-        sumexp = exp.sum(axis=1, keepdims=True)  # (batch, 1)
-        rows = xp.arange(len(labels))
-        loss = xp.log(sumexp[:, 0]) - shifted[rows, labels]  # (batch,)
-        exp /= sumexp
+    def forward(self, logits, labels, ws=FRESH) -> float:
+        rows, dt = len(logits), logits.dtype
+        top = xp.max(logits, axis=1, keepdims=True, out=ws("top", (rows, 1), dt))
+        exp = xp.subtract(logits, top, out=ws("probs", logits.shape, dt))  # (batch, classes), max is 0
+        picked = exp[xp.arange(rows), labels]  # (batch,) shifted logit of the label
+        xp.exp(exp, out=exp)
+        sumexp = xp.sum(exp, axis=1, keepdims=True, out=ws("sumexp", (rows, 1), dt))  # (batch, 1)
+        loss = xp.log(sumexp[:, 0]) - picked  # (batch,)
+        exp /= sumexp  # softmax, kept for backward
         self.probs, self.labels = exp, labels
         return float(loss.sum(dtype=xp.float64))
 
@@ -40,13 +44,16 @@ class MeanSquaredError:
     (batch, outputs) are used as they are (regression).
     """
 
-    def forward(self, out, target) -> float:
-        if target.ndim == 1:
-            onehot = xp.zeros_like(out)
-            onehot[xp.arange(len(target)), target] = 1
-            target = onehot
-        self.diff = out - target  # (batch, outputs)
-        return float((self.diff * self.diff).sum(dtype=xp.float64)) / out.shape[1]
+    def forward(self, out, target, ws=FRESH) -> float:
+        diff = ws("diff", out.shape, out.dtype)  # (batch, outputs)
+        if target.ndim == 1:  # out - onehot(target)
+            diff[...] = out
+            diff[xp.arange(len(target)), target] -= 1
+        else:
+            xp.subtract(out, target, out=diff)
+        self.diff = diff
+        sq = xp.multiply(diff, diff, out=ws("sq", out.shape, out.dtype))
+        return float(sq.sum(dtype=xp.float64)) / out.shape[1]
 
     def backward(self, scale: float):
         d = self.diff

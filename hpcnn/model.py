@@ -10,6 +10,7 @@ import math
 
 from hpcnn.layers import ACTIVATIONS, INIT_FOR, Dense
 from hpcnn.params import FlatParams
+from hpcnn.workspace import Workspace
 
 
 class Sequential:
@@ -25,26 +26,40 @@ class Sequential:
         self.layers = list(layers)
         self.dtype = dtype
         self.params = FlatParams(self.layers, dtype)
+        self.workspace = Workspace()
         self._tape = None
 
-    def forward(self, x, train: bool = True, tape: list | None = None):
+    def forward(self, x, train: bool = True, tape: list | None = None, slot: int = 0):
         """Run the layers; with ``train``, what backward needs is kept on ``tape``.
 
         ``tape`` is one dict per layer; by default the model keeps one for the latest forward.
-        A pipeline stage passes one tape per micro-batch in flight.
+        A pipeline stage passes one tape per micro-batch in flight, and the micro-batch as
+        ``slot``. The result is a workspace array, overwritten by the next forward of the same
+        slot and mode: copy it to keep it.
         """
         if train and tape is None:
             tape = self._tape = [{} for _ in self.layers]
+        slot = ("train" if train else "infer", slot)
         for i, layer in enumerate(self.layers):
-            x = layer.forward(x, tape[i] if train else None)
+            x = layer.forward(x, tape[i] if train else None, self.workspace.scope(i, slot))
         return x
 
-    def backward(self, dout, need_input_grad: bool = False, tape: list | None = None, accumulate=False):
+    def backward(
+        self, dout, need_input_grad=False, tape=None, accumulate=False, slot: int = 0, on_layer_done=None
+    ):
         """Fill ``params.grad`` (overwriting it, or adding to it with ``accumulate``) from the
-        forward recorded on ``tape``; return the input gradient if asked."""
+        forward recorded on ``tape``; return the input gradient if asked.
+
+        ``on_layer_done(i)`` is called as soon as layer ``i``'s gradients are final (the data-parallel
+        reduction of a complete bucket starts there, while backward goes on).
+        """
         tape = self._tape if tape is None else tape
+        slot = ("train", slot)
         for i in range(len(self.layers) - 1, -1, -1):
-            dout = self.layers[i].backward(dout, tape[i], need_input_grad or i > 0, accumulate)
+            scope = self.workspace.scope(i, slot)
+            dout = self.layers[i].backward(dout, tape[i], need_input_grad or i > 0, accumulate, scope)
+            if on_layer_done is not None:
+                on_layer_done(i)
         return dout
 
     def out_features(self, in_features: int) -> int:

@@ -85,12 +85,21 @@ def schedule_ops(kind: str, stage: int, stages: int, micro: int) -> list[tuple[s
 class StageTimes:
     """Where a stage's time went, summed over steps (seconds)."""
 
-    compute: float = 0.0  # forward, loss, backward
+    forward: float = 0.0  # forward and loss
+    backward: float = 0.0  # backward (including starting and testing gradient reductions)
     wait: float = 0.0  # blocked in Recv and in completing sends
-    total: float = 0.0  # whole steps
+    total: float = 0.0  # whole pipeline steps (forward, backward, waits)
+    # filled by the training loop around the pipeline step:
+    data: float = 0.0  # reading and casting this rank's rows
+    reduce: float = 0.0  # blocked on the data-parallel gradient reduction (not hidden by backward)
+    optimizer: float = 0.0  # gradient norm, clipping, optimizer step
     steps: int = 0
     peak_live: int = 0  # most micro-batches with forward done and backward not yet
     samples: list = field(default_factory=list)
+
+    @property
+    def compute(self) -> float:
+        return self.forward + self.backward
 
     @property
     def bubble(self) -> float:
@@ -150,12 +159,14 @@ class Pipeline:
             self.times.wait += self.clock() - t0
         return buf
 
-    def train_step(self, inputs, targets, sizes, scale: float, loss_fn):
+    def train_step(self, inputs, targets, sizes, scale: float, loss_fn, on_layer_done=None):
         """Forward and backward all micro-batches of one step; fill ``model.params.grad``.
 
         ``inputs``/``targets`` are lists of per-micro-batch arrays on the first/last stage (else
         ``None``); ``sizes`` the micro-batches' row counts, known to every stage. Returns the last
-        stage's ``(loss_sum, correct)`` (zeros elsewhere).
+        stage's ``(loss_sum, correct)`` (zeros elsewhere). ``on_layer_done(i)`` is called during the
+        last micro-batch's backward, once layer ``i``'s gradient is final (every micro-batch's
+        backward runs in micro-batch order, so the last one completes each layer).
         """
         t_step = self.clock()
         micro = len(sizes)
@@ -170,13 +181,14 @@ class Pipeline:
                     x = held[m] = self._recv(sizes[m], self.in_features, self.stage - 1, m)
                 t0 = self.clock()
                 tapes[m] = [{} for _ in self.model.layers]
-                out = self.model.forward(x, tape=tapes[m])
+                out = self.model.forward(x, tape=tapes[m], slot=m)
                 if faults.point("forward") == "nan":
                     out = out * xp.nan
                 if self.is_last:
-                    loss_sum, correct = _score(loss_fn, out, targets[m], loss_sum, correct)
+                    scope = self.model.workspace.scope("loss", ("train", m))
+                    loss_sum, correct = _score(loss_fn, out, targets[m], loss_sum, correct, scope)
                     kept[m] = loss_fn.backward(scale)
-                self.times.compute += self.clock() - t0
+                self.times.forward += self.clock() - t0
                 if not self.is_last:
                     sends.append((self.pipe.isend(out, self.stage + 1, m), out))
                 live += 1
@@ -189,9 +201,14 @@ class Pipeline:
                 t0 = self.clock()
                 faults.point("backward")
                 dx = self.model.backward(
-                    dout, need_input_grad=not self.is_first, tape=tapes.pop(m), accumulate=not first_backward
+                    dout,
+                    need_input_grad=not self.is_first,
+                    tape=tapes.pop(m),
+                    accumulate=not first_backward,
+                    slot=m,
+                    on_layer_done=on_layer_done if m == micro - 1 else None,  # gradients final
                 )
-                self.times.compute += self.clock() - t0
+                self.times.backward += self.clock() - t0
                 first_backward = False
                 if not self.is_first:
                     sends.append((self.pipe.isend(dx, self.stage - 1, m), dx))
@@ -215,12 +232,13 @@ class Pipeline:
                 if self.is_first
                 else self._recv(rows, self.in_features, self.stage - 1, m, timed=False)
             )
-            out = self.model.forward(x, train=False)
+            out = self.model.forward(x, train=False, slot=m)
             if self.is_last:
                 if outputs is not None:
-                    outputs.append(xp.array(out))  # a copy: out may be a pooled receive buffer
+                    outputs.append(xp.array(out))  # a copy: out is a workspace array
                 if targets is not None:
-                    loss_sum, correct = _score(loss_fn, out, targets[m], loss_sum, correct)
+                    scope = self.model.workspace.scope("loss", ("infer", m))
+                    loss_sum, correct = _score(loss_fn, out, targets[m], loss_sum, correct, scope)
             else:
                 sends.append((self.pipe.isend(out, self.stage + 1, m), out))
             if not self.is_first:
@@ -246,9 +264,9 @@ class Pipeline:
             self._release(self._deferred.pop())
 
 
-def _score(loss_fn, out, target, loss_sum: float, correct: int):
+def _score(loss_fn, out, target, loss_sum: float, correct: int, ws):
     """Add a micro-batch's loss (and, for class labels, its correct count) to the running sums."""
-    loss_sum += loss_fn.forward(out, target)
+    loss_sum += loss_fn.forward(out, target, ws)
     if target.ndim == 1:  # class labels; regression targets are (rows, outputs)
         correct += count_correct(out, target)
     return loss_sum, correct

@@ -235,7 +235,7 @@ class _Training:
         self.model = pipe.model
         self.dtype, self.classify = dtype_of(cfg.dtype), ds.num_classes is not None
         self.loss_fn = LOSSES[cfg.loss]()
-        self.dp = DataParallel(grid.dp, self.model.params)
+        self.dp = DataParallel(grid.dp, self.model.params, cfg.overlap == "on", cfg.bucket_mb, comm.wtime)
         self.dp.broadcast_parameters()
         self.opt = make_optimizer(cfg, self.model.params)
         steps = len(sampler) * cfg.epochs
@@ -311,14 +311,22 @@ class _Training:
             bad = int(ids[int(np.argwhere(~np.isfinite(to_host(x)).all(axis=1))[0][0])])
             self.stop.note_bad_input(self.step, bad)
         inputs, targets, sizes = _micro_batches(x, y, cfg.micro_batches)
+        times = pipe.times
+        t1 = self.comm.wtime()
+        times.data += t1 - t0
         self.inspector.mark("forward/backward")
-        loss_sum, correct = pipe.train_step(inputs, targets, sizes, 1.0 / global_rows, self.loss_fn)
+        loss_sum, correct = pipe.train_step(
+            inputs, targets, sizes, 1.0 / global_rows, self.loss_fn, self.dp.on_layer_done
+        )
         if pipe.is_last:
             sums += (loss_sum, correct, len(ids))
             self.result.step_losses.append(loss_sum)
         self.inspector.mark("gradient allreduce")
         faults.point("allreduce")
+        t2 = self.comm.wtime()
         self.dp.reduce_gradients()
+        t3 = self.comm.wtime()
+        times.reduce += t3 - t2
         self.inspector.mark("optimizer step")
         sq = float(xp.dot(params.grad, params.grad))
         if cfg.clip_norm:  # collective across stages: every rank takes part, finite or not
@@ -334,6 +342,7 @@ class _Training:
             self.stop.note_nonfinite(self.step, layer, loss_bad)
         if faults.point("optimizer") == "diverge":
             params.data[0] += 1e-3
+        times.optimizer += self.comm.wtime() - t3
         self.step, self.batch = self.step + 1, self.batch + 1
         self.inspector.step_done(self.step, self.comm.wtime() - t0)
 

@@ -152,7 +152,8 @@ def test_gradient_of_empty_slice_is_zero():
 
 
 def test_accumulated_micro_batch_gradients_equal_the_whole_batch_gradient():
-    """Micro-batches in flight together (one tape each), backward in any order, accumulated."""
+    """Micro-batches in flight together (one tape and workspace slot each), backward in any order,
+    accumulated."""
     rng = np.random.default_rng(6)
     model = build_mlp([4, 6, 3], "gelu", np.float64)
     model.params.initialize(rng)
@@ -162,9 +163,9 @@ def test_accumulated_micro_batch_gradients_equal_the_whole_batch_gradient():
     whole = model.params.grad.copy()
     parts = [slice(0, 4), slice(4, 5), slice(5, 9)]
     tapes = [[{} for _ in model.layers] for _ in parts]
-    for part, tape in zip(parts, tapes, strict=True):
-        model.forward(x[part], tape=tape)
+    for m, (part, tape) in enumerate(zip(parts, tapes, strict=True)):
+        model.forward(x[part], tape=tape, slot=m)
     for i in (2, 0, 1):
-        model.backward(r[parts[i]], tape=tapes[i], accumulate=i != 2)
+        model.backward(r[parts[i]], tape=tapes[i], accumulate=i != 2, slot=i)
     assert np.abs(model.params.grad - whole).max() < 1e-13
     assert all(not saved for tape in tapes for saved in tape), "backward releases what forward kept"
