@@ -63,7 +63,8 @@ def run_on_first_ranks(world, ranks, cfg):
         if grid.replica == 0:
             pieces = grid.pipe.comm.gather(result.model.params.data, root=0) if grid.pipe else None
             if grid.stage == 0:
-                whole = np.concatenate(pieces) if pieces else result.model.params.data
+                # flat buffers are in backward order (last layer first): the last stage leads
+                whole = np.concatenate(pieces[::-1]) if pieces else result.model.params.data
                 out = SimpleNamespace(params=whole, history=result.history, final=result.final)
                 out.bounds = result.bounds
         peaks = sub.comm.gather((grid.stage, result.pipeline.times.peak_live), root=0)
