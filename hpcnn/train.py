@@ -627,7 +627,8 @@ def _epoch_line(row: dict, epochs: int) -> str:
     return text + f"  | lr {row['lr']:.2e}  {row['samples_per_s']:,.0f} rows/s  {row['seconds']:.2f} s"
 
 
-def _announce_layout(cfg: Config, comm: Comm) -> None:
+def _announce_layout(cfg: Config, comm: Comm) -> tuple:
+    """Set this rank's BLAS threads and say what the job looks like; returns the threads and why."""
     threads = blas_threads(comm.local_size, cfg.threads)
     cores = os.cpu_count() or 1
     comm.print0(
@@ -644,6 +645,7 @@ def _announce_layout(cfg: Config, comm: Comm) -> None:
     placement = comm.comm.gather((socket.gethostname(), os.getpid()), root=0)
     if comm.size > 1 and placement is not None:
         comm.print0(f"hpcnn: ranks by host (rank=pid): {_placement(placement)}")
+    return threads
 
 
 def _placement(rows) -> str:

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from hpcnn import optim
 from hpcnn.optim import SGD, Adam, Schedule, clip_grad_norm
 
 
@@ -130,3 +131,21 @@ def test_clip_grad_norm():
     part = np.array([3.0])
     assert clip_grad_norm(part, 2.5, sum_across=lambda sq: sq + 16.0) == 5.0
     assert part[0] == pytest.approx(1.5, rel=1e-6)
+
+
+@pytest.mark.parametrize("make", [lambda p: SGD(p, 0.9, nesterov=True, weight_decay=0.01), lambda p: Adam(p)])
+def test_blocked_update_equals_the_whole_buffer_update(make, monkeypatch):
+    """The block-by-block passes give bitwise the update of whole-buffer passes (blocks of 7
+    elements, a ragged last block, against one block holding everything)."""
+    rng = np.random.default_rng(1)
+    data, grad = rng.normal(size=(2, 100))
+    results = []
+    for block_bytes in (7 * 8, 10**6):
+        monkeypatch.setattr(optim, "BLOCK_BYTES", block_bytes)
+        ps = flat(data.copy(), grad.copy())
+        opt = make(ps)
+        for lr in (0.1, 0.05, 0.02):
+            ps.grad[:] = grad
+            opt.step(lr)
+        results.append(ps.data.copy())
+    assert np.array_equal(results[0], results[1])
