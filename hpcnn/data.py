@@ -46,9 +46,21 @@ class ArraySource:
         self.x, self.y, self.name = x, y, name
         self.rows, self.rows_read = len(x), 0
 
-    def read(self, ids, inputs: bool = True, labels: bool = True):
+    def read(self, ids, inputs: bool = True, labels: bool = True, out=None):
+        """Rows ``ids`` of the inputs and/or labels; with ``out`` (a workspace scope) into arrays
+        reused from step to step rather than fresh copies."""
         self.rows_read += len(ids)
-        return (self.x[ids] if inputs else None), (self.y[ids] if labels else None)
+        return (self._take(self.x, ids, "x", out) if inputs else None), (
+            self._take(self.y, ids, "y", out) if labels else None
+        )
+
+    @staticmethod
+    def _take(a, ids, name, out):
+        if out is None:
+            return a[ids]
+        # mode="clip": the default mode buffers the whole result before copying it to out (ids
+        # come from the sampler and are always in range)
+        return np.take(a, ids, axis=0, out=out(name, (len(ids), *a.shape[1:]), a.dtype), mode="clip")
 
     def close(self) -> None:
         pass
@@ -62,10 +74,11 @@ class H5Source:
         self.name = f"{f.filename}:{x_key}/{y_key}"
         self.rows, self.rows_read = self.x.shape[0], 0
 
-    def read(self, ids, inputs: bool = True, labels: bool = True):
+    def read(self, ids, inputs: bool = True, labels: bool = True, out=None):
         """Rows ``ids`` (any order, no repeats) of the inputs and/or labels, in that order.
 
-        A pipeline's first stage asks for inputs only, its last stage for labels only.
+        A pipeline's first stage asks for inputs only, its last stage for labels only. Each read
+        returns new arrays (h5py's); ``out`` is accepted for the in-memory sources' interface.
         """
         self.rows_read += len(ids)
         return (self._rows(self.x, ids) if inputs else None), (self._rows(self.y, ids) if labels else None)

@@ -91,11 +91,15 @@ def _micro_batches(x, y, micro: int):
     return pieces(x), pieces(y), [n for _, n in cuts]
 
 
-def _read(split, ids, pipe: Pipeline, dtype, classify):
-    """What this stage needs of rows ``ids``: inputs on the first stage, labels on the last."""
+def _read(split, ids, pipe: Pipeline, dtype, classify, mode: str = "infer"):
+    """What this stage needs of rows ``ids``: inputs on the first stage, labels on the last (read
+    into the stage's workspace: valid until the next read of the same ``mode``)."""
     if not (pipe.is_first or pipe.is_last):
         return xp.empty((len(ids), 0)), None  # a middle stage reads nothing; it only needs the count
-    return _as_batch(*split.source.read(ids, inputs=pipe.is_first, labels=pipe.is_last), dtype, classify)
+    out = pipe.model.workspace.scope("data", mode)
+    return _as_batch(
+        *split.source.read(ids, inputs=pipe.is_first, labels=pipe.is_last, out=out), dtype, classify
+    )
 
 
 def evaluate(pipe: Pipeline, loss_fn, split, grid: Grid, cfg, classify: bool) -> dict:
@@ -304,10 +308,11 @@ class _Training:
         t0 = self.comm.wtime()
         faults.step = self.step
         self.inspector.mark("read data")
-        x, y = _read(self.ds.train, ids, pipe, self.dtype, self.classify)
+        x, y = _read(self.ds.train, ids, pipe, self.dtype, self.classify, "train")
         if faults.point("data") == "nan":
             x[-1, 0] = xp.nan
-        if pipe.is_first and len(ids) and not xp.isfinite(x).all():
+        # min and max are NaN or infinite exactly when some input is, without a boolean temporary
+        if pipe.is_first and len(ids) and not math.isfinite(float(x.min()) + float(x.max())):
             bad = int(ids[int(np.argwhere(~np.isfinite(to_host(x)).all(axis=1))[0][0])])
             self.stop.note_bad_input(self.step, bad)
         inputs, targets, sizes = _micro_batches(x, y, cfg.micro_batches)

@@ -5,6 +5,7 @@ Every test compares the distributed result with a serial run of the same setting
 ``COMM_SELF``, trained by rank 0 and broadcast.
 """
 
+import dataclasses
 import hashlib
 import os
 import tempfile
@@ -17,6 +18,7 @@ import pytest
 from hpcnn.comm import Comm, blas_threads
 from hpcnn.config import Config
 from hpcnn.data import EpochSampler, open_dataset, write_h5
+from hpcnn.data_parallel import DataParallel
 from hpcnn.errors import JobError, UserError
 from hpcnn.train import fit
 
@@ -175,3 +177,28 @@ def test_an_error_on_one_rank_is_agreed_by_all(world):
 def test_batch_smaller_than_world_is_rejected(world):
     with pytest.raises(JobError, match=f"batch_size = 1 is smaller than the {world.size} data-parallel"):
         fit(Config(batch_size=1), world)
+
+
+@pytest.mark.parametrize("stages", [1, 2])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_overlapped_bucket_reduction_equals_one_allreduce(world, stages, dtype):
+    """Per-layer buckets reduced during backward give the blocking Allreduce's parameters: bitwise
+    with two replicas (one addition per element), to rounding with more (MPI may associate sums
+    differently for different message sizes). Replicas stay bitwise identical either way."""
+    replicas = world.size // stages
+    if world.size % stages or replicas < 2:
+        pytest.skip(f"{stages} stage(s) need a multiple of {2 * stages} ranks; world: {world.size}")
+    base = Config(
+        hidden=[32, 16], dtype=dtype, epochs=1, max_steps=20, eval_every=0, batch_size=37, seed=3,
+        optimizer="adam", pipeline_stages=stages, micro_batches=2, bucket_mb=1e-4,
+    )  # fmt: skip
+    on = fit(dataclasses.replace(base, overlap="on"), world)
+    buckets = len(DataParallel(on.grid.dp, on.model.params, bucket_mb=1e-4).buckets)
+    assert world.max(buckets) > 1, "every stage reduced one bucket only"
+    off = fit(dataclasses.replace(base, overlap="off"), world)
+    assert_replicas_identical(on.grid.dp, on.model.params)  # the replicas of each stage
+    if replicas == 2:
+        assert np.array_equal(on.model.params.data, off.model.params.data)
+    else:
+        tol = 1e-5 if dtype == "float32" else 1e-12
+        assert np.allclose(on.model.params.data, off.model.params.data, rtol=tol, atol=tol)

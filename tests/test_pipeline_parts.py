@@ -83,4 +83,5 @@ def test_stage_starts_with_the_values_of_the_whole_model():
         np.random.default_rng(4), skip=[s for layer in layers[:2] for s in layer.param_specs()]
     )
     assert isinstance(tail.layers[0], Dense)
-    assert np.array_equal(tail.params.data, whole.params.data[: tail.params.size])  # backward order: tail first
+    # flat buffers are in backward order: the tail's tensors lead the whole model's buffer
+    assert np.array_equal(tail.params.data, whole.params.data[: tail.params.size])

@@ -1,0 +1,119 @@
+"""Gradient buckets and their reduction during backward (serial part: a recording communicator)."""
+
+import tracemalloc
+from types import SimpleNamespace
+
+import numpy as np
+
+from hpcnn.comm import Comm
+from hpcnn.config import Config
+from hpcnn.data_parallel import DataParallel, buckets
+from hpcnn.inspector import Inspector
+from hpcnn.losses import SoftmaxCrossEntropy
+from hpcnn.model import Sequential, mlp_layers
+from hpcnn.preempt import StopRequest
+from hpcnn.train import _Training
+
+
+def test_buckets_are_whole_layers_covering_the_buffer_in_backward_order():
+    model = Sequential(mlp_layers([30, 20, 20, 10, 5], "relu"), np.float32)
+    sizes = {0: 30 * 20 + 20, 2: 20 * 20 + 20, 4: 20 * 10 + 10, 6: 10 * 5 + 5}
+    got = buckets(model.params.slots, 500 * 4, 4)
+    # backward order: layer 6 (55), 4 (210), 2 (420) -> 685 >= 500; then layer 0 (620)
+    assert [(sorted(m), stop - start) for start, stop, m in got] == [
+        ([2, 4, 6], sizes[6] + sizes[4] + sizes[2]),
+        ([0], sizes[0]),
+    ]
+    assert got[0][0] == 0 and got[-1][1] == model.params.size
+    assert all(a[1] == b[0] for a, b in zip(got, got[1:], strict=False))
+    one = buckets(model.params.slots, 10**9, 4)
+    assert [(start, stop) for start, stop, _ in one] == [(0, model.params.size)]
+
+
+class Recorder:
+    """A 2-rank communicator stand-in that records when reductions start and what they cover."""
+
+    size = 2
+
+    def __init__(self, events):
+        self.events = events
+
+    def iallreduce_sum_(self, buf):
+        self.events.append(("reduce", len(buf)))
+        return SimpleNamespace()
+
+    def testall(self, requests):
+        return False
+
+    def waitall(self, requests):
+        self.events.append(("wait", len(requests)))
+
+    def allreduce_sum_(self, buf):
+        self.events.append(("allreduce", len(buf)))
+
+
+class Tracing:
+    """Wrap a layer to record when its backward runs."""
+
+    def __init__(self, layer, name, events):
+        self.layer, self.name, self.events = layer, name, events
+
+    def __getattr__(self, attr):
+        return getattr(self.layer, attr)
+
+    def backward(self, *args, **kwargs):
+        self.events.append(("backward", self.name))
+        return self.layer.backward(*args, **kwargs)
+
+
+def test_each_bucket_starts_as_soon_as_backward_completes_it():
+    events = []
+    layers = [Tracing(layer, i, events) for i, layer in enumerate(mlp_layers([30, 20, 20, 10, 5], "relu"))]
+    model = Sequential(layers, np.float32)
+    model.params.initialize(np.random.default_rng(0))
+    dp = DataParallel(Recorder(events), model.params, overlap=True, bucket_mb=500 * 4 / 2**20)
+    loss = SoftmaxCrossEntropy()
+    x, y = np.ones((6, 30), np.float32), np.arange(6) % 5
+    loss.forward(model.forward(x), y)
+    model.backward(loss.backward(1 / 6), on_layer_done=dp.on_layer_done)
+    dp.reduce_gradients()
+    first, second = (stop - start for start, stop, _ in dp.buckets)
+    assert events == [
+        *[("backward", i) for i in (6, 5, 4, 3, 2)],
+        ("reduce", first),  # layers 6, 4, 2 done: started before layers 1 and 0 run backward
+        ("backward", 1),
+        ("backward", 0),
+        ("reduce", second),
+        ("wait", 2),
+    ]
+    events.clear()
+    blocking = DataParallel(Recorder(events), model.params, overlap=False)
+    assert blocking.on_layer_done is None
+    blocking.reduce_gradients()
+    assert events == [("allreduce", model.params.size)]
+
+
+def test_a_training_step_allocates_no_activation_sized_array():
+    """After the first steps, a step (read, forward, loss, backward, reduction, optimizer) allocates
+    less than one activation array: everything comes from the workspace and preallocated state.
+    (numpy's ufuncs may take a fixed iteration buffer of ``np.getbufsize()`` elements, 32 KiB.)"""
+    cfg = Config(
+        data="synthetic", synthetic_features=256, synthetic_rows=1024, hidden=[512, 512], batch_size=256,
+        micro_batches=2, optimizer="adam", eval_every=0,
+    )  # fmt: skip
+    comm = Comm.serial()
+    inspector = Inspector(comm, 0)
+    training = _Training(cfg, comm, lambda *a: None, inspector)
+    batches = list(training.sampler.epoch(0))
+    sums = np.zeros(3)
+    with StopRequest(comm, ()) as training.stop:
+        for ids, rows in batches[:2]:
+            training._step(ids, rows, sums)
+        tracemalloc.start()
+        training._step(*batches[2], sums)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    inspector.close()
+    training.grid.free()
+    smallest_activation = 128 * 256 * 4  # a micro-batch of 128 rows x the input width, float32
+    assert peak < smallest_activation, f"a step allocated {peak} bytes"
