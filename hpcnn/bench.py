@@ -42,7 +42,7 @@ from hpcnn import __version__
 from hpcnn.backend import xp
 from hpcnn.comm import Comm, run_command
 from hpcnn.config import build_parser, from_dict, load_toml
-from hpcnn.errors import EXIT_OK, UserError
+from hpcnn.errors import EXIT_OK, EXIT_USAGE, UserError
 from hpcnn.inspector import Inspector
 from hpcnn.layers import Dense
 from hpcnn.pipeline import StageTimes
@@ -397,15 +397,6 @@ def _plot_scaling(rows, path: Path, network: str, batch: int) -> None:
 
 
 def _main(comm: Comm, argv) -> int:
-    if argv[:1] == ["scaling"]:
-        p = argparse.ArgumentParser(prog="python -m hpcnn.bench scaling")
-        p.add_argument("dir", help="directory holding bench-*.json")
-        p.add_argument("--no-plot", action="store_true", help="write scaling.json only")
-        args = p.parse_args(argv[1:])
-        with comm.agreed(comm.debug):
-            if comm.is_root:
-                scaling(args.dir, plot=not args.no_plot)
-        return EXIT_OK
     with comm.agreed(comm.debug):
         cfg, opts = bench_config(argv, comm.is_root)
     comm.debug = cfg.debug
@@ -419,8 +410,26 @@ def _main(comm: Comm, argv) -> int:
     return EXIT_OK
 
 
+def _scaling_main(argv) -> int:
+    """``scaling DIR``: file work only, so it runs without MPI (e.g. in a batch script after the
+    launches)."""
+    p = argparse.ArgumentParser(prog="python -m hpcnn.bench scaling")
+    p.add_argument("dir", help="directory holding the bench-*.json of several launches")
+    p.add_argument("--no-plot", action="store_true", help="write scaling.json only")
+    args = p.parse_args(argv)
+    try:
+        scaling(args.dir, plot=not args.no_plot)
+    except UserError as exc:
+        print(f"hpcnn: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
 def main(argv=None) -> int:
-    return run_command(_main, sys.argv[1:] if argv is None else list(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["scaling"]:
+        return _scaling_main(argv[1:])
+    return run_command(_main, argv)
 
 
 if __name__ == "__main__":

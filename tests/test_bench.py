@@ -92,3 +92,11 @@ def test_ceiling_counts_only_the_products_of_this_stage():
     model = Sequential(mlp_layers([8, 8, 4], "relu"), np.float64)
     seconds = bench.gemm_seconds(model, 16, first_stage=True, repeats=3)
     assert 0 < seconds < 1 and math.isfinite(seconds)
+
+
+def test_scaling_command_needs_no_mpi_and_fails_clearly(tmp_path, capsys):
+    assert bench.main(["scaling", str(tmp_path), "--no-plot"]) == 2
+    assert "no bench-*.json files" in capsys.readouterr().err
+    (tmp_path / "bench-1.json").write_text(json.dumps(_fake_run(1, 100.0)))
+    assert bench.main(["scaling", str(tmp_path), "--no-plot"]) == 0
+    assert json.loads((tmp_path / "scaling.json").read_text())["runs"][0]["speedup"] == 1.0
