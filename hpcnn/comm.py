@@ -166,6 +166,10 @@ class Comm:
         self.comm.Recv(buf, source=source, tag=tag)
 
     @staticmethod
+    def wait(request) -> None:
+        request.Wait()
+
+    @staticmethod
     def waitall(requests) -> None:
         MPI.Request.Waitall(requests)
 

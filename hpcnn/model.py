@@ -29,7 +29,7 @@ class Sequential:
         self.workspace = Workspace()
         self._tape = None
 
-    def forward(self, x, train: bool = True, tape: list | None = None, slot: int = 0):
+    def forward(self, x, train: bool = True, tape: list | None = None, slot: int = 0, on_layer_done=None):
         """Run the layers; with ``train``, what backward needs is kept on ``tape``.
 
         ``tape`` is one dict per layer; by default the model keeps one for the latest forward.
@@ -42,6 +42,8 @@ class Sequential:
         slot = ("train" if train else "infer", slot)
         for i, layer in enumerate(self.layers):
             x = layer.forward(x, tape[i] if train else None, self.workspace.scope(i, slot))
+            if on_layer_done is not None:  # a pipeline stage moves its pending transfers on
+                on_layer_done(i)
         return x
 
     def backward(

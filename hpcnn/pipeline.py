@@ -159,6 +159,29 @@ class Pipeline:
             self.times.wait += self.clock() - t0
         return buf
 
+    def _post_receives(self, sizes) -> dict:
+        """``("F"|"B", m) -> (request, buffer)``: this step's activations from the previous stage
+        and gradients from the next, all posted at the start (tag = micro-batch)."""
+        posted = {}
+        for m, rows in enumerate(sizes):
+            if not self.is_first:
+                buf = self._buffer(rows, self.in_features)
+                posted["F", m] = (self.pipe.irecv_(buf, self.stage - 1, m), buf)
+            if not self.is_last:
+                buf = self._buffer(rows, self.out_features)
+                posted["B", m] = (self.pipe.irecv_(buf, self.stage + 1, m), buf)
+        return posted
+
+    def _take(self, posted, kind: str, m: int, source: int):
+        """Wait for a posted receive; returns its buffer."""
+        request, buf = posted.pop((kind, m))
+        t0 = self.clock()
+        self.mark("pipeline receive", source)
+        self.pipe.wait(request)
+        self.mark("forward/backward")
+        self.times.wait += self.clock() - t0
+        return buf
+
     def train_step(self, inputs, targets, sizes, scale: float, loss_fn, on_layer_done=None):
         """Forward and backward all micro-batches of one step; fill ``model.params.grad``.
 
@@ -173,15 +196,30 @@ class Pipeline:
         assert micro >= 1, "a step needs at least one micro-batch"
         tapes, held, kept = {}, {}, {}  # per micro-batch: forward state, recv buffer, loss grad
         sends, loss_sum, correct, live, first_backward = [], 0.0, 0, 0, True
+        # Every receive of the step is posted now, and every layer boundary tests all pending
+        # transfers: without an asynchronous progress thread, MPI moves a large (rendezvous)
+        # message only while both sides are inside MPI, so a transfer posted between two waits
+        # would otherwise sit idle through the sender's next computation.
+        posted = self._post_receives(sizes)
+        pending = [request for request, _ in posted.values()]
+
+        def progress(i=None):
+            if pending or sends:
+                self.pipe.testall(pending + [request for request, _ in sends])
+
+        def backward_hook(i):
+            on_layer_done(i)
+            progress()
+
         for op, m in schedule_ops(self.schedule, self.stage, self.stages, micro):
             if op == "F":
                 if self.is_first:
                     x = inputs[m]
                 else:
-                    x = held[m] = self._recv(sizes[m], self.in_features, self.stage - 1, m)
+                    x = held[m] = self._take(posted, "F", m, self.stage - 1)
                 t0 = self.clock()
                 tapes[m] = [{} for _ in self.model.layers]
-                out = self.model.forward(x, tape=tapes[m], slot=m)
+                out = self.model.forward(x, tape=tapes[m], slot=m, on_layer_done=progress)
                 if faults.point("forward") == "nan":
                     out = out * xp.nan
                 if self.is_last:
@@ -197,16 +235,17 @@ class Pipeline:
                 if self.is_last:
                     dout = kept.pop(m)
                 else:
-                    dout = held_grad = self._recv(sizes[m], self.out_features, self.stage + 1, m)
+                    dout = held_grad = self._take(posted, "B", m, self.stage + 1)
                 t0 = self.clock()
                 faults.point("backward")
+                final = m == micro - 1 and on_layer_done is not None  # gradients final: reduce them
                 dx = self.model.backward(
                     dout,
                     need_input_grad=not self.is_first,
                     tape=tapes.pop(m),
                     accumulate=not first_backward,
                     slot=m,
-                    on_layer_done=on_layer_done if m == micro - 1 else None,  # gradients final
+                    on_layer_done=backward_hook if final else progress,
                 )
                 self.times.backward += self.clock() - t0
                 first_backward = False
