@@ -42,7 +42,7 @@ from hpcnn import __version__
 from hpcnn.backend import xp
 from hpcnn.comm import Comm, run_command
 from hpcnn.config import build_parser, from_dict, load_toml
-from hpcnn.errors import EXIT_OK, EXIT_USAGE, UserError
+from hpcnn.errors import EXIT_OK, EXIT_USAGE, JobError, UserError
 from hpcnn.inspector import Inspector
 from hpcnn.layers import Dense
 from hpcnn.pipeline import StageTimes
@@ -86,7 +86,7 @@ def bench_config(argv, is_root: bool = True):
     path = args.pop("config", None)
     values = dict(BENCH_DEFAULTS, **(load_toml(path) if path else {}))
     cfg = dataclasses.replace(from_dict(values, path or "benchmark defaults"), **args)
-    if "synthetic_rows" not in args and cfg.data == "synthetic":
+    if "synthetic_rows" not in values and "synthetic_rows" not in args and cfg.data == "synthetic":
         cfg.synthetic_rows = 4 * cfg.batch_size  # enough distinct batches; generated in memory
     cfg.checkpoint_dir, cfg.resume = "", ""  # a benchmark writes no checkpoints
     for key in ("steps", "repeats"):
@@ -176,46 +176,42 @@ def run(cfg, opts, comm: Comm, log=None) -> dict | None:
     log = log if (log is not None and comm.is_root) else (lambda *a: None)
     threads = _announce_layout(cfg, comm)
     inspector = Inspector(comm, cfg.stall_timeout)
-    training = _Training(cfg, comm, lambda *a: None, inspector)
-    pipe, grid, dp = training.pipe, training.grid, training.dp
-    batches = _batches(training)
-    sums = np.zeros(3)
-    with StopRequest(comm, ()) as training.stop:
-
-        def steps(n: int) -> None:
-            for _ in range(n):
-                ids, rows = next(batches)
-                training._step(ids, rows, sums)
-                training.stop.poll()
-
-        steps(opts.warmup)
-        seconds, parts = [], []
-        for _ in range(opts.repeats):
-            pipe.times = StageTimes()
-            comm.barrier()
-            t0 = comm.wtime()
-            steps(opts.steps)
-            comm.barrier()
-            seconds.append(comm.wtime() - t0)
-            parts.append(_breakdown(pipe.times, seconds[-1] / opts.steps, opts.steps))
-        training.stop.drain()
+    try:
+        training = _Training(cfg, comm, lambda *a: None, inspector)
+        seconds, samples, parts = _timed_steps(training, opts, comm)
+    except JobError:  # raised on every rank: the inspector's collective shutdown is safe
+        inspector.close()
+        raise
+    except BaseException:
+        inspector.abandon()
+        raise
     inspector.close()
+    pipe, grid, dp = training.pipe, training.grid, training.dp
 
     # Ceilings, measured after the timed steps on every rank at once (memory bandwidth is shared).
     rows = _micro_rows(cfg, grid)
     gemm = gemm_seconds(pipe.model, rows, pipe.is_first) * cfg.micro_batches
     comm.barrier()
     raw = raw_allreduce_seconds(grid.dp, pipe.model.params.size, pipe.model.dtype)
+    grad_bytes = int(pipe.model.params.size * pipe.model.params.grad.itemsize)
     per_rank = comm.gather(
-        {"gemm_s": gemm, "breakdown_ms": _median_parts(parts), "stage": grid.stage, "replica": grid.replica}
+        {
+            "gemm_s": gemm,
+            "breakdown_ms": _median_parts(parts),
+            "stage": grid.stage,
+            "replica": grid.replica,
+            "grad_bytes": grad_bytes,
+        }
     )
     raw = comm.max(raw)
     grid.free()
     if not comm.is_root:
         return None
-    median = statistics.median(seconds)
-    step = median / opts.steps
-    flops = step_flops(training.layers, cfg.batch_size)
+    rates = [n / s for n, s in zip(samples, seconds, strict=True)]
+    samples_per_s = statistics.median(rates)
+    step = statistics.median(seconds) / opts.steps
+    flops_per_row = step_flops(training.layers, 1)
+    flops = step_flops(training.layers, cfg.batch_size)  # a full batch (the ceiling's unit)
     ceiling_step = max(r["gemm_s"] for r in per_rank)
     mine = per_rank[0]["breakdown_ms"]
     exposed = max(r["breakdown_ms"]["reduce_exposed"] for r in per_rank)
@@ -243,20 +239,20 @@ def run(cfg, opts, comm: Comm, log=None) -> dict | None:
         "steps": opts.steps,
         "repeats": opts.repeats,
         "warmup": opts.warmup,
-        "samples_per_s": cfg.batch_size / step,
-        "samples_per_s_repeats": [cfg.batch_size * opts.steps / s for s in seconds],
+        "samples_per_s": samples_per_s,
+        "samples_per_s_repeats": rates,
         "step_ms": 1e3 * step,
-        "gflops": flops / step / 1e9,
+        "gflops": flops_per_row * samples_per_s / 1e9,
         "ceiling": {
             "samples_per_s": cfg.batch_size / ceiling_step,
             "gflops": flops / ceiling_step / 1e9,
             "step_ms": 1e3 * ceiling_step,
         },
-        "efficiency": ceiling_step / step,
+        "efficiency": samples_per_s / (cfg.batch_size / ceiling_step),
         "breakdown_ms": mine,
         "breakdown_ms_per_rank": [r["breakdown_ms"] for r in per_rank],
         "allreduce": {
-            "bytes": int(pipe.model.params.size * pipe.model.params.grad.itemsize),
+            "bytes": max(r["grad_bytes"] for r in per_rank),  # the largest stage's gradient
             "raw_ms": 1e3 * raw,
             "exposed_ms": exposed,
             "exposed_over_raw": (exposed / (1e3 * raw)) if raw else None,
@@ -269,6 +265,35 @@ def run(cfg, opts, comm: Comm, log=None) -> dict | None:
     }
     _report(log, result)
     return result
+
+
+def _timed_steps(training, opts, comm):
+    """Warm-up, then ``opts.repeats`` timed runs of ``opts.steps`` steps: seconds and rows of each
+    run (an epoch's last batch may be partial) and each run's per-step breakdown."""
+    pipe, batches, sums = training.pipe, _batches(training), np.zeros(3)
+    with StopRequest(comm, ()) as training.stop:
+
+        def steps(n: int) -> int:
+            rows_done = 0
+            for _ in range(n):
+                ids, rows = next(batches)
+                training._step(ids, rows, sums)
+                training.stop.poll()
+                rows_done += rows
+            return rows_done
+
+        steps(opts.warmup)
+        seconds, samples, parts = [], [], []
+        for _ in range(opts.repeats):
+            pipe.times = StageTimes()
+            comm.barrier()
+            t0 = comm.wtime()
+            samples.append(steps(opts.steps))
+            comm.barrier()
+            seconds.append(comm.wtime() - t0)
+            parts.append(_breakdown(pipe.times, seconds[-1] / opts.steps, opts.steps))
+        training.stop.drain()
+    return seconds, samples, parts
 
 
 def layer_params(layer) -> int:

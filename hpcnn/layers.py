@@ -1,7 +1,7 @@
 """Layers: forward and backward on views into the flat buffers.
 
 A layer declares the tensors it needs (``param_specs``), receives views of them (``bind``), and
-implements ``forward(x, saved)`` and ``backward(dy, saved, need_dx, accumulate)``. Arrays are
+implements ``forward(x, saved, ws)`` and ``backward(dy, saved, need_dx, accumulate, ws)``. Arrays are
 ``(batch, features)``. What backward needs from forward goes into ``saved``, a dict the caller owns
 (``None`` for inference: nothing is kept). Keeping that state outside the layer is what lets a
 pipeline stage hold several micro-batches in flight through the same layers.

@@ -312,7 +312,8 @@ class _Training:
         if faults.point("data") == "nan":
             x[-1, 0] = xp.nan
         # min and max are NaN or infinite exactly when some input is, without a boolean temporary
-        if pipe.is_first and len(ids) and not math.isfinite(float(x.min()) + float(x.max())):
+        finite = lambda v: math.isfinite(float(v))  # noqa: E731
+        if pipe.is_first and len(ids) and not (finite(x.min()) and finite(x.max())):
             bad = int(ids[int(np.argwhere(~np.isfinite(to_host(x)).all(axis=1))[0][0])])
             self.stop.note_bad_input(self.step, bad)
         inputs, targets, sizes = _micro_batches(x, y, cfg.micro_batches)

@@ -12,7 +12,7 @@ from hpcnn.errors import UserError
 from hpcnn.model import mlp_layers
 
 SMALL = ["--hidden", "32,16", "--synthetic-features", "24", "--batch-size", "40"]
-QUICK = ["--steps", "3", "--warmup", "1", "--repeats", "2"]
+QUICK = ["--steps", "3", "--warmup", "1", "--repeats", "3"]  # odd: the medians are one run
 
 
 def test_defaults_are_the_reference_network_and_flags_override_them():
@@ -24,6 +24,14 @@ def test_defaults_are_the_reference_network_and_flags_override_them():
     assert (cfg.hidden, cfg.overlap, opts.steps) == ([64], "off", 7)
     with pytest.raises(UserError, match="--steps = 0"):
         bench.bench_config(["--steps", "0"])
+
+
+def test_partial_batches_count_their_real_rows():
+    """100 rows in batches of 40: steps of 40, 40, 20 rows; samples/s counts 100 per 3 steps."""
+    cfg, opts = bench.bench_config(SMALL + ["--synthetic-rows", "100", "--steps", "3", "--warmup", "0"])
+    opts.repeats = 1
+    r = bench.run(cfg, opts, Comm.serial())
+    assert r["samples_per_s"] == pytest.approx(100 / (3 * r["step_ms"] / 1e3), rel=1e-6)
 
 
 def test_step_flops_count_the_products_a_step_performs():
@@ -39,11 +47,12 @@ def test_result_is_consistent_json(tmp_path):
     r = json.loads(json.dumps(bench.run(cfg, opts, comm)))
     assert r["network"] == "24-32-16-10" and r["parameters"] == 24 * 32 + 32 + 32 * 16 + 16 + 16 * 10 + 10
     assert (r["ranks"], r["replicas"], r["stages"], r["batch"]) == (1, 1, 1, 40)
-    assert len(r["samples_per_s_repeats"]) == 2
-    assert r["samples_per_s"] == pytest.approx(40 / (r["step_ms"] / 1e3))
+    assert len(r["samples_per_s_repeats"]) == 3
+    # every batch is full here (160 rows, batch 40): rates follow from the step time
+    assert r["samples_per_s"] == pytest.approx(40 / (r["step_ms"] / 1e3), rel=1e-6)
     flops = bench.step_flops(mlp_layers([24, 32, 16, 10], "relu"), 40)
-    assert r["gflops"] == pytest.approx(flops / (r["step_ms"] / 1e3) / 1e9)
-    assert r["efficiency"] == pytest.approx(r["ceiling"]["step_ms"] / r["step_ms"])
+    assert r["gflops"] == pytest.approx(flops / (r["step_ms"] / 1e3) / 1e9, rel=1e-6)
+    assert r["efficiency"] == pytest.approx(r["ceiling"]["step_ms"] / r["step_ms"], rel=1e-6)
     parts = r["breakdown_ms"]
     assert set(parts) == set(bench.PARTS) and all(v >= 0 for v in parts.values())
     assert sum(v for k, v in parts.items() if k != "other") <= r["step_ms"] * 1.0001 + 0.05
