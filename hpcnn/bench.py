@@ -34,6 +34,7 @@ import os
 import platform
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -125,18 +126,12 @@ def gemm_seconds(model, rows: int, first_stage: bool, repeats: int = 7) -> float
             products.append((xp.matmul, dy, W.T, dx))
     times = []
     for r in range(repeats + 1):
-        t0 = _now()
+        t0 = time.perf_counter()
         for f, a, b, out in products:
             f(a, b, out=out)
         if r:  # the first round warms caches and BLAS threads
-            times.append(_now() - t0)
+            times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def _now() -> float:
-    import time
-
-    return time.perf_counter()
 
 
 def raw_allreduce_seconds(dp: Comm, size: int, dtype, repeats: int = 10) -> float:

@@ -149,14 +149,12 @@ class Pipeline:
     def _release(self, buf) -> None:
         self._pool.setdefault(buf.shape, []).append(buf)
 
-    def _recv(self, rows: int, width: int, source: int, tag: int, timed: bool = True):
+    def _recv(self, rows: int, width: int, source: int, tag: int):
+        """A blocking receive for inference (training steps post theirs up front: ``_take``)."""
         buf = self._buffer(rows, width)
-        t0 = self.clock()
-        self.mark("pipeline receive" if timed else "evaluation receive", source)
+        self.mark("evaluation receive", source)
         self.pipe.recv_(buf, source, tag)
-        self.mark("forward/backward" if timed else "evaluation")
-        if timed:  # training steps only: evaluation is not part of the stage timing report
-            self.times.wait += self.clock() - t0
+        self.mark("evaluation")
         return buf
 
     def _post_receives(self, sizes) -> dict:
@@ -266,11 +264,7 @@ class Pipeline:
         model output to it (prediction)."""
         sends, loss_sum, correct = [], 0.0, 0
         for m, rows in enumerate(sizes):
-            x = (
-                inputs[m]
-                if self.is_first
-                else self._recv(rows, self.in_features, self.stage - 1, m, timed=False)
-            )
+            x = inputs[m] if self.is_first else self._recv(rows, self.in_features, self.stage - 1, m)
             out = self.model.forward(x, train=False, slot=m)
             if self.is_last:
                 if outputs is not None:
