@@ -10,6 +10,11 @@
 Once per step every rank contributes these notes to one non-blocking MAX reduction of a few
 integers, on a communicator of its own, started after the step and completed after the next one:
 the check costs no waiting, and every rank learns of any note at the same step and stops there.
+
+A signal can also arrive before training starts (MPI start-up, reading data, building the model),
+which is when SLURM's warning lands if the job started late in its time slot. Commands catch the
+signals from their first line with ``EarlySignals``; the training's ``StopRequest`` inherits what
+it caught, so the run stops after its first step with a checkpoint instead of dying uncheckpointed.
 """
 
 import signal
@@ -24,16 +29,62 @@ NONE = np.iinfo(np.int64).min  # "no note": neutral under MAX; fields hold -valu
 SIGNAL, BAD_STEP, BAD_LAYER, BAD_LOSS, ROW_STEP, BAD_ROW = range(6)
 
 
-class StopRequest:
+class _Catcher:
+    """Records the first of ``signals`` that arrives; a context manager that restores the previous
+    handlers on exit. Nested catchers hand signals down and back up: a signal an outer one caught
+    just before counts in the inner one, and one the inner one caught is passed back on exit."""
+
+    def __init__(self, signals=SIGNALS):
+        self.signals, self.previous = signals, {}
+        self.received = 0  # the first signal number this rank received
+
+    def __enter__(self):
+        if self.signals and threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self.previous[sig] = signal.signal(sig, self._handle)
+                outer = getattr(self.previous[sig], "__self__", None)
+                if isinstance(outer, _Catcher):
+                    self.received = self.received or outer.received
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = self.received or signum
+
+    def _restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+            outer = getattr(handler, "__self__", None)
+            if isinstance(outer, _Catcher):
+                outer.received = outer.received or self.received
+        self.previous = {}
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+
+class EarlySignals(_Catcher):
+    """Catches the stop signals from a command's start until its training takes over.
+
+    ``release()`` is for a run that will not checkpoint (and so cannot honour a stop): it puts the
+    previous handlers back and re-raises a signal caught meanwhile, which then acts as if it had
+    just arrived (by default: ends the process, as it would have without this catcher).
+    """
+
+    def release(self) -> None:
+        self._restore()
+        if self.received:
+            signal.raise_signal(self.received)
+
+
+class StopRequest(_Catcher):
     """Collective stop notes over ``comm`` (an ``hpcnn.comm.Comm``); a context manager.
 
     ``signals``: the signals to catch (empty: leave signal handling alone).
     """
 
     def __init__(self, comm, signals=SIGNALS):
+        super().__init__(signals)
         self.comm = comm.dup()
-        self.signals, self.previous = signals, {}
-        self.received = 0  # the first signal number this rank received
         self._notes = np.array([0, NONE, NONE, 0, NONE, NONE], np.int64)
         self._send = self._notes.copy()
         self._agreed = self._notes.copy()
@@ -41,20 +92,6 @@ class StopRequest:
         self.agreed = None  # after poll: the name of a signal some rank received
         self.nonfinite = None  # after poll: (step, first layer with a bad gradient or None, loss bad)
         self.bad_input = None  # after poll: (step, row)
-
-    def __enter__(self) -> "StopRequest":
-        if self.signals and threading.current_thread() is threading.main_thread():
-            for sig in self.signals:
-                self.previous[sig] = signal.signal(sig, self._handle)
-                # Nested inside another stop request (a training inside a sweep): a signal the outer
-                # one caught just before counts here, and one caught here is passed back on exit.
-                outer = getattr(self.previous[sig], "__self__", None)
-                if isinstance(outer, StopRequest):
-                    self.received = self.received or outer.received
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.received = self.received or signum
 
     def note_nonfinite(self, step: int, layer: int | None, loss: bool) -> None:
         """``layer``: the first layer with a non-finite gradient (``None``: the gradient is finite)."""
@@ -118,10 +155,6 @@ class StopRequest:
         if self._request is not None and together:
             self._request.Wait()
         self._request = None
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-            outer = getattr(handler, "__self__", None)
-            if isinstance(outer, StopRequest):
-                outer.received = outer.received or self.received
+        self._restore()
         if together:
             self.comm.free()

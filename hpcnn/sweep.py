@@ -54,7 +54,7 @@ import numpy as np
 from hpcnn.comm import Comm, run_command
 from hpcnn.config import Config, _Parser, from_dict, load_toml, parse_toml
 from hpcnn.errors import EXIT_OK, EXIT_PREEMPTED, JobError, UserError
-from hpcnn.preempt import StopRequest
+from hpcnn.preempt import EarlySignals, StopRequest
 
 STOP = 1 << 40  # added to the task counter by a group that was told to stop: no task is handed out
 NO_TASK = -1
@@ -361,7 +361,8 @@ def _main(comm: Comm, argv) -> int:
 
 
 def main(argv=None) -> int:
-    return run_command(_main, sys.argv[1:] if argv is None else list(argv))
+    with EarlySignals():  # a signal during start-up stops the sweep before it takes a task
+        return run_command(_main, sys.argv[1:] if argv is None else list(argv))
 
 
 if __name__ == "__main__":

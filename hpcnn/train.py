@@ -53,7 +53,7 @@ from hpcnn.losses import LOSSES
 from hpcnn.model import Sequential, describe, mlp_layers
 from hpcnn.optim import Schedule, clip_grad_norm, make_optimizer
 from hpcnn.pipeline import Pipeline, balanced_partition, explicit_partition, gpipe_bubble
-from hpcnn.preempt import SIGNALS, StopRequest
+from hpcnn.preempt import SIGNALS, EarlySignals, StopRequest
 
 
 @dataclass
@@ -673,10 +673,12 @@ def _placement(rows) -> str:
     return "; ".join(parts)
 
 
-def _main(comm: Comm, argv) -> int:
+def _main(comm: Comm, argv, early: EarlySignals) -> int:
     with comm.agreed(comm.debug):
         cfg = resolve(argv, is_root=comm.is_root)
     comm.debug = cfg.debug
+    if not cfg.checkpoint_dir:
+        early.release()  # nowhere to save a stop: signals act as they would without hpcnn
     _announce_layout(cfg, comm)
     t0 = time.perf_counter()
     result = fit(cfg, comm, log=comm.print0)
@@ -695,7 +697,11 @@ def _main(comm: Comm, argv) -> int:
 
 
 def main(argv=None) -> int:
-    return run_command(_main, sys.argv[1:] if argv is None else list(argv))
+    # From the first line: a stop signal during start-up is honoured after the first step.
+    with EarlySignals() as early:
+        return run_command(
+            lambda comm, args: _main(comm, args, early), sys.argv[1:] if argv is None else list(argv)
+        )
 
 
 if __name__ == "__main__":

@@ -147,6 +147,64 @@ def test_a_signal_stops_after_a_step_with_a_checkpoint_and_resume_matches(
     np.testing.assert_array_equal(resumed.model.params.data, result.model.params.data)
 
 
+def test_a_signal_during_a_checkpoint_write_stops_training_soon_after_and_both_files_are_good(
+    comm, straight, tmp_path, monkeypatch
+):
+    result, _ = straight()
+    create, calls = checkpoint._create, []
+
+    def signalling(f, key, shape, dtype):
+        calls.append(key)
+        if len(calls) == 9:  # halfway through the step-7 checkpoint's 18 datasets
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return create(f, key, shape, dtype)
+
+    monkeypatch.setattr(checkpoint, "_create", signalling)
+    stopped = fit(Config(**BASE, checkpoint_dir=str(tmp_path), checkpoint_every=7, keep=0), comm)
+    # Noted during step 7's checkpoint, reduced after step 8 and seen after step 9 (as any signal).
+    assert stopped.stopped == "SIGUSR1" and stopped.steps == 9
+    assert [p.name for p in checkpoints(tmp_path)] == ["ckpt-000000009.h5", "ckpt-000000007.h5"]
+    assert all(verify(p) for p in checkpoints(tmp_path))  # the interrupted write completed
+    monkeypatch.setattr(checkpoint, "_create", create)
+    resumed = fit(Config(**BASE, checkpoint_dir=str(tmp_path), resume="auto"), comm)
+    np.testing.assert_array_equal(resumed.model.params.data, result.model.params.data)
+
+
+# A command whose start-up (config resolution, before MPI traffic, data or model) receives SIGUSR1.
+SIGNAL_AT_START_UP = """
+import os, signal, sys
+from hpcnn import train
+resolve = train.resolve
+def signalled(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGUSR1)
+    return resolve(*args, **kwargs)
+train.resolve = signalled
+sys.exit(train.main(sys.argv[1:]))
+"""
+CLI_BASE = ["--hidden", "32,16", "--epochs", "2", "--batch-size", "100", "--eval-every", "0", "--seed", "5"]
+
+
+def test_a_signal_during_start_up_stops_after_the_first_steps_with_a_checkpoint(straight, tmp_path):
+    _, d = straight()
+    run = [sys.executable, "-c", SIGNAL_AT_START_UP, *CLI_BASE, "--checkpoint-dir", str(tmp_path)]
+    proc = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 75, proc.stderr
+    # Caught before training, reduced after step 1 and seen after step 2 (as any signal).
+    assert "hpcnn: stopped by SIGUSR1 after step 2;" in proc.stdout
+    assert [p.name for p in checkpoints(tmp_path)] == ["ckpt-000000002.h5"]
+    resumed = run_tool("hpcnn.train", [*CLI_BASE, "--checkpoint-dir", str(tmp_path), "--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = tensors(d / f"ckpt-{STEPS:09d}.h5"), tensors(tmp_path / f"ckpt-{STEPS:09d}.h5")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_without_checkpoints_a_signal_during_start_up_acts_as_it_would_without_hpcnn(tmp_path):
+    """Nowhere to save a stop: SIGUSR1's default action (end the process) is not swallowed."""
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_AT_START_UP, *CLI_BASE], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == -signal.SIGUSR1 and "final" not in proc.stdout, proc.stdout + proc.stderr
+
+
 def copy_run(src, dst, steps):
     dst.mkdir()
     for s in steps:
