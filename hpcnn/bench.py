@@ -169,7 +169,7 @@ def run(cfg, opts, comm: Comm, log=None) -> dict | None:
     from hpcnn.train import _announce_layout, _Training  # the training command's own step
 
     log = log if (log is not None and comm.is_root) else (lambda *a: None)
-    threads = _announce_layout(cfg, comm)
+    threads, _ = _announce_layout(cfg, comm)
     inspector = Inspector(comm, cfg.stall_timeout)
     try:
         training = _Training(cfg, comm, lambda *a: None, inspector)

@@ -140,6 +140,26 @@ class Config:
         0, "BLAS threads per rank (0: cores // ranks per node, or OMP_NUM_THREADS)", group="run"
     )
     debug: bool = _f(False, "print tracebacks with errors", group="run")
+    # --- output
+    run_dir: str = _f(
+        "auto",
+        "directory for the run's config, facts, metrics.jsonl and (without checkpoint_dir) checkpoints; "
+        "auto: runs/<date-time>; empty: none (python -m hpcnn.train only)",
+        group="output",
+    )
+    log_every: int = _f(
+        50,
+        "a metrics record (and, off a terminal, a progress line) every this many steps (0: none)",
+        group="output",
+    )
+    quiet: bool = _f(
+        False, "print no progress, epoch or checkpoint lines (the final line and errors only)", group="output"
+    )
+    timeline: str = _f(
+        "",
+        "write a Chrome trace-event JSON of every rank's spans to this file (view in Perfetto)",
+        group="output",
+    )
 
     def validate(self) -> "Config":
         """Check values that types alone do not; raise ``UserError`` naming the key."""
@@ -169,6 +189,7 @@ class Config:
             "keep",
             "check_replicas",
             "stall_timeout",
+            "log_every",
         ):
             if getattr(self, key) < 0:
                 raise UserError(f"{key} = {getattr(self, key)}: must be >= 0")
@@ -198,8 +219,11 @@ class Config:
             raise UserError("nesterov needs momentum > 0")
         if self.checkpoint_every_epochs < 0:
             raise UserError(f"checkpoint_every_epochs = {self.checkpoint_every_epochs}: must be >= 0")
-        if self.resume == "auto" and not self.checkpoint_dir:
-            raise UserError("resume = 'auto' looks in checkpoint_dir, which is empty")
+        if self.resume == "auto" and not self.checkpoint_dir and self.run_dir in ("", "auto"):
+            raise UserError(
+                "resume = 'auto' looks in checkpoint_dir (or run_dir/checkpoints): name one with "
+                "--checkpoint-dir or --run-dir"
+            )
         return self
 
     def to_toml(self) -> str:

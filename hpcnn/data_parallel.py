@@ -18,6 +18,7 @@ rounding. mpi4py passes numpy buffers (and CuPy ones to a CUDA-aware MPI) withou
 """
 
 from hpcnn.params import layer_ranges
+from hpcnn.timeline import COMMUNICATION
 
 BUCKET_MB = 2.0  # default bucket size: a few buckets for a ~10 MB model, one per big layer
 
@@ -60,6 +61,8 @@ class DataParallel:
         self._reset()
         self.clock = clock or (lambda: 0.0)
         self.wait_time = 0.0  # seconds blocked in reduce_gradients (the reduction not hidden)
+        self.timeline = None  # an hpcnn.timeline.Timeline to record each bucket's reduction in
+        self._began: dict = {}  # bucket -> when its reduction started (with a timeline only)
 
     def _reset(self) -> None:
         self._left = [len(members) for _, _, members in self.buckets]  # layers still in backward
@@ -82,11 +85,24 @@ class DataParallel:
                 self._start(b)
         if self._pending and self.comm.testall(self._pending):
             self._pending.clear()
+            self._completed()
 
     def _start(self, b: int) -> None:
         start, stop, _ = self.buckets[b]
         self._requests[b] = self.comm.iallreduce_sum_(self.params.grad[start:stop])
         self._pending.append(self._requests[b])
+        if self.timeline is not None:
+            self._began[b] = self.clock()
+
+    def _completed(self) -> None:
+        """Every started bucket's reduction is known complete now: record their spans."""
+        if self.timeline is not None:
+            now = self.clock()
+            for b, began in self._began.items():
+                start, stop, _ = self.buckets[b]
+                nbytes = (stop - start) * self.params.grad.itemsize
+                self.timeline.span(f"allreduce bucket {b}", began, now, COMMUNICATION, bytes=nbytes)
+            self._began.clear()
 
     def reduce_gradients(self) -> None:
         """Sum the (already ``1 / global_rows``-scaled) gradients over the group, in place."""
@@ -99,7 +115,11 @@ class DataParallel:
                     self._start(b)
             self.comm.waitall(self._pending)
             self._pending.clear()
+            self._completed()
             self._reset()
         else:
             self.comm.allreduce_sum_(self.params.grad)
+            if self.timeline is not None:
+                nbytes = self.params.grad.nbytes
+                self.timeline.span("allreduce (blocking)", t0, self.clock(), COMMUNICATION, bytes=nbytes)
         self.wait_time += self.clock() - t0

@@ -126,6 +126,7 @@ class Pipeline:
         self.schedule, self.clock = schedule, clock
         self.is_first, self.is_last = stage == 0, stage == stages - 1
         self.times = StageTimes()
+        self.timeline = None  # an hpcnn.timeline.Timeline to record micro-batches and waits in
         self.mark = lambda op, detail=0: None  # the stall inspector's, when one watches this rank
         self._pool: dict[tuple, list] = {}
         self._deferred: list = []
@@ -177,7 +178,11 @@ class Pipeline:
         self.mark("pipeline receive", source)
         self.pipe.wait(request)
         self.mark("forward/backward")
-        self.times.wait += self.clock() - t0
+        t1 = self.clock()
+        self.times.wait += t1 - t0
+        if self.timeline is not None:
+            what = "activations" if kind == "F" else "gradients"
+            self.timeline.span(f"recv wait mb {m}", t0, t1, stage=source, data=what)
         return buf
 
     def train_step(self, inputs, targets, sizes, scale: float, loss_fn, on_layer_done=None):
@@ -224,7 +229,10 @@ class Pipeline:
                     scope = self.model.workspace.scope("loss", ("train", m))
                     loss_sum, correct = _score(loss_fn, out, targets[m], loss_sum, correct, scope)
                     kept[m] = loss_fn.backward(scale)
-                self.times.forward += self.clock() - t0
+                t1 = self.clock()
+                self.times.forward += t1 - t0
+                if self.timeline is not None:
+                    self.timeline.span(f"forward mb {m}", t0, t1, rows=sizes[m])
                 if not self.is_last:
                     sends.append((self.pipe.isend(out, self.stage + 1, m), out))
                 live += 1
@@ -245,7 +253,10 @@ class Pipeline:
                     slot=m,
                     on_layer_done=backward_hook if final else progress,
                 )
-                self.times.backward += self.clock() - t0
+                t1 = self.clock()
+                self.times.backward += t1 - t0
+                if self.timeline is not None:
+                    self.timeline.span(f"backward mb {m}", t0, t1, rows=sizes[m])
                 first_backward = False
                 if not self.is_first:
                     sends.append((self.pipe.isend(dx, self.stage - 1, m), dx))
@@ -292,7 +303,10 @@ class Pipeline:
             t0 = self.clock()
             self.pipe.waitall([request for request, _ in sends])
             if timed:
-                self.times.wait += self.clock() - t0
+                t1 = self.clock()
+                self.times.wait += t1 - t0
+                if self.timeline is not None:
+                    self.timeline.span("send wait", t0, t1, sends=len(sends))
         while self._deferred:
             self._release(self._deferred.pop())
 

@@ -7,6 +7,7 @@ and stops after the same step on every rank when a stop signal arrives (``preemp
 the command-line face that turns errors into one message from rank 0 and an exit code on every rank.
 """
 
+import dataclasses
 import hashlib
 import itertools
 import math
@@ -54,6 +55,8 @@ from hpcnn.model import Sequential, describe, mlp_layers
 from hpcnn.optim import Schedule, clip_grad_norm, make_optimizer
 from hpcnn.pipeline import Pipeline, balanced_partition, explicit_partition, gpipe_bubble
 from hpcnn.preempt import SIGNALS, EarlySignals, StopRequest
+from hpcnn.runlog import STEP_TIMES, Progress, RunDir
+from hpcnn.timeline import Timeline
 
 
 @dataclass
@@ -191,7 +194,7 @@ def _prepare(cfg: Config, comm: Comm):
     return ds, layers, bounds, grid, pipe, sampler
 
 
-def fit(cfg: Config, comm: Comm, log=None) -> Result:
+def fit(cfg: Config, comm: Comm, log=None, run: RunDir | None = None) -> Result:
     """Train ``cfg``'s model on ``cfg``'s data over the ranks of ``comm``.
 
     ``log`` receives rank 0's progress lines (``None``: silent). Returns this rank's stage of the
@@ -202,12 +205,16 @@ def fit(cfg: Config, comm: Comm, log=None) -> Result:
     every rank throughout (``inspector``); non-finite values and bad input rows stop every rank at
     the same step with a ``JobError``.
     """
-    log = log if (log is not None and comm.is_root) else (lambda *a: None)
+    log = log if (log is not None and comm.is_root) else None
+    run = run if comm.is_root else None
     inspector = Inspector(comm, cfg.stall_timeout)
     training = None
     try:
-        training = _Training(cfg, comm, log, inspector)
+        training = _Training(cfg, comm, log, inspector, run)
         result = training.run()
+        if training.timeline is not None:
+            training.timeline.write(cfg.timeline)
+            training.log(f"timeline: {cfg.timeline} ({len(training.timeline.spans)} spans on rank 0)")
     except JobError:
         inspector.close()  # a JobError is raised on every rank of comm: the collective shutdown is safe
         if training is not None:
@@ -216,15 +223,15 @@ def fit(cfg: Config, comm: Comm, log=None) -> Result:
     except BaseException:  # one rank's failure: it is about to end the job; no collective now
         inspector.abandon()
         raise
-    inspector.close(log)
+    inspector.close(training.log)
     return result
 
 
 class _Training:
     """One run's state on this rank: what the loop, its epoch summaries and its checkpoints share."""
 
-    def __init__(self, cfg: Config, comm: Comm, log, inspector: Inspector):
-        self.cfg, self.comm, self.log, self.inspector = cfg, comm, log, inspector
+    def __init__(self, cfg: Config, comm: Comm, log, inspector: Inspector, run: RunDir | None = None):
+        self.cfg, self.comm, self.inspector, self.run_dir = cfg, comm, inspector, run
         faults.rank = comm.world_rank
         ds, layers, bounds, grid, pipe, sampler = _prepare(cfg, comm)
         self.ds, self.layers, self.bounds, self.grid, self.pipe, self.sampler = (
@@ -241,9 +248,18 @@ class _Training:
         self.loss_fn = LOSSES[cfg.loss]()
         self.dp = DataParallel(grid.dp, self.model.params, cfg.overlap == "on", cfg.bucket_mb, comm.wtime)
         self.dp.broadcast_parameters()
+        self.timeline = Timeline(comm, comm.wtime) if cfg.timeline else None
+        pipe.timeline = self.dp.timeline = self.timeline
         self.opt = make_optimizer(cfg, self.model.params)
         steps = len(sampler) * cfg.epochs
         self.steps = min(cfg.max_steps, steps) if cfg.max_steps else steps
+        # Rank 0 with a log shows progress (bar, lines or nothing); every other rank is silent.
+        if log is None:
+            self.progress = Progress.silent()
+        else:
+            self.progress = Progress.choose(cfg.quiet, self.steps, len(sampler), cfg.epochs, log)
+        self.log = self.progress.log
+        log = self.log
         self.lr = Schedule(
             cfg.lr_schedule, cfg.lr, self.steps, cfg.warmup_steps, cfg.step_size, cfg.gamma, cfg.min_lr
         )
@@ -269,6 +285,40 @@ class _Training:
         )
         self.saved_at = (at.step, at.epoch, at.batch) if same_dir else None
         self.stop = None
+        self.t_start = comm.wtime()
+        self._new_interval()
+
+    def _new_interval(self) -> None:
+        """Start summing the metrics of the next ``log_every`` steps."""
+        t = self.pipe.times
+        self._interval = np.zeros(4)  # loss sum, correct, rows (last stages), squared gradient norm
+        self._interval_times = np.array([t.data, t.forward + t.backward + t.wait, t.reduce, t.optimizer])
+        self._interval_steps, self._interval_t0 = 0, self.comm.wtime()
+
+    def _step_record(self) -> dict:
+        """The metrics of the steps since the last record (collective: every rank, same steps)."""
+        t, n = self.pipe.times, self._interval_steps
+        now = np.array([t.data, t.forward + t.backward + t.wait, t.reduce, t.optimizer])
+        wall = self.comm.wtime() - self._interval_t0
+        buf = np.concatenate([self._interval, (now - self._interval_times) / n, [wall / n]])
+        self.comm.allreduce_sum_(buf)
+        loss, correct, rows, sq = buf[:4]
+        per_step = buf[4:] / self.comm.size  # seconds per step, averaged over ranks
+        split = dict(
+            zip(STEP_TIMES, [*per_step[:4], max(0.0, per_step[4] - per_step[:4].sum())], strict=True)
+        )
+        self._new_interval()
+        return {
+            "step": self.step,
+            "epoch": self.epoch + 1,
+            "loss": loss / max(rows, 1),
+            "accuracy": correct / max(rows, 1) if self.classify else None,
+            "lr": self.lr(self.step - 1),
+            "grad_norm": math.sqrt(sq),
+            "samples_per_s": rows / (per_step[4] * n) if per_step[4] > 0 else 0.0,
+            "time": split,
+            "wall": self.comm.wtime() - self.t_start,
+        }
 
     def run(self) -> Result:
         cfg, result = self.cfg, self.result
@@ -320,12 +370,16 @@ class _Training:
         times = pipe.times
         t1 = self.comm.wtime()
         times.data += t1 - t0
+        tl = self.timeline
+        if tl is not None:
+            tl.span("data", t0, t1, rows=len(ids))
         self.inspector.mark("forward/backward")
         loss_sum, correct = pipe.train_step(
             inputs, targets, sizes, 1.0 / global_rows, self.loss_fn, self.dp.on_layer_done
         )
         if pipe.is_last:
             sums += (loss_sum, correct, len(ids))
+            self._interval[:3] += (loss_sum, correct, len(ids))
             self.result.step_losses.append(loss_sum)
         self.inspector.mark("gradient allreduce")
         faults.point("allreduce")
@@ -333,6 +387,8 @@ class _Training:
         self.dp.reduce_gradients()
         t3 = self.comm.wtime()
         times.reduce += t3 - t2
+        if tl is not None:
+            tl.span("reduce wait", t2, t3)
         self.inspector.mark("optimizer step")
         sq = float(xp.dot(params.grad, params.grad))
         if cfg.clip_norm:  # collective across stages: every rank takes part, finite or not
@@ -348,9 +404,22 @@ class _Training:
             self.stop.note_nonfinite(self.step, layer, loss_bad)
         if faults.point("optimizer") == "diverge":
             params.data[0] += 1e-3
-        times.optimizer += self.comm.wtime() - t3
+        t4 = self.comm.wtime()
+        times.optimizer += t4 - t3
+        if tl is not None:
+            tl.span("optimizer", t3, t4)
+            tl.span(f"step {self.step + 1}", t0, t4, epoch=self.epoch + 1)
         self.step, self.batch = self.step + 1, self.batch + 1
         self.inspector.step_done(self.step, self.comm.wtime() - t0)
+        # Replica 0 of each stage holds its stage's reduced gradient: their sum is the global norm.
+        self._interval[3] = sq if self.grid.replica == 0 else 0.0
+        self._interval_steps += 1
+        record = None
+        if cfg.log_every and (self.step % cfg.log_every == 0 or self.step == self.steps):
+            record = self._step_record()
+            if self.run_dir is not None:
+                self.run_dir.record("step", record)
+        self.progress.step(self.step, self.epoch, self.batch, record)
 
     def _first_nonfinite_layer(self) -> int:
         params = self.model.params
@@ -377,6 +446,9 @@ class _Training:
         if self.ds.test is not None and (last or (cfg.eval_every and (self.epoch + 1) % cfg.eval_every == 0)):
             row["test"] = self._evaluate(self.ds.test)
         self.result.history.append(row)
+        if self.run_dir is not None:
+            self.run_dir.record("epoch", row)
+        self.progress.close()  # the epoch's bar gives way to its line
         self.log(_epoch_line(row, cfg.epochs))
         if self.batch == len(self.sampler):
             self.finished.append(row)
@@ -389,7 +461,11 @@ class _Training:
         self.inspector.mark("evaluation")
         faults.step = self.step
         faults.point("evaluation")
-        return evaluate(self.pipe, self.loss_fn, split, self.grid, self.cfg, self.classify)
+        t0 = self.comm.wtime()
+        scores = evaluate(self.pipe, self.loss_fn, split, self.grid, self.cfg, self.classify)
+        if self.timeline is not None:
+            self.timeline.span("evaluation", t0, self.comm.wtime(), rows=scores["rows"])
+        return scores
 
     def checkpoint(self, sums, why: str) -> None:
         """Write the state after ``self.step`` (collective); ``sums``: this rank's running sums of
@@ -408,6 +484,8 @@ class _Training:
         args = (cfg, self.layers, self.ds.features, self.bounds, self.grid, self.model, self.opt, position)
         path = save(cfg.checkpoint_dir, *args, cfg.checkpoint_io)
         seconds = comm.wtime() - t0
+        if self.timeline is not None:
+            self.timeline.span("checkpoint write", t0, t0 + seconds, step=self.step)
         if comm.is_root:
             if cfg.keep:
                 prune(cfg.checkpoint_dir, cfg.keep, path)
@@ -444,6 +522,9 @@ class _Training:
             )
         result.stopped = stop.agreed
         self.checkpoint(sums, f"stop requested: {result.stopped}")
+        self.progress.close()
+        if self.run_dir is not None:
+            self.run_dir.record("stopped", {"step": self.step, "signal": result.stopped})
         self.ds.close()
         return result
 
@@ -478,6 +559,9 @@ class _Training:
         final = result.history[-1].get("test") if result.history else None
         result.final = dict(final or self._evaluate(split))
         result.final["split"] = "held-out" if ds.test is not None else "training"
+        self.progress.close()
+        if self.run_dir is not None:
+            self.run_dir.record("final", {"step": self.step, **result.final})
         if self.grid.stages > 1:
             _report_stages(self.log, self.cfg, self.grid, self.pipe)
         ds.close()
@@ -634,7 +718,8 @@ def _epoch_line(row: dict, epochs: int) -> str:
 
 
 def _announce_layout(cfg: Config, comm: Comm) -> tuple:
-    """Set this rank's BLAS threads and say what the job looks like; returns the threads and why."""
+    """Set this rank's BLAS threads and say what the job looks like; returns the threads and why,
+    and (on rank 0) every rank's host and PID."""
     threads = blas_threads(comm.local_size, cfg.threads)
     cores = os.cpu_count() or 1
     comm.print0(
@@ -651,7 +736,7 @@ def _announce_layout(cfg: Config, comm: Comm) -> tuple:
     placement = comm.comm.gather((socket.gethostname(), os.getpid()), root=0)
     if comm.size > 1 and placement is not None:
         comm.print0(f"hpcnn: ranks by host (rank=pid): {_placement(placement)}")
-    return threads
+    return threads, placement
 
 
 def _placement(rows) -> str:
@@ -673,15 +758,109 @@ def _placement(rows) -> str:
     return "; ".join(parts)
 
 
+def _facts(cfg: Config, comm: Comm, threads: tuple, placement) -> dict:
+    """What the run directory's facts.json records about the job (rank 0's view)."""
+    import h5py
+    import mpi4py
+
+    return {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "ranks": comm.size,
+        "pipeline_stages": cfg.pipeline_stages,
+        "replicas": comm.size // cfg.pipeline_stages,
+        "micro_batches": cfg.micro_batches,
+        "blas_threads_per_rank": threads[0],
+        "blas_threads_source": threads[1],
+        "mpi_library": comm.library_version(),
+        "hosts": _placement(placement) if placement else socket.gethostname(),
+        "versions": {
+            "hpcnn": __version__,
+            "python": sys.version.split()[0],
+            "numpy": np.__version__,
+            "mpi4py": mpi4py.__version__,
+            "h5py": h5py.__version__,
+        },
+    }
+
+
+def _open_run_dir(cfg: Config, comm: Comm) -> tuple[Config, RunDir | None]:
+    """Rank 0 creates the run directory (collective: every rank learns its path or the error);
+    checkpoints go into it unless ``checkpoint_dir`` is set."""
+    if not cfg.run_dir:
+        return cfg, None
+    run = None
+    with comm.agreed(cfg.debug):
+        if comm.is_root:
+            try:
+                run = RunDir.create(cfg.run_dir)
+            except OSError as exc:
+                raise UserError(f"run_dir {cfg.run_dir}: cannot create it: {exc}") from None
+    path = comm.bcast(str(run.path) if run is not None else None)
+    if not cfg.checkpoint_dir:
+        cfg = dataclasses.replace(cfg, checkpoint_dir=str(Path(path) / "checkpoints"))
+    return cfg, run
+
+
+def _dry_run(cfg: Config, comm: Comm) -> int:
+    """Print the resolved config and what every rank would hold; train nothing."""
+    ds, layers, bounds, grid, pipe, sampler = _prepare(cfg, comm)
+    steps = len(sampler) * cfg.epochs
+    steps = min(cfg.max_steps, steps) if cfg.max_steps else steps
+    _describe(comm.print0, cfg, ds, layers, bounds, grid, sampler, steps)
+    params = pipe.model.params
+    itemsize = np.dtype(cfg.dtype).itemsize
+    state = {"sgd": 1 if cfg.momentum else 0, "adam": 2, "adamw": 2}[cfg.optimizer]
+    # Parameters, gradients, optimizer state; activations: each live micro-batch keeps every layer's
+    # output (and the workspace one more of each): 1F1B keeps at most `stages` micro-batches alive.
+    _, rows = split_counts(cfg.batch_size, grid.replicas, grid.replica)  # this replica's rows per step
+    micro_rows = -(-rows // cfg.micro_batches)
+    live = cfg.micro_batches if cfg.schedule == "gpipe" else min(cfg.micro_batches, grid.stages)
+    widths, features = 0, ds.features
+    for i, layer in enumerate(layers):
+        features = layer.out_features(features)
+        widths += features if bounds[grid.stage] <= i < bounds[grid.stage + 1] else 0
+    activation_bytes = 2 * live * micro_rows * widths * itemsize
+    bytes_total = (2 + state) * params.size * itemsize + activation_bytes
+    row = (comm.rank, socket.gethostname(), grid.stage, grid.replica, bounds[grid.stage],
+           bounds[grid.stage + 1] - 1, params.size, bytes_total, rows)  # fmt: skip
+    rows_all = comm.comm.gather(row, root=0)
+    comm.print0("layout (rank: host, stage, replica, layers, parameters, estimated memory, rows per step):")
+    for r, host, stage, replica, a, b, n, nbytes, batch_rows in rows_all or []:
+        comm.print0(
+            f"  rank {r}: {host}, stage {stage}, replica {replica}, layers {a}-{b}, {n:,} parameters, "
+            f"~{nbytes / 2**20:.1f} MiB, ~{batch_rows} rows of each global batch"
+        )
+    total = sum(row[6] for row in rows_all or [] if row[3] == 0)
+    comm.print0(f"parameters: {total:,} in all; {steps} steps")
+    comm.print0("resolved config (TOML):")
+    comm.print0(cfg.to_toml().rstrip())
+    ds.close()
+    grid.free()
+    return EXIT_OK
+
+
 def _main(comm: Comm, argv, early: EarlySignals) -> int:
+    dry_run = "--dry-run" in argv
+    argv = [a for a in argv if a != "--dry-run"]
     with comm.agreed(comm.debug):
         cfg = resolve(argv, is_root=comm.is_root)
     comm.debug = cfg.debug
+    if dry_run:
+        blas_threads(comm.local_size, cfg.threads)
+        return _dry_run(cfg, comm)
+    cfg, run = _open_run_dir(cfg, comm)
     if not cfg.checkpoint_dir:
         early.release()  # nowhere to save a stop: signals act as they would without hpcnn
-    _announce_layout(cfg, comm)
+    threads, placement = _announce_layout(cfg, comm)
+    if run is not None:
+        run.write_start(cfg.to_toml(), argv, _facts(cfg, comm, threads, placement))
+        comm.print0(f"run directory: {run.path}")
     t0 = time.perf_counter()
-    result = fit(cfg, comm, log=comm.print0)
+    try:
+        result = fit(cfg, comm, log=comm.print0, run=run)
+    finally:
+        if run is not None:
+            run.close()
     if result.stopped:
         comm.print0(
             f"hpcnn: stopped by {result.stopped} after step {result.steps}; continue with "

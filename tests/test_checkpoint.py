@@ -16,7 +16,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from test_train import MPIEXEC, ROOT, needs_mpiexec
+from test_train import MPIEXEC, ROOT, launch_env, needs_mpiexec
 
 from hpcnn import checkpoint, train
 from hpcnn.checkpoint import checkpoints, inspect, verify
@@ -187,7 +187,7 @@ CLI_BASE = ["--hidden", "32,16", "--epochs", "2", "--batch-size", "100", "--eval
 def test_a_signal_during_start_up_stops_after_the_first_steps_with_a_checkpoint(straight, tmp_path):
     _, d = straight()
     run = [sys.executable, "-c", SIGNAL_AT_START_UP, *CLI_BASE, "--checkpoint-dir", str(tmp_path)]
-    proc = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(run, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 75, proc.stderr
     # Caught before training, reduced after step 1 and seen after step 2 (as any signal).
     assert "hpcnn: stopped by SIGUSR1 after step 2;" in proc.stdout
@@ -200,8 +200,8 @@ def test_a_signal_during_start_up_stops_after_the_first_steps_with_a_checkpoint(
 
 def test_without_checkpoints_a_signal_during_start_up_acts_as_it_would_without_hpcnn(tmp_path):
     """Nowhere to save a stop: SIGUSR1's default action (end the process) is not swallowed."""
-    proc = subprocess.run([sys.executable, "-c", SIGNAL_AT_START_UP, *CLI_BASE], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_AT_START_UP, *CLI_BASE, "--run-dir", ""], cwd=ROOT,
+                          env=launch_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == -signal.SIGUSR1 and "final" not in proc.stdout, proc.stdout + proc.stderr
 
 
@@ -347,7 +347,8 @@ def test_sigkill_at_any_moment_leaves_the_newest_checkpoint_loadable(tmp_path):
     args = ["--hidden", "1024,1024", "--epochs", "50", "--checkpoint-dir", str(d), "--checkpoint-every", "1"]
     for delay in (0.05, 0.13, 0.29):
         proc = subprocess.Popen([sys.executable, "-m", "hpcnn.train", *args, "--resume", "auto"], cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+                                env=launch_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)  # fmt: skip
         deadline = time.monotonic() + 60
         while not checkpoints(d) and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.01)
@@ -363,7 +364,7 @@ def test_sigkill_at_any_moment_leaves_the_newest_checkpoint_loadable(tmp_path):
 def run_tool(module, args, ranks=None):
     cmd = [sys.executable, "-m", module, *args]
     cmd = [MPIEXEC, "-n", str(ranks), *cmd] if ranks else cmd
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=120)
 
 
 def test_checkpoint_info_and_list(straight, tmp_path):
@@ -429,7 +430,9 @@ def test_sigusr1_to_one_rank_stops_all_with_exit_75_and_resume_matches(tmp_path)
     d = tmp_path / "b"
     cmd = [MPIEXEC, "-n", "4", sys.executable, "-m", "hpcnn.train", *common, "--checkpoint-dir", str(d),
            "--checkpoint-every-epochs", "1"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 60
     while not checkpoints(d) and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 import pytest
 from test_checkpoint import python_ranks, tensors
-from test_train import MPIEXEC, ROOT, needs_mpiexec
+from test_train import MPIEXEC, ROOT, launch_env, needs_mpiexec
 
 from hpcnn.checkpoint import checkpoints
 from hpcnn.errors import UserError
@@ -117,7 +117,8 @@ def test_every_task_runs_once_and_equals_the_same_training_alone():
 
 def _sweep(args, **kw):
     return subprocess.Popen([MPIEXEC, "-n", "4", sys.executable, "-m", "hpcnn.sweep", *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)  # fmt: skip
+                            env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **kw)  # fmt: skip
 
 
 def _wait_for_a_result(out: Path, timeout=60) -> None:

@@ -1,5 +1,6 @@
 """Training end to end at one rank, and the command line's behaviour under mpiexec."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,14 @@ MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shut
 needs_mpiexec = pytest.mark.skipif(
     MPIEXEC is None, reason="these tests launch mpiexec, and there is none on PATH or beside Python"
 )
+
+
+def launch_env(extra=None) -> dict:
+    """The environment for a process a test starts: Python's view of it, passed explicitly. Open MPI
+    initialised in the test process (a singleton) adds PMIx variables to the C environment, which a
+    child would inherit by default; a child ``mpirun`` then takes itself for part of that job and
+    exits 1 without a word."""
+    return {**os.environ, **(extra or {})}
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +108,7 @@ def run_cli(args, ranks=None, timeout=120):
     cmd = [sys.executable, "-m", "hpcnn.train", *args]
     if ranks:
         cmd = [MPIEXEC, "-n", str(ranks), *cmd]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def test_cli_trains_and_reports(tmp_path):
@@ -165,6 +174,7 @@ def test_a_rank_failing_alone_mid_training_ends_the_job_fast():
     proc = subprocess.run(
         [MPIEXEC, "-n", "4", sys.executable, "-c", inject],
         cwd=ROOT,
+        env=launch_env(),
         capture_output=True,
         text=True,
         timeout=60,

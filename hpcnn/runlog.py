@@ -1,0 +1,190 @@
+"""What a training run leaves behind and what it shows while it runs (rank 0 writes and prints).
+
+**Run directory** (``--run-dir``; ``auto``: ``runs/<YYYYmmdd-HHMMSS>``, a suffix added if taken;
+empty: none). Rank 0 creates it and writes:
+
+- ``config.toml``: the resolved config (``--config`` reads it back);
+- ``command.txt``: each launch's command line, ranks and start time, one line per launch;
+- ``facts.json``: ranks, stages, replicas, micro-batches, BLAS threads, MPI library, versions, hosts;
+- ``metrics.jsonl``: one JSON object per line: ``{"kind": "step", ...}`` every ``--log-every``
+  steps (loss, accuracy, learning rate, gradient norm, samples/s over the interval, seconds per
+  step split into data / forward_backward / reduce / optimizer / other, averaged over ranks),
+  ``{"kind": "epoch", ...}`` per epoch (the epoch line's numbers and held-out scores), and one
+  ``{"kind": "final", ...}`` or ``{"kind": "stopped", ...}`` at the end;
+- ``checkpoints/``: the checkpoints, unless ``--checkpoint-dir`` says otherwise.
+
+A resumed run that names the same directory appends to ``metrics.jsonl`` and ``command.txt``.
+``python -m hpcnn.plot RUN_DIR`` draws the metrics.
+
+**Progress** on rank 0: on a terminal (also through ``mpirun`` typed at a prompt), a tqdm bar per
+epoch (loss, accuracy, samples/s, ETA of the whole run), with the usual lines written above it;
+otherwise (a SLURM output file) a plain line every ``--log-every`` steps. ``--quiet`` prints
+neither, nor the epoch lines.
+"""
+
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+STEP_TIMES = ("data", "forward_backward", "reduce", "optimizer", "other")
+# Processes that stand between a rank and the user's terminal, passing its output through a pipe.
+LAUNCHERS = {"mpiexec", "mpirun", "mpiexec.hydra", "hydra_pmi_proxy", "orted", "orterun", "prterun", "prted"}
+
+
+def on_terminal() -> bool:
+    """Whether this process's output reaches a terminal: stdout is one, or stdout is a pipe to an
+    MPI launcher (``mpirun -n 8 python -m hpcnn.train`` typed at a prompt) whose own stdout is one.
+    Only launchers are looked through: ``python -m hpcnn.train > file`` from a terminal is a file."""
+    if sys.stdout.isatty():
+        return True
+    pid = os.getppid()
+    try:
+        for _ in range(4):  # rank <- hydra_pmi_proxy <- mpiexec, at most a few launcher levels
+            if Path(f"/proc/{pid}/comm").read_text().strip() not in LAUNCHERS:
+                return False
+            if os.readlink(f"/proc/{pid}/fd/1").startswith(("/dev/pts/", "/dev/tty")):
+                return True
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):  # not Linux, or the process is gone or not ours
+        pass
+    return False
+
+
+def _unique(base: Path) -> Path:
+    """``base``, or ``base-2``, ``base-3``, ...: the first name free, created atomically."""
+    for n in range(1, 1000):
+        path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{base}: no free name")
+
+
+class RunDir:
+    """A run directory; create with ``RunDir.create`` on rank 0 only."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        metrics = self.path / "metrics.jsonl"
+        if metrics.exists():  # a resumed run: drop a record torn by the kill that ended the last one
+            data = metrics.read_bytes()
+            if data and not data.endswith(b"\n"):
+                with open(metrics, "r+b") as fh:
+                    fh.truncate(data.rfind(b"\n") + 1)
+        self._metrics = open(metrics, "a")  # noqa: SIM115  (open for the run; close())
+
+    @classmethod
+    def create(cls, spec: str) -> "RunDir":
+        """``spec``: a directory (created if missing, reused if present: a resumed run) or
+        ``auto``. Raises ``OSError`` if it cannot be created or written."""
+        if spec == "auto":
+            path = _unique(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+        else:
+            path = Path(spec)
+            path.mkdir(parents=True, exist_ok=True)
+        return cls(path)
+
+    def write_start(self, config_toml: str, argv, facts: dict) -> None:
+        (self.path / "config.toml").write_text(config_toml)
+        (self.path / "facts.json").write_text(json.dumps(facts, indent=2) + "\n")
+        command = shlex.join([Path(sys.executable).name, "-m", "hpcnn.train", *argv])
+        with open(self.path / "command.txt", "a") as fh:
+            fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}  ranks={facts.get('ranks')}  {command}\n")
+
+    def record(self, kind: str, values: dict) -> None:
+        # One line per record, flushed: a run killed at any moment leaves whole lines (but the last).
+        self._metrics.write(json.dumps({"kind": kind, **values}, allow_nan=True) + "\n")
+        self._metrics.flush()
+
+    def close(self) -> None:
+        self._metrics.close()
+
+
+def _eta(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """Rank 0's output during training: ``log`` for lines, ``step`` after every step.
+
+    ``mode``: ``bar`` (tqdm on a terminal), ``lines`` (a line every ``log_every`` steps) or
+    ``quiet``. Other ranks get ``Progress.silent()``.
+    """
+
+    def __init__(self, mode: str, total_steps: int, steps_per_epoch: int, epochs: int, sink=print):
+        self.mode, self.total, self.per_epoch, self.epochs = mode, total_steps, steps_per_epoch, epochs
+        self.sink = sink  # where lines go (rank 0's print)
+        self._bar, self._bar_epoch, self._started, self._done_at_start = None, None, None, 0
+        if mode == "bar":
+            from tqdm import tqdm
+
+            self._tqdm = tqdm
+
+    @classmethod
+    def choose(
+        cls, quiet: bool, total_steps: int, steps_per_epoch: int, epochs: int, sink=print
+    ) -> "Progress":
+        """The bar only where someone watches (``on_terminal``) and tqdm is installed."""
+        if quiet:
+            return cls("quiet", total_steps, steps_per_epoch, epochs, sink)
+        mode = "lines"
+        if on_terminal():
+            try:
+                import tqdm  # noqa: F401
+
+                mode = "bar"
+            except ImportError:
+                pass
+        return cls(mode, total_steps, steps_per_epoch, epochs, sink)
+
+    @classmethod
+    def silent(cls) -> "Progress":
+        return cls("quiet", 0, 1, 1)
+
+    def log(self, text: str) -> None:
+        """A line (start-up facts, epochs, checkpoints): above the bar, or as it is; none when quiet."""
+        if self.mode == "bar":
+            self._tqdm.write(text)
+        elif self.mode == "lines":
+            self.sink(text)
+
+    def step(self, step: int, epoch: int, batch: int, record: dict | None) -> None:
+        """After ``step`` steps (``batch`` of epoch ``epoch``, 0-based epoch); ``record``: the
+        metrics of the interval that ended here, if one did."""
+        now = time.monotonic()
+        if self._started is None:
+            self._started, self._done_at_start = now, step - 1
+        rate = (step - self._done_at_start) / max(now - self._started, 1e-9)
+        eta = _eta((self.total - step) / rate) if rate > 0 else "?"
+        if self.mode == "bar":
+            if self._bar_epoch != epoch:
+                self.close()
+                desc = f"epoch {epoch + 1}/{self.epochs}"
+                self._bar = self._tqdm(total=self.per_epoch, initial=batch - 1, desc=desc, unit="step",
+                                       leave=False, dynamic_ncols=True)  # fmt: skip
+                self._bar_epoch = epoch
+            self._bar.update(1)
+            if record is not None:
+                self._bar.set_postfix_str(_summary(record) + f"  ETA {eta}")  # redraws: once per record
+        elif self.mode == "lines" and record is not None:
+            self.sink(
+                f"step {step}/{self.total} (epoch {epoch + 1}/{self.epochs})  {_summary(record)}  ETA {eta}"
+            )
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar, self._bar_epoch = None, None
+
+
+def _summary(r: dict) -> str:
+    text = f"loss {r['loss']:.4f}"
+    if r.get("accuracy") is not None:
+        text += f"  acc {100 * r['accuracy']:6.2f}%"
+    return text + f"  lr {r['lr']:.2e}  {r['samples_per_s']:,.0f} samples/s"
