@@ -153,7 +153,9 @@ class Config:
         group="output",
     )
     quiet: bool = _f(
-        False, "print no progress, epoch or checkpoint lines (the final line and errors only)", group="output"
+        False,
+        "print no progress, epoch or checkpoint lines (start-up facts, the final line and errors only)",
+        group="output",
     )
     timeline: str = _f(
         "",

@@ -30,27 +30,38 @@ import time
 from pathlib import Path
 
 STEP_TIMES = ("data", "forward_backward", "reduce", "optimizer", "other")
-# Processes that stand between a rank and the user's terminal, passing its output through a pipe.
-LAUNCHERS = {"mpiexec", "mpirun", "mpiexec.hydra", "hydra_pmi_proxy", "orted", "orterun", "prterun", "prted"}
+# Processes that stand between a rank and the user's screen, passing its output on (comm names are
+# at most 15 characters).
+LAUNCHERS = {"mpiexec", "mpirun", "mpiexec.hydra", "hydra_pmi_proxy", "mpirun.openmpi", "mpiexec.openmpi",
+             "mpirun.mpich", "mpiexec.mpich", "orted", "orterun", "prterun", "prted"}  # fmt: skip
+
+
+def _launcher_output(pid: int) -> str | None:
+    """Where the launcher above ``pid`` writes (its stdout's target), or ``None`` if ``pid`` is
+    not a launcher. Looks through a few launcher levels (rank <- hydra_pmi_proxy <- mpiexec)."""
+    target = None
+    for _ in range(4):
+        if Path(f"/proc/{pid}/comm").read_text().strip() not in LAUNCHERS:
+            return target
+        target = os.readlink(f"/proc/{pid}/fd/1")
+        if target.startswith(("/dev/pts/", "/dev/tty")):
+            return target
+        pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    return target
 
 
 def on_terminal() -> bool:
-    """Whether this process's output reaches a terminal: stdout is one, or stdout is a pipe to an
-    MPI launcher (``mpirun -n 8 python -m hpcnn.train`` typed at a prompt) whose own stdout is one.
-    Only launchers are looked through: ``python -m hpcnn.train > file`` from a terminal is a file."""
-    if sys.stdout.isatty():
-        return True
-    pid = os.getppid()
+    """Whether this process's output ends up on a terminal. Under an MPI launcher that is decided
+    by the launcher's own stdout (``mpirun -n 8 python -m hpcnn.train`` typed at a prompt: yes;
+    the same with ``> file`` or in a batch job: no), whatever the rank's stdout is (Open MPI gives
+    each rank a pseudo-terminal of its own). Without a launcher: whether stdout is a terminal."""
     try:
-        for _ in range(4):  # rank <- hydra_pmi_proxy <- mpiexec, at most a few launcher levels
-            if Path(f"/proc/{pid}/comm").read_text().strip() not in LAUNCHERS:
-                return False
-            if os.readlink(f"/proc/{pid}/fd/1").startswith(("/dev/pts/", "/dev/tty")):
-                return True
-            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):  # not Linux, or the process is gone or not ours
-        pass
-    return False
+        target = _launcher_output(os.getppid())
+    except (OSError, ValueError, IndexError):  # not Linux, or a parent gone or not ours
+        target = None
+    if target is not None:
+        return target.startswith(("/dev/pts/", "/dev/tty"))
+    return sys.stdout.isatty()
 
 
 def _unique(base: Path) -> Path:
@@ -70,6 +81,7 @@ class RunDir:
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self._start = None  # (config TOML, argv, facts), written once training has accepted the directory
         metrics = self.path / "metrics.jsonl"
         if metrics.exists():  # a resumed run: drop a record torn by the kill that ended the last one
             data = metrics.read_bytes()
@@ -89,7 +101,15 @@ class RunDir:
             path.mkdir(parents=True, exist_ok=True)
         return cls(path)
 
-    def write_start(self, config_toml: str, argv, facts: dict) -> None:
+    def prepare(self, config_toml: str, argv, facts: dict) -> None:
+        self._start = (config_toml, argv, facts)
+
+    def write_start(self) -> None:
+        """Write what ``prepare`` was given (after the run has checked its checkpoint directory:
+        a refused run changes nothing)."""
+        if self._start is None:
+            return
+        config_toml, argv, facts = self._start
         (self.path / "config.toml").write_text(config_toml)
         (self.path / "facts.json").write_text(json.dumps(facts, indent=2) + "\n")
         command = shlex.join([Path(sys.executable).name, "-m", "hpcnn.train", *argv])
@@ -103,6 +123,13 @@ class RunDir:
 
     def close(self) -> None:
         self._metrics.close()
+
+    def discard_if_unused(self) -> None:
+        """Remove the directory if the run ended before writing anything into it."""
+        self.close()
+        if all(p.name == "metrics.jsonl" and p.stat().st_size == 0 for p in self.path.iterdir()):
+            (self.path / "metrics.jsonl").unlink()
+            self.path.rmdir()
 
 
 def _eta(seconds: float) -> str:
@@ -128,13 +155,14 @@ class Progress:
 
     @classmethod
     def choose(
-        cls, quiet: bool, total_steps: int, steps_per_epoch: int, epochs: int, sink=print
+        cls, quiet: bool, total_steps: int, steps_per_epoch: int, epochs: int, sink=print, bar: bool = True
     ) -> "Progress":
-        """The bar only where someone watches (``on_terminal``) and tqdm is installed."""
+        """The bar only where someone watches (``on_terminal``), ``bar`` allows it (``sink`` prints
+        to stdout) and tqdm is installed."""
         if quiet:
             return cls("quiet", total_steps, steps_per_epoch, epochs, sink)
         mode = "lines"
-        if on_terminal():
+        if bar and on_terminal():
             try:
                 import tqdm  # noqa: F401
 

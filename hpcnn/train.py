@@ -194,11 +194,13 @@ def _prepare(cfg: Config, comm: Comm):
     return ds, layers, bounds, grid, pipe, sampler
 
 
-def fit(cfg: Config, comm: Comm, log=None, run: RunDir | None = None) -> Result:
+def fit(cfg: Config, comm: Comm, log=None, run: RunDir | None = None, terminal: bool = False) -> Result:
     """Train ``cfg``'s model on ``cfg``'s data over the ranks of ``comm``.
 
-    ``log`` receives rank 0's progress lines (``None``: silent). Returns this rank's stage of the
-    model (identical across data-parallel replicas), the per-epoch metrics and the final evaluation.
+    ``log`` receives rank 0's progress lines (``None``: silent); with ``terminal`` (``log`` prints
+    to the user's stdout) a progress bar may replace the step lines. ``run``: rank 0's run directory.
+    Returns this rank's stage of the model (identical across data-parallel replicas), the per-epoch
+    metrics and the final evaluation.
     With ``cfg.resume`` training continues from a checkpoint; with ``cfg.checkpoint_dir``
     checkpoints are written as configured, at the end, and when a stop signal arrives (then
     ``Result.stopped`` names the signal and no final evaluation runs). A stall inspector watches
@@ -210,7 +212,7 @@ def fit(cfg: Config, comm: Comm, log=None, run: RunDir | None = None) -> Result:
     inspector = Inspector(comm, cfg.stall_timeout)
     training = None
     try:
-        training = _Training(cfg, comm, log, inspector, run)
+        training = _Training(cfg, comm, log, inspector, run, terminal)
         result = training.run()
         if training.timeline is not None:
             training.timeline.write(cfg.timeline)
@@ -230,7 +232,7 @@ def fit(cfg: Config, comm: Comm, log=None, run: RunDir | None = None) -> Result:
 class _Training:
     """One run's state on this rank: what the loop, its epoch summaries and its checkpoints share."""
 
-    def __init__(self, cfg: Config, comm: Comm, log, inspector: Inspector, run: RunDir | None = None):
+    def __init__(self, cfg: Config, comm: Comm, log, inspector: Inspector, run=None, terminal: bool = False):
         self.cfg, self.comm, self.inspector, self.run_dir = cfg, comm, inspector, run
         faults.rank = comm.world_rank
         ds, layers, bounds, grid, pipe, sampler = _prepare(cfg, comm)
@@ -248,7 +250,12 @@ class _Training:
         self.loss_fn = LOSSES[cfg.loss]()
         self.dp = DataParallel(grid.dp, self.model.params, cfg.overlap == "on", cfg.bucket_mb, comm.wtime)
         self.dp.broadcast_parameters()
-        self.timeline = Timeline(comm, comm.wtime) if cfg.timeline else None
+        self.timeline = None
+        if cfg.timeline:
+            with comm.agreed(cfg.debug):  # found out now, not after training
+                if comm.is_root:
+                    _check_writable(cfg.timeline, "timeline")
+            self.timeline = Timeline(comm, comm.wtime)
         pipe.timeline = self.dp.timeline = self.timeline
         self.opt = make_optimizer(cfg, self.model.params)
         steps = len(sampler) * cfg.epochs
@@ -257,7 +264,7 @@ class _Training:
         if log is None:
             self.progress = Progress.silent()
         else:
-            self.progress = Progress.choose(cfg.quiet, self.steps, len(sampler), cfg.epochs, log)
+            self.progress = Progress.choose(cfg.quiet, self.steps, len(sampler), cfg.epochs, log, terminal)
         self.log = self.progress.log
         log = self.log
         self.lr = Schedule(
@@ -272,6 +279,8 @@ class _Training:
             else (None, None)
         )
         _check_checkpoint_dir(cfg, comm, self.start)
+        if run is not None:
+            run.write_start()
         at = self.start or Position()
         self.finished = list(at.history)  # rows of complete epochs (what checkpoints carry)
         self.result.history = list(at.history)
@@ -293,14 +302,14 @@ class _Training:
         t = self.pipe.times
         self._interval = np.zeros(4)  # loss sum, correct, rows (last stages), squared gradient norm
         self._interval_times = np.array([t.data, t.forward + t.backward + t.wait, t.reduce, t.optimizer])
-        self._interval_steps, self._interval_t0 = 0, self.comm.wtime()
+        self._interval_steps, self._interval_wall = 0, 0.0
 
     def _step_record(self) -> dict:
         """The metrics of the steps since the last record (collective: every rank, same steps)."""
         t, n = self.pipe.times, self._interval_steps
         now = np.array([t.data, t.forward + t.backward + t.wait, t.reduce, t.optimizer])
-        wall = self.comm.wtime() - self._interval_t0
-        buf = np.concatenate([self._interval, (now - self._interval_times) / n, [wall / n]])
+        # Seconds inside steps only: evaluations and checkpoint writes in between are not steps.
+        buf = np.concatenate([self._interval, (now - self._interval_times) / n, [self._interval_wall / n]])
         self.comm.allreduce_sum_(buf)
         loss, correct, rows, sq = buf[:4]
         per_step = buf[4:] / self.comm.size  # seconds per step, averaged over ranks
@@ -414,6 +423,7 @@ class _Training:
         # Replica 0 of each stage holds its stage's reduced gradient: their sum is the global norm.
         self._interval[3] = sq if self.grid.replica == 0 else 0.0
         self._interval_steps += 1
+        self._interval_wall += self.comm.wtime() - t0
         record = None
         if cfg.log_every and (self.step % cfg.log_every == 0 or self.step == self.steps):
             record = self._step_record()
@@ -783,6 +793,17 @@ def _facts(cfg: Config, comm: Comm, threads: tuple, placement) -> dict:
     }
 
 
+def _check_writable(path: str, what: str) -> None:
+    """Create ``path``'s directory and check a file can be written there (``UserError`` if not)."""
+    target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}."):
+            pass
+    except OSError as exc:
+        raise UserError(f"{what} {path}: cannot write there: {exc}") from None
+
+
 def _open_run_dir(cfg: Config, comm: Comm) -> tuple[Config, RunDir | None]:
     """Rank 0 creates the run directory (collective: every rank learns its path or the error);
     checkpoints go into it unless ``checkpoint_dir`` is set."""
@@ -846,21 +867,27 @@ def _main(comm: Comm, argv, early: EarlySignals) -> int:
         cfg = resolve(argv, is_root=comm.is_root)
     comm.debug = cfg.debug
     if dry_run:
+        early.release()
         blas_threads(comm.local_size, cfg.threads)
         return _dry_run(cfg, comm)
+    given = cfg  # what config.toml records: run_dir resolved, checkpoint_dir as given
     cfg, run = _open_run_dir(cfg, comm)
     if not cfg.checkpoint_dir:
         early.release()  # nowhere to save a stop: signals act as they would without hpcnn
     threads, placement = _announce_layout(cfg, comm)
     if run is not None:
-        run.write_start(cfg.to_toml(), argv, _facts(cfg, comm, threads, placement))
+        recorded = dataclasses.replace(given, run_dir=str(run.path))
+        run.prepare(recorded.to_toml(), argv, _facts(cfg, comm, threads, placement))
         comm.print0(f"run directory: {run.path}")
     t0 = time.perf_counter()
     try:
-        result = fit(cfg, comm, log=comm.print0, run=run)
-    finally:
+        result = fit(cfg, comm, log=comm.print0, run=run, terminal=True)
+    except BaseException:
         if run is not None:
-            run.close()
+            run.discard_if_unused()  # e.g. refused: the directory holds checkpoints of another run
+        raise
+    if run is not None:
+        run.close()
     if result.stopped:
         comm.print0(
             f"hpcnn: stopped by {result.stopped} after step {result.steps}; continue with "

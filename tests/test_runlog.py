@@ -43,7 +43,8 @@ def test_run_directory_holds_config_command_facts_metrics_and_checkpoints(tmp_pa
     assert sorted(p.name for p in run.iterdir()) == [
         "checkpoints", "command.txt", "config.toml", "facts.json", "metrics.jsonl"]  # fmt: skip
     cfg = from_dict(parse_toml((run / "config.toml").read_text()), "config.toml")
-    assert cfg.hidden == [32, 16] and cfg.seed == 3 and cfg.checkpoint_dir == str(run / "checkpoints")
+    # As given, with the run directory resolved: --config run/config.toml --resume auto continues it.
+    assert cfg.hidden == [32, 16] and cfg.seed == 3 and cfg.checkpoint_dir == "" and cfg.run_dir == str(run)
     assert "-m hpcnn.train --hidden 32,16 --epochs 2" in (run / "command.txt").read_text()
     facts = json.loads((run / "facts.json").read_text())
     assert facts["ranks"] == 1 and facts["pipeline_stages"] == 1 and facts["versions"]["numpy"]
@@ -77,6 +78,20 @@ def test_auto_run_directories_never_collide_and_an_empty_one_writes_nothing(tmp_
                           cwd=empty, env=launch_env(), capture_output=True, text=True,
                           timeout=120)  # fmt: skip
     assert proc.returncode == 0 and list(empty.iterdir()) == []
+
+
+def test_a_refused_run_changes_nothing_and_an_unwritable_timeline_is_found_before_training(tmp_path):
+    run = tmp_path / "run"
+    assert train([*ARGS, "--run-dir", str(run)]).returncode == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    again = train([*ARGS, "--run-dir", str(run), "--lr", "0.5"])  # a fresh run into a used directory
+    assert again.returncode == 2 and "holds checkpoints" in again.stderr
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    resumed = train(["--config", str(run / "config.toml"), "--resume", "auto"])
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr
+    proc = train([*ARGS, "--run-dir", str(tmp_path / "other"), "--timeline", "/proc/none/t.json"])
+    assert proc.returncode == 2 and "timeline /proc/none/t.json: cannot write there" in proc.stderr
+    assert "epoch" not in proc.stdout and not (tmp_path / "other").exists()
 
 
 def test_a_resumed_run_appends_and_drops_a_torn_last_record(tmp_path):
