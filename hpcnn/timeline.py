@@ -2,10 +2,10 @@
 
 Open the file in https://ui.perfetto.dev or chrome://tracing: one process per rank, each with two
 tracks, ``compute`` (data, forward and backward per micro-batch, optimizer, evaluation, checkpoint
-writes, waits for pipeline receives and sends) and ``communication`` (each gradient bucket's
-``Iallreduce`` from the moment it starts to the moment the wait for it returns: the part that
-overlaps ``compute`` is hidden, the rest is the exposed reduction). Waiting for a communication
-shows on ``compute`` as ``reduce wait`` / ``recv wait`` / ``send wait``.
+writes, waits for pipeline receives and sends, the stop check between steps) and ``communication``
+(each gradient bucket's ``Iallreduce`` from the moment it starts to the moment the wait for it
+returns: the part that overlaps ``compute`` is hidden, the rest is the exposed reduction). Waiting
+for a communication shows on ``compute`` as ``reduce wait`` / ``recv wait`` / ``send wait``.
 
 Recording appends one tuple per span to a list; with the option off, every site checks one
 attribute for ``None`` and does nothing else. Times are ``MPI.Wtime`` relative to a barrier at the

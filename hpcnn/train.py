@@ -344,7 +344,11 @@ class _Training:
                     self._step(ids, global_rows, sums)
                     rows += global_rows
                     self.inspector.mark("stop check")
-                    if self.stop.poll():
+                    t0 = self.comm.wtime()
+                    stop = self.stop.poll()
+                    if self.timeline is not None:
+                        self.timeline.span("stop check", t0, self.comm.wtime())
+                    if stop:
                         return self._stopped(sums)
                     if cfg.check_replicas and self.step % cfg.check_replicas == 0:
                         self._check_replicas()
