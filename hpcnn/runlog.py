@@ -185,6 +185,8 @@ class Progress:
     def step(self, step: int, epoch: int, batch: int, record: dict | None) -> None:
         """After ``step`` steps (``batch`` of epoch ``epoch``, 0-based epoch); ``record``: the
         metrics of the interval that ended here, if one did."""
+        if self.mode == "quiet":  # every rank but 0 calls this every step: nothing to do there
+            return
         now = time.monotonic()
         if self._started is None:
             self._started, self._done_at_start = now, step - 1

@@ -141,7 +141,7 @@ def on_a_terminal(cmd) -> str:
 def test_a_progress_bar_on_a_terminal_also_through_mpirun_and_no_plain_step_lines(ranks):
     pytest.importorskip("tqdm", reason="the bar needs tqdm (a dependency of hpcnn)")
     if ranks and MPIEXEC is None:
-        pytest.skip("needs mpiexec")
+        pytest.skip("launches mpiexec, and there is none on PATH or beside Python")
     cmd = [sys.executable, "-m", "hpcnn.train", *ARGS, "--run-dir", "", "--log-every", "5"]
     text = on_a_terminal([MPIEXEC, "-n", str(ranks), *cmd] if ranks else cmd)
     assert re.search(r"epoch 1/2: +\d+%\|", text) and ("step/s" in text or "s/step" in text)
