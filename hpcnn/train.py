@@ -344,10 +344,10 @@ class _Training:
                     self._step(ids, global_rows, sums)
                     rows += global_rows
                     self.inspector.mark("stop check")
-                    t0 = self.comm.wtime()
+                    t_check = self.comm.wtime()
                     stop = self.stop.poll()
                     if self.timeline is not None:
-                        self.timeline.span("stop check", t0, self.comm.wtime())
+                        self.timeline.span("stop check", t_check, self.comm.wtime())
                     if stop:
                         return self._stopped(sums)
                     if cfg.check_replicas and self.step % cfg.check_replicas == 0:

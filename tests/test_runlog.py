@@ -59,6 +59,8 @@ def test_run_directory_holds_config_command_facts_metrics_and_checkpoints(tmp_pa
         assert s["accuracy"] == pytest.approx(e["accuracy"], rel=1e-12)
         assert s["lr"] == e["lr"] and s["grad_norm"] > 0 and s["samples_per_s"] > 0
         assert set(s["time"]) == set(STEP_TIMES) and all(v >= 0 for v in s["time"].values())
+        # The epoch's clock runs through its 23 steps (and more: stop checks, evaluation).
+        assert e["seconds"] >= 0.999 * 23 * sum(s["time"].values())
     assert epochs[-1]["test"]["rows"] == 359
     assert rows[-1]["loss"] == pytest.approx(epochs[-1]["test"]["loss"])
     assert f"final held-out loss {rows[-1]['loss']:.4f}" in proc.stdout
