@@ -194,6 +194,11 @@ def _prepare(cfg: Config, comm: Comm):
     return ds, layers, bounds, grid, pipe, sampler
 
 
+def _total_steps(cfg: Config, sampler) -> int:
+    steps = len(sampler) * cfg.epochs
+    return min(cfg.max_steps, steps) if cfg.max_steps else steps
+
+
 def fit(cfg: Config, comm: Comm, log=None, run: RunDir | None = None, terminal: bool = False) -> Result:
     """Train ``cfg``'s model on ``cfg``'s data over the ranks of ``comm``.
 
@@ -229,6 +234,12 @@ def fit(cfg: Config, comm: Comm, log=None, run: RunDir | None = None, terminal: 
     return result
 
 
+def _time_parts(t) -> np.ndarray:
+    """A stage's times so far in the order of ``STEP_TIMES`` (without ``other``); pipeline waits
+    count as forward_backward."""
+    return np.array([t.data, t.forward + t.backward + t.wait, t.reduce, t.optimizer])
+
+
 class _Training:
     """One run's state on this rank: what the loop, its epoch summaries and its checkpoints share."""
 
@@ -251,15 +262,15 @@ class _Training:
         self.dp = DataParallel(grid.dp, self.model.params, cfg.overlap == "on", cfg.bucket_mb, comm.wtime)
         self.dp.broadcast_parameters()
         self.timeline = None
-        if cfg.timeline:
-            with comm.agreed(cfg.debug):  # found out now, not after training
-                if comm.is_root:
-                    _check_writable(cfg.timeline, "timeline")
+        if cfg.timeline:  # an unwritable path is found out now, not after training
+            where = Path(cfg.timeline).parent
+            comm.root_decides(
+                lambda: _check_writable(where, f"timeline {cfg.timeline}: cannot write there"), cfg.debug
+            )
             self.timeline = Timeline(comm, comm.wtime)
         pipe.timeline = self.dp.timeline = self.timeline
         self.opt = make_optimizer(cfg, self.model.params)
-        steps = len(sampler) * cfg.epochs
-        self.steps = min(cfg.max_steps, steps) if cfg.max_steps else steps
+        self.steps = _total_steps(cfg, sampler)
         # Rank 0 with a log shows progress (bar, lines or nothing); every other rank is silent.
         if log is None:
             self.progress = Progress.silent()
@@ -301,15 +312,15 @@ class _Training:
         """Start summing the metrics of the next ``log_every`` steps."""
         t = self.pipe.times
         self._interval = np.zeros(4)  # loss sum, correct, rows (last stages), squared gradient norm
-        self._interval_times = np.array([t.data, t.forward + t.backward + t.wait, t.reduce, t.optimizer])
+        self._interval_times = _time_parts(t)
         self._interval_steps, self._interval_wall = 0, 0.0
 
     def _step_record(self) -> dict:
         """The metrics of the steps since the last record (collective: every rank, same steps)."""
-        t, n = self.pipe.times, self._interval_steps
-        now = np.array([t.data, t.forward + t.backward + t.wait, t.reduce, t.optimizer])
+        n = self._interval_steps
+        spent = _time_parts(self.pipe.times) - self._interval_times
         # Seconds inside steps only: evaluations and checkpoint writes in between are not steps.
-        buf = np.concatenate([self._interval, (now - self._interval_times) / n, [self._interval_wall / n]])
+        buf = np.concatenate([self._interval, spent / n, [self._interval_wall / n]])
         self.comm.allreduce_sum_(buf)
         loss, correct, rows, sq = buf[:4]
         per_step = buf[4:] / self.comm.size  # seconds per step, averaged over ranks
@@ -423,11 +434,12 @@ class _Training:
             tl.span("optimizer", t3, t4)
             tl.span(f"step {self.step + 1}", t0, t4, epoch=self.epoch + 1)
         self.step, self.batch = self.step + 1, self.batch + 1
-        self.inspector.step_done(self.step, self.comm.wtime() - t0)
+        seconds = self.comm.wtime() - t0
+        self.inspector.step_done(self.step, seconds)
         # Replica 0 of each stage holds its stage's reduced gradient: their sum is the global norm.
         self._interval[3] = sq if self.grid.replica == 0 else 0.0
         self._interval_steps += 1
-        self._interval_wall += self.comm.wtime() - t0
+        self._interval_wall += seconds
         record = None
         if cfg.log_every and (self.step % cfg.log_every == 0 or self.step == self.steps):
             record = self._step_record()
@@ -632,13 +644,18 @@ def _check_checkpoint_dir(cfg, comm, start: Position | None) -> None:
     comm.root_decides(lambda: _check_directory(cfg, start), cfg.debug)
 
 
-def _check_directory(cfg, start: Position | None) -> None:
+def _check_writable(directory, message: str) -> None:
+    """Create ``directory`` and write a file there; ``UserError(f"{message}: {reason}")`` if not."""
     try:
-        Path(cfg.checkpoint_dir).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=cfg.checkpoint_dir, prefix=".hpcnn-write-test-"):
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory, prefix=".hpcnn-write-test-"):
             pass
     except OSError as exc:
-        raise UserError(f"checkpoint_dir {cfg.checkpoint_dir} is not writable: {exc}") from None
+        raise UserError(f"{message}: {exc}") from None
+
+
+def _check_directory(cfg, start: Position | None) -> None:
+    _check_writable(cfg.checkpoint_dir, f"checkpoint_dir {cfg.checkpoint_dir} is not writable")
     if cfg.resume == "auto":
         return
     step = start.step if start else -1
@@ -797,30 +814,22 @@ def _facts(cfg: Config, comm: Comm, threads: tuple, placement) -> dict:
     }
 
 
-def _check_writable(path: str, what: str) -> None:
-    """Create ``path``'s directory and check a file can be written there (``UserError`` if not)."""
-    target = Path(path)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}."):
-            pass
-    except OSError as exc:
-        raise UserError(f"{what} {path}: cannot write there: {exc}") from None
-
-
 def _open_run_dir(cfg: Config, comm: Comm) -> tuple[Config, RunDir | None]:
     """Rank 0 creates the run directory (collective: every rank learns its path or the error);
     checkpoints go into it unless ``checkpoint_dir`` is set."""
     if not cfg.run_dir:
         return cfg, None
     run = None
-    with comm.agreed(cfg.debug):
-        if comm.is_root:
-            try:
-                run = RunDir.create(cfg.run_dir)
-            except OSError as exc:
-                raise UserError(f"run_dir {cfg.run_dir}: cannot create it: {exc}") from None
-    path = comm.bcast(str(run.path) if run is not None else None)
+
+    def create() -> str:
+        nonlocal run
+        try:
+            run = RunDir.create(cfg.run_dir)
+        except OSError as exc:
+            raise UserError(f"run_dir {cfg.run_dir}: cannot create it: {exc}") from None
+        return str(run.path)
+
+    path = comm.root_decides(create, cfg.debug)
     if not cfg.checkpoint_dir:
         cfg = dataclasses.replace(cfg, checkpoint_dir=str(Path(path) / "checkpoints"))
     return cfg, run
@@ -829,8 +838,7 @@ def _open_run_dir(cfg: Config, comm: Comm) -> tuple[Config, RunDir | None]:
 def _dry_run(cfg: Config, comm: Comm) -> int:
     """Print the resolved config and what every rank would hold; train nothing."""
     ds, layers, bounds, grid, pipe, sampler = _prepare(cfg, comm)
-    steps = len(sampler) * cfg.epochs
-    steps = min(cfg.max_steps, steps) if cfg.max_steps else steps
+    steps = _total_steps(cfg, sampler)
     _describe(comm.print0, cfg, ds, layers, bounds, grid, sampler, steps)
     params = pipe.model.params
     itemsize = np.dtype(cfg.dtype).itemsize
