@@ -66,6 +66,16 @@ class Config:
     eval_batch_size: int = _f(4096, "held-out rows read and evaluated at a time, per data-parallel replica")
     eval_every: int = _f(1, "evaluate the held-out rows every this many epochs (0: only at the end)")
     max_steps: int = _f(0, "stop after this many optimizer steps in all (0: run every epoch)")
+    deterministic: bool = _f(
+        False,
+        "bitwise-identical training on any number of ranks and any data x pipeline layout (and across "
+        "restarts on another layout), for the same shard_rows",
+    )
+    shard_rows: int = _f(
+        0,
+        "with --deterministic: rows per shard, the fixed unit of computation; a replica holds whole shards, "
+        "so batch_size / shard_rows replicas can be busy (0: batch_size / 8, rounded up)",
+    )
     # --- parallel layout
     pipeline_stages: int = _f(
         1, "pipeline stages P: ranks form (ranks / P) data-parallel replicas x P stages", group="parallel"
@@ -190,6 +200,7 @@ class Config:
             "checkpoint_every",
             "keep",
             "check_replicas",
+            "shard_rows",
             "stall_timeout",
             "log_every",
         ):

@@ -310,11 +310,12 @@ class EpochSampler:
     rank, size : this rank and the number of data-parallel ranks
     seed : shuffling seed; epoch ``e`` uses the permutation drawn from ``(seed, e)``
     drop_last : drop the last batch if it is partial
+    shard_rows : if set, each rank's slice is whole shards of this many consecutive rows
     """
 
-    def __init__(self, ids, batch_size: int, rank: int, size: int, seed: int, drop_last=False):
+    def __init__(self, ids, batch_size: int, rank: int, size: int, seed: int, drop_last=False, shard_rows=0):
         self.ids, self.batch_size, self.rank, self.size = ids, batch_size, rank, size
-        self.seed, self.drop_last = seed, drop_last
+        self.seed, self.drop_last, self.shard_rows = seed, drop_last, shard_rows
 
     def __len__(self) -> int:
         n, b = len(self.ids), self.batch_size
@@ -325,8 +326,13 @@ class EpochSampler:
         order = self.ids[np.random.default_rng((self.seed, 0xDA7A, epoch)).permutation(len(self.ids))]
         for b in range(len(self)):
             batch = order[b * self.batch_size : (b + 1) * self.batch_size]
-            start, count = split_counts(len(batch), self.size, self.rank)
-            yield batch[start : start + count], len(batch)
+            if self.shard_rows:  # whole shards of shard_rows rows each (--deterministic)
+                first, count = split_counts(-(-len(batch) // self.shard_rows), self.size, self.rank)
+                start, stop = first * self.shard_rows, (first + count) * self.shard_rows
+                yield batch[start:stop], len(batch)
+            else:
+                start, count = split_counts(len(batch), self.size, self.rank)
+                yield batch[start : start + count], len(batch)
 
 
 # --- python -m hpcnn.data: write datasets in the layout above -------------------------------------

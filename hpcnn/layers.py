@@ -31,6 +31,9 @@ class Layer:
     def bind(self, params: dict, grads: dict) -> None:
         assert not params and not grads
 
+    shards = None  # a deterministic.Sharding: compute in fixed-size row blocks (``--deterministic``)
+    shard_grads = None  # with ``shards``: {name: (shards, *shape)} one gradient per shard
+
     def forward(self, x, saved: dict | None, ws=FRESH):
         return x
 
@@ -74,12 +77,17 @@ class Dense(Layer):
         if saved is not None:
             saved["x"] = x  # (batch, fan_in), kept for dW
         y = ws("y", (len(x), self.fan_out), x.dtype)
-        xp.matmul(x, self.W, out=y)  # (batch, fan_out)
+        if self.shards is None:
+            xp.matmul(x, self.W, out=y)  # (batch, fan_out)
+        else:
+            self.shards.matmul_rows(x, self.W, y)
         y += self.b
         return y
 
     def backward(self, dy, saved, need_dx=True, accumulate=False, ws=FRESH):
         x = saved.pop("x")
+        if self.shards is not None:
+            return self._backward_shards(x, dy, saved.get("shard", 0), need_dx, ws)
         if accumulate:
             if self._dW_part is None:  # once per run: micro-batches after the first add into dW
                 self._dW_part, self._db_part = xp.empty_like(self.dW), xp.empty_like(self.db)
@@ -94,6 +102,23 @@ class Dense(Layer):
             return None
         dx = ws("dx", (len(dy), self.fan_in), dy.dtype)
         return xp.matmul(dy, self.W.T, out=dx)  # (batch, fan_in)
+
+    def _backward_shards(self, x, dy, first: int, need_dx: bool, ws):
+        """Each shard's weight gradient into its own row of the per-shard buffer (``first``: the
+        local index of the input's first shard), and the input gradient shard by shard."""
+        n, sh = len(dy), self.shards
+        dW, db = self.shard_grads["W"], self.shard_grads["b"]
+        dx = ws("dx", (n, self.fan_in), dy.dtype) if need_dx else None
+
+        def one(k):
+            r = sh.rows_of(k, n)
+            xp.matmul(x[r].T, dy[r], out=dW[first + k])
+            xp.sum(dy[r], axis=0, out=db[first + k])
+            if need_dx:
+                xp.matmul(dy[r], self.W.T, out=dx[r])
+
+        sh.workers.run(one, sh.blocks(n))
+        return dx
 
     def out_features(self, in_features):
         assert in_features == self.fan_in, (in_features, self.fan_in)

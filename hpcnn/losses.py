@@ -26,8 +26,13 @@ class SoftmaxCrossEntropy:
         sumexp = xp.sum(exp, axis=1, keepdims=True, out=ws("sumexp", (rows, 1), dt))  # (batch, 1)
         loss = xp.log(sumexp[:, 0]) - picked  # (batch,)
         exp /= sumexp  # softmax, kept for backward
-        self.probs, self.labels = exp, labels
+        self.probs, self.labels, self.rows = exp, labels, loss
         return float(loss.sum(dtype=xp.float64))
+
+    def shard_sums(self, shard_rows: int) -> list[float]:
+        """The last forward's loss summed over each block of ``shard_rows`` rows (a sum's result
+        depends on its length: summing per shard keeps it independent of the micro-batch)."""
+        return _block_sums(self.rows, shard_rows)
 
     def backward(self, scale: float):
         d = self.probs
@@ -53,13 +58,21 @@ class MeanSquaredError:
             xp.subtract(out, target, out=diff)
         self.diff = diff
         sq = xp.multiply(diff, diff, out=ws("sq", out.shape, out.dtype))
+        self.sq = sq
         return float(sq.sum(dtype=xp.float64)) / out.shape[1]
+
+    def shard_sums(self, shard_rows: int) -> list[float]:
+        return [v / self.sq.shape[1] for v in _block_sums(self.sq, shard_rows)]
 
     def backward(self, scale: float):
         d = self.diff
         d *= 2.0 * scale / d.shape[1]
         self.diff = None
         return d
+
+
+def _block_sums(a, rows: int) -> list[float]:
+    return [float(a[i : i + rows].sum(dtype=xp.float64)) for i in range(0, len(a), rows)]
 
 
 LOSSES = {"cross_entropy": SoftmaxCrossEntropy, "mse": MeanSquaredError}

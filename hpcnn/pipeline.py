@@ -130,6 +130,10 @@ class Pipeline:
         self.mark = lambda op, detail=0: None  # the stall inspector's, when one watches this rank
         self._pool: dict[tuple, list] = {}
         self._deferred: list = []
+        # --deterministic: micro-batches are whole shards of this many rows, and the last stage
+        # keeps each shard's loss sum of the latest step (or evaluation chunk) in shard order
+        self.shard_rows = 0
+        self.shard_losses: list[float] = []
 
     def handshake(self) -> None:
         """Check that each stage sends the width and dtype the next one expects (before any data)."""
@@ -185,7 +189,9 @@ class Pipeline:
             self.timeline.span(f"recv wait mb {m}", t0, t1, stage=source, data=what)
         return buf
 
-    def train_step(self, inputs, targets, sizes, scale: float, loss_fn, on_layer_done=None):
+    def train_step(
+        self, inputs, targets, sizes, scale: float, loss_fn, on_layer_done=None, shard_starts=None
+    ):
         """Forward and backward all micro-batches of one step; fill ``model.params.grad``.
 
         ``inputs``/``targets`` are lists of per-micro-batch arrays on the first/last stage (else
@@ -193,6 +199,7 @@ class Pipeline:
         stage's ``(loss_sum, correct)`` (zeros elsewhere). ``on_layer_done(i)`` is called during the
         last micro-batch's backward, once layer ``i``'s gradient is final (every micro-batch's
         backward runs in micro-batch order, so the last one completes each layer).
+        ``shard_starts``: with ``shard_rows``, the local index of each micro-batch's first shard.
         """
         t_step = self.clock()
         micro = len(sizes)
@@ -205,6 +212,7 @@ class Pipeline:
         # would otherwise sit idle through the sender's next computation.
         posted = self._post_receives(sizes)
         pending = [request for request, _ in posted.values()]
+        self.shard_losses = []
 
         def progress(i=None):
             if pending or sends:
@@ -221,13 +229,14 @@ class Pipeline:
                 else:
                     x = held[m] = self._take(posted, "F", m, self.stage - 1)
                 t0 = self.clock()
-                tapes[m] = [{} for _ in self.model.layers]
+                shard = {"shard": shard_starts[m]} if shard_starts else {}
+                tapes[m] = [dict(shard) for _ in self.model.layers]
                 out = self.model.forward(x, tape=tapes[m], slot=m, on_layer_done=progress)
                 if faults.point("forward") == "nan":
                     out = out * xp.nan
                 if self.is_last:
                     scope = self.model.workspace.scope("loss", ("train", m))
-                    loss_sum, correct = _score(loss_fn, out, targets[m], loss_sum, correct, scope)
+                    loss_sum, correct = self._score(loss_fn, out, targets[m], loss_sum, correct, scope)
                     kept[m] = loss_fn.backward(scale)
                 t1 = self.clock()
                 self.times.forward += t1 - t0
@@ -274,6 +283,7 @@ class Pipeline:
         (zeros without ``targets``); with ``outputs``, the last stage appends each micro-batch's
         model output to it (prediction)."""
         sends, loss_sum, correct = [], 0.0, 0
+        self.shard_losses = []
         for m, rows in enumerate(sizes):
             x = inputs[m] if self.is_first else self._recv(rows, self.in_features, self.stage - 1, m)
             out = self.model.forward(x, train=False, slot=m)
@@ -282,7 +292,7 @@ class Pipeline:
                     outputs.append(xp.array(out))  # a copy: out is a workspace array
                 if targets is not None:
                     scope = self.model.workspace.scope("loss", ("infer", m))
-                    loss_sum, correct = _score(loss_fn, out, targets[m], loss_sum, correct, scope)
+                    loss_sum, correct = self._score(loss_fn, out, targets[m], loss_sum, correct, scope)
             else:
                 sends.append((self.pipe.isend(out, self.stage + 1, m), out))
             if not self.is_first:
@@ -310,13 +320,15 @@ class Pipeline:
         while self._deferred:
             self._release(self._deferred.pop())
 
-
-def _score(loss_fn, out, target, loss_sum: float, correct: int, ws):
-    """Add a micro-batch's loss (and, for class labels, its correct count) to the running sums."""
-    loss_sum += loss_fn.forward(out, target, ws)
-    if target.ndim == 1:  # class labels; regression targets are (rows, outputs)
-        correct += count_correct(out, target)
-    return loss_sum, correct
+    def _score(self, loss_fn, out, target, loss_sum: float, correct: int, ws):
+        """Add a micro-batch's loss (and, for class labels, its correct count) to the running
+        sums; in deterministic mode also keep each shard's loss sum."""
+        loss_sum += loss_fn.forward(out, target, ws)
+        if self.shard_rows:
+            self.shard_losses += loss_fn.shard_sums(self.shard_rows)
+        if target.ndim == 1:  # class labels; regression targets are (rows, outputs)
+            correct += count_correct(out, target)
+        return loss_sum, correct
 
 
 def gpipe_bubble(stages: int, micro: int) -> float:

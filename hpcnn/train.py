@@ -40,6 +40,15 @@ from hpcnn.comm import Comm, Grid, blas_threads, run_command
 from hpcnn.config import Config, config_changes, resolve
 from hpcnn.data import EpochSampler, open_dataset, set_num_classes, split_counts
 from hpcnn.data_parallel import DataParallel
+from hpcnn.deterministic import (
+    Sharding,
+    ShardReducer,
+    Workers,
+    exact_sum,
+    shard_count,
+    shard_range,
+    shard_rows,
+)
 from hpcnn.errors import (
     EXIT_INTERNAL,
     EXIT_NONFINITE,
@@ -86,10 +95,16 @@ def _as_batch(x, y, dtype, classify: bool):
     return x, y
 
 
-def _micro_batches(x, y, micro: int):
-    """Cut a replica's rows into ``micro`` contiguous pieces that differ by at most one row."""
+def _micro_batches(x, y, micro: int, unit: int = 1):
+    """Cut a replica's rows into ``micro`` contiguous pieces that differ by at most one ``unit`` of
+    rows (a shard in deterministic mode: pieces are whole shards; only the last shard may be short)."""
     rows = len(x) if x is not None else len(y)
-    cuts = [split_counts(rows, micro, m) for m in range(micro)]
+    units = -(-rows // unit)
+    cuts = []
+    for m in range(micro):
+        first, count = split_counts(units, micro, m)
+        start = min(rows, first * unit)
+        cuts.append((start, min(rows, (first + count) * unit) - start))
     pieces = lambda a: None if a is None else [a[s : s + n] for s, n in cuts]  # noqa: E731
     return pieces(x), pieces(y), [n for _, n in cuts]
 
@@ -109,23 +124,47 @@ def evaluate(pipe: Pipeline, loss_fn, split, grid: Grid, cfg, classify: bool) ->
     """Loss and accuracy over ``split``: each replica takes a contiguous block (each row counted
     once) and runs it through its pipeline in chunks of ``eval_batch_size`` rows, each chunk cut
     into ``micro_batches`` micro-batches."""
-    dtype = dtype_of(cfg.dtype)
-    start, count = split_counts(len(split), grid.replicas, grid.replica)
-    ids = split.ids[start : start + count]
+    dtype, unit = dtype_of(cfg.dtype), pipe.shard_rows or 1
+    if pipe.shard_rows:  # whole shards per replica, chunks of whole shards (deterministic mode)
+        total = shard_count(len(split), unit)
+        first, shards = shard_range(total, grid.replicas, grid.replica)
+        start, count = first * unit, min(len(split), (first + shards) * unit) - first * unit
+        step = max(1, cfg.eval_batch_size // unit) * unit
+    else:
+        start, count = split_counts(len(split), grid.replicas, grid.replica)
+        step = cfg.eval_batch_size
+    ids = split.ids[start : start + max(0, count)]
     sums = np.zeros(3)  # loss sum, correct, rows (on last stages only)
-    for i in range(0, count, cfg.eval_batch_size):
-        chunk = ids[i : i + cfg.eval_batch_size]
+    shard_losses = []
+    for i in range(0, len(ids), step):
+        chunk = ids[i : i + step]
         inputs, targets, sizes = _micro_batches(
-            *_read(split, chunk, pipe, dtype, classify), cfg.micro_batches
+            *_read(split, chunk, pipe, dtype, classify), cfg.micro_batches, unit
         )
         loss_sum, correct = pipe.forward_only(inputs, targets, sizes, loss_fn)
         if pipe.is_last:
             sums += (loss_sum, correct, len(chunk))
+            shard_losses += pipe.shard_losses
     pipe.mark("evaluation allreduce")
-    grid.world.allreduce_sum_(sums)
+    if pipe.shard_rows:
+        sums = _exact_metrics(grid.world, shard_losses, first, total, sums[1:], pipe.is_last)
+    else:
+        grid.world.allreduce_sum_(sums)
     pipe.mark("evaluation")
     rows = max(sums[2], 1)
     return {"loss": sums[0] / rows, "accuracy": sums[1] / rows if classify else None, "rows": int(sums[2])}
+
+
+def _exact_metrics(world: Comm, shard_losses, first: int, total: int, counts, is_last: bool) -> np.ndarray:
+    """``(loss sum, correct, rows)`` over all ``total`` shards, the same bits on every layout: each
+    shard's loss sum travels alone (a sum over ranks of one value and zeros is exact in any order)
+    and the values are added exactly; counts are integers (exact in float64)."""
+    v = np.zeros(total + 2)
+    if is_last:
+        v[first : first + len(shard_losses)] = shard_losses
+        v[total:] = counts
+    world.allreduce_sum_(v)
+    return np.array([exact_sum(v[:total]), v[total], v[total + 1]])
 
 
 def open_data(cfg: Config, comm: Comm):
@@ -186,7 +225,10 @@ def _prepare(cfg: Config, comm: Comm):
         layers = mlp_layers([ds.features, *cfg.hidden, ds.outputs], cfg.activation, cfg.output_activation)
     bounds, grid, pipe = build_stages(cfg, comm, layers, ds.features)
     with comm.agreed(cfg.debug):
-        sampler = EpochSampler(ds.train.ids, cfg.batch_size, grid.replica, replicas, cfg.seed, cfg.drop_last)
+        rows = shard_rows(cfg) if cfg.deterministic else 0
+        sampler = EpochSampler(
+            ds.train.ids, cfg.batch_size, grid.replica, replicas, cfg.seed, cfg.drop_last, rows
+        )
         if len(sampler) == 0:
             raise UserError(
                 f"drop_last with batch_size {cfg.batch_size} > {len(ds.train)} training rows leaves no step"
@@ -218,7 +260,10 @@ def fit(cfg: Config, comm: Comm, log=None, run: RunDir | None = None, terminal: 
     training = None
     try:
         training = _Training(cfg, comm, log, inspector, run, terminal)
-        result = training.run()
+        try:
+            result = training.run()
+        finally:
+            training.close()
         if training.timeline is not None:
             training.timeline.write(cfg.timeline)
             training.log(f"timeline: {cfg.timeline} ({len(training.timeline.spans)} spans on rank 0)")
@@ -261,6 +306,7 @@ class _Training:
         self.loss_fn = LOSSES[cfg.loss]()
         self.dp = DataParallel(grid.dp, self.model.params, cfg.overlap == "on", cfg.bucket_mb, comm.wtime)
         self.dp.broadcast_parameters()
+        self.reducer = None  # deterministic mode's gradient sum (instead of self.dp's)
         self.timeline = None
         if cfg.timeline:  # an unwritable path is found out now, not after training
             where = Path(cfg.timeline).parent
@@ -283,6 +329,8 @@ class _Training:
         )
         self.across_stages = grid.pipe.sum if grid.stages > 1 else None
         _describe(log, cfg, ds, layers, bounds, grid, sampler, self.steps)
+        if cfg.deterministic:
+            self._shard()
         self.result = Result(self.model, grid, bounds, pipe)
         self.start, source = (
             _resume(cfg, grid, layers, ds.features, bounds, self.model, self.opt, log)
@@ -307,6 +355,51 @@ class _Training:
         self.stop = None
         self.t_start = comm.wtime()
         self._new_interval()
+
+    def _shard(self) -> None:
+        """Deterministic mode: shard-wise kernels on single-threaded BLAS, and the tree-ordered
+        gradient sum (``hpcnn.deterministic``)."""
+        cfg, grid, model = self.cfg, self.grid, self.model
+        rows = shard_rows(cfg)
+        workers = Workers.replacing_blas_threads()
+        sharding = Sharding(rows, workers)
+        for layer in model.layers:
+            layer.shards = sharding
+        full = shard_count(min(cfg.batch_size, len(self.ds.train)), rows)
+        most = -(-full // grid.replicas)
+        self.reducer = ShardReducer(grid.dp, model, sharding, most)
+        self.pipe.shard_rows = rows
+        # the gradient norm is summed per tensor, in model order: this stage's first tensor's index
+        self._tensor_base = sum(len(layer.param_specs()) for layer in self.layers[: self.bounds[grid.stage]])
+        self._tensor_count = sum(len(layer.param_specs()) for layer in self.layers)
+        self.log(
+            f"deterministic: shards of {rows} rows ({full} per full batch, at most {most} per replica); "
+            f"BLAS single-threaded, {workers.n} shard thread(s) per rank"
+        )
+        if full < grid.replicas:
+            self.log(
+                f"deterministic: note: {grid.replicas - full} of {grid.replicas} replicas get no rows "
+                f"(batch_size {cfg.batch_size} / shard_rows {rows} = {full} shards); a smaller "
+                "--shard-rows uses them all (and gives other bits)"
+            )
+
+    def close(self) -> None:
+        """Stop the shard threads and give BLAS its threads back (deterministic mode)."""
+        if self.reducer is not None:
+            self.reducer.sharding.workers.close()
+
+    def _sq_norm(self) -> float:
+        """The squared gradient norm, the same bits on every layout: one value per tensor (fixed
+        shapes), exact across stages (each tensor's value on one stage, zeros elsewhere), added
+        exactly."""
+        params = self.model.params
+        values = np.zeros(self._tensor_count)
+        for i, slot in enumerate(params.slots):
+            g = params.view(params.grad, slot).reshape(-1)
+            values[self._tensor_base + i] = float(xp.dot(g, g))
+        if self.grid.stages > 1:
+            self.grid.pipe.allreduce_sum_(values)
+        return exact_sum(values)
 
     def _new_interval(self) -> None:
         """Start summing the metrics of the next ``log_every`` steps."""
@@ -390,7 +483,9 @@ class _Training:
         if pipe.is_first and len(ids) and not (finite(x.min()) and finite(x.max())):
             bad = int(ids[int(np.argwhere(~np.isfinite(to_host(x)).all(axis=1))[0][0])])
             self.stop.note_bad_input(self.step, bad)
-        inputs, targets, sizes = _micro_batches(x, y, cfg.micro_batches)
+        unit = pipe.shard_rows or 1
+        inputs, targets, sizes = _micro_batches(x, y, cfg.micro_batches, unit)
+        starts = [int(r) // unit for r in np.cumsum([0, *sizes[:-1]])] if self.reducer else None
         times = pipe.times
         t1 = self.comm.wtime()
         times.data += t1 - t0
@@ -398,25 +493,45 @@ class _Training:
         if tl is not None:
             tl.span("data", t0, t1, rows=len(ids))
         self.inspector.mark("forward/backward")
+        hook = None if self.reducer else self.dp.on_layer_done
         loss_sum, correct = pipe.train_step(
-            inputs, targets, sizes, 1.0 / global_rows, self.loss_fn, self.dp.on_layer_done
+            inputs, targets, sizes, 1.0 / global_rows, self.loss_fn, hook, starts
         )
-        if pipe.is_last:
+        if self.reducer is not None:  # the metrics of all shards, counted once (on rank 0)
+            total = shard_count(global_rows, unit)
+            first, count = shard_range(total, self.grid.replicas, self.grid.replica)
+            world, last = self.grid.world, pipe.is_last
+            step = _exact_metrics(world, pipe.shard_losses, first, total, (correct, len(ids)), last)
+            loss_sum = step[0]
+            if self.comm.is_root:
+                sums += step
+                self._interval[:3] += step
+            if last:
+                self.result.step_losses.append(loss_sum)
+        elif pipe.is_last:
             sums += (loss_sum, correct, len(ids))
             self._interval[:3] += (loss_sum, correct, len(ids))
             self.result.step_losses.append(loss_sum)
         self.inspector.mark("gradient allreduce")
         faults.point("allreduce")
         t2 = self.comm.wtime()
-        self.dp.reduce_gradients()
+        if self.reducer is not None:
+            self.reducer.reduce(first, count, total)
+        else:
+            self.dp.reduce_gradients()
         t3 = self.comm.wtime()
         times.reduce += t3 - t2
         if tl is not None:
             tl.span("reduce wait", t2, t3)
         self.inspector.mark("optimizer step")
-        sq = float(xp.dot(params.grad, params.grad))
-        if cfg.clip_norm:  # collective across stages: every rank takes part, finite or not
-            clip_grad_norm(params.grad, cfg.clip_norm, self.across_stages, sq)
+        if self.reducer is not None:  # the whole model's norm (collective across stages)
+            sq = self._sq_norm()
+            if cfg.clip_norm:
+                clip_grad_norm(params.grad, cfg.clip_norm, None, sq)
+        else:
+            sq = float(xp.dot(params.grad, params.grad))
+            if cfg.clip_norm:  # collective across stages: every rank takes part, finite or not
+                clip_grad_norm(params.grad, cfg.clip_norm, self.across_stages, sq)
         # Whether to step depends on the reduced gradient only, which all replicas of a stage share,
         # so replicas stay identical; a non-finite gradient leaves the last finite state in place.
         # Every rank learns of a note at the next stop check.
@@ -436,8 +551,10 @@ class _Training:
         self.step, self.batch = self.step + 1, self.batch + 1
         seconds = self.comm.wtime() - t0
         self.inspector.step_done(self.step, seconds)
-        # Replica 0 of each stage holds its stage's reduced gradient: their sum is the global norm.
-        self._interval[3] = sq if self.grid.replica == 0 else 0.0
+        # Replica 0 of each stage holds its stage's reduced gradient: their sum is the global norm
+        # (deterministic mode: every rank holds the global one; rank 0 counts it).
+        counted = self.comm.is_root if self.reducer is not None else self.grid.replica == 0
+        self._interval[3] = sq if counted else 0.0
         self._interval_steps += 1
         self._interval_wall += seconds
         record = None

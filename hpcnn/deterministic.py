@@ -1,0 +1,270 @@
+"""``--deterministic``: training whose bits do not depend on the number of ranks or the layout.
+
+Floating-point sums depend on their order, and everything that changes with the layout changes an
+order: how many rows one matrix product covers (BLAS picks kernels and blockings by shape), how
+many BLAS threads split it, in which order MPI adds the ranks' gradients, how a loss is summed over
+a micro-batch. Deterministic mode removes each of these:
+
+1. **Fixed units.** Every global batch is cut into *shards* of ``shard_rows`` consecutive rows (the
+   last may be shorter). A data-parallel replica holds whole shards (``shard_range``); a micro-batch
+   is whole shards. Every matrix product runs shard by shard with single-threaded BLAS, so each
+   shard's activations and weight gradients are a function of the shard's rows and the parameters
+   only, whichever rank, thread or micro-batch computes them. Ranks get their cores' worth of
+   speed back from ``Workers``: threads that each run whole shards (BLAS itself stays at one thread).
+2. **One summation order.** The gradient is the sum of the shards' gradients in the order of a
+   fixed binary tree over the shard indices (``tree_split``). A replica adds what its own shards
+   cover (whole subtrees, ``tree_nodes``); every rank then receives, for its chunk of the flat
+   buffer, the other replicas' subtree sums and completes the tree in the same order; an
+   ``Allgatherv`` returns the chunks to everyone (``ShardReducer``). At two or four replicas each
+   holds one subtree, and the traffic is that of a reduce-scatter plus an all-gather (a ring
+   Allreduce's).
+3. **Exact metrics.** Per-shard loss sums are placed in a vector that is zero except where a rank
+   owns the shard; a sum over ranks of one value and zeros is exact in any order, and the shard
+   values are then added with ``math.fsum`` (correctly rounded, order-free). The gradient norm is
+   summed per tensor in model order the same way.
+
+Elementwise work (bias, activations, the softmax, the optimizer) is exact per element and needs
+nothing. The result depends on ``shard_rows`` (like on ``batch_size``): keep it when scaling.
+"""
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+from hpcnn.backend import xp
+from hpcnn.data import split_counts
+
+AUTO_SHARDS = 8  # shard_rows = 0: each full batch in this many shards (up to 8 replicas busy)
+
+
+def shard_rows(cfg) -> int:
+    """Rows per shard: ``cfg.shard_rows``, or (0) the batch cut into ``AUTO_SHARDS`` shards."""
+    return cfg.shard_rows or max(1, -(-cfg.batch_size // AUTO_SHARDS))
+
+
+def shard_count(rows: int, rows_per_shard: int) -> int:
+    return -(-rows // rows_per_shard)
+
+
+def shard_range(shards: int, replicas: int, replica: int) -> tuple[int, int]:
+    """``(first, count)`` of the shards replica ``replica`` holds: contiguous, near-equal."""
+    return split_counts(shards, replicas, replica)
+
+
+def tree_split(a: int, b: int) -> int:
+    """Where the canonical tree cuts shards ``[a, b)``: after the largest power of two below
+    ``b - a``, so that aligned power-of-two blocks (what 2, 4, 8 replicas hold) are whole nodes."""
+    return a + (1 << ((b - a - 1).bit_length() - 1))
+
+
+def tree_nodes(lo: int, hi: int, total: int) -> list[tuple[int, int]]:
+    """The largest nodes of the tree over ``[0, total)`` that lie inside ``[lo, hi)``, left to right
+    (they cover it exactly: what a replica holding those shards can add up on its own)."""
+    out = []
+
+    def visit(a, b):
+        if b <= lo or a >= hi:
+            return
+        if lo <= a and b <= hi:
+            out.append((a, b))
+            return
+        mid = tree_split(a, b)
+        visit(a, mid)
+        visit(mid, b)
+
+    if lo < hi:
+        visit(0, total)
+    return out
+
+
+def exact_sum(values) -> float:
+    """The correctly rounded sum, the same in every order."""
+    return math.fsum(float(v) for v in values)
+
+
+class Workers:
+    """Run numbered pieces of work on ``n`` threads (this one and ``n - 1`` helpers).
+
+    Each thread takes a contiguous run of the pieces. numpy releases the interpreter lock inside
+    matrix products and large elementwise loops, so single-threaded BLAS calls on different shards
+    run in parallel; which thread runs a shard does not change its result.
+    """
+
+    def __init__(self, n: int, blas_limit=None):
+        self.n = max(1, int(n))
+        self._pool = ThreadPoolExecutor(self.n - 1, thread_name_prefix="hpcnn-shard") if self.n > 1 else None
+        self._blas_limit = blas_limit
+
+    @classmethod
+    def replacing_blas_threads(cls) -> "Workers":
+        """As many workers as BLAS has threads now (what ``comm.blas_threads`` chose), BLAS itself
+        set to one thread (a product's bits depend on how many threads split it) until ``close``."""
+        from threadpoolctl import threadpool_info, threadpool_limits
+
+        n = max((i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"), default=1)
+        return cls(n, threadpool_limits(limits=1, user_api="blas"))
+
+    def run(self, fn, count: int) -> None:
+        """``fn(i)`` for ``i in range(count)``; returns when all are done (re-raising any error)."""
+        parts = min(self.n, count)
+        if parts <= 1:
+            for i in range(count):
+                fn(i)
+            return
+
+        def part(p):
+            start, n = split_counts(count, parts, p)
+            for i in range(start, start + n):
+                fn(i)
+
+        futures = [self._pool.submit(part, p) for p in range(1, parts)]
+        try:
+            part(0)
+        finally:
+            for f in futures:
+                f.result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        if self._blas_limit is not None:
+            self._blas_limit.restore_original_limits()
+            self._blas_limit = None
+
+
+class Sharding:
+    """How a layer computes in deterministic mode: fixed-size row blocks on ``workers``.
+
+    A layer's input holds whole shards from its first row (a micro-batch), so blocks of ``rows``
+    rows from its start are shards; ``first`` (kept on the tape) is the local index of the first.
+    """
+
+    def __init__(self, rows: int, workers: Workers):
+        self.rows, self.workers = rows, workers
+
+    def blocks(self, n: int) -> int:
+        return shard_count(n, self.rows)
+
+    def rows_of(self, k: int, n: int) -> slice:
+        return slice(k * self.rows, min(n, (k + 1) * self.rows))
+
+    def matmul_rows(self, a, b, out) -> None:
+        """``out = a @ b`` one shard of rows at a time."""
+        n = len(a)
+
+        def one(k):
+            r = self.rows_of(k, n)
+            xp.matmul(a[r], b, out=out[r])
+
+        self.workers.run(one, self.blocks(n))
+
+
+class ShardReducer:
+    """Sum the shards' gradients of one replica group in the canonical tree order.
+
+    Parameters
+    ----------
+    comm : hpcnn.comm.Comm of the data-parallel group (replicas of this stage)
+    model : Sequential of this stage; its layers get views of the per-shard gradient buffer
+    sharding : Sharding (its workers add the local subtrees)
+    max_shards : most shards this replica holds in one step
+    """
+
+    def __init__(self, comm, model, sharding: Sharding, max_shards: int):
+        self.comm, self.params, self.sharding = comm, model.params, sharding
+        params = self.params
+        # (shards, n_params): shard k's gradient in row k, laid out like params.grad
+        self.grads = xp.zeros((max(1, max_shards), params.size), dtype=params.dtype)
+        for i, layer in enumerate(model.layers):
+            views = {
+                s.name: self.grads[:, s.offset : s.offset + s.size].reshape(len(self.grads), *s.shape)
+                for s in params.slots
+                if s.layer == i
+            }
+            layer.shard_grads = views or None
+        self._recv: dict = {}  # receive buffers by shape
+        self.wait_time = 0.0
+        self.timeline = None
+
+    def reduce(self, first: int, count: int, total: int) -> None:
+        """Fill ``params.grad`` with the tree sum of all ``total`` shards' gradients; this replica
+        computed shards ``first .. first + count - 1`` into rows ``0 .. count - 1``."""
+        grad, size = self.params.grad, self.params.size
+        nodes = tree_nodes(first, first + count, total)
+        self._add_subtrees([(a - first, b - first, a) for a, b in nodes])
+        comm = self.comm
+        if comm.size == 1:
+            xp.copyto(grad, self.grads[0])
+            return
+        chunks = [split_counts(size, comm.size, q) for q in range(comm.size)]
+        here, mine = comm.rank, chunks[comm.rank]
+        requests, parts = [], {}
+        for q, (start, n) in enumerate(chunks):
+            if q != here and n:
+                for tag, (a, _) in enumerate(nodes):
+                    requests.append(comm.isend(self.grads[a - first, start : start + n], q, tag))
+        held = [self._nodes_of(p, total) if p != here else [] for p in range(comm.size)]
+        incoming = sum(len(h) for h in held)
+        if mine[1]:
+            buf = self._buffer(incoming, mine[1])
+            i = 0
+            for p, theirs in enumerate(held):
+                for tag, node in enumerate(theirs):
+                    parts[node] = buf[i]
+                    requests.append(comm.irecv_(buf[i], p, tag))
+                    i += 1
+            start, n = mine
+            for a, b in nodes:
+                parts[a, b] = self.grads[a - first, start : start + n]
+        comm.waitall(requests)
+        if mine[1]:
+            xp.copyto(grad[mine[0] : mine[0] + mine[1]], _complete(parts, 0, total))
+        comm.allgatherv_(grad, [n for _, n in chunks], [s for s, _ in chunks])
+
+    def _nodes_of(self, replica: int, total: int) -> list[tuple[int, int]]:
+        first, count = shard_range(total, self.comm.size, replica)
+        return tree_nodes(first, first + count, total)
+
+    def _buffer(self, rows: int, width: int):
+        key = (rows, width)
+        if key not in self._recv:
+            self._recv[key] = xp.empty(key, dtype=self.params.dtype)
+        return self._recv[key]
+
+    def _add_subtrees(self, nodes) -> None:
+        """Each node ``(lo, hi, global_lo)`` of local rows: its tree sum into row ``lo``, column
+        block by column block (a block of every row stays in cache while it is added)."""
+        nodes = [(lo, hi, g) for lo, hi, g in nodes if hi - lo > 1]
+        if not nodes:
+            return
+        size, block = self.params.size, _BLOCK
+        grads = self.grads
+
+        def add(lo, hi, g, cols):
+            if hi - lo == 1:
+                return
+            mid = tree_split(g, g + hi - lo) - g + lo
+            add(lo, mid, g, cols)
+            add(mid, hi, g + mid - lo, cols)
+            grads[lo, cols] += grads[mid, cols]
+
+        def one(j):
+            cols = slice(j * block, min(size, (j + 1) * block))
+            for lo, hi, g in nodes:
+                add(lo, hi, g, cols)
+
+        self.sharding.workers.run(one, -(-size // block))
+
+
+_BLOCK = 1 << 15  # columns per block of the local tree sum
+
+
+def _complete(parts: dict, a: int, b: int):
+    """The tree sum over shards ``[a, b)`` from ``parts`` (node -> array), adding in place into
+    the left operand (each part is used once)."""
+    if (a, b) in parts:
+        return parts[a, b]
+    mid = tree_split(a, b)
+    left = _complete(parts, a, mid)
+    left += _complete(parts, mid, b)
+    return left
