@@ -83,4 +83,3 @@ def test_every_layout_trains_bitwise_like_one_rank(world, serial, recipe, micro)
         problems += [f"rank {world.rank}, {grid}: {p}" for p in differences(result, serial[recipe])]
     everything = [p for rank_problems in world.comm.allgather(problems) for p in rank_problems]
     assert not everything, everything
-
