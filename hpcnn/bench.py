@@ -173,7 +173,10 @@ def run(cfg, opts, comm: Comm, log=None) -> dict | None:
     inspector = Inspector(comm, cfg.stall_timeout)
     try:
         training = _Training(cfg, comm, lambda *a: None, inspector)
-        seconds, samples, parts = _timed_steps(training, opts, comm)
+        try:
+            seconds, samples, parts = _timed_steps(training, opts, comm)
+        finally:
+            training.close()  # BLAS gets its threads back (deterministic mode) for the ceiling
     except JobError:  # raised on every rank: the inspector's collective shutdown is safe
         inspector.close()
         raise
@@ -222,6 +225,8 @@ def run(cfg, opts, comm: Comm, log=None) -> dict | None:
         "micro_batches": cfg.micro_batches,
         "schedule": cfg.schedule,
         "overlap": cfg.overlap,
+        "deterministic": cfg.deterministic,
+        "shard_rows": training.pipe.shard_rows or None,
         "bucket_mb": cfg.bucket_mb,
         "buckets": len(dp.buckets),
         "batch": cfg.batch_size,
@@ -320,7 +325,12 @@ def _report(log, r: dict) -> None:
     log(
         f"benchmark: {r['network']} ({r['parameters']:,} parameters), batch {r['batch']}, {r['dtype']}, "
         f"{r['optimizer']}; {r['ranks']} rank(s) = {layout}, {r['threads_per_rank'] or 'user-set'} BLAS "
-        f"thread(s) per rank, overlap {r['overlap']} ({r['buckets']} bucket(s))"
+        f"thread(s) per rank, "
+        + (
+            f"deterministic (shards of {r['shard_rows']} rows)"
+            if r["deterministic"]
+            else f"overlap {r['overlap']} ({r['buckets']} bucket(s))"
+        )
     )
     spread = ", ".join(f"{s:,.0f}" for s in r["samples_per_s_repeats"])
     log(

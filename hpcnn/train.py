@@ -329,8 +329,6 @@ class _Training:
         )
         self.across_stages = grid.pipe.sum if grid.stages > 1 else None
         _describe(log, cfg, ds, layers, bounds, grid, sampler, self.steps)
-        if cfg.deterministic:
-            self._shard()
         self.result = Result(self.model, grid, bounds, pipe)
         self.start, source = (
             _resume(cfg, grid, layers, ds.features, bounds, self.model, self.opt, log)
@@ -353,6 +351,8 @@ class _Training:
         )
         self.saved_at = (at.step, at.epoch, at.batch) if same_dir else None
         self.stop = None
+        if cfg.deterministic:  # last: nothing after it can fail and leave BLAS single-threaded
+            self._shard()
         self.t_start = comm.wtime()
         self._new_interval()
 
@@ -970,7 +970,11 @@ def _dry_run(cfg: Config, comm: Comm) -> int:
         features = layer.out_features(features)
         widths += features if bounds[grid.stage] <= i < bounds[grid.stage + 1] else 0
     activation_bytes = 2 * live * micro_rows * widths * itemsize
-    bytes_total = (2 + state) * params.size * itemsize + activation_bytes
+    buffers = 2 + state  # parameters, gradients, optimizer state
+    if cfg.deterministic:  # one gradient per shard this replica holds in a step
+        full = shard_count(min(cfg.batch_size, len(ds.train)), shard_rows(cfg))
+        buffers += -(-full // grid.replicas)
+    bytes_total = buffers * params.size * itemsize + activation_bytes
     row = (comm.rank, socket.gethostname(), grid.stage, grid.replica, bounds[grid.stage],
            bounds[grid.stage + 1] - 1, params.size, bytes_total, rows)  # fmt: skip
     rows_all = comm.comm.gather(row, root=0)
