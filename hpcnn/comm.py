@@ -101,11 +101,6 @@ class Comm:
         """Whether all ``requests`` are complete; the call itself moves MPI's progress engine."""
         return MPI.Request.Testall(requests)
 
-    def allgatherv_(self, buf, counts, displacements) -> None:
-        """Every rank holds ``buf[displacements[r]:][:counts[r]]`` of its own: make all of ``buf``
-        the same everywhere, in place."""
-        self.comm.Allgatherv(MPI.IN_PLACE, [buf, (list(counts), list(displacements))])
-
     def broadcast_(self, buf, root: int = 0) -> None:
         self.comm.Bcast(buf, root=root)
 

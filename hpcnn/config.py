@@ -74,7 +74,7 @@ class Config:
     shard_rows: int = _f(
         0,
         "with --deterministic: rows per shard, the fixed unit of computation; a replica holds whole shards, "
-        "so batch_size / shard_rows replicas can be busy (0: batch_size / 8, rounded up)",
+        "so batch_size / shard_rows replicas can be busy (0: batch_size / 4, rounded up)",
     )
     # --- parallel layout
     pipeline_stages: int = _f(

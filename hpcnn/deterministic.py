@@ -14,10 +14,10 @@ a micro-batch. Deterministic mode removes each of these:
 2. **One summation order.** The gradient is the sum of the shards' gradients in the order of a
    fixed binary tree over the shard indices (``tree_split``). A replica adds what its own shards
    cover (whole subtrees, ``tree_nodes``); every rank then receives, for its chunk of the flat
-   buffer, the other replicas' subtree sums and completes the tree in the same order; an
-   ``Allgatherv`` returns the chunks to everyone (``ShardReducer``). At two or four replicas each
-   holds one subtree, and the traffic is that of a reduce-scatter plus an all-gather (a ring
-   Allreduce's).
+   buffer, the other replicas' subtree sums and completes the tree in the same order, then sends
+   its finished chunk to everyone (``ShardReducer``; point-to-point messages throughout). At two,
+   four or eight replicas each holds one subtree, and the traffic is that of a reduce-scatter plus
+   an all-gather (a ring Allreduce's); every rank sends ``replicas - 1`` messages per phase.
 3. **Exact metrics.** Per-shard loss sums are placed in a vector that is zero except where a rank
    owns the shard; a sum over ranks of one value and zeros is exact in any order, and the shard
    values are then added with ``math.fsum`` (correctly rounded, order-free). The gradient norm is
@@ -33,7 +33,10 @@ from concurrent.futures import ThreadPoolExecutor
 from hpcnn.backend import xp
 from hpcnn.data import split_counts
 
-AUTO_SHARDS = 8  # shard_rows = 0: each full batch in this many shards (up to 8 replicas busy)
+# shard_rows = 0: each full batch in this many shards. More shards let more replicas work but cost
+# throughput (smaller products, more per-shard gradients to add): at the benchmark network, 4 shards
+# ran at ~0.8 of the default path's speed, 8 at ~0.65 (docs/performance.md).
+AUTO_SHARDS = 4
 
 
 def shard_rows(cfg) -> int:
@@ -191,11 +194,11 @@ class ShardReducer:
         computed shards ``first .. first + count - 1`` into rows ``0 .. count - 1``."""
         grad, size = self.params.grad, self.params.size
         nodes = tree_nodes(first, first + count, total)
-        self._add_subtrees([(a - first, b - first, a) for a, b in nodes])
         comm = self.comm
-        if comm.size == 1:
-            xp.copyto(grad, self.grads[0])
+        if comm.size == 1:  # one node, the root: its last addition goes straight into grad
+            self._add_subtrees([(0, total, 0)], out=grad)
             return
+        self._add_subtrees([(a - first, b - first, a) for a, b in nodes])
         chunks = [split_counts(size, comm.size, q) for q in range(comm.size)]
         here, mine = comm.rank, chunks[comm.rank]
         requests, parts = [], {}
@@ -217,9 +220,20 @@ class ShardReducer:
             for a, b in nodes:
                 parts[a, b] = self.grads[a - first, start : start + n]
         comm.waitall(requests)
+        requests = []
         if mine[1]:
-            xp.copyto(grad[mine[0] : mine[0] + mine[1]], _complete(parts, 0, total))
-        comm.allgatherv_(grad, [n for _, n in chunks], [s for s, _ in chunks])
+            start, n = mine
+            xp.copyto(grad[start : start + n], _complete(parts, 0, total))
+            requests += [
+                comm.isend(grad[start : start + n], q, _GATHER) for q in range(comm.size) if q != here
+            ]
+        # Every rank's chunk to every other rank. Point-to-point rather than Allgatherv: MPICH's
+        # Allgatherv took 18 ms for 7 MiB at two ranks with MPIR_CVAR_ENABLE_HEAVY_YIELD=1 (0.5 ms
+        # for these messages).
+        for p, (start, n) in enumerate(chunks):
+            if p != here and n:
+                requests.append(comm.irecv_(grad[start : start + n], p, _GATHER))
+        comm.waitall(requests)
 
     def _nodes_of(self, replica: int, total: int) -> list[tuple[int, int]]:
         first, count = shard_range(total, self.comm.size, replica)
@@ -231,32 +245,40 @@ class ShardReducer:
             self._recv[key] = xp.empty(key, dtype=self.params.dtype)
         return self._recv[key]
 
-    def _add_subtrees(self, nodes) -> None:
-        """Each node ``(lo, hi, global_lo)`` of local rows: its tree sum into row ``lo``, column
-        block by column block (a block of every row stays in cache while it is added)."""
+    def _add_subtrees(self, nodes, out=None) -> None:
+        """Each node ``(lo, hi, global_lo)`` of local rows: its tree sum into row ``lo`` (or, for
+        a single node, into ``out``), column block by column block (a block of every row stays in
+        cache while it is added)."""
+        grads = self.grads
+        if out is not None and nodes[0][1] - nodes[0][0] == 1:
+            xp.copyto(out, grads[nodes[0][0]])
+            return
         nodes = [(lo, hi, g) for lo, hi, g in nodes if hi - lo > 1]
         if not nodes:
             return
         size, block = self.params.size, _BLOCK
-        grads = self.grads
 
-        def add(lo, hi, g, cols):
+        def add(lo, hi, g, cols, into=None):
             if hi - lo == 1:
                 return
             mid = tree_split(g, g + hi - lo) - g + lo
             add(lo, mid, g, cols)
             add(mid, hi, g + mid - lo, cols)
-            grads[lo, cols] += grads[mid, cols]
+            if into is None:
+                grads[lo, cols] += grads[mid, cols]
+            else:
+                xp.add(grads[lo, cols], grads[mid, cols], out=into[cols])
 
         def one(j):
             cols = slice(j * block, min(size, (j + 1) * block))
             for lo, hi, g in nodes:
-                add(lo, hi, g, cols)
+                add(lo, hi, g, cols, out)
 
         self.sharding.workers.run(one, -(-size // block))
 
 
 _BLOCK = 1 << 15  # columns per block of the local tree sum
+_GATHER = 30000  # tag of the reduced chunks' all-gather (subtree sums use tags 0, 1, ...)
 
 
 def _complete(parts: dict, a: int, b: int):

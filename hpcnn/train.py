@@ -827,11 +827,15 @@ def _describe(log, cfg, ds, layers, bounds, grid, sampler, steps) -> None:
             names = " -> ".join(map(repr, layers[a:b]))
             ranks = grid.ranks_of_stage(s)
             log(f"  stage {s}: layers {a}-{b - 1} {names}: {100 * share:.1f}% of FLOPs, ranks {ranks}")
-    per_replica = min(cfg.batch_size, len(ds.train)) / grid.replicas
+    rows = min(cfg.batch_size, len(ds.train))
+    share = f"~{rows / grid.replicas:.3g} per replica"
+    if cfg.deterministic:
+        size = shard_rows(cfg)
+        share = f"at most {min(rows, -(-shard_count(rows, size) // grid.replicas) * size)} per replica"
     stop = f", stopping after {steps} steps" if cfg.max_steps else ""
     log(
         f"training: {cfg.epochs} epochs x {len(sampler)} steps of {cfg.batch_size} rows "
-        f"(~{per_replica:.3g} per replica){stop}, {cfg.optimizer} lr {cfg.lr:g}, {cfg.lr_schedule}"
+        f"({share}){stop}, {cfg.optimizer} lr {cfg.lr:g}, {cfg.lr_schedule}"
     )
 
 
@@ -963,6 +967,10 @@ def _dry_run(cfg: Config, comm: Comm) -> int:
     # Parameters, gradients, optimizer state; activations: each live micro-batch keeps every layer's
     # output (and the workspace one more of each): 1F1B keeps at most `stages` micro-batches alive.
     _, rows = split_counts(cfg.batch_size, grid.replicas, grid.replica)  # this replica's rows per step
+    if cfg.deterministic:  # whole shards
+        size = shard_rows(cfg)
+        first, count = shard_range(shard_count(cfg.batch_size, size), grid.replicas, grid.replica)
+        rows = max(0, min(cfg.batch_size, (first + count) * size) - first * size)
     micro_rows = -(-rows // cfg.micro_batches)
     live = cfg.micro_batches if cfg.schedule == "gpipe" else min(cfg.micro_batches, grid.stages)
     widths, features = 0, ds.features
