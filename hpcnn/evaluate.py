@@ -24,10 +24,11 @@ from hpcnn.checkpoint import inspect, read_stage
 from hpcnn.comm import Comm, blas_threads, run_command
 from hpcnn.config import Config, _int_list, _Parser, from_dict, parse_toml
 from hpcnn.data import BUILTIN, open_h5, split_counts
+from hpcnn.deterministic import shard_rows
 from hpcnn.errors import EXIT_OK, UserError
 from hpcnn.layers import layer_from_spec
 from hpcnn.losses import LOSSES
-from hpcnn.train import _micro_batches, build_stages, evaluate, open_data
+from hpcnn.train import _micro_batches, build_stages, evaluate, open_data, shard_stage
 
 # Flags that may override the checkpoint's own settings (data and parallel layout only: the
 # model is the checkpoint's).
@@ -96,7 +97,13 @@ def score(path, split_name, overrides: dict, comm: Comm) -> dict:
         if split_name == "held-out" and ds.test is None:
             raise UserError(f"{ds.name} has no held-out rows (use --split training)")
     classify = ds.num_classes is not None
-    metrics = evaluate(pipe, LOSSES[cfg.loss](), split, grid, cfg, classify)
+    # A deterministic run's checkpoint is scored as its training scored: the same bits at any layout.
+    sharding = shard_stage(pipe, shard_rows(cfg)) if cfg.deterministic else None
+    try:
+        metrics = evaluate(pipe, LOSSES[cfg.loss](), split, grid, cfg, classify)
+    finally:
+        if sharding is not None:
+            sharding.workers.close()
     metrics.update(
         split="held-out" if split is ds.test else "training", data=ds.name, step=info.position.step
     )

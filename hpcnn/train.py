@@ -155,6 +155,16 @@ def evaluate(pipe: Pipeline, loss_fn, split, grid: Grid, cfg, classify: bool) ->
     return {"loss": sums[0] / rows, "accuracy": sums[1] / rows if classify else None, "rows": int(sums[2])}
 
 
+def shard_stage(pipe: Pipeline, rows: int) -> Sharding:
+    """Make ``pipe``'s stage compute in shards of ``rows`` rows on single-threaded BLAS, with as many
+    shard threads as BLAS had (deterministic mode; ``sharding.workers.close()`` undoes it)."""
+    sharding = Sharding(rows, Workers.replacing_blas_threads())
+    for layer in pipe.model.layers:
+        layer.shards = sharding
+    pipe.shard_rows = rows
+    return sharding
+
+
 def _exact_metrics(world: Comm, shard_losses, first: int, total: int, counts, is_last: bool) -> np.ndarray:
     """``(loss sum, correct, rows)`` over all ``total`` shards, the same bits on every layout: each
     shard's loss sum travels alone (a sum over ranks of one value and zeros is exact in any order)
@@ -360,15 +370,11 @@ class _Training:
         """Deterministic mode: shard-wise kernels on single-threaded BLAS, and the tree-ordered
         gradient sum (``hpcnn.deterministic``)."""
         cfg, grid, model = self.cfg, self.grid, self.model
-        rows = shard_rows(cfg)
-        workers = Workers.replacing_blas_threads()
-        sharding = Sharding(rows, workers)
-        for layer in model.layers:
-            layer.shards = sharding
+        sharding = shard_stage(self.pipe, shard_rows(cfg))
+        rows, workers = sharding.rows, sharding.workers
         full = shard_count(min(cfg.batch_size, len(self.ds.train)), rows)
         most = -(-full // grid.replicas)
         self.reducer = ShardReducer(grid.dp, model, sharding, most)
-        self.pipe.shard_rows = rows
         # the gradient norm is summed per tensor, in model order: this stage's first tensor's index
         self._tensor_base = sum(len(layer.param_specs()) for layer in self.layers[: self.bounds[grid.stage]])
         self._tensor_count = sum(len(layer.param_specs()) for layer in self.layers)

@@ -5,14 +5,20 @@ parameters must be **bitwise** the serial run's after 25 steps (an epoch boundar
 last batch with a short last shard, and a held-out evaluation included), for Adam and SGD with
 momentum, float32 and float64, every data x pipeline layout that fits the world size, one and four
 micro-batches; and so must every reported number (per-step losses, epoch loss and accuracy, the
-held-out loss and accuracy). The 3-rank case and a checkpoint written at 8 ranks and resumed at 2
+held-out loss and accuracy, also when ``python -m hpcnn.evaluate`` scores the run's checkpoint at
+another layout). The 3-rank case and a checkpoint written at 8 ranks and resumed at 2
 are in ``test_deterministic.py`` (real launches).
 """
+
+import os
+import shutil
+import tempfile
 
 import pytest
 
 from hpcnn.comm import Comm, blas_threads
 from hpcnn.config import Config
+from hpcnn.evaluate import score
 from hpcnn.train import fit
 
 pytestmark = pytest.mark.mpi(min_size=2)
@@ -83,3 +89,24 @@ def test_every_layout_trains_bitwise_like_one_rank(world, serial, recipe, micro)
         problems += [f"rank {world.rank}, {grid}: {p}" for p in differences(result, serial[recipe])]
     everything = [p for rank_problems in world.comm.allgather(problems) for p in rank_problems]
     assert not everything, everything
+
+
+def test_a_checkpoint_is_scored_with_the_training_runs_bits_at_every_layout(world, serial):
+    """``python -m hpcnn.evaluate`` scores a deterministic run's checkpoint shard by shard too."""
+    directory = world.bcast(tempfile.mkdtemp(prefix="hpcnn-det-") if world.is_root else None)
+    try:
+        fit(Config(**BASE, **RECIPES[0], checkpoint_dir=directory), world)
+        path = os.path.join(directory, "ckpt-000000025.h5")
+        expected = {k: serial[0].final[k] for k in ("loss", "accuracy", "rows")}
+        problems = []
+        for stages in layouts(world.size):
+            for micro in (1, 3):
+                got = score(path, "held-out", {"pipeline_stages": stages, "micro_batches": micro}, world)
+                if {k: got[k] for k in expected} != expected:
+                    problems.append(f"rank {world.rank}, {stages} stages, {micro} micro: {got} vs {expected}")
+        everything = [p for rank_problems in world.comm.allgather(problems) for p in rank_problems]
+        assert not everything, everything
+    finally:
+        world.comm.Barrier()
+        if world.is_root:
+            shutil.rmtree(directory, ignore_errors=True)
