@@ -80,8 +80,13 @@ def tree_nodes(lo: int, hi: int, total: int) -> list[tuple[int, int]]:
 
 
 def exact_sum(values) -> float:
-    """The correctly rounded sum, the same in every order."""
-    return math.fsum(float(v) for v in values)
+    """The correctly rounded sum, the same in every order (``inf``/``nan`` where the sum overflows
+    or mixes infinities: the caller's non-finite checks then say what happened)."""
+    values = [float(v) for v in values]
+    try:
+        return math.fsum(values)
+    except (OverflowError, ValueError):  # fsum raises where a float sum gives inf or nan
+        return float(sum(values))
 
 
 class Workers:
@@ -94,7 +99,11 @@ class Workers:
 
     def __init__(self, n: int, blas_limit=None):
         self.n = max(1, int(n))
-        self._pool = ThreadPoolExecutor(self.n - 1, thread_name_prefix="hpcnn-shard") if self.n > 1 else None
+        self._pool = None
+        if self.n > 1:
+            self._pool = ThreadPoolExecutor(
+                self.n - 1, thread_name_prefix="hpcnn-shard", initializer=_one_blas_thread
+            )
         self._blas_limit = blas_limit
 
     @classmethod
@@ -107,8 +116,10 @@ class Workers:
         return cls(n, threadpool_limits(limits=1, user_api="blas"))
 
     def run(self, fn, count: int) -> None:
-        """``fn(i)`` for ``i in range(count)``; returns when all are done (re-raising any error)."""
-        parts = min(self.n, count)
+        """``fn(i)`` for ``i in range(count)``; returns when all are done (re-raising any error).
+        Once closed, everything runs on the calling thread (same results: a trained model stays
+        usable)."""
+        parts = min(self.n, count) if self._pool is not None else 1
         if parts <= 1:
             for i in range(count):
                 fn(i)
@@ -133,6 +144,13 @@ class Workers:
         if self._blas_limit is not None:
             self._blas_limit.restore_original_limits()
             self._blas_limit = None
+
+
+def _one_blas_thread() -> None:
+    """In each shard thread: BLAS built on OpenMP keeps its thread count per calling thread."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")
 
 
 class Sharding:
@@ -169,12 +187,12 @@ class ShardReducer:
     ----------
     comm : hpcnn.comm.Comm of the data-parallel group (replicas of this stage)
     model : Sequential of this stage; its layers get views of the per-shard gradient buffer
-    sharding : Sharding (its workers add the local subtrees)
     max_shards : most shards this replica holds in one step
+    workers : Workers that add the local subtrees (may be set later, before the first ``reduce``)
     """
 
-    def __init__(self, comm, model, sharding: Sharding, max_shards: int):
-        self.comm, self.params, self.sharding = comm, model.params, sharding
+    def __init__(self, comm, model, max_shards: int, workers: Workers | None = None):
+        self.comm, self.params, self.workers = comm, model.params, workers
         params = self.params
         # (shards, n_params): shard k's gradient in row k, laid out like params.grad
         self.grads = xp.zeros((max(1, max_shards), params.size), dtype=params.dtype)
@@ -274,7 +292,7 @@ class ShardReducer:
             for lo, hi, g in nodes:
                 add(lo, hi, g, cols, out)
 
-        self.sharding.workers.run(one, -(-size // block))
+        self.workers.run(one, -(-size // block))
 
 
 _BLOCK = 1 << 15  # columns per block of the local tree sum

@@ -79,7 +79,8 @@ class Result:
     steps: int = 0
     history: list = field(default_factory=list)  # one dict per epoch
     final: dict = field(default_factory=dict)  # held-out (or training-row) loss and accuracy
-    step_losses: list = field(default_factory=list)  # this rank's loss sum of each step run here
+    # this rank's loss sum of each step run here (last stages; --deterministic: the global sum)
+    step_losses: list = field(default_factory=list)
     stopped: str | None = None  # the signal that stopped training early (a checkpoint was written)
 
 
@@ -370,11 +371,13 @@ class _Training:
         """Deterministic mode: shard-wise kernels on single-threaded BLAS, and the tree-ordered
         gradient sum (``hpcnn.deterministic``)."""
         cfg, grid, model = self.cfg, self.grid, self.model
-        sharding = shard_stage(self.pipe, shard_rows(cfg))
-        rows, workers = sharding.rows, sharding.workers
+        rows = shard_rows(cfg)
         full = shard_count(min(cfg.batch_size, len(self.ds.train)), rows)
         most = -(-full // grid.replicas)
-        self.reducer = ShardReducer(grid.dp, model, sharding, most)
+        with self.comm.agreed(cfg.debug):  # one gradient per shard: a large allocation, maybe too large
+            reducer = ShardReducer(grid.dp, model, most)
+        workers = shard_stage(self.pipe, rows).workers
+        reducer.workers, self.reducer = workers, reducer
         # the gradient norm is summed per tensor, in model order: this stage's first tensor's index
         self._tensor_base = sum(len(layer.param_specs()) for layer in self.layers[: self.bounds[grid.stage]])
         self._tensor_count = sum(len(layer.param_specs()) for layer in self.layers)
@@ -392,7 +395,7 @@ class _Training:
     def close(self) -> None:
         """Stop the shard threads and give BLAS its threads back (deterministic mode)."""
         if self.reducer is not None:
-            self.reducer.sharding.workers.close()
+            self.reducer.workers.close()
 
     def _sq_norm(self) -> float:
         """The squared gradient norm, the same bits on every layout: one value per tensor (fixed

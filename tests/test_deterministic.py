@@ -20,7 +20,7 @@ from threadpoolctl import threadpool_limits
 
 from hpcnn.comm import Comm
 from hpcnn.config import Config
-from hpcnn.deterministic import Workers, _complete, shard_range, tree_nodes, tree_split
+from hpcnn.deterministic import Workers, _complete, exact_sum, shard_range, tree_nodes, tree_split
 from hpcnn.train import fit
 
 
@@ -93,6 +93,13 @@ def test_workers_run_every_piece_once_and_pass_errors_on():
         workers.close()
 
 
+def test_exact_sums_are_order_free_and_overflow_like_floats():
+    values = [1e16, 1.0, -1e16, 1.0]
+    assert exact_sum(values) == exact_sum(values[::-1]) == 2.0  # a float loop gives 0.0 or 1.0
+    assert exact_sum([1e308, 1e308]) == float("inf")  # the non-finite checks must see it
+    assert np.isnan(exact_sum([float("inf"), -float("inf")]))
+
+
 def digest(result) -> bytes:
     return result.model.params.data.tobytes()
 
@@ -109,6 +116,11 @@ def test_one_rank_is_the_same_with_any_thread_and_micro_batch_count():
                 result = fit(Config(**DET, micro_batches=micro), comm)
                 runs.append((digest(result), result.step_losses, result.final))
     assert all(run == runs[0] for run in runs[1:])
+    # the trained model stays usable after training (its shard threads are gone)
+    with threadpool_limits(2, user_api="blas"):
+        result = fit(Config(**DET), comm)
+    x = np.ones((9, 64), dtype=np.float32)
+    assert result.model.forward(x, train=False).shape == (9, 10)
 
 
 def test_the_shard_size_is_part_of_the_recipe():
