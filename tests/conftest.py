@@ -92,3 +92,14 @@ class _QuietRank:
                 f"pytest exit status {int(exitstatus)}, {self.failures} failure(s) on this rank "
                 f"(set {ALL_RANKS_VAR}=1 for every rank's full report)"
             )
+
+
+@pytest.fixture(scope="module")
+def world():
+    """The world communicator of an MPI test module, with the CLI's BLAS threads per rank (ranks x
+    threads must not exceed the cores)."""
+    from hpcnn.comm import Comm, blas_threads
+
+    comm = Comm.world()
+    blas_threads(comm.local_size)
+    return comm

@@ -23,7 +23,7 @@ from test_checkpoint import tensors
 
 from hpcnn import checkpoint, train
 from hpcnn.checkpoint import h5py_parallel
-from hpcnn.comm import Comm, blas_threads
+from hpcnn.comm import Comm
 from hpcnn.config import Config
 from hpcnn.train import fit
 
@@ -32,13 +32,6 @@ pytestmark = pytest.mark.mpi(min_size=2)
 # digits: 1438 rows / 100 = 15 steps per epoch, 30 in all; 2 micro-batches per step.
 BASE = dict(hidden=[32, 16], epochs=2, batch_size=100, eval_every=0, seed=5, micro_batches=2)
 STEPS = 30
-
-
-@pytest.fixture(scope="module")
-def world():
-    comm = Comm.world()
-    blas_threads(comm.local_size)
-    return comm
 
 
 @pytest.fixture

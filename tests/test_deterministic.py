@@ -129,6 +129,7 @@ def test_the_shard_size_is_part_of_the_recipe():
     a = fit(Config(**DET), comm)
     b = fit(Config(**{**DET, "shard_rows": 8}), comm)
     assert digest(a) != digest(b)
+    # 25 Adam steps (updates of ~lr whatever the gradient's size) grow last-bit differences: close, not equal
     np.testing.assert_allclose(a.model.params.data, b.model.params.data, rtol=1e-2, atol=1e-4)
 
 

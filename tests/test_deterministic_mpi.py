@@ -16,7 +16,7 @@ import tempfile
 
 import pytest
 
-from hpcnn.comm import Comm, blas_threads
+from hpcnn.comm import Comm
 from hpcnn.config import Config
 from hpcnn.evaluate import score
 from hpcnn.train import fit
@@ -33,13 +33,6 @@ RECIPES = [
     dict(optimizer="sgd", momentum=0.9, lr=0.05, dtype="float32"),
     dict(optimizer="sgd", momentum=0.9, lr=0.05, dtype="float64"),
 ]
-
-
-@pytest.fixture(scope="module")
-def world():
-    comm = Comm.world()
-    blas_threads(comm.local_size)
-    return comm
 
 
 @pytest.fixture(scope="module")

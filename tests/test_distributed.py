@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import pytest
 
-from hpcnn.comm import Comm, blas_threads
+from hpcnn.comm import Comm
 from hpcnn.config import Config
 from hpcnn.data import EpochSampler, open_dataset, write_h5
 from hpcnn.data_parallel import DataParallel
@@ -23,13 +23,6 @@ from hpcnn.errors import JobError, UserError
 from hpcnn.train import fit
 
 pytestmark = pytest.mark.mpi(min_size=2)
-
-
-@pytest.fixture(scope="module")
-def world():
-    comm = Comm.world()
-    blas_threads(comm.local_size)  # as the CLI does: ranks x BLAS threads must not exceed the cores
-    return comm
 
 
 @pytest.fixture(scope="module")

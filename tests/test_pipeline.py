@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from hpcnn.comm import Comm, blas_threads
+from hpcnn.comm import Comm
 from hpcnn.config import Config
 from hpcnn.errors import JobError
 from hpcnn.train import fit
@@ -23,13 +23,6 @@ pytestmark = pytest.mark.mpi(min_size=2)
 BASE = dict(hidden=[32, 16], dtype="float64", epochs=1, max_steps=8, eval_every=0, seed=3, batch_size=37,
             optimizer="sgd", lr=0.2, momentum=0.9)  # fmt: skip
 LAYOUTS = [(p, d) for p in (2, 4) for d in (1, 2)]
-
-
-@pytest.fixture(scope="module")
-def world():
-    comm = Comm.world()
-    blas_threads(comm.local_size)
-    return comm
 
 
 @pytest.fixture(scope="module")
