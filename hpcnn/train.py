@@ -124,7 +124,8 @@ def _read(split, ids, pipe: Pipeline, dtype, classify, mode: str = "infer"):
 def evaluate(pipe: Pipeline, loss_fn, split, grid: Grid, cfg, classify: bool) -> dict:
     """Loss and accuracy over ``split``: each replica takes a contiguous block (each row counted
     once) and runs it through its pipeline in chunks of ``eval_batch_size`` rows, each chunk cut
-    into ``micro_batches`` micro-batches."""
+    into ``micro_batches`` micro-batches. In deterministic mode (``pipe.shard_rows``) blocks, chunks
+    and micro-batches are whole shards and the loss is summed exactly, as in training."""
     dtype, unit = dtype_of(cfg.dtype), pipe.shard_rows or 1
     if pipe.shard_rows:  # whole shards per replica, chunks of whole shards (deterministic mode)
         total = shard_count(len(split), unit)
