@@ -39,6 +39,14 @@ def split_counts(n: int, parts: int, index: int) -> tuple[int, int]:
     return index * base + min(index, extra), base + (index < extra)
 
 
+def split_units(n: int, unit: int, parts: int, index: int) -> tuple[int, int]:
+    """``split_counts`` in whole units of ``unit`` rows (only the last unit may be short): start and
+    length, in rows, of slice ``index`` of ``n`` rows (``unit = 1`` is ``split_counts``)."""
+    first, count = split_counts(-(-n // unit), parts, index)
+    start = min(n, first * unit)
+    return start, min(n, (first + count) * unit) - start
+
+
 class ArraySource:
     """Rows held in memory (built-in and synthetic data)."""
 
@@ -326,13 +334,9 @@ class EpochSampler:
         order = self.ids[np.random.default_rng((self.seed, 0xDA7A, epoch)).permutation(len(self.ids))]
         for b in range(len(self)):
             batch = order[b * self.batch_size : (b + 1) * self.batch_size]
-            if self.shard_rows:  # whole shards of shard_rows rows each (--deterministic)
-                first, count = split_counts(-(-len(batch) // self.shard_rows), self.size, self.rank)
-                start, stop = first * self.shard_rows, (first + count) * self.shard_rows
-                yield batch[start:stop], len(batch)
-            else:
-                start, count = split_counts(len(batch), self.size, self.rank)
-                yield batch[start : start + count], len(batch)
+            # whole shards of shard_rows rows each (--deterministic), else near-equal rows
+            start, count = split_units(len(batch), self.shard_rows or 1, self.size, self.rank)
+            yield batch[start : start + count], len(batch)
 
 
 # --- python -m hpcnn.data: write datasets in the layout above -------------------------------------

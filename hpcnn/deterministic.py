@@ -204,8 +204,6 @@ class ShardReducer:
             }
             layer.shard_grads = views or None
         self._recv: dict = {}  # receive buffers by shape
-        self.wait_time = 0.0
-        self.timeline = None
 
     def reduce(self, first: int, count: int, total: int) -> None:
         """Fill ``params.grad`` with the tree sum of all ``total`` shards' gradients; this replica

@@ -38,7 +38,7 @@ from hpcnn.checkpoint import (
 )
 from hpcnn.comm import Comm, Grid, blas_threads, run_command
 from hpcnn.config import Config, config_changes, resolve
-from hpcnn.data import EpochSampler, open_dataset, set_num_classes, split_counts
+from hpcnn.data import EpochSampler, open_dataset, set_num_classes, split_units
 from hpcnn.data_parallel import DataParallel
 from hpcnn.deterministic import (
     Sharding,
@@ -100,12 +100,7 @@ def _micro_batches(x, y, micro: int, unit: int = 1):
     """Cut a replica's rows into ``micro`` contiguous pieces that differ by at most one ``unit`` of
     rows (a shard in deterministic mode: pieces are whole shards; only the last shard may be short)."""
     rows = len(x) if x is not None else len(y)
-    units = -(-rows // unit)
-    cuts = []
-    for m in range(micro):
-        first, count = split_counts(units, micro, m)
-        start = min(rows, first * unit)
-        cuts.append((start, min(rows, (first + count) * unit) - start))
+    cuts = [split_units(rows, unit, micro, m) for m in range(micro)]
     pieces = lambda a: None if a is None else [a[s : s + n] for s, n in cuts]  # noqa: E731
     return pieces(x), pieces(y), [n for _, n in cuts]
 
@@ -127,15 +122,9 @@ def evaluate(pipe: Pipeline, loss_fn, split, grid: Grid, cfg, classify: bool) ->
     into ``micro_batches`` micro-batches. In deterministic mode (``pipe.shard_rows``) blocks, chunks
     and micro-batches are whole shards and the loss is summed exactly, as in training."""
     dtype, unit = dtype_of(cfg.dtype), pipe.shard_rows or 1
-    if pipe.shard_rows:  # whole shards per replica, chunks of whole shards (deterministic mode)
-        total = shard_count(len(split), unit)
-        first, shards = shard_range(total, grid.replicas, grid.replica)
-        start, count = first * unit, min(len(split), (first + shards) * unit) - first * unit
-        step = max(1, cfg.eval_batch_size // unit) * unit
-    else:
-        start, count = split_counts(len(split), grid.replicas, grid.replica)
-        step = cfg.eval_batch_size
-    ids = split.ids[start : start + max(0, count)]
+    start, count = split_units(len(split), unit, grid.replicas, grid.replica)
+    step = max(1, cfg.eval_batch_size // unit) * unit  # chunks of whole shards (deterministic mode)
+    ids = split.ids[start : start + count]
     sums = np.zeros(3)  # loss sum, correct, rows (on last stages only)
     shard_losses = []
     for i in range(0, len(ids), step):
@@ -149,6 +138,7 @@ def evaluate(pipe: Pipeline, loss_fn, split, grid: Grid, cfg, classify: bool) ->
             shard_losses += pipe.shard_losses
     pipe.mark("evaluation allreduce")
     if pipe.shard_rows:
+        total, first = shard_count(len(split), unit), start // unit
         sums = _exact_metrics(grid.world, shard_losses, first, total, sums[1:], pipe.is_last)
     else:
         grid.world.allreduce_sum_(sums)
@@ -976,11 +966,8 @@ def _dry_run(cfg: Config, comm: Comm) -> int:
     state = {"sgd": 1 if cfg.momentum else 0, "adam": 2, "adamw": 2}[cfg.optimizer]
     # Parameters, gradients, optimizer state; activations: each live micro-batch keeps every layer's
     # output (and the workspace one more of each): 1F1B keeps at most `stages` micro-batches alive.
-    _, rows = split_counts(cfg.batch_size, grid.replicas, grid.replica)  # this replica's rows per step
-    if cfg.deterministic:  # whole shards
-        size = shard_rows(cfg)
-        first, count = shard_range(shard_count(cfg.batch_size, size), grid.replicas, grid.replica)
-        rows = max(0, min(cfg.batch_size, (first + count) * size) - first * size)
+    unit = shard_rows(cfg) if cfg.deterministic else 1  # whole shards in deterministic mode
+    _, rows = split_units(cfg.batch_size, unit, grid.replicas, grid.replica)  # this replica's rows per step
     micro_rows = -(-rows // cfg.micro_batches)
     live = cfg.micro_batches if cfg.schedule == "gpipe" else min(cfg.micro_batches, grid.stages)
     widths, features = 0, ds.features
