@@ -110,9 +110,11 @@ def step_flops(layers, rows: int) -> float:
     return flops
 
 
-def gemm_seconds(model, rows: int, first_stage: bool, repeats: int = 7) -> float:
-    """Median time of the matrix products one micro-batch of ``rows`` rows costs this stage."""
-    dtype, products = model.dtype, []
+def gemm_seconds(model, rows: int, first_stage: bool, micro: int = 1, deferred: bool = False, repeats=7):
+    """Median time of the matrix products a step of ``micro`` micro-batches of ``rows`` rows costs
+    this stage (``deferred``: the weight gradients as one product over all the step's rows, as a
+    pipeline stage forms them)."""
+    dtype, per_micro, once = model.dtype, [], []
     for i, layer in enumerate(model.layers):
         if not isinstance(layer, Dense):
             continue
@@ -120,15 +122,22 @@ def gemm_seconds(model, rows: int, first_stage: bool, repeats: int = 7) -> float
         dy = xp.ones((rows, layer.fan_out), dtype)
         W, dW = xp.ones_like(layer.W), xp.empty_like(layer.W)
         y, dx = xp.empty_like(dy), xp.empty_like(x)
-        products.append((xp.matmul, x, W, y))
-        products.append((xp.matmul, x.T, dy, dW))
+        per_micro.append((x, W, y))
         if not (first_stage and i == 0):
-            products.append((xp.matmul, dy, W.T, dx))
+            per_micro.append((dy, W.T, dx))
+        if deferred:
+            n = rows * micro
+            once.append((xp.ones((n, layer.fan_in), dtype).T, xp.ones((n, layer.fan_out), dtype), dW))
+        else:
+            per_micro.append((x.T, dy, dW))
     times = []
     for r in range(repeats + 1):
         t0 = time.perf_counter()
-        for f, a, b, out in products:
-            f(a, b, out=out)
+        for _ in range(micro):
+            for a, b, out in per_micro:
+                xp.matmul(a, b, out=out)
+        for a, b, out in once:
+            xp.matmul(a, b, out=out)
         if r:  # the first round warms caches and BLAS threads
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
@@ -188,7 +197,8 @@ def run(cfg, opts, comm: Comm, log=None) -> dict | None:
 
     # Ceilings, measured after the timed steps on every rank at once (memory bandwidth is shared).
     rows = _micro_rows(cfg, grid)
-    gemm = gemm_seconds(pipe.model, rows, pipe.is_first) * cfg.micro_batches
+    deferred = pipe.defers_weight_grads(cfg.micro_batches)
+    gemm = gemm_seconds(pipe.model, rows, pipe.is_first, cfg.micro_batches, deferred)
     comm.barrier()
     raw = raw_allreduce_seconds(grid.dp, pipe.model.params.size, pipe.model.dtype)
     grad_bytes = int(pipe.model.params.size * pipe.model.params.grad.itemsize)

@@ -8,7 +8,10 @@ pipeline stage hold several micro-batches in flight through the same layers.
 
 Weight gradients are written straight into the gradient buffer with ``out=``; with
 ``accumulate=True`` (micro-batches after the first) they go through one scratch array per layer,
-allocated once, and are added. Outputs, input gradients and temporaries come from ``ws``, a
+allocated once, and are added. A pipeline stage instead *defers* them (``saved["defer"]``): each
+micro-batch's backward computes only the input gradient and copies the layer's input and output
+gradient into step-long stacks, and ``weight_grads`` then forms the weight gradient as one product
+over all the step's rows (see ``pipeline``). Outputs, input gradients and temporaries come from ``ws``, a
 ``workspace.Scope`` that returns the same array every step (``FRESH`` allocates: for a layer used on
 its own). A training step therefore allocates no activation- or parameter-sized array.
 Nothing here is MLP-specific: a model is any ordered list of layers, and a pipeline stage is a
@@ -39,6 +42,13 @@ class Layer:
 
     def backward(self, dy, saved: dict, need_dx: bool = True, accumulate: bool = False, ws=FRESH):
         return dy
+
+    def weight_grads(self, stack, rows: int) -> None:
+        """Form the weight gradients from the ``rows`` rows deferred backwards put in ``stack``."""
+
+    def deferred_width(self, in_features: int) -> int:
+        """Values per row that a deferred backward keeps until ``weight_grads``."""
+        return 0
 
     def out_features(self, in_features: int) -> int:
         return in_features
@@ -88,7 +98,11 @@ class Dense(Layer):
         x = saved.pop("x")
         if self.shards is not None:
             return self._backward_shards(x, dy, saved.get("shard", 0), need_dx, ws)
-        if accumulate:
+        if "defer" in saved:  # (first row, step rows, stack scope): weight gradients come later
+            first, rows, stack = saved["defer"]
+            stack("x", (rows, self.fan_in), x.dtype)[first : first + len(x)] = x
+            stack("dy", (rows, self.fan_out), dy.dtype)[first : first + len(dy)] = dy
+        elif accumulate:
             if self._dW_part is None:  # once per run: micro-batches after the first add into dW
                 self._dW_part, self._db_part = xp.empty_like(self.dW), xp.empty_like(self.db)
             xp.matmul(x.T, dy, out=self._dW_part)
@@ -102,6 +116,15 @@ class Dense(Layer):
             return None
         dx = ws("dx", (len(dy), self.fan_in), dy.dtype)
         return xp.matmul(dy, self.W.T, out=dx)  # (batch, fan_in)
+
+    def weight_grads(self, stack, rows):
+        dt = self.dW.dtype
+        x, dy = stack("x", (rows, self.fan_in), dt), stack("dy", (rows, self.fan_out), dt)
+        xp.matmul(x.T, dy, out=self.dW)  # one product over the whole step: K = rows, not a micro-batch
+        xp.sum(dy, axis=0, out=self.db)
+
+    def deferred_width(self, in_features):
+        return self.fan_in + self.fan_out
 
     def _backward_shards(self, x, dy, first: int, need_dx: bool, ws):
         """Each shard's weight gradient into its own row of the per-shard buffer (``first``: the

@@ -64,6 +64,19 @@ class Sequential:
                 on_layer_done(i)
         return dout
 
+    def weight_grads(self, rows: int, on_layer_done=None) -> None:
+        """After deferred backwards (``tape`` entries ``defer``) over ``rows`` rows in all: form
+        every layer's weight gradients, last layer first (the order backward would finish them)."""
+        for i in range(len(self.layers) - 1, -1, -1):
+            self.layers[i].weight_grads(self.stack(i), rows)
+            if on_layer_done is not None:
+                on_layer_done(i)
+
+    def stack(self, i: int):
+        """The workspace scope where layer ``i`` keeps what deferred backwards leave for
+        ``weight_grads``."""
+        return self.workspace.scope(i, ("stack", 0))
+
     def out_features(self, in_features: int) -> int:
         return self.features_after(self.layers, in_features)
 

@@ -7,8 +7,13 @@ A model's layers are cut into ``P`` consecutive stages, one per rank of a pipeli
   of micro-batch ``m`` from the previous stage (tag ``m``); the output is sent on with ``Isend``,
   or, on the last stage, goes into the loss, whose gradient is computed at once and kept;
 - backward ``B(m)``: the last stage uses the kept loss gradient, earlier stages ``Recv`` the
-  output gradient from the next stage (tag ``m``); the input gradient is sent back with ``Isend``;
-  weight gradients accumulate over the step's micro-batches in the flat gradient buffer.
+  output gradient from the next stage (tag ``m``); the input gradient is sent back with ``Isend``.
+  Weight gradients are not formed here: each layer copies its input and output gradient rows into
+  step-long stacks, and after the step's last backward one product per layer over all the step's
+  rows gives them (``W``, the weight-gradient pass). Per micro-batch they would be products with
+  only its rows, memory-bound at tens of rows, each added into the buffer by one more pass; the
+  input gradients, which the previous stage waits for, also leave sooner. The stacks hold what one
+  rank training the same rows without micro-batches holds.
 
 Schedules are orders of these operations, the same rule on every stage:
 ``gpipe`` runs all forwards, then all backwards (all ``M`` micro-batches' activations alive);
@@ -135,6 +140,11 @@ class Pipeline:
         self.shard_rows = 0
         self.shard_losses: list[float] = []
 
+    def defers_weight_grads(self, micro: int) -> bool:
+        """Whether a step of ``micro`` micro-batches forms weight gradients once, after the last
+        backward (every stage of a pipeline; deterministic mode sums them per shard instead)."""
+        return self.stages > 1 and micro > 1 and not self.shard_rows
+
     def handshake(self) -> None:
         """Check that each stage sends the width and dtype the next one expects (before any data)."""
         if self.stages == 1:
@@ -211,6 +221,11 @@ class Pipeline:
         # message only while both sides are inside MPI, so a transfer posted between two waits
         # would otherwise sit idle through the sender's next computation.
         posted = self._post_receives(sizes)
+        # A stage of a pipeline defers weight gradients to one product over all the step's rows
+        # after the last backward: per micro-batch, each would be a product with only its rows
+        # (memory-bound at tens of rows) plus a pass adding it into the buffer.
+        defer = self.defers_weight_grads(micro)
+        offsets, n_layers = np.cumsum([0, *sizes]), len(self.model.layers)
         pending = [request for request, _ in posted.values()]
         self.shard_losses = []
 
@@ -229,8 +244,13 @@ class Pipeline:
                 else:
                     x = held[m] = self._take(posted, "F", m, self.stage - 1)
                 t0 = self.clock()
-                shard = {"shard": shard_starts[m]} if shard_starts else {}
-                tapes[m] = [dict(shard) for _ in self.model.layers]
+                if shard_starts:
+                    tapes[m] = [{"shard": shard_starts[m]} for _ in self.model.layers]
+                elif defer:
+                    rows = (int(offsets[m]), int(offsets[-1]))
+                    tapes[m] = [{"defer": (*rows, self.model.stack(i))} for i in range(n_layers)]
+                else:
+                    tapes[m] = [{} for _ in self.model.layers]
                 out = self.model.forward(x, tape=tapes[m], slot=m, on_layer_done=progress)
                 if faults.point("forward") == "nan":
                     out = out * xp.nan
@@ -253,7 +273,8 @@ class Pipeline:
                     dout = held_grad = self._take(posted, "B", m, self.stage + 1)
                 t0 = self.clock()
                 faults.point("backward")
-                final = m == micro - 1 and on_layer_done is not None  # gradients final: reduce them
+                # gradients final: reduce them (deferred ones are final after weight_grads)
+                final = m == micro - 1 and on_layer_done is not None and not defer
                 dx = self.model.backward(
                     dout,
                     need_input_grad=not self.is_first,
@@ -273,6 +294,13 @@ class Pipeline:
                 if not self.is_last:
                     self._release_unless_sent(held_grad, sends)
                 live -= 1
+        if defer:
+            t0 = self.clock()
+            self.model.weight_grads(int(offsets[-1]), backward_hook if on_layer_done else progress)
+            t1 = self.clock()
+            self.times.backward += t1 - t0
+            if self.timeline is not None:
+                self.timeline.span("weight gradients", t0, t1, rows=int(offsets[-1]))
         self._complete(sends)
         self.times.total += self.clock() - t_step
         self.times.steps += 1

@@ -970,11 +970,17 @@ def _dry_run(cfg: Config, comm: Comm) -> int:
     _, rows = split_units(cfg.batch_size, unit, grid.replicas, grid.replica)  # this replica's rows per step
     micro_rows = -(-rows // cfg.micro_batches)
     live = cfg.micro_batches if cfg.schedule == "gpipe" else min(cfg.micro_batches, grid.stages)
-    widths, features = 0, ds.features
+    widths, stacked, features = 0, 0, ds.features
     for i, layer in enumerate(layers):
+        mine = bounds[grid.stage] <= i < bounds[grid.stage + 1]
+        stacked += layer.deferred_width(features) if mine else 0
         features = layer.out_features(features)
-        widths += features if bounds[grid.stage] <= i < bounds[grid.stage + 1] else 0
+        widths += features if mine else 0
     activation_bytes = 2 * live * micro_rows * widths * itemsize
+    # A pipeline stage keeps its layers' inputs and output gradients for the whole step's rows
+    # until the weight-gradient products (deterministic mode sums per shard instead).
+    if grid.stages > 1 and cfg.micro_batches > 1 and not cfg.deterministic:
+        activation_bytes += rows * stacked * itemsize
     buffers = 2 + state  # parameters, gradients, optimizer state
     if cfg.deterministic:  # one gradient per shard this replica holds in a step
         full = shard_count(min(cfg.batch_size, len(ds.train)), shard_rows(cfg))

@@ -80,3 +80,29 @@ def test_a_model_is_any_list_of_layers():
     model = Sequential([Dense(2, 3), ReLU(), Dense(3, 3), ReLU(), Dense(3, 1)], np.float32)
     assert model.out_features(2) == 1
     assert "Dense(2, 3) -> ReLU" in model.describe()
+
+
+def test_deferred_weight_gradients_are_one_product_over_all_micro_batches():
+    """A pipeline stage's backwards only stack inputs and output gradients; ``weight_grads``
+    then gives the gradient of the whole batch, whatever the (uneven, even empty) micro-batches."""
+    rng = np.random.default_rng(3)
+    x, dout = rng.standard_normal((11, 5)), rng.standard_normal((11, 3))
+    whole = build_mlp([5, 7, 3], "gelu", np.float64)
+    whole.params.initialize(np.random.default_rng(1))
+    whole.forward(x)
+    dx_whole = whole.backward(dout, need_input_grad=True)
+
+    model = build_mlp([5, 7, 3], "gelu", np.float64)
+    model.params.data[:] = whole.params.data
+    model.params.grad[:] = 123.0  # untouched until weight_grads
+    sizes = [4, 0, 6, 1]
+    offsets = np.cumsum([0, *sizes])
+    dx = []
+    for m, (lo, hi) in enumerate(zip(offsets[:-1], offsets[1:], strict=True)):
+        tape = [{"defer": (int(lo), 11, model.stack(i))} for i in range(len(model.layers))]
+        model.forward(x[lo:hi], tape=tape, slot=m)
+        dx.append(model.backward(dout[lo:hi], need_input_grad=True, tape=tape, slot=m).copy())
+    assert (model.params.grad == 123.0).all()
+    model.weight_grads(11)
+    np.testing.assert_allclose(model.params.grad, whole.params.grad, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(np.concatenate(dx), dx_whole, rtol=1e-12, atol=1e-14)
