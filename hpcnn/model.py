@@ -75,7 +75,7 @@ class Sequential:
     def stack(self, i: int):
         """The workspace scope where layer ``i`` keeps what deferred backwards leave for
         ``weight_grads``."""
-        return self.workspace.scope(i, ("stack", 0))
+        return self.workspace.rows_scope(i)
 
     def out_features(self, in_features: int) -> int:
         return self.features_after(self.layers, in_features)

@@ -12,8 +12,8 @@ A model's layers are cut into ``P`` consecutive stages, one per rank of a pipeli
   step-long stacks, and after the step's last backward one product per layer over all the step's
   rows gives them (``W``, the weight-gradient pass). Per micro-batch they would be products with
   only its rows, memory-bound at tens of rows, each added into the buffer by one more pass; the
-  input gradients, which the previous stage waits for, also leave sooner. The stacks hold what one
-  rank training the same rows without micro-batches holds.
+  input gradients, which the previous stage waits for, also leave sooner. The stacks add one copy
+  of each Dense layer's input and output gradient for the stage's rows of the step.
 
 Schedules are orders of these operations, the same rule on every stage:
 ``gpipe`` runs all forwards, then all backwards (all ``M`` micro-batches' activations alive);
@@ -206,9 +206,10 @@ class Pipeline:
 
         ``inputs``/``targets`` are lists of per-micro-batch arrays on the first/last stage (else
         ``None``); ``sizes`` the micro-batches' row counts, known to every stage. Returns the last
-        stage's ``(loss_sum, correct)`` (zeros elsewhere). ``on_layer_done(i)`` is called during the
-        last micro-batch's backward, once layer ``i``'s gradient is final (every micro-batch's
-        backward runs in micro-batch order, so the last one completes each layer).
+        stage's ``(loss_sum, correct)`` (zeros elsewhere). ``on_layer_done(i)`` is called once layer
+        ``i``'s gradient is final: during the last micro-batch's backward (backwards run in
+        micro-batch order, so the last one completes each layer), or, where the stage defers weight
+        gradients, during the weight-gradient pass after it.
         ``shard_starts``: with ``shard_rows``, the local index of each micro-batch's first shard.
         """
         t_step = self.clock()

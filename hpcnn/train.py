@@ -964,12 +964,13 @@ def _dry_run(cfg: Config, comm: Comm) -> int:
     params = pipe.model.params
     itemsize = np.dtype(cfg.dtype).itemsize
     state = {"sgd": 1 if cfg.momentum else 0, "adam": 2, "adamw": 2}[cfg.optimizer]
-    # Parameters, gradients, optimizer state; activations: each live micro-batch keeps every layer's
-    # output (and the workspace one more of each): 1F1B keeps at most `stages` micro-batches alive.
+    # Parameters, gradients, optimizer state; activations: every layer's output and input gradient
+    # per micro-batch slot. The workspace keeps one set per slot under either schedule (1F1B bounds
+    # the micro-batches alive, but a slot's output may still be in a pending send).
     unit = shard_rows(cfg) if cfg.deterministic else 1  # whole shards in deterministic mode
     _, rows = split_units(cfg.batch_size, unit, grid.replicas, grid.replica)  # this replica's rows per step
     micro_rows = -(-rows // cfg.micro_batches)
-    live = cfg.micro_batches if cfg.schedule == "gpipe" else min(cfg.micro_batches, grid.stages)
+    live = cfg.micro_batches
     widths, stacked, features = 0, 0, ds.features
     for i, layer in enumerate(layers):
         mine = bounds[grid.stage] <= i < bounds[grid.stage + 1]

@@ -23,6 +23,7 @@ class Workspace:
     def __init__(self):
         self._arrays: dict = {}
         self._scopes: dict = {}
+        self._grown: dict = {}  # RowsScope arrays: one per key, as many rows as ever asked for
 
     def scope(self, owner, slot) -> "Scope":
         """The arrays of one layer (``owner``) for one slot."""
@@ -39,9 +40,17 @@ class Workspace:
             a = self._arrays[full] = xp.empty(shape, dtype=dtype)
         return a
 
+    def rows_scope(self, owner) -> "RowsScope":
+        """The arrays of ``owner`` that are refilled every step with a varying row count."""
+        key = (owner, "rows")
+        scope = self._scopes.get(key)
+        if scope is None:
+            scope = self._scopes[key] = RowsScope(self, key)
+        return scope
+
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self._arrays.values())
+        return sum(a.nbytes for a in (*self._arrays.values(), *self._grown.values()))
 
 
 class Scope:
@@ -54,6 +63,24 @@ class Scope:
 
     def __call__(self, name: str, shape: tuple, dtype):
         return self.ws.array((self.key, name), shape, dtype)
+
+
+class RowsScope:
+    """``scope(name, shape)``: the first ``shape[0]`` rows of one array per name, reallocated only
+    when more rows are asked for. For arrays written anew every step whose row count follows the
+    batch (an epoch's short last batch): one allocation, not one per row count."""
+
+    __slots__ = ("ws", "key")
+
+    def __init__(self, ws: Workspace, key):
+        self.ws, self.key = ws, key
+
+    def __call__(self, name: str, shape: tuple, dtype):
+        key, grown = (self.key, name), self.ws._grown
+        a = grown.get(key)
+        if a is None or len(a) < shape[0] or a.shape[1:] != tuple(shape[1:]) or a.dtype != dtype:
+            a = grown[key] = xp.empty(shape, dtype=dtype)
+        return a[: shape[0]]
 
 
 class Fresh:

@@ -106,3 +106,26 @@ def test_deferred_weight_gradients_are_one_product_over_all_micro_batches():
     model.weight_grads(11)
     np.testing.assert_allclose(model.params.grad, whole.params.grad, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(np.concatenate(dx), dx_whole, rtol=1e-12, atol=1e-14)
+
+
+def test_stacks_are_reused_when_a_step_has_fewer_rows():
+    """An epoch's short last batch reuses the full batch's stacks (no second set is kept)."""
+    model = build_mlp([5, 7, 3], "relu", np.float64)
+    model.params.initialize(np.random.default_rng(1))
+    rng = np.random.default_rng(2)
+    held = []
+    for rows in (10, 4, 10):
+        x, dout = rng.standard_normal((rows, 5)), rng.standard_normal((rows, 3))
+        tape = [{"defer": (0, rows, model.stack(i))} for i in range(len(model.layers))]
+        model.forward(x, tape=tape)
+        model.backward(dout, tape=tape)
+        model.weight_grads(rows)
+        np.testing.assert_allclose(
+            model.layers[0].dW,
+            x.T @ ((x @ model.layers[0].W + model.layers[0].b > 0) * (dout @ model.layers[2].W.T)),
+            rtol=1e-12,
+        )
+        held.append(model.workspace.nbytes)
+    assert held[1] == held[2]  # nothing new for a shape seen before
+    stack = model.stack(2)
+    assert np.shares_memory(stack("x", (4, 7), np.float64), stack("x", (10, 7), np.float64))
