@@ -970,14 +970,13 @@ def _dry_run(cfg: Config, comm: Comm) -> int:
     unit = shard_rows(cfg) if cfg.deterministic else 1  # whole shards in deterministic mode
     _, rows = split_units(cfg.batch_size, unit, grid.replicas, grid.replica)  # this replica's rows per step
     micro_rows = -(-rows // cfg.micro_batches)
-    live = cfg.micro_batches
     widths, stacked, features = 0, 0, ds.features
     for i, layer in enumerate(layers):
         mine = bounds[grid.stage] <= i < bounds[grid.stage + 1]
         stacked += layer.deferred_width(features) if mine else 0
         features = layer.out_features(features)
         widths += features if mine else 0
-    activation_bytes = 2 * live * micro_rows * widths * itemsize
+    activation_bytes = 2 * cfg.micro_batches * micro_rows * widths * itemsize
     # A pipeline stage keeps its layers' inputs and output gradients for the whole step's rows
     # until the weight-gradient products (deterministic mode sums per shard instead).
     if grid.stages > 1 and cfg.micro_batches > 1 and not cfg.deterministic:
