@@ -141,9 +141,7 @@ class Pipeline:
         self.shard_losses: list[float] = []
 
     def defers_weight_grads(self, micro: int) -> bool:
-        """Whether a step of ``micro`` micro-batches forms weight gradients once, after the last
-        backward (every stage of a pipeline; deterministic mode sums them per shard instead)."""
-        return self.stages > 1 and micro > 1 and not self.shard_rows
+        return defers_weight_grads(self.stages, micro, bool(self.shard_rows))
 
     def handshake(self) -> None:
         """Check that each stage sends the width and dtype the next one expects (before any data)."""
@@ -358,6 +356,12 @@ class Pipeline:
         if target.ndim == 1:  # class labels; regression targets are (rows, outputs)
             correct += count_correct(out, target)
         return loss_sum, correct
+
+
+def defers_weight_grads(stages: int, micro: int, sharded: bool) -> bool:
+    """Whether a step of ``micro`` micro-batches forms weight gradients once, after the last
+    backward: on every stage of a pipeline (``sharded``, deterministic mode, sums them per shard)."""
+    return stages > 1 and micro > 1 and not sharded
 
 
 def gpipe_bubble(stages: int, micro: int) -> float:

@@ -62,7 +62,13 @@ from hpcnn.inspector import Inspector
 from hpcnn.losses import LOSSES
 from hpcnn.model import Sequential, describe, mlp_layers
 from hpcnn.optim import Schedule, clip_grad_norm, make_optimizer
-from hpcnn.pipeline import Pipeline, balanced_partition, explicit_partition, gpipe_bubble
+from hpcnn.pipeline import (
+    Pipeline,
+    balanced_partition,
+    defers_weight_grads,
+    explicit_partition,
+    gpipe_bubble,
+)
 from hpcnn.preempt import SIGNALS, EarlySignals, StopRequest
 from hpcnn.runlog import STEP_TIMES, Progress, RunDir
 from hpcnn.timeline import Timeline
@@ -978,8 +984,8 @@ def _dry_run(cfg: Config, comm: Comm) -> int:
         widths += features if mine else 0
     activation_bytes = 2 * cfg.micro_batches * micro_rows * widths * itemsize
     # A pipeline stage keeps its layers' inputs and output gradients for the whole step's rows
-    # until the weight-gradient products (deterministic mode sums per shard instead).
-    if grid.stages > 1 and cfg.micro_batches > 1 and not cfg.deterministic:
+    # until the weight-gradient products.
+    if defers_weight_grads(grid.stages, cfg.micro_batches, cfg.deterministic):
         activation_bytes += rows * stacked * itemsize
     buffers = 2 + state  # parameters, gradients, optimizer state
     if cfg.deterministic:  # one gradient per shard this replica holds in a step
