@@ -7,7 +7,9 @@ which optimizer step (0-based; ``step`` may be left out: the first time the site
 - KIND: ``raise`` (a RuntimeError), ``kill`` (SIGKILL to the process: a crashed or OOM-killed
   rank), ``hang`` (sleep forever: a stuck rank), ``nan`` (at ``data``: an input value becomes NaN;
   at ``forward``: the stage's output does), ``diverge`` (at ``optimizer``: perturb this rank's
-  parameters, a silently diverged replica);
+  parameters, a silently diverged replica), ``enospc`` and ``eio`` (at ``checkpoint``: this rank's
+  next write to the checkpoint file fails with "No space left on device" / "Input/output error";
+  with the gathering writer only rank 0 writes, so name rank 0);
 - SITE: ``data`` (after reading a batch), ``forward``, ``backward``, ``allreduce`` (just before the
   gradient reduction), ``optimizer``, ``checkpoint`` (inside a checkpoint write), ``evaluation``.
 
@@ -15,14 +17,17 @@ Example: ``HPCNN_FAULT=raise@backward:rank=2,step=5 mpirun -n 4 python -m hpcnn.
 site costs one comparison with ``None``.
 """
 
+import errno
 import os
 import signal
 import time
 
-KINDS = ("raise", "kill", "hang", "nan", "diverge")
+KINDS = ("raise", "kill", "hang", "nan", "diverge", "enospc", "eio")
 SITES = ("data", "forward", "backward", "allreduce", "optimizer", "checkpoint", "evaluation")
 VARIABLE = "HPCNN_FAULT"
-ACTING = {"nan": ("data", "forward"), "diverge": ("optimizer",)}  # kinds the caller carries out
+ERRNOS = {"enospc": errno.ENOSPC, "eio": errno.EIO}  # the write errors the checkpoint writers simulate
+# kinds the caller carries out, and where
+ACTING = {"nan": ("data", "forward"), "diverge": ("optimizer",), **dict.fromkeys(ERRNOS, ("checkpoint",))}
 
 
 def _parse(text: str | None):
@@ -49,8 +54,8 @@ _fired = False
 
 
 def point(site: str) -> str | None:
-    """Called at each site. Returns ``"nan"`` or ``"diverge"`` when the caller must act; raises,
-    kills or hangs for the other kinds; ``None`` (nearly free) when no fault is armed here."""
+    """Called at each site. Returns the kind when the caller must act (``ACTING``); raises, kills
+    or hangs for the other kinds; ``None`` (nearly free) when no fault is armed here."""
     global _fired
     if _spec is None:
         return None

@@ -28,12 +28,14 @@ from hpcnn.checkpoint import (
     architecture,
     architecture_difference,
     checkpoints,
+    estimate_bytes,
     h5py_parallel,
     inspect,
     prune,
     read_stage,
     save,
     step_of,
+    too_little_space,
     verify,
 )
 from hpcnn.comm import Comm, Grid, blas_threads, run_command
@@ -51,6 +53,7 @@ from hpcnn.deterministic import (
 )
 from hpcnn.errors import (
     EXIT_INTERNAL,
+    EXIT_IO,
     EXIT_NONFINITE,
     EXIT_OK,
     EXIT_PREEMPTED,
@@ -343,7 +346,8 @@ class _Training:
             if cfg.resume
             else (None, None)
         )
-        _check_checkpoint_dir(cfg, comm, self.start)
+        size = estimate_bytes(layers, 1 + len(self.opt.state), np.dtype(cfg.dtype).itemsize)
+        _check_checkpoint_dir(cfg, comm, self.start, size)
         if run is not None:
             run.write_start()
         at = self.start or Position()
@@ -751,11 +755,12 @@ def _resume(cfg, grid, layers, in_features, bounds, model, opt, log):
     return at, chosen
 
 
-def _check_checkpoint_dir(cfg, comm, start: Position | None) -> None:
+def _check_checkpoint_dir(cfg, comm, start: Position | None, needed: int) -> None:
     """Refuse to write into a directory whose checkpoints would be overwritten or mixed with this
     run's: a fresh run needs a directory without checkpoints, a resumed one no newer checkpoints
     than its starting point (``auto`` starts from the newest good one: newer ones are unreadable).
-    Also, before any training: the directory must be writable, and ``mpio`` available if asked for."""
+    Also, before any training: the directory must be writable, have room for one checkpoint of
+    ``needed`` bytes, and ``mpio`` must be available if asked for."""
     if not cfg.checkpoint_dir:
         return
     with comm.agreed(cfg.debug):
@@ -765,6 +770,10 @@ def _check_checkpoint_dir(cfg, comm, start: Position | None) -> None:
                 "False here); use --checkpoint-io gather or auto"
             )
     comm.root_decides(lambda: _check_directory(cfg, start), cfg.debug)
+    short = comm.root_decides(lambda: too_little_space(cfg.checkpoint_dir, needed), cfg.debug)
+    if short:  # the run could never save its work
+        advice = "free some space or choose another --checkpoint-dir"
+        raise JobError(f"checkpoint_dir: {short}; {advice}", EXIT_IO)
 
 
 def _check_writable(directory, message: str) -> None:

@@ -22,7 +22,7 @@ from hpcnn import checkpoint, train
 from hpcnn.checkpoint import checkpoints, inspect, verify
 from hpcnn.comm import Comm
 from hpcnn.config import Config, from_dict, parse_toml
-from hpcnn.errors import JobError
+from hpcnn.errors import EXIT_IO, JobError
 from hpcnn.train import fit
 
 # digits: 1438 training rows / 100 = 15 steps per epoch (the last one 38 rows), 30 in all.
@@ -335,7 +335,7 @@ def test_a_failed_write_leaves_earlier_checkpoints_intact(comm, tmp_path, monkey
         JobError, match=r"writing checkpoint .*ckpt-000000014.h5 failed: .*No space left"
     ) as exc:
         fit(Config(**BASE, checkpoint_dir=str(tmp_path), checkpoint_every=7), comm)
-    assert exc.value.exit_code == 1 and "earlier checkpoints are intact" in str(exc.value)
+    assert exc.value.exit_code == EXIT_IO and "earlier checkpoints are intact" in str(exc.value)
     assert sorted(os.listdir(tmp_path)) == ["ckpt-000000007.h5"]  # no temporary file left behind
     verify(tmp_path / "ckpt-000000007.h5")
 

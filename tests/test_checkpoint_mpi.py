@@ -5,7 +5,8 @@
 - another layout: a checkpoint written by one grid loads bitwise into every other grid that fits,
   and training continues on the same global batches (final parameters equal to rounding);
 - a signal on one rank stops every rank after the same step;
-- the parallel-HDF5 writer (where h5py has it) stores the same bytes as the gathering writer.
+- the parallel-HDF5 writer (where h5py has it) stores the same bytes as the gathering writer;
+- a write error on a writing rank ends every rank with the same error and leaves no temporary file.
 
 Rank 0 creates one directory for all ranks and reads the files; verdicts are broadcast so that
 all ranks pass or fail together (no rank is left waiting in a collective of another test).
@@ -21,10 +22,11 @@ import numpy as np
 import pytest
 from test_checkpoint import tensors
 
-from hpcnn import checkpoint, train
+from hpcnn import checkpoint, faults, train
 from hpcnn.checkpoint import h5py_parallel
 from hpcnn.comm import Comm
 from hpcnn.config import Config
+from hpcnn.errors import EXIT_IO, JobError
 from hpcnn.train import fit
 
 pytestmark = pytest.mark.mpi(min_size=2)
@@ -189,3 +191,26 @@ def test_the_parallel_writer_stores_the_same_bytes_as_the_gathering_one(world, s
         return problems
 
     on_root(world, same_bytes)
+
+
+@pytest.mark.parametrize("io", ["gather", "mpio"])
+def test_a_write_error_on_a_writing_rank_is_agreed_by_every_rank(world, shared, io, monkeypatch):
+    """``HPCNN_FAULT=enospc@checkpoint``: the gathering writer's rank 0, or the last rank of the
+    parallel writer, fails part-way; every rank raises the same ``JobError`` (exit 74), no
+    temporary file is left and the earlier checkpoints stay."""
+    if io == "mpio" and not h5py_parallel():
+        pytest.skip("h5py was built without parallel HDF5 (no mpio driver)")
+    writer = 0 if io == "gather" else world.size - 1
+    monkeypatch.setattr(faults, "_spec", ("enospc", "checkpoint", writer, 8))  # the write after step 9
+    monkeypatch.setattr(faults, "_fired", False)
+    cfg = Config(**BASE, pipeline_stages=2, max_steps=9, checkpoint_every=3, checkpoint_dir=shared,
+                 checkpoint_io=io)  # fmt: skip
+    with pytest.raises(JobError) as exc:
+        fit(cfg, world)
+    message = exc.value.message
+    problems = [] if exc.value.exit_code == EXIT_IO else [f"exit code {exc.value.exit_code}"]
+    if "ckpt-000000009.h5 failed: [Errno 28] No space left on device; a checkpoint needs" not in message:
+        problems.append(message)
+    agreed(world, problems)
+    on_root(world, lambda: [] if sorted(os.listdir(shared)) == ["ckpt-000000003.h5", "ckpt-000000006.h5"]
+            else [f"left behind: {sorted(os.listdir(shared))}"])  # fmt: skip
