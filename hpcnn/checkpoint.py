@@ -62,6 +62,7 @@ from hpcnn.params import layout
 FORMAT_VERSION = 1
 KIND = "hpcnn checkpoint"
 NAME = re.compile(r"^ckpt-(\d+)\.h5$")
+TEMPORARY = re.compile(r"^\.ckpt-\d+\.h5(\..+)?\.tmp$")  # a write in progress, or one a dead run left
 CHUNK_BYTES = 1 << 20  # chunk size target: large enough for fast I/O, small enough to checksum often
 # HDF5's own bytes per dataset (object header, chunk index): measured 3.3-4.3 KiB for hpcnn's files
 DATASET_OVERHEAD = 4608
@@ -75,6 +76,17 @@ def file_name(step: int) -> str:
 def temporary_name(name: str) -> str:
     """The name ``name`` is written under by this process: two runs never share one."""
     return f".{name}.{socket.gethostname()}.{os.getpid()}.tmp"
+
+
+def remove_temporaries(directory) -> list[str]:
+    """Delete the temporary files of interrupted writes in ``directory``; only call it while holding
+    the directory's lock (``hpcnn.dirlock``): then no other run is writing one."""
+    removed = []
+    for path in sorted(Path(directory).iterdir()):
+        if TEMPORARY.match(path.name):
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
 
 
 def h5py_parallel() -> bool:

@@ -37,6 +37,11 @@ the metric; with ``ensemble`` it also scores the average of the members' softmax
 ``--resume auto``. A stop signal stops the groups after their current step (each writes a
 checkpoint) and the sweep exits with 75; running the same command again skips tasks that have a
 ``result.json`` and resumes the others. A sweep file whose tasks changed is refused.
+
+**One sweep per directory.** World rank 0 locks ``DIRECTORY`` (``hpcnn.dirlock``) before looking
+into it and holds the lock until the sweep ends: a second sweep on the same directory is refused
+with exit code 2, naming the first one's host and PID. Each task's training locks its own
+checkpoint directory as any training does.
 """
 
 import argparse
@@ -53,6 +58,7 @@ import numpy as np
 
 from hpcnn.comm import Comm, run_command
 from hpcnn.config import Config, _Parser, from_dict, load_toml, parse_toml
+from hpcnn.dirlock import DirectoryLock
 from hpcnn.errors import EXIT_OK, EXIT_PREEMPTED, JobError, UserError
 from hpcnn.preempt import EarlySignals, StopRequest
 
@@ -123,13 +129,33 @@ class Sweep:
                 raise UserError(
                     f"group_size = {self.group_size} does not divide the {world.size} ranks into groups"
                 )
-        world.root_decides(lambda: self._prepare_directory(path), world.debug)
+        self._lock = None
+        for note in world.root_decides(lambda: self._prepare_directory(path), world.debug):
+            world.print0(note)
         self.invocation = world.bcast(f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
 
     def task_dir(self, i: int) -> Path:
         return self.directory / "tasks" / f"task-{i:03d}"
 
-    def _prepare_directory(self, path) -> None:
+    def _prepare_directory(self, path) -> list[str]:
+        """Lock the directory, then record the tasks (``_record_tasks``); returns the lock's notes."""
+        self._lock = DirectoryLock.acquire(
+            self.directory, "sweep directory", "wait for it to end, or use another --dir"
+        )
+        try:
+            self._record_tasks(path)
+        except BaseException:
+            self.close()
+            raise
+        return self._lock.notes
+
+    def close(self) -> None:
+        """Release the directory (``run`` does at its end)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _record_tasks(self, path) -> None:
         """Create the task directories, or check that an earlier run's tasks are these tasks."""
         for i, settings in enumerate(self.tasks):
             d = self.task_dir(i)
@@ -146,6 +172,12 @@ class Sweep:
         (self.directory / "sweep.toml").write_text(Path(path).read_text())
 
     def run(self, log) -> int:
+        try:
+            return self._run(log)
+        finally:
+            self.close()
+
+    def _run(self, log) -> int:
         world, size = self.world, self.group_size
         group_index = world.rank // size
         group = world.split(group_index, world.rank)

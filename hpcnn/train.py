@@ -33,6 +33,7 @@ from hpcnn.checkpoint import (
     inspect,
     prune,
     read_stage,
+    remove_temporaries,
     save,
     step_of,
     too_little_space,
@@ -51,6 +52,7 @@ from hpcnn.deterministic import (
     shard_range,
     shard_rows,
 )
+from hpcnn.dirlock import DirectoryLock
 from hpcnn.errors import (
     EXIT_INTERNAL,
     EXIT_IO,
@@ -268,8 +270,9 @@ def fit(cfg: Config, comm: Comm, log=None, run: RunDir | None = None, terminal: 
     log = log if (log is not None and comm.is_root) else None
     run = run if comm.is_root else None
     inspector = Inspector(comm, cfg.stall_timeout)
-    training = None
+    training, lock = None, None
     try:
+        lock = _lock_checkpoint_dir(cfg, comm, log)  # one run per checkpoint directory
         training = _Training(cfg, comm, log, inspector, run, terminal)
         try:
             result = training.run()
@@ -286,6 +289,9 @@ def fit(cfg: Config, comm: Comm, log=None, run: RunDir | None = None, terminal: 
     except BaseException:  # one rank's failure: it is about to end the job; no collective now
         inspector.abandon()
         raise
+    finally:
+        if lock is not None:
+            lock.release()
     inspector.close(training.log)
     return result
 
@@ -753,6 +759,33 @@ def _resume(cfg, grid, layers, in_features, bounds, model, opt, log):
     if changed:
         log("resume: settings that differ from the checkpoint's run: " + "; ".join(changed))
     return at, chosen
+
+
+def _lock_checkpoint_dir(cfg, comm, log) -> DirectoryLock | None:
+    """Rank 0 locks ``checkpoint_dir`` for this run (``hpcnn.dirlock``; created if missing, and
+    removed again if the run leaves it empty) before anything looks into it, and removes temporary
+    files that interrupted writes left there. ``JobError`` (exit 2) naming the run that holds it."""
+    if not cfg.checkpoint_dir:
+        return None
+    lock = None
+
+    def take() -> list[str]:
+        nonlocal lock
+        advice = "wait for it to end, or choose another --checkpoint-dir"
+        lock = DirectoryLock.acquire(cfg.checkpoint_dir, "checkpoint_dir", advice)
+        removed = remove_temporaries(cfg.checkpoint_dir)
+        done = f"note: removed the temporary files of interrupted writes: {', '.join(removed)}"
+        return lock.notes + ([done] if removed else [])
+
+    try:
+        notes = comm.root_decides(take, cfg.debug)
+    except JobError:
+        if lock is not None:
+            lock.release()
+        raise
+    for note in notes if log is not None else ():
+        log(note)
+    return lock
 
 
 def _check_checkpoint_dir(cfg, comm, start: Position | None, needed: int) -> None:
