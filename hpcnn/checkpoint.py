@@ -499,7 +499,14 @@ def _write_gathered(tmp, meta, grid, layers, bounds, buffers) -> str | None:
 
 
 def _write_mpio(tmp, meta, grid, layers, bounds, buffers) -> str | None:
-    """Every rank opens the file; each tensor is one collective write by its stage's replicas."""
+    """Every rank opens the file; each tensor is one collective write by its stage's replicas.
+
+    ``save`` checks the free space first. A write error during the write itself (a disk that
+    filled meanwhile, a quota) is not reliably survivable here: parallel HDF5 cannot close a file
+    it failed to write, and a rank-local error can leave the ranks in different collective calls
+    inside HDF5 (measured with Open MPI 4.1 and HDF5 1.10 on a full tmpfs: a hang, or a segfault in
+    HDF5's clean-up at MPI_Finalize). The stall inspector ends such a job; the gathering writer,
+    which keeps failed writes from HDF5, has no such case."""
     import h5py
     from h5py import h5fd, h5p, h5s
 
@@ -542,12 +549,12 @@ def _write_mpio(tmp, meta, grid, layers, bounds, buffers) -> str | None:
             # call (a rank leaving them early would leave the others waiting).
             if injected is not None:
                 failure = str(OSError(injected, os.strerror(injected)))
-            f.flush()  # a flush error shows here, not first inside close
-        except (OSError, ValueError) as exc:
+            f.flush()  # a write error shows here (h5py raises RuntimeError), not first inside close
+        except Exception as exc:  # noqa: BLE001  (every rank must reach the agreement below)
             failure = failure or str(exc)
         try:
             f.close()
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001
             failure = failure or str(exc)
     # A rank that failed alone must not leave the others believing the file is good.
     failures = world.comm.allgather(failure)

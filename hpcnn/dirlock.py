@@ -16,7 +16,9 @@ nothing behind.
 Where ``flock`` is not supported (some network file systems answer ``ENOLCK``/``EOPNOTSUPP``),
 the lock is the file's existence alone (``O_EXCL`` creation): a file left by a dead process on
 the same host is taken over; one from another host cannot be checked from here, and is refused
-with the advice to delete it if that run is gone.
+with the advice to delete it if that run is gone. (NFS mounted with ``nolock``, or Lustre with
+``localflock``, accept ``flock`` but only between processes of one host: two runs started on
+different hosts are not excluded there.)
 """
 
 import errno

@@ -51,8 +51,9 @@ def digest(directory) -> dict:
 def assert_one_clean_message(proc, seconds, pattern) -> None:
     assert proc.returncode == 74 and seconds < LIMIT, (proc.returncode, seconds, proc.stderr)
     assert len(errors(proc)) == 1 and re.fullmatch(pattern, errors(proc)[0]), proc.stderr
-    assert "Traceback" not in proc.stderr and "Segmentation" not in proc.stderr + proc.stdout, proc.stderr
-    assert len(proc.stderr.splitlines()) <= 2, proc.stderr  # the message (and an oversubscription note)
+    # (a launcher may add its own lines: Open MPI's mpirun reports the non-zero exit)
+    for noise in ("Traceback", "Exception ignored", "HDF5-DIAG", "Segmentation", "signal 11"):
+        assert noise not in proc.stderr + proc.stdout, proc.stderr
 
 
 @pytest.fixture
