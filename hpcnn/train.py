@@ -7,13 +7,21 @@ and stops after the same step on every rank when a stop signal arrives (``preemp
 the command-line face that turns errors into one message from rank 0 and an exit code on every rank.
 """
 
-import dataclasses
+import sys
+
+if __name__ == "__main__":
+    # `python -m hpcnn.train`: catch Ctrl-C and the stop signals before the imports below (numpy,
+    # mpi4py, h5py: a third of a second in which a Ctrl-C would print a traceback on every rank).
+    from hpcnn.preempt import EarlySignals
+
+    _EARLY = EarlySignals().__enter__()
+
+import dataclasses  # noqa: E402  (the imports below follow the signal catcher above)
 import hashlib
 import itertools
 import math
 import os
 import socket
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -51,6 +59,7 @@ from hpcnn.deterministic import (
 )
 from hpcnn.errors import (
     EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
     EXIT_NONFINITE,
     EXIT_OK,
     EXIT_PREEMPTED,
@@ -69,7 +78,7 @@ from hpcnn.pipeline import (
     explicit_partition,
     gpipe_bubble,
 )
-from hpcnn.preempt import SIGNALS, EarlySignals, StopRequest
+from hpcnn.preempt import ALL, INTERRUPT, EarlySignals, Interrupted, StopRequest, watch_interrupts
 from hpcnn.runlog import STEP_TIMES, Progress, RunDir
 from hpcnn.timeline import Timeline
 
@@ -88,6 +97,7 @@ class Result:
     # this rank's loss sum of each step run here (last stages; --deterministic: the global sum)
     step_losses: list = field(default_factory=list)
     stopped: str | None = None  # the signal that stopped training early (a checkpoint was written)
+    checkpoint: str | None = None  # the last checkpoint this run wrote
 
 
 def _as_batch(x, y, dtype, classify: bool):
@@ -258,10 +268,13 @@ def fit(cfg: Config, comm: Comm, log=None, run: RunDir | None = None, terminal: 
     metrics and the final evaluation.
     With ``cfg.resume`` training continues from a checkpoint; with ``cfg.checkpoint_dir``
     checkpoints are written as configured, at the end, and when a stop signal arrives (then
-    ``Result.stopped`` names the signal and no final evaluation runs). A stall inspector watches
-    every rank throughout (``inspector``); non-finite values and bad input rows stop every rank at
-    the same step with a ``JobError``.
+    ``Result.stopped`` names the signal and no final evaluation runs). Ctrl-C (SIGINT on any rank)
+    stops every rank at the same step, writes a checkpoint if a directory is set, and raises
+    ``Interrupted`` (a ``KeyboardInterrupt``) on every rank; a second Ctrl-C ends the job at once.
+    A stall inspector watches every rank throughout (``inspector``); non-finite values and bad input
+    rows stop every rank at the same step with a ``JobError``.
     """
+    watch_interrupts(comm.end_job)
     log = log if (log is not None and comm.is_root) else None
     run = run if comm.is_root else None
     inspector = Inspector(comm, cfg.stall_timeout)
@@ -284,6 +297,13 @@ def fit(cfg: Config, comm: Comm, log=None, run: RunDir | None = None, terminal: 
         inspector.abandon()
         raise
     inspector.close(training.log)
+    if result.stopped == INTERRUPT.name:
+        saved = f"checkpoint {result.checkpoint}" if result.checkpoint else "no checkpoint"
+        if result.checkpoint:
+            saved += ": continue with --resume auto"
+        elif not cfg.checkpoint_dir:
+            saved += " (no checkpoint directory)"
+        raise Interrupted(f"interrupted (Ctrl-C) after step {result.steps}; {saved}", result)
     return result
 
 
@@ -358,6 +378,7 @@ class _Training:
             and Path(source).parent.resolve() == Path(cfg.checkpoint_dir).resolve()
         )
         self.saved_at = (at.step, at.epoch, at.batch) if same_dir else None
+        self.result.checkpoint = source if same_dir else None
         self.stop = None
         if cfg.deterministic:  # last: nothing after it can fail and leave BLAS single-threaded
             self._shard()
@@ -442,7 +463,8 @@ class _Training:
     def run(self) -> Result:
         cfg, result = self.cfg, self.result
         sums = np.zeros(3)
-        with StopRequest(self.comm, SIGNALS if cfg.checkpoint_dir else ()) as self.stop:
+        # Ctrl-C is honoured without checkpoints too; SIGTERM/SIGUSR1 only where a stop can be saved.
+        with StopRequest(self.comm, ALL if cfg.checkpoint_dir else (INTERRUPT,)) as self.stop:
             while self.epoch < cfg.epochs and not (self.step >= self.steps and self.batch == 0):
                 # Only rank 0 carries a resumed epoch's running sums: the epoch's reduction adds them once.
                 resumed = self.start is not None and self.epoch == self.start.epoch and self.comm.is_root
@@ -635,6 +657,7 @@ class _Training:
         seconds = comm.wtime() - t0
         if self.timeline is not None:
             self.timeline.span("checkpoint write", t0, t0 + seconds, step=self.step)
+        self.result.checkpoint = str(path)
         if comm.is_root:
             if cfg.keep:
                 prune(cfg.checkpoint_dir, cfg.keep, path)
@@ -1032,6 +1055,11 @@ def _main(comm: Comm, argv, early: EarlySignals) -> int:
     t0 = time.perf_counter()
     try:
         result = fit(cfg, comm, log=comm.print0, run=run, terminal=True)
+    except Interrupted as stop:  # every rank, after the agreed stop
+        if run is not None:
+            run.close()
+        comm.print0(f"hpcnn: {stop.message} (exit code {EXIT_INTERRUPTED})", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BaseException:
         if run is not None:
             run.discard_if_unused()  # e.g. refused: the directory holds checkpoints of another run
@@ -1054,10 +1082,13 @@ def _main(comm: Comm, argv, early: EarlySignals) -> int:
 
 def main(argv=None) -> int:
     # From the first line: a stop signal during start-up is honoured after the first step.
-    with EarlySignals() as early:
+    early = globals().pop("_EARLY", None) or EarlySignals().__enter__()
+    try:
         return run_command(
             lambda comm, args: _main(comm, args, early), sys.argv[1:] if argv is None else list(argv)
         )
+    finally:
+        early.__exit__(None, None, None)
 
 
 if __name__ == "__main__":
