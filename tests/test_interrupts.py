@@ -235,3 +235,21 @@ def test_frozen_ranks_at_the_default_stall_timeout():
     jobs = frozen_jobs("", list(ROLES))
     for role, job in jobs.items():
         check_frozen(job, role, 2 * 60 + 8)
+
+
+def test_ctrl_c_stops_a_sweep_with_exit_130_and_no_task_recorded_done(tmp_path):
+    (tmp_path / "sweep.toml").write_text(
+        '[sweep]\ngroup_size = 2\ndirectory = "out"\n[base]\nhidden = [32]\nepochs = 300\neval_every = 0\n'
+        "[grid]\nlr = [0.001, 0.003, 0.01]\n"
+    )
+    job = Job([tmp_path / "sweep.toml"], RANKS, module="hpcnn.sweep", cwd=tmp_path)
+    job.wait_for(r"^task \d .*: started")
+    time.sleep(1.0)
+    job.signal_launcher(signal.SIGINT)
+    code, seconds = job.finish(GONE)
+    assert code == 130 and seconds < GONE, (code, job.stderr)
+    assert job.hpcnn_lines() == [
+        "hpcnn: sweep interrupted (Ctrl-C); run the same command again to continue (exit 130)"
+    ], job.stderr
+    assert len(re.findall(r"^task \d on rank\(s\) \d-\d: stopped: stopped by SIGINT", job.stdout, re.M)) == 2
+    assert not list((tmp_path / "out").glob("tasks/*/result.json"))  # nothing recorded as finished
