@@ -340,7 +340,7 @@ def run_command(body, argv) -> int:
             print(f"hpcnn: error: {exc}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     comm.debug = "--debug" in argv
-    watch_interrupts(comm.end_job)
+    watch_interrupts(comm.end_job, command=True)
     try:
         return body(comm, argv)
     except JobError as exc:

@@ -53,6 +53,8 @@ class _Catcher:
     def __enter__(self):
         if self.signals and threading.current_thread() is threading.main_thread():
             if INTERRUPT in self.signals:
+                if _watch.graceful == 0:  # a new stop to ask for: earlier presses are spent
+                    _watch.presses = 0
                 _watch.graceful += 1
             for sig in self.signals:
                 self.previous[sig] = signal.signal(sig, self._handle)
@@ -193,17 +195,20 @@ class Interrupted(KeyboardInterrupt):
 
 class _InterruptWatch:
     """Sees every SIGINT as it arrives (see the module docstring) and ends the job when a Ctrl-C
-    cannot or will not be honoured by an agreed stop: the first one when no catcher is armed
-    (``graceful == 0``: nothing would ever read its flag), a second one always."""
+    will not be honoured by an agreed stop: a second one while a stop is pending, and, in a command
+    (``command``), the first one when no catcher is armed (``graceful == 0``). In a user's program
+    outside ``fit()`` a Ctrl-C stays Python's own ``KeyboardInterrupt``."""
 
     def __init__(self):
         self.graceful = 0  # catchers of SIGINT now installed (a training or start-up will stop)
         self.presses, self.last = 0, -1.0
         self.end_job = None  # called (from the watch thread) with the message to end the job with
+        self.command = False  # a command's process, where nothing but hpcnn's own code runs
         self._thread = None
 
-    def start(self, end_job) -> None:
+    def start(self, end_job, command: bool) -> None:
         self.end_job = end_job
+        self.command = self.command or command
         if self._thread is not None or threading.current_thread() is not threading.main_thread():
             return
         if signal.getsignal(INTERRUPT) in (signal.SIG_IGN, signal.SIG_DFL, None):
@@ -211,8 +216,12 @@ class _InterruptWatch:
         read, write = os.pipe()
         os.set_blocking(write, False)
         try:
-            signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+            previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
         except ValueError:  # not the main thread of the main interpreter
+            previous = None
+        if previous != -1:  # not possible here, or someone's (an asyncio loop's): leave it theirs
+            if previous is not None:
+                signal.set_wakeup_fd(previous)
             os.close(read), os.close(write)
             return
         self._thread = threading.Thread(target=self._run, args=(read,), name="hpcnn-interrupts", daemon=True)
@@ -234,17 +243,20 @@ class _InterruptWatch:
         if now - self.last < SAME_PRESS:
             return
         self.last = now
+        if self.graceful == 0:  # no stop to wait for
+            if self.command:
+                self.end_job("interrupted (Ctrl-C): ending the job")
+            return
         self.presses += 1
         if self.presses >= 2:
             self.end_job("interrupted again (Ctrl-C): ending the job now, without a checkpoint")
-        elif self.graceful == 0:
-            self.end_job("interrupted (Ctrl-C): ending the job")
 
 
 _watch = _InterruptWatch()
 
 
-def watch_interrupts(end_job) -> None:
-    """From now on, end the job with ``end_job(message)`` on a second Ctrl-C, or on the first one
-    when no training is there to stop at a step (main thread only; once per process)."""
-    _watch.start(end_job)
+def watch_interrupts(end_job, command: bool = False) -> None:
+    """From now on, end the job with ``end_job(message)`` on a second Ctrl-C while a stop is pending,
+    and in a ``command`` also on the first one when nothing is there to stop at a step (main
+    thread only; the watch thread starts once per process)."""
+    _watch.start(end_job, command)
