@@ -184,6 +184,8 @@ class Config:
             # silently or infinity passes (lr = inf, stall_timeout = nan)
             if f.type is float and not math.isfinite(getattr(self, f.name)):
                 raise UserError(f"{f.name} = {getattr(self, f.name)}: must be a finite number")
+            if f.type is str and "\0" in getattr(self, f.name):  # TOML's "\u0000": no path or name holds one
+                raise UserError(f"{f.name} = {getattr(self, f.name)!r}: contains a NUL character")
         positive = (
             "epochs",
             "batch_size",

@@ -1033,7 +1033,6 @@ def _open_run_dir(cfg: Config, comm: Comm) -> tuple[Config, RunDir | None]:
             run = RunDir.create(cfg.run_dir)
         except OSError as exc:
             raise UserError(f"run_dir {cfg.run_dir}: cannot create it: {exc}") from None
-        _check_writable(run.path, f"run_dir {run.path} is not writable")
         return str(run.path)
 
     path = comm.root_decides(create, cfg.debug)
