@@ -210,6 +210,7 @@ class Dataset:
     features: int
     num_classes: int | None  # None: regression targets
     outputs: int
+    unreadable: str | None = None  # why this rank's block of labels cannot be read (open_dataset)
 
     def close(self) -> None:
         self.train.source.close()
@@ -393,8 +394,9 @@ def open_dataset(cfg, rank: int, size: int) -> tuple[Dataset, tuple[int, int] | 
     For class labels in a file, also returns this rank's ``(min, max)`` over its blocks of the
     training and held-out labels (``None`` for built-in data and regression targets); the
     caller reduces these across ranks, checks them and calls ``set_num_classes``, so that a bad
-    label is a clear error before training instead of an index error in the middle of it.
-    No collective operations happen here.
+    label is a clear error before training instead of an index error in the middle of it. A block
+    HDF5 cannot read is left in ``Dataset.unreadable`` for the caller to report once for all ranks
+    (only the ranks whose block it is find it). No collective operations happen here.
     """
     if cfg.data in ("xor", "synthetic") and cfg.test_fraction:
         raise UserError(f"--test-fraction applies to data files; the built-in {cfg.data} has a fixed split")
@@ -489,7 +491,10 @@ def _open_file(f, cfg, path, name: str, rank: int, size: int):
     ds = Dataset(name, Split(train, train_ids), test_split, features, None, 0)
     if "num_classes" in f.attrs:
         set_num_classes(ds, _num_classes_attribute(f), "attribute num_classes")
-    blocks = [_label_block(s, rank, size) for s in (train, test) if s is not None]
+    try:
+        blocks = [_label_block(s, rank, size) for s in (train, test) if s is not None]
+    except UnreadableRows as exc:
+        ds.unreadable, blocks = str(exc), [NO_LABELS]
     return ds, (min(b[0] for b in blocks), max(b[1] for b in blocks))
 
 

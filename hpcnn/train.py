@@ -247,8 +247,12 @@ def open_data(cfg: Config, comm: Comm):
     with comm.agreed(cfg.debug):
         ds, label_range = open_dataset(cfg, comm.rank, comm.size)
     if label_range is not None:  # class labels from a file (the same on every rank): check them all
-        lo, hi = comm.min(label_range[0]), comm.max(label_range[1])
+        ranges = comm.comm.allgather((*label_range, ds.unreadable))  # (min, max, unreadable) per rank
+        lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
+        unreadable = [r[2] for r in ranges if r[2] is not None]
         with comm.agreed(cfg.debug):
+            if unreadable:  # one rank's block, the file's fault: every rank says it alike
+                raise UserError(unreadable[0])
             if lo < 0:
                 raise UserError(f"{ds.name}: labels must be class indices >= 0, found {lo}")
             if ds.num_classes is None:  # not recorded in the file: the largest label decides

@@ -307,9 +307,8 @@ def launch(args, ranks=1, as_nobody=False, timeout=LIMIT):
     return proc, time.monotonic() - t0
 
 
-REAL = [("nan_x_test", 1), ("corrupt_x", 1), ("valid", 1)] + [
-    (kind, 4) for kind in ("nan_x_test", "overflow_x", "corrupt_x", "labels_huge", "nan_y_target", "valid")
-]
+AT_4 = ("nan_x_test", "overflow_x", "corrupt_x", "corrupt_y", "labels_huge", "nan_y_target", "valid")
+REAL = [("nan_x_test", 1), ("corrupt_x", 1), ("valid", 1)] + [(kind, 4) for kind in AT_4]
 
 
 @needs_mpiexec
