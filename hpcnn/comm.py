@@ -249,13 +249,13 @@ class Comm:
     def end_job(self, message: str, code: int = EXIT_INTERRUPTED) -> None:
         """End the whole job now, from any thread, saying ``message`` once: for what reaches every
         rank at about the same moment (a second Ctrl-C). Rank 0 speaks and aborts at once; another
-        rank waits a second first, so that it speaks only where rank 0 could not (frozen, or not
-        reached). Never returns."""
+        rank waits 3 s first (Open MPI takes a second or two to kill the job after rank 0's abort),
+        so that it speaks only where rank 0 could not (frozen, or not reached). Never returns."""
         if not _ENDING.acquire(blocking=False):  # another thread is already ending the job
             while True:
                 time.sleep(60)
         if not self.is_root:
-            time.sleep(1.0)
+            time.sleep(3.0)
         who = "" if self.is_root else f"rank {self.rank}: "
         print(f"hpcnn: {who}{message} (exit code {code})", file=sys.stderr, flush=True)
         time.sleep(0.2)  # let the launcher forward the line before it tears the job down

@@ -21,6 +21,20 @@ from pathlib import Path
 from test_train import MPIEXEC, ROOT, launch_env
 
 MARK = "HPCNN_TEST_JOB"
+
+
+def _launcher_version() -> str:
+    try:
+        proc = subprocess.run([MPIEXEC, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired, TypeError):
+        return ""
+    return proc.stdout + proc.stderr
+
+
+# MPICH's mpiexec (hydra) forwards a Ctrl-C to every rank. Open MPI's mpirun does not: it ends the
+# job (SIGCONT, SIGTERM, and SIGKILL a second later); Ctrl-C reaches Open MPI's ranks only when
+# they are signalled themselves (as srun forwards it, or `kill -INT` of the ranks).
+FORWARDS_CTRL_C = "HYDRA" in _launcher_version()
 RANK_VARS = (b"PMI_RANK=", b"OMPI_COMM_WORLD_RANK=")
 
 
@@ -129,6 +143,15 @@ class Job:
     def signal_launcher(self, sig) -> None:
         self.signalled_at = self.signalled_at or time.monotonic()
         self.proc.send_signal(sig)
+
+    def ctrl_c(self) -> None:
+        """A Ctrl-C as it reaches the ranks: through the launcher where it forwards one, else to
+        every rank (what srun does)."""
+        if FORWARDS_CTRL_C:
+            self.signal_launcher(signal.SIGINT)
+        else:
+            for rank in self.processes():
+                self.signal_rank(rank, signal.SIGINT)
 
     def signal_rank(self, rank: int, sig) -> None:
         pid = self.processes()[rank]
