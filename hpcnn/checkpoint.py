@@ -29,9 +29,10 @@ filter (per chunk, checked on every read) and by its sha256 in ``tensor_digests`
 before writing (so both writers store the same ones) and recomputed from the file by ``verify``.
 The file is written in the HDF5 1.10 format (``LIBVER``): its superblock, object headers and chunk
 indexes carry HDF5's own checksums, and strings are fixed-length, stored in the checksummed object
-headers rather than in the global heap, which has no checksum and on which HDF5 1.8-format
-readers can loop forever when it is damaged. Format 1 files (hpcnn before these digests) still
-load; only their tensors are checksummed.
+headers rather than in the global heap, which has no checksum and on whose damage HDF5 can loop
+forever (2 of 5,000 random bit flips in a format 1 file's metadata did). Format 1 files (hpcnn
+before the digests) still load: their tensors are checked by Fletcher32, their attributes only
+decoded.
 
 A damaged file can still make HDF5 loop inside C code, which Python cannot interrupt, so
 ``--resume``, ``evaluate`` and ``python -m hpcnn.checkpoint`` verify a file in a child process
@@ -634,7 +635,10 @@ def verify_bounded(path, tensors: bool = True, stall: float = VERIFY_STALL_S) ->
         raise UserError(f"checkpoint {path} does not exist")
     # The child does no BLAS work: one thread, not one per core.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "hpcnn.checkpoint", CHILD, str(path), f"{stall:g}"]
+    # This very hpcnn, whatever the working directory holds (``-m`` would look there first).
+    here = str(Path(__file__).resolve().parents[1])
+    code = f"import sys; sys.path.insert(0, {here!r}); from hpcnn.checkpoint import main; sys.exit(main())"
+    cmd = [sys.executable, "-c", code, CHILD, str(path), f"{stall:g}"]
     proc = subprocess.Popen(
         cmd + ([] if tensors else ["--no-tensors"]),
         stdin=subprocess.DEVNULL,
@@ -756,8 +760,9 @@ CRASHES = (signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGFPE, signal.
 
 
 def _verify_child(argv) -> int:
-    """``python -m hpcnn.checkpoint --verify-child FILE STALL [--no-tensors]``: ``verify`` with a
-    dot on stdout for each step, then the tensor bytes read; exit code 2 and the message if damaged.
+    """The child ``verify_bounded`` starts (argv ``--verify-child FILE STALL [--no-tensors]``):
+    ``verify`` with a dot on stdout for each step, then the tensor bytes read; exit code 2 and
+    the message if damaged.
 
     Each step also re-arms an alarm a little beyond ``STALL``: SIGALRM's default action ends this
     process even inside HDF5's C code, so it ends by itself should its parent be gone."""
@@ -809,6 +814,8 @@ def main(argv=None) -> int:
             help=f"stop a verification that shows no progress this long (default {VERIFY_STALL_S:g})",
         )
     args = p.parse_args(argv)
+    if not args.timeout > 0:
+        p.error(f"--timeout must be a positive number of seconds, not {args.timeout:g}")
     try:
         if args.command == "info":
             verified = verify_bounded(args.file, not args.no_verify, args.timeout)

@@ -292,6 +292,10 @@ def test_the_bounded_verification_stops_a_file_that_never_answers(good, tmp_path
         result, seconds = in_child(lambda path=path: outcome(lambda: verify_bounded(path, stall=2)))
         assert result.startswith(f"user: checkpoint {path} {message}") and seconds < 2 + LIMIT, result
     assert verify_bounded(good) == verify(good)
+    # The child runs beside MPI ranks: importing mpi4py.MPI there would initialise MPI.
+    code = "import sys, hpcnn.checkpoint; print(sorted(m for m in sys.modules if m.startswith('mpi4py')))"
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert child.stdout == "[]\n", child
 
 
 def flip_object_header(src, dst) -> None:
