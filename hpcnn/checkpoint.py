@@ -505,7 +505,13 @@ def _reading(path):
     except UserError:
         raise
     except DAMAGE as exc:
-        raise UserError(f"checkpoint {path} is corrupt ({type(exc).__name__}: {exc})") from None
+        raise UserError(f"checkpoint {path} is corrupt ({_reason(exc)})") from None
+
+
+def _reason(exc: BaseException) -> str:
+    # h5py raises KeyError for an object it cannot open; str() of a KeyError quotes its message.
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+    return f"{type(exc).__name__}: {text}"
 
 
 def _text(value) -> str:
@@ -823,7 +829,7 @@ def main(argv=None) -> int:
             try:
                 print(describe_info(info, None if args.no_verify else verified))
             except DAMAGE as exc:  # format 1 attributes have no checksum: a damaged one may not decode
-                raise UserError(f"checkpoint {args.file} is corrupt ({type(exc).__name__}: {exc})") from None
+                raise UserError(f"checkpoint {args.file} is corrupt ({_reason(exc)})") from None
             if args.config:
                 print(info.config, end="")
             return 0
