@@ -651,6 +651,9 @@ def verify_bounded(path, tensors: bool = True, stall: float = VERIFY_STALL_S) ->
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
+        # Out of the terminal's process group: a Ctrl-C is the training's to handle (it stops
+        # after a step), not a reason to call this file corrupt. Orphaned, it ends by its alarm.
+        start_new_session=True,
     )
     out, err = _collect(proc, stall)
     if out is None or proc.returncode == -signal.SIGALRM:  # stopped by us, or by its own alarm
