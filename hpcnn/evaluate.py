@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from hpcnn.backend import dtype_of, to_host, xp
-from hpcnn.checkpoint import inspect, read_stage
+from hpcnn.checkpoint import inspect, read_stage, verify_bounded
 from hpcnn.comm import Comm, blas_threads, run_command
 from hpcnn.config import Config, _int_list, _Parser, from_dict, parse_toml
 from hpcnn.data import (
@@ -79,6 +79,8 @@ def build_parser(is_root: bool = True) -> argparse.ArgumentParser:
 
 def load(path, overrides: dict, comm: Comm):
     """The checkpoint's config (with ``overrides``), its layers, and this rank's stage loaded."""
+    # Rank 0 checks the file first, in a child process: a damaged one can make HDF5 loop forever.
+    comm.root_decides(lambda: verify_bounded(path), overrides.get("debug", False))
     with comm.agreed(overrides.get("debug", False)):
         info = inspect(path)
         saved = parse_toml(info.config)

@@ -42,7 +42,7 @@ from hpcnn.checkpoint import (
     read_stage,
     save,
     step_of,
-    verify,
+    verify_bounded,
 )
 from hpcnn.comm import Comm, Grid, blas_threads, run_command
 from hpcnn.config import Config, config_changes, resolve
@@ -903,14 +903,15 @@ def _check_directory(cfg, start: Position | None) -> None:
 
 def _choose_checkpoint(cfg) -> tuple[str | None, list[str]]:
     """The checkpoint to resume from (rank 0): ``cfg.resume``, or for ``auto`` the newest one that
-    reads back whole; the notes say which newer ones were unreadable."""
+    reads back whole; the notes say which newer ones were unreadable. Each is verified in a child
+    process that cannot hang this one (``verify_bounded``)."""
     if cfg.resume != "auto":
-        verify(cfg.resume)
+        verify_bounded(cfg.resume)
         return cfg.resume, []
     notes = []
     for path in checkpoints(cfg.checkpoint_dir):
         try:
-            verify(path)
+            verify_bounded(path)
             return str(path), notes
         except UserError as exc:
             notes.append(f"resume: skipping {exc}")
