@@ -69,7 +69,7 @@ LONG = frozenset(
 DONE = _INDEX["done"]
 HEARTBEAT = 1
 FLOOR, LONG_FLOOR, STEPS = 60.0, 600.0, 20.0
-STAGGER, STAGGERED = 0.5, 8  # seconds between ranks 1, 2, ... ending a job themselves; ranks staggered
+STAGGER, STAGGERED = 2.0, 2  # seconds between ranks 1, 2, 3+ ending a job themselves (Open MPI kills slowly)
 
 
 class Inspector:
