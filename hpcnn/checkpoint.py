@@ -1,9 +1,11 @@
 """Checkpoints: the whole training state in one HDF5 file that any parallel layout can read.
 
-Layout of ``ckpt-<step>.h5`` (``format_version`` 1)::
+Layout of ``ckpt-<step>.h5`` (``format_version`` 2)::
 
     /                      attrs: format_version, kind = "hpcnn checkpoint", hpcnn_version, created,
-                                  config (the resolved config as TOML)
+                                  config (the resolved config as TOML),
+                                  tensor_digests (JSON: dataset name -> sha256 of its dtype, shape, bytes),
+                                  content_digest (sha256 of every other attribute, canonical JSON)
     /model                 attrs: architecture (JSON: in_features, dtype, one spec per layer),
                                   description, parameters
     /model/<LLL>_<type>/<name>          parameters of layer LLL (model order), e.g. 000_dense/W
@@ -17,8 +19,7 @@ Layout of ``ckpt-<step>.h5`` (``format_version`` 1)::
                                   io ("mpio" or "gather"); for information only
 
 Tensors are stored whole (layout-free): a rank reads the tensors of its own stage, whatever
-layout wrote them. Every dataset is chunked with HDF5's Fletcher32 checksum filter, which HDF5
-verifies on every read. A checkpoint is written to a hidden temporary name in the same directory
+layout wrote them. A checkpoint is written to a hidden temporary name in the same directory
 (``.ckpt-<step>.h5.<host>.<pid>.tmp``: one per run), flushed and fsynced, then renamed over the
 final name (and the directory fsynced): a crash at any moment leaves the previous checkpoints intact.
 
@@ -27,6 +28,22 @@ the free space (``os.statvfs``) with an estimate of the file's size and refuses 
 during the write (a disk that filled meanwhile, an I/O error, a directory removed) removes the
 temporary file. HDF5 never sees a failed write from the gathering writer (``_Spool``): after one,
 HDF5's file state is broken and its own close crashes the process.
+
+Integrity. Every byte of content is covered by a checksum: each dataset by HDF5's Fletcher32
+filter (per chunk, checked on every read) and by its sha256 in ``tensor_digests``; every attribute,
+``tensor_digests`` included, by ``content_digest``. The digests are computed from the values
+before writing (so both writers store the same ones) and recomputed from the file by ``verify``.
+The file is written in the HDF5 1.10 format (``LIBVER``): its superblock, object headers and chunk
+indexes carry HDF5's own checksums, and strings are fixed-length, stored in the checksummed object
+headers rather than in the global heap, which has no checksum and on whose damage HDF5 can loop
+forever (2 of 5,000 random bit flips in a format 1 file's metadata did). Format 1 files (hpcnn
+before the digests) still load: their tensors are checked by Fletcher32, their attributes only
+decoded.
+
+A damaged file can still make HDF5 loop inside C code, which Python cannot interrupt, so
+``--resume``, ``evaluate`` and ``python -m hpcnn.checkpoint`` verify a file in a child process
+(``verify_bounded``) that is stopped when it makes no progress for ``VERIFY_STALL_S`` seconds: the
+file then counts as corrupt. Any error while reading a damaged file is a ``UserError`` naming it.
 
 Two writers produce the same datasets (same shapes, chunks, filters, values):
 
@@ -41,12 +58,18 @@ permutation drawn from ``(seed, e)`` (``data.EpochSampler``), so ``(seed, epoch,
 whole random state, and resuming continues on exactly the global batches of an uninterrupted run.
 """
 
+import hashlib
 import json
 import math
 import os
 import re
+import select
+import signal
 import socket
+import subprocess
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,14 +82,32 @@ from hpcnn.errors import EXIT_IO, JobError, UserError
 from hpcnn.model import describe
 from hpcnn.params import layout
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READS = (1, 2)  # format 1: as 2 without the digests, HDF5's default (1.8) format, vlen strings
+LIBVER = ("v110", "v110")  # metadata checksums; readable by HDF5 1.10 and later
 KIND = "hpcnn checkpoint"
 NAME = re.compile(r"^ckpt-(\d+)\.h5$")
 TEMPORARY = re.compile(r"^\.ckpt-\d+\.h5(\..+)?\.tmp$")  # a write in progress, or one a dead run left
 CHUNK_BYTES = 1 << 20  # chunk size target: large enough for fast I/O, small enough to checksum often
-# HDF5's own bytes per dataset (object header, chunk index): measured 3.3-4.3 KiB for hpcnn's files
-DATASET_OVERHEAD = 4608
+# Bytes per dataset besides its values: HDF5's object header and chunk index, and its entry in
+# tensor_digests (measured 390-520 for format 2 files, HDF5 1.10 layout)
+DATASET_OVERHEAD = 640
 DATA_ORDER = "permutation of the training rows from numpy.random.default_rng((seed, 0xDA7A, epoch))"
+# A verification that shows no progress (file opened, an attribute or a chunk of rows read) for
+# this long is stopped and its file counted as corrupt: HDF5 can loop forever on damaged metadata.
+VERIFY_STALL_S = 30.0
+# What reading a damaged file can raise from h5py, numpy and json (UnicodeDecodeError and
+# JSONDecodeError are ValueErrors): each means "corrupt", never an internal error.
+DAMAGE = (
+    OSError,
+    RuntimeError,
+    ValueError,
+    LookupError,
+    TypeError,
+    AttributeError,
+    ArithmeticError,
+    MemoryError,
+)
 
 
 def file_name(step: int) -> str:
@@ -112,6 +153,7 @@ class Info:
     """What a checkpoint holds, read from its attributes (no tensors)."""
 
     path: str
+    format_version: int
     hpcnn_version: str
     created: str
     config: str  # TOML
@@ -192,22 +234,69 @@ def _create(f, key: str, shape: tuple, dtype):
 
 
 def _write_attrs(f, meta: dict) -> None:
+    import h5py
+
     for group, attrs in meta.items():
         target = f if group == "/" else f.require_group(group)
         for name, value in attrs.items():
-            target.attrs[name] = value
+            if isinstance(value, str):
+                # Fixed length: kept in the checksummed object header; h5py's default variable-length
+                # strings live in the global heap, which has no checksum.
+                raw = value.encode()
+                target.attrs.create(name, raw, dtype=h5py.string_dtype("utf-8", max(len(raw), 1)))
+            else:
+                target.attrs[name] = value
 
 
-def metadata(cfg, layers, in_features, bounds, grid, opt, position: Position, io: str) -> dict:
-    """The attributes of a checkpoint, grouped by HDF5 group (identical on every rank)."""
+def tensor_digest(values) -> str:
+    """sha256 of a tensor's dtype, shape and bytes (C order)."""
+    h = _tensor_hash(values.dtype, values.shape)
+    h.update(np.ascontiguousarray(values).data)
+    return h.hexdigest()
+
+
+def _tensor_hash(dtype, shape):
+    return hashlib.sha256(json.dumps([np.dtype(dtype).str, [int(n) for n in shape]]).encode())
+
+
+def content_digest(attributes: dict) -> str:
+    """sha256 of every attribute (``{object path: {name: value}}``, the root's path being ``/``)
+    but ``/``'s ``content_digest`` itself, in a canonical JSON form."""
+    plain = {
+        where: {name: _plain(v) for name, v in attrs.items() if (where, name) != ("/", "content_digest")}
+        for where, attrs in attributes.items()
+    }
+    return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()
+
+
+def _plain(value):
+    """An attribute value as written (str, int, numpy array) or as read back (bytes for a
+    fixed-length string, numpy scalars) in one JSON form; arrays by dtype, shape and bytes."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value)
+    if isinstance(value, np.ndarray) and not value.dtype.hasobject:
+        return {"dtype": value.dtype.str, "shape": list(value.shape), "bytes": value.tobytes().hex()}
+    raise TypeError(f"an attribute value of type {type(value).__name__}")
+
+
+def metadata(cfg, layers, in_features, bounds, grid, opt, position: Position, io: str, digests: dict) -> dict:
+    """The attributes of a checkpoint, grouped by HDF5 group (identical on every rank), sealed by
+    ``content_digest``; ``digests`` are the tensors' (``tensor_digest``) by dataset name."""
     arch = architecture(layers, in_features, cfg.dtype)
-    return {
+    meta = {
         "/": {
             "format_version": FORMAT_VERSION,
             "kind": KIND,
             "hpcnn_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "config": cfg.to_toml(),
+            "tensor_digests": json.dumps(digests, sort_keys=True),
         },
         "model": {
             "architecture": json.dumps(arch),
@@ -233,6 +322,8 @@ def metadata(cfg, layers, in_features, bounds, grid, opt, position: Position, io
             "io": io,
         },
     }
+    meta["/"]["content_digest"] = content_digest(meta)
+    return meta
 
 
 def estimate_bytes(layers, buffers: int, itemsize: int, meta: dict | None = None) -> int:
@@ -290,12 +381,15 @@ def save(directory, cfg, layers, in_features, bounds, grid, model, opt, position
     """
     world = grid.world
     io = ("mpio" if h5py_parallel() and world.size > 1 else "gather") if io == "auto" else io
+    buffers = _buffers(model, opt)
+    digests = _tensor_digests(grid, layers, bounds, buffers)
     meta = world.bcast(
-        metadata(cfg, layers, in_features, bounds, grid, opt, position, io) if world.is_root else None
+        metadata(cfg, layers, in_features, bounds, grid, opt, position, io, digests)
+        if world.is_root
+        else None
     )
     directory = Path(directory)
     final = directory / file_name(position.step)
-    buffers = _buffers(model, opt)
     needed = estimate_bytes(layers, len(buffers), to_host(buffers[0][1]).dtype.itemsize, meta)
     failure, tmp = None, None
     if world.is_root:  # refuse before writing anything if the file cannot fit
@@ -343,6 +437,19 @@ def _write_failure(final: Path, tmp: Path, reason: str, needed: int) -> str:
         f"writing checkpoint {final} failed: {reason}; a checkpoint needs about {_amount(needed)}, {space}; "
         f"{removed}, earlier checkpoints are intact"
     )
+
+
+def _tensor_digests(grid, layers, bounds, buffers) -> dict | None:
+    """``tensor_digest`` of every tensor by dataset name, on world rank 0 (``None`` elsewhere).
+    The replicas of a stage hold identical copies of its tensors and share the hashing out."""
+    tensors = stage_tensors(layers, bounds[grid.stage], bounds[grid.stage + 1])
+    mine = {}
+    for i, ((group, buf), (key, offset, shape)) in enumerate((b, t) for b in buffers for t in tensors):
+        if i % grid.replicas == grid.replica:
+            values = to_host(buf)[offset : offset + math.prod(shape)].reshape(shape)
+            mine[f"{group}/{key}"] = tensor_digest(values)
+    parts = grid.world.gather(mine)
+    return None if parts is None else {name: d for part in parts for name, d in part.items()}
 
 
 def _fsync(path: Path) -> None:
@@ -460,7 +567,7 @@ def _write_gathered(tmp, meta, grid, layers, bounds, buffers) -> str | None:
     failure, f, spool = None, None, None
     try:
         spool = _Spool(tmp)
-        f = h5py.File(spool, "w")
+        f = h5py.File(spool, "w", libver=LIBVER)
         spool.fail_next = faults.ERRNOS.get(faults.point("checkpoint"))
         _write_attrs(f, meta)
     except (OSError, ValueError) as exc:
@@ -514,7 +621,7 @@ def _write_mpio(tmp, meta, grid, layers, bounds, buffers) -> str | None:
     dxpl = h5p.create(h5p.DATASET_XFER)
     dxpl.set_dxpl_mpio(h5fd.MPIO_COLLECTIVE)
     try:
-        f = h5py.File(tmp, "w", driver="mpio", comm=world.comm)
+        f = h5py.File(tmp, "w", driver="mpio", comm=world.comm, libver=LIBVER)
     except (OSError, ValueError) as exc:
         failure = str(exc)
     else:
@@ -588,8 +695,27 @@ def checkpoints(directory) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def _open(path):
-    return open_h5(path, "checkpoint")
+@contextmanager
+def _reading(path):
+    """``path`` open for reading. Any error a damaged file raises, opening, reading or closing it,
+    becomes a ``UserError`` naming the file."""
+    try:
+        f = open_h5(path, "checkpoint")
+    except DAMAGE as exc:  # open_h5 turns OSErrors into UserErrors; a damaged superblock can raise others
+        raise UserError(f"checkpoint {path} is not a readable HDF5 file ({exc})") from None
+    try:
+        with f:
+            yield f
+    except UserError:
+        raise
+    except DAMAGE as exc:
+        raise UserError(f"checkpoint {path} is corrupt ({_reason(exc)})") from None
+
+
+def _reason(exc: BaseException) -> str:
+    # h5py raises KeyError for an object it cannot open; str() of a KeyError quotes its message.
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+    return f"{type(exc).__name__}: {text}"
 
 
 def _text(value) -> str:
@@ -597,68 +723,201 @@ def _text(value) -> str:
 
 
 def inspect(path) -> Info:
-    """Read what a checkpoint holds (attributes only); ``UserError`` if it is not one hpcnn reads."""
-    with _open(path) as f:
-        if _text(f.attrs.get("kind", "")) != KIND:
-            raise UserError(f"{path} is not an hpcnn checkpoint (no kind = {KIND!r} attribute)")
-        version = int(f.attrs.get("format_version", -1))
-        if version != FORMAT_VERSION:
-            raise UserError(
-                f"checkpoint {path} has format_version {version}; this hpcnn {__version__} reads "
-                f"format_version {FORMAT_VERSION}"
-            )
-        try:
-            m, o, p, layout = f["model"].attrs, f["optimizer"].attrs, f["position"].attrs, f["layout"].attrs
-            return Info(
-                path=str(path),
-                hpcnn_version=_text(f.attrs["hpcnn_version"]),
-                created=_text(f.attrs["created"]),
-                config=_text(f.attrs["config"]),
-                architecture=json.loads(_text(m["architecture"])),
-                description=_text(m["description"]),
-                parameters=int(m["parameters"]),
-                optimizer=_text(o["kind"]),
-                optimizer_t=int(o["t"]),
-                state_names=json.loads(_text(o["state"])),
-                position=Position(
-                    int(p["step"]),
-                    int(p["epoch"]),
-                    int(p["batch"]),
-                    [float(v) for v in p["epoch_sums"]],
-                    json.loads(_text(p["history"])),
-                ),
-                seed=int(f["rng"].attrs["seed"]),
-                layout={k: (v.tolist() if hasattr(v, "tolist") else _text(v)) for k, v in layout.items()},
-            )
-        except (KeyError, ValueError) as exc:
-            raise UserError(f"checkpoint {path} is incomplete: {exc}") from None
+    """Read what a checkpoint holds (attributes only); ``UserError`` if it is not one hpcnn reads
+    or cannot be decoded. The attributes are not checked against their digest: ``verify`` does."""
+    with _reading(path) as f:
+        version = _format_version(path, f)
+        m, o, p, layout = f["model"].attrs, f["optimizer"].attrs, f["position"].attrs, f["layout"].attrs
+        return Info(
+            path=str(path),
+            format_version=version,
+            hpcnn_version=_text(f.attrs["hpcnn_version"]),
+            created=_text(f.attrs["created"]),
+            config=_text(f.attrs["config"]),
+            architecture=json.loads(_text(m["architecture"])),
+            description=_text(m["description"]),
+            parameters=int(m["parameters"]),
+            optimizer=_text(o["kind"]),
+            optimizer_t=int(o["t"]),
+            state_names=json.loads(_text(o["state"])),
+            position=Position(
+                int(p["step"]),
+                int(p["epoch"]),
+                int(p["batch"]),
+                [float(v) for v in p["epoch_sums"]],
+                json.loads(_text(p["history"])),
+            ),
+            seed=int(f["rng"].attrs["seed"]),
+            layout={k: _text(v) if isinstance(v, (bytes, str)) else v.tolist() for k, v in layout.items()},
+        )
 
 
-def verify(path) -> int:
-    """Read every dataset (HDF5 checks each chunk's Fletcher32 checksum); return the bytes read.
+def _format_version(path, f) -> int:
+    """The format version of an hpcnn checkpoint this hpcnn reads; ``UserError`` for other files."""
+    if _text(f.attrs.get("kind", "")) != KIND:
+        raise UserError(f"{path} is not an hpcnn checkpoint (no kind = {KIND!r} attribute)")
+    version = int(f.attrs.get("format_version", -1))
+    if version not in READS:
+        raise UserError(
+            f"checkpoint {path} has format_version {version}; this hpcnn {__version__} reads "
+            f"format_version {' and '.join(map(str, READS))}"
+        )
+    return version
 
-    Raises ``UserError`` naming the first dataset that fails."""
-    inspect(path)
+
+def verify(path, tensors: bool = True, progress=None) -> int:
+    """Check a checkpoint in this process: for format 2, every attribute matches ``content_digest``;
+    with ``tensors``, every dataset passes HDF5's Fletcher32 checks (per chunk, as it is read) and,
+    for format 2, matches its ``tensor_digests`` entry; every attribute decodes (``inspect``).
+    ``progress()`` is called after each step (an object's attributes, a chunk of rows). Returns
+    the tensor bytes read (0 without ``tensors``).
+
+    Raises ``UserError`` naming the file and what is damaged. HDF5 can loop forever on damaged
+    metadata: whoever must not hang calls ``verify_bounded``."""
+    tick = progress or (lambda: None)
+    size = os.path.getsize(path)
     total = 0
-    with _open(path) as f:
-        names = []
-        f.visititems(lambda name, obj: names.append(name) if hasattr(obj, "shape") else None)
-        for name in names:
+    with _reading(path) as f:
+        version = _format_version(path, f)
+        attributes, datasets = _contents(f, tick)
+        expected = None
+        if version >= 2:  # the attributes are whole before anything is decoded from them
+            if _text(attributes["/"].get("content_digest", "")) != content_digest(attributes):
+                raise UserError(f"checkpoint {path}: its attributes do not match their content_digest")
+            expected = json.loads(_text(attributes["/"]["tensor_digests"]))
+            if sorted(expected) != datasets:
+                raise UserError(f"checkpoint {path}: its datasets are not those its checksums list")
+        for name in datasets if tensors else ():
             dset = f[name]
             if dset.fletcher32 is not True:
                 raise UserError(f"checkpoint {path}: dataset {name} has no checksum")
+            nbytes = dset.size * dset.dtype.itemsize
+            if nbytes > size:  # a damaged shape; reading it could exhaust memory
+                raise UserError(
+                    f"checkpoint {path}: dataset {name} claims {nbytes} bytes; the file has {size}"
+                )
             try:
-                total += dset[...].nbytes
-            except OSError as exc:
+                digest = _read_digest(dset, tick)
+            except DAMAGE as exc:
                 raise UserError(f"checkpoint {path}: dataset {name} is corrupt ({exc})") from None
+            if expected is not None and digest != expected[name]:
+                raise UserError(f"checkpoint {path}: dataset {name} does not match its tensor_digests entry")
+            total += nbytes
+    inspect(path)  # every attribute decodes (for format 1, the only check its attributes get)
     return total
+
+
+def _contents(f, tick) -> tuple[dict, list]:
+    """Every object's attributes (``{path: {name: value}}``, objects that have any, the root as
+    ``/``) and the dataset names, sorted."""
+    names = []
+    f.visit(names.append)
+    attributes, datasets = {}, []
+    for name in ["/", *names]:
+        obj = f[name]
+        if hasattr(obj, "shape"):
+            datasets.append(name)
+        attrs = {key: obj.attrs[key] for key in obj.attrs}
+        if attrs:
+            attributes[name] = attrs
+        tick()
+    return attributes, sorted(datasets)
+
+
+def _read_digest(dset, tick) -> str:
+    """``tensor_digest`` of a dataset, read a chunk of rows at a time."""
+    h = _tensor_hash(dset.dtype, dset.shape)
+    rows = dset.chunks[0]
+    for start in range(0, dset.shape[0], rows):
+        h.update(np.ascontiguousarray(dset[start : start + rows]).data)
+        tick()
+    return h.hexdigest()
+
+
+def verify_bounded(path, tensors: bool = True, stall: float = VERIFY_STALL_S) -> int:
+    """``verify`` in a child process, stopped when it shows no progress for ``stall`` seconds.
+
+    The child imports no MPI, so an MPI rank can call this. Returns the tensor bytes verified;
+    raises ``UserError`` naming the file if it is missing or damaged, or its verification hung
+    or crashed."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist")
+    # The child does no BLAS work: one thread, not one per core.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    # This very hpcnn, whatever the working directory holds (``-m`` would look there first).
+    here = str(Path(__file__).resolve().parents[1])
+    code = f"import sys; sys.path.insert(0, {here!r}); from hpcnn.checkpoint import main; sys.exit(main())"
+    cmd = [sys.executable, "-c", code, CHILD, str(path), f"{stall:g}"]
+    proc = subprocess.Popen(
+        cmd + ([] if tensors else ["--no-tensors"]),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        # Out of the terminal's process group: a Ctrl-C is the training's to handle (it stops
+        # after a step), not a reason to call this file corrupt. Orphaned, it ends by its alarm.
+        start_new_session=True,
+    )
+    out, err = _collect(proc, stall)
+    if out is None or proc.returncode == -signal.SIGALRM:  # stopped by us, or by its own alarm
+        raise UserError(
+            f"checkpoint {path} is corrupt: its verification made no progress for {stall:g} s and was "
+            "stopped (HDF5 can loop forever on damaged metadata)"
+        )
+    last = (err.strip().splitlines() or [""])[-1].removeprefix("hpcnn: error: ")
+    words = out.split()  # dots, then the bytes read
+    if proc.returncode == 0 and words and words[-1].isdigit():
+        return int(words[-1])
+    if proc.returncode == 2 and last:
+        raise UserError(last)
+    if -proc.returncode in CRASHES:
+        crash = signal.Signals(-proc.returncode).name
+        raise UserError(f"checkpoint {path} is corrupt: its verification crashed ({crash})")
+    code = proc.returncode
+    ended = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"ended with exit code {code}"
+    raise UserError(
+        f"checkpoint {path} could not be verified: its verification {ended}" + (f": {last}" * bool(last))
+    )
+
+
+def _collect(proc, stall: float) -> tuple[str | None, str]:
+    """``proc``'s stdout and stderr once it has ended; stdout is ``None`` if it was killed because
+    its stdout stayed silent for ``stall`` seconds."""
+    out, err = proc.stdout.fileno(), proc.stderr.fileno()
+    data, live, stalled = {out: b"", err: b""}, [out, err], False
+    heard = time.monotonic()
+    try:
+        while live and not stalled:
+            ready, _, _ = select.select(live, [], [], max(0.0, heard + stall - time.monotonic()))
+            stalled = not ready
+            for fd in ready:
+                chunk = os.read(fd, 1 << 16)
+                data[fd] += chunk
+                if not chunk:
+                    live.remove(fd)
+                elif fd == out:
+                    heard = time.monotonic()
+        if not stalled:
+            try:
+                proc.wait(timeout=stall)  # its output is closed: it is exiting
+            except subprocess.TimeoutExpired:
+                stalled = True
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    text = {fd: chunk.decode(errors="replace") for fd, chunk in data.items()}
+    return (None if stalled else text[out]), text[err]
 
 
 def read_stage(path, layers, first: int, stop: int, params, state: dict) -> None:
     """Fill this stage's flat parameter and optimizer-state buffers from ``path``."""
     tensors = stage_tensors(layers, first, stop)
     targets = [("model", params.data)] + [(f"optimizer/{n}", state[n]) for n in sorted(state)]
-    with _open(path) as f:
+    with _reading(path) as f:
         for group, flat in targets:
             for key, offset, shape in tensors:
                 name = f"{group}/{key}"
@@ -669,7 +928,7 @@ def read_stage(path, layers, first: int, stop: int, params, state: dict) -> None
                     raise UserError(f"checkpoint {path}: {name} has shape {dset.shape}, expected {shape}")
                 try:
                     values = dset[...]
-                except OSError as exc:
+                except DAMAGE as exc:
                     raise UserError(f"checkpoint {path}: dataset {name} is corrupt ({exc})") from None
                 flat[offset : offset + math.prod(shape)] = values.reshape(-1)
 
@@ -680,7 +939,8 @@ def read_stage(path, layers, first: int, stop: int, params, state: dict) -> None
 def describe_info(info: Info, verified_bytes: int | None) -> str:
     at, layout, arch = info.position, info.layout, info.architecture
     lines = [
-        f"{info.path}: {KIND}, format_version {FORMAT_VERSION}, hpcnn {info.hpcnn_version}, {info.created}",
+        f"{info.path}: {KIND}, format_version {info.format_version}, hpcnn {info.hpcnn_version}, "
+        f"{info.created}",
         f"model: {info.description}, {arch['dtype']}, {arch['in_features']} input features",
         f"optimizer: {info.optimizer}, {info.optimizer_t} steps taken, "
         f"state {', '.join(info.state_names) or '-'}",
@@ -698,28 +958,85 @@ def describe_info(info: Info, verified_bytes: int | None) -> str:
                 text += f", accuracy {100 * last['test']['accuracy']:.2f}%"
         lines.append(text)
     if verified_bytes is not None:
-        lines.append(f"checksums: every dataset verified ({verified_bytes / 2**20:.2f} MiB of tensors)")
+        attrs = "every attribute verified" if info.format_version >= 2 else "attributes carry none (format 1)"
+        lines.append(
+            f"checksums: every dataset verified ({verified_bytes / 2**20:.2f} MiB of tensors), {attrs}"
+        )
+    elif info.format_version >= 2:
+        lines.append("checksums: every attribute verified; tensors not read (--no-verify)")
     return "\n".join(lines)
+
+
+CHILD = "--verify-child"  # argv[1] of the process verify_bounded starts
+# What a child reading a damaged file can die of (the rest are someone else's signals).
+CRASHES = (signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGFPE, signal.SIGILL)
+
+
+def _verify_child(argv) -> int:
+    """The child ``verify_bounded`` starts (argv ``--verify-child FILE STALL [--no-tensors]``):
+    ``verify`` with a dot on stdout for each step, then the tensor bytes read; exit code 2 and
+    the message if damaged.
+
+    Each step also re-arms an alarm a little beyond ``STALL``: SIGALRM's default action ends this
+    process even inside HDF5's C code, so it ends by itself should its parent be gone."""
+    alarm = math.ceil(float(argv[1])) + 5
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)  # an ignored signal would stay ignored across exec
+
+    def beat():
+        signal.alarm(alarm)
+        sys.stdout.write(".")
+        sys.stdout.flush()
+
+    beat()
+    try:
+        total = verify(argv[0], "--no-tensors" not in argv, beat)
+    except UserError as exc:
+        print(f"hpcnn: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"\n{total}")
+    return 0
 
 
 def main(argv=None) -> int:
     import argparse
-    import sys
 
-    p = argparse.ArgumentParser(prog="python -m hpcnn.checkpoint", description="Inspect hpcnn checkpoints.")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [CHILD]:
+        return _verify_child(argv[1:])
+    p = argparse.ArgumentParser(
+        prog="python -m hpcnn.checkpoint",
+        description="Inspect hpcnn checkpoints. Each file is verified in a child process, stopped "
+        "when it shows no progress for --timeout seconds (the file then counts as corrupt).",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     info_p = sub.add_parser("info", help="what a checkpoint holds; verifies every checksum")
     info_p.add_argument("file")
-    info_p.add_argument("--no-verify", action="store_true", help="read the attributes only")
+    info_p.add_argument("--no-verify", action="store_true", help="check the attributes only, not the tensors")
     info_p.add_argument("--config", action="store_true", help="also print the run's config (TOML)")
-    list_p = sub.add_parser("list", help="the checkpoints of a directory, newest first, with their state")
+    list_p = sub.add_parser(
+        "list",
+        help="the checkpoints of a directory, newest first, good or UNREADABLE (exit code 2 if any is)",
+    )
     list_p.add_argument("directory")
+    for sp in (info_p, list_p):
+        sp.add_argument(
+            "--timeout",
+            type=float,
+            default=VERIFY_STALL_S,
+            metavar="SECONDS",
+            help=f"stop a verification that shows no progress this long (default {VERIFY_STALL_S:g})",
+        )
     args = p.parse_args(argv)
+    if not args.timeout > 0:
+        p.error(f"--timeout must be a positive number of seconds, not {args.timeout:g}")
     try:
         if args.command == "info":
-            verified = None if args.no_verify else verify(args.file)
-            info = inspect(args.file)
-            print(describe_info(info, verified))
+            verified = verify_bounded(args.file, not args.no_verify, args.timeout)
+            info = inspect(args.file)  # safe: the child has just read the same attributes
+            try:
+                print(describe_info(info, None if args.no_verify else verified))
+            except DAMAGE as exc:  # format 1 attributes have no checksum: a damaged one may not decode
+                raise UserError(f"checkpoint {args.file} is corrupt ({_reason(exc)})") from None
             if args.config:
                 print(info.config, end="")
             return 0
@@ -729,11 +1046,12 @@ def main(argv=None) -> int:
         bad = 0
         for path in found:
             try:
-                verify(path)
-                print(f"{path}: step {step_of(path)}, good")
+                verify_bounded(path, stall=args.timeout)
+                note = "" if inspect(path).format_version >= 2 else " (format 1: attributes unchecked)"
+                print(f"{path}: step {step_of(path)}, good{note}", flush=True)
             except UserError as exc:
                 bad += 1
-                print(f"{path}: step {step_of(path)}, UNREADABLE: {exc}")
+                print(f"{path}: step {step_of(path)}, UNREADABLE: {exc}", flush=True)
         return 2 if bad else 0
     except UserError as exc:
         print(f"hpcnn: error: {exc}", file=sys.stderr)

@@ -41,9 +41,11 @@ if "mpi4py.MPI" not in sys.modules:
 import numpy as np  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
-from hpcnn.errors import EXIT_INTERNAL, EXIT_USAGE, JobError, UserError  # noqa: E402
+from hpcnn.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, JobError, UserError  # noqa: E402
+from hpcnn.preempt import watch_interrupts  # noqa: E402
 
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+_ENDING = threading.Lock()  # held by the thread that is ending the job (end_job): one message
 NULL_REQUEST = MPI.REQUEST_NULL
 
 
@@ -159,6 +161,10 @@ class Comm:
     def isend(self, buf, dest: int, tag: int):
         return self.comm.Isend(buf, dest=dest, tag=tag)
 
+    def issend(self, buf, dest: int, tag: int):
+        """A synchronous-mode send: complete only once the receiver has matched it."""
+        return self.comm.Issend(buf, dest=dest, tag=tag)
+
     def send_(self, buf, dest: int, tag: int) -> None:
         self.comm.Send(buf, dest=dest, tag=tag)
 
@@ -240,6 +246,21 @@ class Comm:
             message = f"{detail.rstrip()}\n{message}"
         raise JobError(message, EXIT_USAGE if user else EXIT_INTERNAL)
 
+    def end_job(self, message: str, code: int = EXIT_INTERRUPTED) -> None:
+        """End the whole job now, from any thread, saying ``message`` once: for what reaches every
+        rank at about the same moment (a second Ctrl-C). Rank 0 speaks and aborts at once; another
+        rank waits 3 s first (Open MPI takes a second or two to kill the job after rank 0's abort),
+        so that it speaks only where rank 0 could not (frozen, or not reached). Never returns."""
+        if not _ENDING.acquire(blocking=False):  # another thread is already ending the job
+            while True:
+                time.sleep(60)
+        if not self.is_root:
+            time.sleep(3.0)
+        who = "" if self.is_root else f"rank {self.rank}: "
+        print(f"hpcnn: {who}{message} (exit code {code})", file=sys.stderr, flush=True)
+        time.sleep(0.2)  # let the launcher forward the line before it tears the job down
+        MPI.COMM_WORLD.Abort(code)
+
     def abort(self, exc: BaseException, debug: bool = False) -> None:
         """End the whole job from one rank that failed outside an agreed block.
 
@@ -319,12 +340,15 @@ def run_command(body, argv) -> int:
             print(f"hpcnn: error: {exc}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     comm.debug = "--debug" in argv
+    watch_interrupts(comm.end_job, command=True)
     try:
         return body(comm, argv)
     except JobError as exc:
         if comm.is_root:
             print(f"hpcnn: error: {exc.message}", file=sys.stderr, flush=True)
         return exc.exit_code
+    except KeyboardInterrupt:  # Ctrl-C where no training stops for it (a training raises Interrupted)
+        comm.end_job("interrupted (Ctrl-C): ending the job")
     except Exception as exc:  # noqa: BLE001  (a rank failing alone must take the job down, not hang it)
         comm.abort(exc, comm.debug)
 

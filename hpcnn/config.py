@@ -8,6 +8,7 @@ run prints, and what later features (checkpoints, run directories) store.
 
 import argparse
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field, fields
 
@@ -179,6 +180,12 @@ class Config:
             choices = f.metadata["choices"]
             if choices and getattr(self, f.name) not in choices:
                 raise UserError(f"{f.name} = {getattr(self, f.name)!r}: expected one of {', '.join(choices)}")
+            # TOML's nan/inf and float("inf") from a flag pass every comparison below that NaN fails
+            # silently or infinity passes (lr = inf, stall_timeout = nan)
+            if f.type is float and not math.isfinite(getattr(self, f.name)):
+                raise UserError(f"{f.name} = {getattr(self, f.name)}: must be a finite number")
+            if f.type is str and "\0" in getattr(self, f.name):  # TOML's "\u0000": no path or name holds one
+                raise UserError(f"{f.name} = {getattr(self, f.name)!r}: contains a NUL character")
         positive = (
             "epochs",
             "batch_size",
@@ -257,6 +264,8 @@ class Config:
 def _coerce(key: str, value, kind, where: str):
     """``value`` as ``kind``, or a ``UserError`` naming the key and the expected type."""
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) > 2**1023:  # float() would raise OverflowError
+            raise UserError(f"{where}: {key} = {value}: must be a finite number")
         return float(value)
     if kind is list:
         if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
@@ -328,6 +337,12 @@ def load_toml(path: str) -> dict:
             return tomllib.load(fh)
     except FileNotFoundError:
         raise UserError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"config file {path} is a directory; name a TOML file") from None
+    except OSError as exc:  # permissions, a file that fails to read
+        raise UserError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8 (tomllib decodes before parsing)
+        raise UserError(f"config file {path} is not UTF-8 text (byte {exc.start}), as TOML must be") from None
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"config file {path} is not valid TOML: {exc}") from None
 

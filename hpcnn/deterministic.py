@@ -27,6 +27,7 @@ Elementwise work (bias, activations, the softmax, the optimizer) is exact per el
 nothing. The result depends on ``shard_rows`` (like on ``batch_size``): keep it when scaling.
 """
 
+import contextvars
 import math
 from concurrent.futures import ThreadPoolExecutor
 
@@ -130,7 +131,8 @@ class Workers:
             for i in range(start, start + n):
                 fn(i)
 
-        futures = [self._pool.submit(part, p) for p in range(1, parts)]
+        # in a copy of the caller's context: numpy's error state (np.errstate) holds in the helpers too
+        futures = [self._pool.submit(contextvars.copy_context().run, part, p) for p in range(1, parts)]
         try:
             part(0)
         finally:

@@ -14,6 +14,9 @@ EXIT_USAGE = 2  # bad flags, config, or data: the message says what to change
 EXIT_PREEMPTED = 75
 EXIT_NONFINITE = 3  # the loss or a gradient became NaN/Inf: training stopped, checkpoints untouched
 EXIT_STALL = 4  # the stall inspector ended a job in which some rank stopped making progress
+# Ctrl-C (SIGINT): the shell's convention, 128 + the signal number. The first one stops every rank
+# after the same step (with a checkpoint, when a directory is set); a second one ends the job at once.
+EXIT_INTERRUPTED = 130
 # A checkpoint could not be written (disk full, I/O error, directory gone): the message names the
 # directory, the bytes needed and free; the temporary file is removed, earlier checkpoints are
 # intact. 74 is sysexits' EX_IOERR.

@@ -20,15 +20,24 @@ from pathlib import Path
 import numpy as np
 
 from hpcnn.backend import dtype_of, to_host, xp
-from hpcnn.checkpoint import inspect, read_stage
+from hpcnn.checkpoint import inspect, read_stage, verify_bounded
 from hpcnn.comm import Comm, blas_threads, run_command
 from hpcnn.config import Config, _int_list, _Parser, from_dict, parse_toml
-from hpcnn.data import BUILTIN, open_h5, split_counts
+from hpcnn.data import (
+    BUILTIN,
+    UnreadableRows,
+    describe_nonfinite,
+    first_nonfinite,
+    input_dataset,
+    open_h5,
+    read_rows,
+    split_counts,
+)
 from hpcnn.deterministic import shard_rows
 from hpcnn.errors import EXIT_OK, UserError
 from hpcnn.layers import layer_from_spec
 from hpcnn.losses import LOSSES
-from hpcnn.train import _micro_batches, build_stages, evaluate, open_data, shard_stage
+from hpcnn.train import _as_batch, _micro_batches, build_stages, evaluate, open_data, shard_stage
 
 # Flags that may override the checkpoint's own settings (data and parallel layout only: the
 # model is the checkpoint's).
@@ -70,6 +79,8 @@ def build_parser(is_root: bool = True) -> argparse.ArgumentParser:
 
 def load(path, overrides: dict, comm: Comm):
     """The checkpoint's config (with ``overrides``), its layers, and this rank's stage loaded."""
+    # Rank 0 checks the file first, in a child process: a damaged one can make HDF5 loop forever.
+    comm.root_decides(lambda: verify_bounded(path), overrides.get("debug", False))
     with comm.agreed(overrides.get("debug", False)):
         info = inspect(path)
         saved = parse_toml(info.config)
@@ -128,21 +139,32 @@ def predict(path, out_path, overrides: dict, comm: Comm) -> int:
         if cfg.data in BUILTIN and not source.is_file():
             raise UserError(f"--predict reads inputs from an HDF5 file; --data {cfg.data!r} is not one")
         f = open_h5(source, "--data file")
-        if cfg.x_key not in f or f[cfg.x_key].ndim != 2:
-            raise UserError(f"{source} has no (rows, features) dataset {cfg.x_key!r} (set --x-key)")
-        x = f[cfg.x_key]
+        x = input_dataset(f, cfg.x_key)
         _check_widths(str(source), x.shape[1], None, info, layers)
     rows = x.shape[0]
     start, count = split_counts(rows, grid.replicas, grid.replica)
     dtype = dtype_of(cfg.dtype)
     width = _last_width(info)
-    kept = []
+    kept, problem = [], None
     for i in range(start, start + count, cfg.eval_batch_size):
         n = min(cfg.eval_batch_size, start + count - i)
-        inputs = xp.asarray(x[i : i + n], dtype=dtype) if pipe.is_first else xp.empty((n, 0))
+        inputs = xp.empty((n, 0))
+        if pipe.is_first:
+            try:
+                inputs = _as_batch(read_rows(x, slice(i, i + n), i, i + n), None, dtype, False)[0]
+                bad = first_nonfinite(inputs)
+                if bad is not None:
+                    stored = read_rows(x, i + bad, i + bad, i + bad + 1)
+                    headline, detail = describe_nonfinite(cfg.x_key, i + bad, stored, inputs[bad])
+                    problem = problem or f"{source}: row {i + bad} {headline}: {detail}"
+            except UnreadableRows as exc:
+                problem, inputs = problem or str(exc), xp.zeros((n, x.shape[1]), dtype)
+            if problem is not None:  # carry on with zeros until every rank knows (below)
+                inputs[...] = 0
         pieces, _, sizes = _micro_batches(inputs, None, cfg.micro_batches)
         pipe.forward_only(pieces if pipe.is_first else None, None, sizes, None, kept)
     f.close()
+    problems = [p for p in grid.world.comm.allgather(problem) if p is not None]
     world, last = grid.world, grid.stages - 1
     block = to_host(xp.concatenate(kept)) if kept else np.empty((0, width), dtype)
     if pipe.is_last and not world.is_root:
@@ -157,6 +179,8 @@ def predict(path, out_path, overrides: dict, comm: Comm) -> int:
                 blocks.append(np.empty((n, width), dtype))
                 world.recv_(blocks[-1], r * grid.stages + last, r)
     with comm.agreed(cfg.debug):
+        if problems:
+            raise UserError(f"{problems[0]}; no predictions written")
         if world.is_root:
             _write_predictions(Path(out_path), np.concatenate(blocks), cfg.loss == "cross_entropy", path)
     return rows
@@ -174,8 +198,14 @@ def member_probabilities(path):
     probs, labels = [], []
     for i in range(0, len(ds.test), cfg.eval_batch_size):
         ids = ds.test.ids[i : i + cfg.eval_batch_size]
-        x, y = ds.test.source.read(ids)
-        out = to_host(pipe.model.forward(xp.asarray(x, dtype=dtype_of(cfg.dtype)), train=False))
+        x, y = _as_batch(*ds.test.source.read(ids), dtype_of(cfg.dtype), True)
+        bad = first_nonfinite(x)
+        if bad is not None:
+            source, row = ds.test.source, int(ids[bad])
+            stored = source.read(np.array([row]), labels=False)[0][0]
+            headline, detail = describe_nonfinite(source.x_key, row, stored, x[bad])
+            raise UserError(f"{source.path}: held-out row {row} {headline}: {detail}")
+        out = to_host(pipe.model.forward(x, train=False))
         probs.append(_softmax(out))
         labels.append(np.asarray(y))
     ds.close()

@@ -9,8 +9,15 @@ with ``MPI_THREAD_MULTIPLE``, so the thread runs while the main thread waits in 
 Rank 0's thread declares a stall when a rank has been in one operation longer than the deadline,
 or has not been heard from for that long (a dead or frozen process). It prints which ranks are
 waiting where, which have not arrived and where they are, and ends the job with ``EXIT_STALL``.
-A rank whose own operation outlasts twice the deadline ends the job itself (rank 0 may be the
-rank that is lost).
+
+Rank 0 itself may be the rank that is lost (frozen by SIGSTOP, swapped out, dead without its
+launcher noticing). The other ranks' threads never block on it: heartbeats are synchronous-mode
+sends (``Issend``), which complete only once rank 0's thread has taken them, and are only tested,
+never waited for; a new one is posted when the last was taken. A heartbeat not taken for longer
+than the deadline means rank 0 is not listening: the rank ends the job naming rank 0 (rank 1
+first; others a moment later, so that one message is printed). A rank whose own operation outlasts
+twice the deadline ends the job too, whatever the reason. Every rank is therefore gone within
+``2 x deadline`` plus a few seconds, whichever rank froze.
 
 Deadline: ``--stall-timeout`` seconds; 0 (the default) adapts to the run: 20 x the longest
 training step so far, at least 60 s, and at least 600 s for setup, evaluation, checkpoint writes
@@ -41,6 +48,7 @@ OPS = (
     "stop check",
     "evaluation",
     "checkpoint",
+    "finishing",
     "done",
 )
 _INDEX = {name: i for i, name in enumerate(OPS)}
@@ -52,6 +60,7 @@ WAITING = frozenset(
         "evaluation allreduce",
         "gradient allreduce",
         "stop check",
+        "finishing",
     )
 )
 LONG = frozenset(
@@ -60,6 +69,7 @@ LONG = frozenset(
 DONE = _INDEX["done"]
 HEARTBEAT = 1
 FLOOR, LONG_FLOOR, STEPS = 60.0, 600.0, 20.0
+STAGGER, STAGGERED = 2.0, 2  # seconds between ranks 1, 2, 3+ ending a job themselves (Open MPI kills slowly)
 
 
 class Inspector:
@@ -73,7 +83,7 @@ class Inspector:
         self.longest_step = 0.0
         self.totals = np.zeros(len(OPS))  # seconds spent in each operation
         self._stop = threading.Event()
-        self._thread = None
+        self._thread, self._abandoned = None, False
         if not comm.threads_supported():
             return  # MPI without MPI_THREAD_MULTIPLE: no helper thread may call it (times still kept)
         if comm.is_root:
@@ -101,18 +111,18 @@ class Inspector:
     def close(self, report=None) -> None:
         """Stop the thread; collective (every rank of ``comm``). With ``report`` (rank 0's log),
         say which rank computed longest and how long each waited."""
+        # The collective part runs while the threads still watch: a rank lost now is still found.
+        self.mark("finishing")
+        waiting = sum(self.totals[i] for i in WAITING)
+        rows = self.comm.gather((self.totals.sum() - waiting, waiting), root=0)
         self.mark("done")
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
-            if self.comm.is_root:  # every rank's last message says "done"; nothing is left in flight
+            self._thread.join()  # a rank's thread ends by sending its last heartbeat: "done"
+            if self.comm.is_root:  # nothing may be left in flight when the communicator is freed
                 while not self._done.all():
                     self._collect()
                     time.sleep(0.001)
-            else:
-                self.comm.send_(self._state(), 0, HEARTBEAT)
-        waiting = sum(self.totals[i] for i in WAITING)
-        rows = self.comm.comm.gather((self.totals.sum() - waiting, waiting), root=0)
         if report is not None and rows is not None and len(rows) > 1:
             slow = max(range(len(rows)), key=lambda r: rows[r][0])
             fast = min(range(len(rows)), key=lambda r: rows[r][0])
@@ -124,6 +134,7 @@ class Inspector:
 
     def abandon(self) -> None:
         """Stop the thread without the collective shutdown (an error is ending the run)."""
+        self._abandoned = True
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
@@ -142,22 +153,40 @@ class Inspector:
         return np.array([step, op, detail, time.monotonic() - since])
 
     def _beat(self) -> None:
-        """Any rank but 0: send the state to rank 0; end the job if this rank itself is stuck."""
-        request = None
+        """Any rank but 0: send the state to rank 0; end the job if rank 0 stops taking the
+        heartbeats or this rank itself is stuck. Never blocks while the job runs."""
+        request, posted = None, time.monotonic()
         while not self._stop.wait(self.period):
+            now = time.monotonic()
             state = self._state()
-            if request is not None:
-                request.Wait()
-            request = self.comm.isend(state, 0, HEARTBEAT)
-            self._beat_buffer = state  # keep the buffer alive until the send completes
+            if request is None or request.Test():
+                self._beat_buffer = state  # keep the buffer alive until rank 0 has taken it
+                request, posted = self.comm.issend(state, 0, HEARTBEAT), now
             op = int(state[1])
-            if op != DONE and state[3] > 2 * self.deadline(op) + 10 * self.period:
+            if op == DONE:
+                continue
+            # Rank 1 speaks first; the others wait a little longer, so that one message is printed.
+            grace = 2 * self.period + STAGGER * min(self.comm.rank - 1, STAGGERED)
+            untaken = now - posted
+            if untaken > self.deadline(op) + grace:
+                self._fail(
+                    f"rank 0 is lost: it has not taken rank {self.comm.rank}'s heartbeat for "
+                    f"{untaken:.0f} s (deadline {self.deadline(op):.0f} s, see --stall-timeout); rank "
+                    f"{self.comm.rank} was in {OPS[op]} at step {int(state[0])} for {state[3]:.0f} s"
+                )
+            elif state[3] > 2 * self.deadline(op) + grace:
                 self._fail(
                     f"rank {self.comm.rank}: no progress for {state[3]:.0f} s in {OPS[op]} at step "
                     f"{int(state[0])}, and rank 0 did not end the job (rank 0 may be lost)"
                 )
+        if self._abandoned:  # an error is ending the job: rank 0 may never take another message
+            return
+        # The last heartbeat says "done"; rank 0 waits for every rank's before freeing the
+        # communicator. Every rank is past the closing collective: rank 0 is listening.
         if request is not None:
             request.Wait()
+        self._beat_buffer = self._state()
+        self.comm.issend(self._beat_buffer, 0, HEARTBEAT).Wait()
 
     def _collect(self) -> None:
         """Rank 0: take in every heartbeat that has arrived. One receive stays posted per rank, and

@@ -15,17 +15,29 @@ A signal can also arrive before training starts (MPI start-up, reading data, bui
 which is when SLURM's warning lands if the job started late in its time slot. Commands catch the
 signals from their first line with ``EarlySignals``; the training's ``StopRequest`` inherits what
 it caught, so the run stops after its first step with a checkpoint instead of dying uncheckpointed.
+
+**Ctrl-C** (SIGINT, which ``mpirun`` and ``srun`` forward to every rank, and a terminal sends to the
+whole foreground process group) is a stop like the others, honoured whether or not checkpoints are
+written; training then ends with ``Interrupted`` (a ``KeyboardInterrupt``) on every rank. A second
+Ctrl-C ends the job at once. That second one cannot wait for the main thread: a Python signal
+handler runs only between bytecodes, never while the main thread waits inside an MPI call (where a
+job that needs a second Ctrl-C usually is). ``watch_interrupts`` therefore sees each SIGINT through
+``signal.set_wakeup_fd`` on a thread of its own, the moment the C-level handler runs. Copies of one
+Ctrl-C (the terminal's and the launcher's) arrive within milliseconds and count once.
 """
 
+import os
 import signal
 import threading
-
-import numpy as np
+import time
 
 from hpcnn.errors import JobError
 
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-NONE = np.iinfo(np.int64).min  # "no note": neutral under MAX; fields hold -value to find minimums
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # stop with a checkpoint, for a requeue (exit code 75)
+INTERRUPT = signal.SIGINT  # Ctrl-C: stop at the next step, with a checkpoint if there is a directory
+ALL = (*SIGNALS, INTERRUPT)
+SAME_PRESS = 0.25  # seconds: SIGINTs closer together than this are copies of one Ctrl-C
+NONE = -(2**63)  # "no note": int64's minimum, neutral under MAX; fields hold -value to find minimums
 SIGNAL, BAD_STEP, BAD_LAYER, BAD_LOSS, ROW_STEP, BAD_ROW = range(6)
 
 
@@ -34,12 +46,16 @@ class _Catcher:
     handlers on exit. Nested catchers hand signals down and back up: a signal an outer one caught
     just before counts in the inner one, and one the inner one caught is passed back on exit."""
 
-    def __init__(self, signals=SIGNALS):
+    def __init__(self, signals=ALL):
         self.signals, self.previous = signals, {}
         self.received = 0  # the first signal number this rank received
 
     def __enter__(self):
         if self.signals and threading.current_thread() is threading.main_thread():
+            if INTERRUPT in self.signals:
+                if _watch.graceful == 0:  # a new stop to ask for: earlier presses are spent
+                    _watch.presses = 0
+                _watch.graceful += 1
             for sig in self.signals:
                 self.previous[sig] = signal.signal(sig, self._handle)
                 outer = getattr(self.previous[sig], "__self__", None)
@@ -51,6 +67,8 @@ class _Catcher:
         self.received = self.received or signum
 
     def _restore(self) -> None:
+        if INTERRUPT in self.previous:
+            _watch.graceful -= 1
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
             outer = getattr(handler, "__self__", None)
@@ -63,17 +81,21 @@ class _Catcher:
 
 
 class EarlySignals(_Catcher):
-    """Catches the stop signals from a command's start until its training takes over.
+    """Catches the stop signals (and Ctrl-C) from a command's start until its training takes over.
 
-    ``release()`` is for a run that will not checkpoint (and so cannot honour a stop): it puts the
-    previous handlers back and re-raises a signal caught meanwhile, which then acts as if it had
-    just arrived (by default: ends the process, as it would have without this catcher).
+    ``release()`` is for a run that will not checkpoint (and so cannot honour a SIGTERM or SIGUSR1):
+    it puts their previous handlers back and re-raises one caught meanwhile, which then acts as if
+    it had just arrived (by default: ends the process, as it would have without this catcher).
+    Ctrl-C stays caught: a training honours it with or without checkpoints.
     """
 
     def release(self) -> None:
-        self._restore()
-        if self.received:
-            signal.raise_signal(self.received)
+        for sig in SIGNALS:
+            if sig in self.previous:
+                signal.signal(sig, self.previous.pop(sig))
+        if self.received in SIGNALS:
+            sig, self.received = self.received, 0
+            signal.raise_signal(sig)
 
 
 class StopRequest(_Catcher):
@@ -82,8 +104,10 @@ class StopRequest(_Catcher):
     ``signals``: the signals to catch (empty: leave signal handling alone).
     """
 
-    def __init__(self, comm, signals=SIGNALS):
+    def __init__(self, comm, signals=ALL):
         super().__init__(signals)
+        import numpy as np  # here, not at the top: commands import this module before numpy
+
         self.comm = comm.dup()
         self._notes = np.array([0, NONE, NONE, 0, NONE, NONE], np.int64)
         self._send = self._notes.copy()
@@ -158,3 +182,81 @@ class StopRequest(_Catcher):
         self._restore()
         if together:
             self.comm.free()
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised on every rank when training stopped for a Ctrl-C, after the agreed stop (and its
+    checkpoint, when checkpoints are written). ``result``: the training's result so far."""
+
+    def __init__(self, message: str, result=None):
+        super().__init__(message)
+        self.message, self.result = message, result
+
+
+class _InterruptWatch:
+    """Sees every SIGINT as it arrives (see the module docstring) and ends the job when a Ctrl-C
+    will not be honoured by an agreed stop: a second one while a stop is pending, and, in a command
+    (``command``), the first one when no catcher is armed (``graceful == 0``). In a user's program
+    outside ``fit()`` a Ctrl-C stays Python's own ``KeyboardInterrupt``."""
+
+    def __init__(self):
+        self.graceful = 0  # catchers of SIGINT now installed (a training or start-up will stop)
+        self.presses, self.last = 0, -1.0
+        self.end_job = None  # called (from the watch thread) with the message to end the job with
+        self.command = False  # a command's process, where nothing but hpcnn's own code runs
+        self._thread = None
+
+    def start(self, end_job, command: bool) -> None:
+        self.end_job = end_job
+        self.command = self.command or command
+        if self._thread is not None or threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(INTERRUPT) in (signal.SIG_IGN, signal.SIG_DFL, None):
+            return  # Ctrl-C is ignored (e.g. a background job) or not Python's to handle
+        read, write = os.pipe()
+        os.set_blocking(write, False)
+        try:
+            previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        except ValueError:  # not the main thread of the main interpreter
+            previous = None
+        if previous != -1:  # not possible here, or someone's (an asyncio loop's): leave it theirs
+            if previous is not None:
+                signal.set_wakeup_fd(previous)
+            os.close(read), os.close(write)
+            return
+        self._thread = threading.Thread(target=self._run, args=(read,), name="hpcnn-interrupts", daemon=True)
+        self._thread.start()
+
+    def _run(self, fd: int) -> None:
+        while True:
+            try:
+                data = os.read(fd, 64)
+            except OSError:
+                return
+            if not data:
+                return
+            for signum in data:
+                if signum == INTERRUPT:
+                    self._press(time.monotonic())
+
+    def _press(self, now: float) -> None:
+        if now - self.last < SAME_PRESS:
+            return
+        self.last = now
+        if self.graceful == 0:  # no stop to wait for
+            if self.command:
+                self.end_job("interrupted (Ctrl-C): ending the job")
+            return
+        self.presses += 1
+        if self.presses >= 2:
+            self.end_job("interrupted again (Ctrl-C): ending the job now, without a checkpoint")
+
+
+_watch = _InterruptWatch()
+
+
+def watch_interrupts(end_job, command: bool = False) -> None:
+    """From now on, end the job with ``end_job(message)`` on a second Ctrl-C while a stop is pending,
+    and in a ``command`` also on the first one when nothing is there to stop at a step (main
+    thread only; the watch thread starts once per process)."""
+    _watch.start(end_job, command)

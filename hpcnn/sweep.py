@@ -59,8 +59,8 @@ import numpy as np
 from hpcnn.comm import Comm, run_command
 from hpcnn.config import Config, _Parser, from_dict, load_toml, parse_toml
 from hpcnn.dirlock import DirectoryLock
-from hpcnn.errors import EXIT_OK, EXIT_PREEMPTED, JobError, UserError
-from hpcnn.preempt import EarlySignals, StopRequest
+from hpcnn.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PREEMPTED, JobError, UserError
+from hpcnn.preempt import INTERRUPT, EarlySignals, Interrupted, StopRequest
 
 STOP = 1 << 40  # added to the task counter by a group that was told to stop: no task is handed out
 NO_TASK = -1
@@ -182,13 +182,14 @@ class Sweep:
         group_index = world.rank // size
         group = world.split(group_index, world.rank)
         counter = world.counter()
-        stopped = False
+        stopped, interrupted = False, False
         # A stop signal between tasks (a task's own training catches it while it runs) ends the sweep
         # after the running tasks, like one during a task.
         signals = StopRequest(group)
         with signals:
             while True:
                 stopped = stopped or bool(group.max(signals.received))
+                interrupted = interrupted or bool(group.max(int(signals.received == INTERRUPT)))
                 if stopped and group.is_root:
                     counter.add(STOP)  # no group takes another task
                 index = self._take(counter) if group.is_root else None
@@ -197,16 +198,18 @@ class Sweep:
                     break
                 record = self._run_task(index, group, group_index, log)
                 stopped = stopped or record["status"] == "stopped"
+                interrupted = interrupted or record.get("signal") == INTERRUPT.name
         world.comm.Barrier()
         counter.free()
         group.free()
         unfinished = any(not (self.task_dir(i) / "result.json").exists() for i in range(len(self.tasks)))
         stopped = bool(world.max(int(stopped))) and unfinished
+        interrupted = bool(world.max(int(interrupted))) and unfinished
         if world.is_root:
             self._summary(log)
             if self.ensemble and not stopped:
                 self._ensemble(log)
-        return EXIT_PREEMPTED if stopped else EXIT_OK
+        return EXIT_INTERRUPTED if interrupted else EXIT_PREEMPTED if stopped else EXIT_OK
 
     def _take(self, counter) -> int:
         """The next task this group should run: one without a result (group root only)."""
@@ -235,10 +238,13 @@ class Sweep:
         try:
             with group.agreed(group.debug):
                 cfg = task_config(self.base, settings, d).validate()
-            result = fit(cfg, group, log=lines.append)
+            try:
+                result = fit(cfg, group, log=lines.append)
+            except Interrupted as stop:  # every rank of the group, after the agreed stop
+                result = stop.result
             result.grid.free()
             if result.stopped:
-                record.update(status="stopped", message=f"stopped by {result.stopped}")
+                record.update(status="stopped", message=f"stopped by {result.stopped}", signal=result.stopped)
             else:
                 final = result.final
                 record.update(status="done", loss=final["loss"], accuracy=final["accuracy"],
@@ -389,6 +395,11 @@ def _main(comm: Comm, argv) -> int:
     code = sweep.run(comm.print0)
     if code == EXIT_PREEMPTED:
         comm.print0(f"hpcnn: sweep stopped by a signal; run the same command again to continue (exit {code})")
+    elif code == EXIT_INTERRUPTED:
+        comm.print0(
+            f"hpcnn: sweep interrupted (Ctrl-C); run the same command again to continue (exit {code})",
+            file=sys.stderr,
+        )
     return code
 
 

@@ -7,13 +7,21 @@ and stops after the same step on every rank when a stop signal arrives (``preemp
 the command-line face that turns errors into one message from rank 0 and an exit code on every rank.
 """
 
-import dataclasses
+import sys
+
+if __name__ == "__main__":
+    # `python -m hpcnn.train`: catch Ctrl-C and the stop signals before the imports below (numpy,
+    # mpi4py, h5py: a third of a second in which a Ctrl-C would print a traceback on every rank).
+    from hpcnn.preempt import EarlySignals
+
+    _EARLY = EarlySignals().__enter__()
+
+import dataclasses  # noqa: E402  (the imports below follow the signal catcher above)
 import hashlib
 import itertools
 import math
 import os
 import socket
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -37,11 +45,19 @@ from hpcnn.checkpoint import (
     save,
     step_of,
     too_little_space,
-    verify,
+    verify_bounded,
 )
 from hpcnn.comm import Comm, Grid, blas_threads, run_command
 from hpcnn.config import Config, config_changes, resolve
-from hpcnn.data import EpochSampler, open_dataset, set_num_classes, split_units
+from hpcnn.data import (
+    EpochSampler,
+    UnreadableRows,
+    describe_nonfinite,
+    first_nonfinite,
+    open_dataset,
+    set_num_classes,
+    split_units,
+)
 from hpcnn.data_parallel import DataParallel
 from hpcnn.deterministic import (
     Sharding,
@@ -55,6 +71,7 @@ from hpcnn.deterministic import (
 from hpcnn.dirlock import DirectoryLock
 from hpcnn.errors import (
     EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
     EXIT_IO,
     EXIT_NONFINITE,
     EXIT_OK,
@@ -74,7 +91,7 @@ from hpcnn.pipeline import (
     explicit_partition,
     gpipe_bubble,
 )
-from hpcnn.preempt import SIGNALS, EarlySignals, StopRequest
+from hpcnn.preempt import ALL, INTERRUPT, EarlySignals, Interrupted, StopRequest, watch_interrupts
 from hpcnn.runlog import STEP_TIMES, Progress, RunDir
 from hpcnn.timeline import Timeline
 
@@ -93,17 +110,21 @@ class Result:
     # this rank's loss sum of each step run here (last stages; --deterministic: the global sum)
     step_losses: list = field(default_factory=list)
     stopped: str | None = None  # the signal that stopped training early (a checkpoint was written)
+    checkpoint: str | None = None  # the last checkpoint this run wrote
 
 
 def _as_batch(x, y, dtype, classify: bool):
     """Cast what a source returned (either part may be ``None``) for the model."""
-    if x is not None:
-        x = xp.asarray(x, dtype=dtype)  # (rows, features)
-    if y is not None and not classify:
-        y = xp.asarray(y, dtype=dtype)
-        y = y[:, None] if y.ndim == 1 else y  # (rows, outputs), also for 0 rows
-    elif y is not None:
-        y = xp.asarray(y)
+    # A value beyond dtype's range (1e39 in a float64 file, for float32) becomes inf here; callers
+    # find it with the NaNs (_bad_row), so numpy's overflow warning would only repeat it per rank.
+    with np.errstate(over="ignore"):
+        if x is not None:
+            x = xp.asarray(x, dtype=dtype)  # (rows, features)
+        if y is not None and not classify:
+            y = xp.asarray(y, dtype=dtype)
+            y = y[:, None] if y.ndim == 1 else y  # (rows, outputs), also for 0 rows
+        elif y is not None:
+            y = xp.asarray(y)
     return x, y
 
 
@@ -118,13 +139,52 @@ def _micro_batches(x, y, micro: int, unit: int = 1):
 
 def _read(split, ids, pipe: Pipeline, dtype, classify, mode: str = "infer"):
     """What this stage needs of rows ``ids``: inputs on the first stage, labels on the last (read
-    into the stage's workspace: valid until the next read of the same ``mode``)."""
+    into the stage's workspace: valid until the next read of the same ``mode``), and ``None`` or,
+    for rows HDF5 cannot read (a damaged file), zeros in their place and the problem (see
+    ``_bad_row``): the rank carries on to the point where all ranks agree to stop."""
     if not (pipe.is_first or pipe.is_last):
-        return xp.empty((len(ids), 0)), None  # a middle stage reads nothing; it only needs the count
+        return xp.empty((len(ids), 0)), None, None  # a middle stage reads nothing; it only needs the count
     out = pipe.model.workspace.scope("data", mode)
-    return _as_batch(
-        *split.source.read(ids, inputs=pipe.is_first, labels=pipe.is_last, out=out), dtype, classify
-    )
+    source = split.source
+    try:
+        x, y = source.read(ids, inputs=pipe.is_first, labels=pipe.is_last, out=out)
+        problem = None
+    except UnreadableRows as exc:
+        n = len(ids)
+        x = np.zeros((n, *source.x.shape[1:]), np.float32) if pipe.is_first else None
+        y = np.zeros((n, *source.y.shape[1:]), source.y.dtype) if pipe.is_last else None
+        problem = (exc.row, "cannot be read", str(exc))
+    return (*_as_batch(x, y, dtype, classify), problem)
+
+
+def _bad_row(split, ids, x, y, pipe: Pipeline, classify: bool):
+    """The first of rows ``ids`` whose inputs (first stage) or regression targets (last stage) hold
+    NaN/Inf as cast for the model: ``(row, headline, detail)``, else ``None``. If there is one, all
+    the rows read are zeroed: the computation goes on, on finite values, until every rank has
+    agreed to stop, and nothing is learnt from it."""
+    checked = [("x", x, pipe.is_first), ("y", y, pipe.is_last and not classify)]
+    found = [(part, a, first_nonfinite(a)) for part, a, mine in checked if mine and a is not None]
+    bad = [(part, a, i) for part, a, i in found if i is not None]
+    if not bad:
+        return None
+    part, a, i = bad[0]
+    row, source = int(ids[i]), split.source
+    # the row as stored (read again: only on this path) tells NaN in the file from overflow in the cast
+    stored = source.read(np.array([row]), inputs=part == "x", labels=part == "y")[part == "y"][0]
+    key, what = (source.x_key, "input") if part == "x" else (source.y_key, "target")
+    problem = (row, *describe_nonfinite(key, row, stored, to_host(a[i]), what))
+    for _, a, _ in found:
+        a[...] = 0
+    return problem
+
+
+def _problem_text(split, problem, step: int | None = None) -> str:
+    """One line naming the file, the split and the row of a ``_read``/``_bad_row`` problem."""
+    row, headline, detail = problem
+    if headline == "cannot be read":  # detail names the file, the dataset and the rows
+        return f"{detail} ({split.name} rows{f', read for step {step}' if step is not None else ''})"
+    when = f", read for step {step}" if step is not None else ""
+    return f"{split.source.path}: {split.name} row {row} {headline}{when}: {detail}"
 
 
 def evaluate(pipe: Pipeline, loss_fn, split, grid: Grid, cfg, classify: bool) -> dict:
@@ -136,16 +196,22 @@ def evaluate(pipe: Pipeline, loss_fn, split, grid: Grid, cfg, classify: bool) ->
     start, count = split_units(len(split), unit, grid.replicas, grid.replica)
     step = max(1, cfg.eval_batch_size // unit) * unit  # chunks of whole shards (deterministic mode)
     ids = split.ids[start : start + count]
-    sums = np.zeros(3)  # loss sum, correct, rows (on last stages only)
-    shard_losses = []
+    # loss sum, correct, rows (on last stages only); rows found bad (any stage): the one reduction
+    # below tells every rank whether some rank read a bad row
+    sums = np.zeros(4)
+    shard_losses, problem = [], None
     for i in range(0, len(ids), step):
         chunk = ids[i : i + step]
-        inputs, targets, sizes = _micro_batches(
-            *_read(split, chunk, pipe, dtype, classify), cfg.micro_batches, unit
-        )
-        loss_sum, correct = pipe.forward_only(inputs, targets, sizes, loss_fn)
+        x, y, found = _read(split, chunk, pipe, dtype, classify)
+        found = found or _bad_row(split, chunk, x, y, pipe, classify)
+        if found is not None:
+            problem, sums[3] = problem or found, sums[3] + 1
+        inputs, targets, sizes = _micro_batches(x, y, cfg.micro_batches, unit)
+        # finite inputs can still overflow in the model: the loss is checked below
+        with np.errstate(over="ignore", invalid="ignore"):
+            loss_sum, correct = pipe.forward_only(inputs, targets, sizes, loss_fn)
         if pipe.is_last:
-            sums += (loss_sum, correct, len(chunk))
+            sums[:3] += (loss_sum, correct, len(chunk))
             shard_losses += pipe.shard_losses
     pipe.mark("evaluation allreduce")
     if pipe.shard_rows:
@@ -153,8 +219,18 @@ def evaluate(pipe: Pipeline, loss_fn, split, grid: Grid, cfg, classify: bool) ->
         sums = _exact_metrics(grid.world, shard_losses, first, total, sums[1:], pipe.is_last)
     else:
         grid.world.allreduce_sum_(sums)
+    if sums[3]:  # every rank knows: say which row (a collective only on this path)
+        found = [p for p in grid.world.comm.allgather(problem) if p is not None]
+        raise JobError(f"{_problem_text(split, min(found))}; evaluation stopped", EXIT_USAGE)
     pipe.mark("evaluation")
     rows = max(sums[2], 1)
+    if not math.isfinite(sums[0]):
+        raise JobError(
+            f"{split.source.path}: the {split.name} loss is {sums[0] / rows} although every {split.name} "
+            f"value is finite: the model's outputs or the loss overflow {np.dtype(dtype).name} "
+            "(rescale the data, or train with a lower --lr or --clip-norm)",
+            EXIT_NONFINITE,
+        )
     return {"loss": sums[0] / rows, "accuracy": sums[1] / rows if classify else None, "rows": int(sums[2])}
 
 
@@ -169,15 +245,16 @@ def shard_stage(pipe: Pipeline, rows: int) -> Sharding:
 
 
 def _exact_metrics(world: Comm, shard_losses, first: int, total: int, counts, is_last: bool) -> np.ndarray:
-    """``(loss sum, correct, rows)`` over all ``total`` shards, the same bits on every layout: each
+    """``(loss sum, *counts)`` over all ``total`` shards, the same bits on every layout: each
     shard's loss sum travels alone (a sum over ranks of one value and zeros is exact in any order)
-    and the values are added exactly; counts are integers (exact in float64)."""
-    v = np.zeros(total + 2)
+    and the values are added exactly; counts are integers (exact in float64), summed over every
+    rank (zeros where a rank has nothing to count)."""
+    v = np.zeros(total + len(counts))
     if is_last:
         v[first : first + len(shard_losses)] = shard_losses
-        v[total:] = counts
+    v[total:] = counts
     world.allreduce_sum_(v)
-    return np.array([exact_sum(v[:total]), v[total], v[total + 1]])
+    return np.array([exact_sum(v[:total]), *v[total:]])
 
 
 def open_data(cfg: Config, comm: Comm):
@@ -185,8 +262,12 @@ def open_data(cfg: Config, comm: Comm):
     with comm.agreed(cfg.debug):
         ds, label_range = open_dataset(cfg, comm.rank, comm.size)
     if label_range is not None:  # class labels from a file (the same on every rank): check them all
-        lo, hi = comm.min(label_range[0]), comm.max(label_range[1])
+        ranges = comm.comm.allgather((*label_range, ds.unreadable))  # (min, max, unreadable) per rank
+        lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
+        unreadable = [r[2] for r in ranges if r[2] is not None]
         with comm.agreed(cfg.debug):
+            if unreadable:  # one rank's block, the file's fault: every rank says it alike
+                raise UserError(unreadable[0])
             if lo < 0:
                 raise UserError(f"{ds.name}: labels must be class indices >= 0, found {lo}")
             if ds.num_classes is None:  # not recorded in the file: the largest label decides
@@ -215,7 +296,10 @@ def build_stages(cfg: Config, comm: Comm, layers, in_features: int):
     grid = Grid(comm, stages)
     with comm.agreed(cfg.debug):
         first, stop = bounds[grid.stage], bounds[grid.stage + 1]
-        model = Sequential(layers[first:stop], dtype_of(cfg.dtype))
+        try:
+            model = Sequential(layers[first:stop], dtype_of(cfg.dtype))
+        except MemoryError as exc:  # --hidden 100000000000, or a dataset with 10**9 features
+            raise UserError(f"the model does not fit in memory ({exc}); use narrower layers") from None
         # Draw every earlier stage's initial values too, so each stage starts as the whole model would.
         skip = [spec for layer in layers[:first] for spec in layer.param_specs()]
         model.params.initialize(np.random.default_rng(cfg.seed), skip=skip)
@@ -263,10 +347,13 @@ def fit(cfg: Config, comm: Comm, log=None, run: RunDir | None = None, terminal: 
     metrics and the final evaluation.
     With ``cfg.resume`` training continues from a checkpoint; with ``cfg.checkpoint_dir``
     checkpoints are written as configured, at the end, and when a stop signal arrives (then
-    ``Result.stopped`` names the signal and no final evaluation runs). A stall inspector watches
-    every rank throughout (``inspector``); non-finite values and bad input rows stop every rank at
-    the same step with a ``JobError``.
+    ``Result.stopped`` names the signal and no final evaluation runs). Ctrl-C (SIGINT on any rank)
+    stops every rank at the same step, writes a checkpoint if a directory is set, and raises
+    ``Interrupted`` (a ``KeyboardInterrupt``) on every rank; a second Ctrl-C ends the job at once.
+    A stall inspector watches every rank throughout (``inspector``); non-finite values and bad input
+    rows stop every rank at the same step with a ``JobError``.
     """
+    watch_interrupts(comm.end_job)
     log = log if (log is not None and comm.is_root) else None
     run = run if comm.is_root else None
     inspector = Inspector(comm, cfg.stall_timeout)
@@ -293,6 +380,13 @@ def fit(cfg: Config, comm: Comm, log=None, run: RunDir | None = None, terminal: 
         if lock is not None:
             lock.release()
     inspector.close(training.log)
+    if result.stopped == INTERRUPT.name:
+        saved = f"checkpoint {result.checkpoint}" if result.checkpoint else "no checkpoint"
+        if result.checkpoint:
+            saved += ": continue with --resume auto"
+        elif not cfg.checkpoint_dir:
+            saved += " (no checkpoint directory)"
+        raise Interrupted(f"interrupted (Ctrl-C) after step {result.steps}; {saved}", result)
     return result
 
 
@@ -326,10 +420,7 @@ class _Training:
         self.reducer = None  # deterministic mode's gradient sum (instead of self.dp's)
         self.timeline = None
         if cfg.timeline:  # an unwritable path is found out now, not after training
-            where = Path(cfg.timeline).parent
-            comm.root_decides(
-                lambda: _check_writable(where, f"timeline {cfg.timeline}: cannot write there"), cfg.debug
-            )
+            comm.root_decides(lambda: _check_output_file(cfg.timeline, "timeline"), cfg.debug)
             self.timeline = Timeline(comm, comm.wtime)
         pipe.timeline = self.dp.timeline = self.timeline
         self.opt = make_optimizer(cfg, self.model.params)
@@ -368,7 +459,9 @@ class _Training:
             and Path(source).parent.resolve() == Path(cfg.checkpoint_dir).resolve()
         )
         self.saved_at = (at.step, at.epoch, at.batch) if same_dir else None
+        self.result.checkpoint = source if same_dir else None
         self.stop = None
+        self.bad_input = None  # (step, row, headline, detail): the first bad input row read here
         if cfg.deterministic:  # last: nothing after it can fail and leave BLAS single-threaded
             self._shard()
         self.t_start = comm.wtime()
@@ -452,7 +545,8 @@ class _Training:
     def run(self) -> Result:
         cfg, result = self.cfg, self.result
         sums = np.zeros(3)
-        with StopRequest(self.comm, SIGNALS if cfg.checkpoint_dir else ()) as self.stop:
+        # Ctrl-C is honoured without checkpoints too; SIGTERM/SIGUSR1 only where a stop can be saved.
+        with StopRequest(self.comm, ALL if cfg.checkpoint_dir else (INTERRUPT,)) as self.stop:
             while self.epoch < cfg.epochs and not (self.step >= self.steps and self.batch == 0):
                 # Only rank 0 carries a resumed epoch's running sums: the epoch's reduction adds them once.
                 resumed = self.start is not None and self.epoch == self.start.epoch and self.comm.is_root
@@ -461,7 +555,10 @@ class _Training:
                 for ids, global_rows in itertools.islice(self.sampler.epoch(self.epoch), self.batch, None):
                     if self.step >= self.steps:
                         break
-                    self._step(ids, global_rows, sums)
+                    # A step may overflow (a too large --lr): its loss and gradient are checked and the
+                    # run stops with one message, which per-rank numpy warnings would only precede.
+                    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                        self._step(ids, global_rows, sums)
                     rows += global_rows
                     self.inspector.mark("stop check")
                     t_check = self.comm.wtime()
@@ -491,14 +588,13 @@ class _Training:
         t0 = self.comm.wtime()
         faults.step = self.step
         self.inspector.mark("read data")
-        x, y = _read(self.ds.train, ids, pipe, self.dtype, self.classify, "train")
+        x, y, problem = _read(self.ds.train, ids, pipe, self.dtype, self.classify, "train")
         if faults.point("data") == "nan":
             x[-1, 0] = xp.nan
-        # min and max are NaN or infinite exactly when some input is, without a boolean temporary
-        finite = lambda v: math.isfinite(float(v))  # noqa: E731
-        if pipe.is_first and len(ids) and not (finite(x.min()) and finite(x.max())):
-            bad = int(ids[int(np.argwhere(~np.isfinite(to_host(x)).all(axis=1))[0][0])])
-            self.stop.note_bad_input(self.step, bad)
+        problem = problem or _bad_row(self.ds.train, ids, x, y, pipe, self.classify)
+        if problem is not None:  # every rank learns of it at the next stop check and stops there
+            self.stop.note_bad_input(self.step, problem[0])
+            self.bad_input = self.bad_input or (self.step, *problem)
         unit = pipe.shard_rows or 1
         inputs, targets, sizes = _micro_batches(x, y, cfg.micro_batches, unit)
         starts = [int(r) // unit for r in np.cumsum([0, *sizes[:-1]])] if self.reducer else None
@@ -517,7 +613,8 @@ class _Training:
             total = shard_count(global_rows, unit)
             first, count = shard_range(total, self.grid.replicas, self.grid.replica)
             world, last = self.grid.world, pipe.is_last
-            step = _exact_metrics(world, pipe.shard_losses, first, total, (correct, len(ids)), last)
+            counts = (correct, len(ids)) if last else (0, 0)
+            step = _exact_metrics(world, pipe.shard_losses, first, total, counts, last)
             loss_sum = step[0]
             if self.comm.is_root:
                 sums += step
@@ -645,6 +742,7 @@ class _Training:
         seconds = comm.wtime() - t0
         if self.timeline is not None:
             self.timeline.span("checkpoint write", t0, t0 + seconds, step=self.step)
+        self.result.checkpoint = str(path)
         if comm.is_root:
             if cfg.keep:
                 prune(cfg.checkpoint_dir, cfg.keep, path)
@@ -656,11 +754,11 @@ class _Training:
         stop, result = self.stop, self.result
         result.steps = self.step
         stop.drain()  # notes made in the step after a signal's (a NaN, a bad row) must not be lost
-        if stop.bad_input is not None:
-            at_step, row = stop.bad_input
+        if stop.bad_input is not None:  # the ranks that noted one know what it was: gather that
+            noted = [p for p in self.comm.comm.allgather(self.bad_input) if p is not None]
+            at_step, *problem = min(noted)
             raise JobError(
-                f"{self.ds.name}: training row {row} has a non-finite input value (NaN or Inf), read for "
-                f"step {at_step}; training stopped, checkpoints untouched",
+                f"{_problem_text(self.ds.train, problem, at_step)}; training stopped, checkpoints untouched",
                 EXIT_USAGE,
             )
         if stop.nonfinite is not None:
@@ -819,6 +917,14 @@ def _check_writable(directory, message: str) -> None:
         raise UserError(f"{message}: {exc}") from None
 
 
+def _check_output_file(path, what: str) -> None:
+    """``path`` must name a file (new or not) in a directory this process can create and write."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a directory; name a file")
+    _check_writable(path.parent, f"{what} {path}: cannot write there")
+
+
 def _check_directory(cfg, start: Position | None) -> None:
     _check_writable(cfg.checkpoint_dir, f"checkpoint_dir {cfg.checkpoint_dir} is not writable")
     if cfg.resume == "auto":
@@ -839,14 +945,15 @@ def _check_directory(cfg, start: Position | None) -> None:
 
 def _choose_checkpoint(cfg) -> tuple[str | None, list[str]]:
     """The checkpoint to resume from (rank 0): ``cfg.resume``, or for ``auto`` the newest one that
-    reads back whole; the notes say which newer ones were unreadable."""
+    reads back whole; the notes say which newer ones were unreadable. Each is verified in a child
+    process that cannot hang this one (``verify_bounded``)."""
     if cfg.resume != "auto":
-        verify(cfg.resume)
+        verify_bounded(cfg.resume)
         return cfg.resume, []
     notes = []
     for path in checkpoints(cfg.checkpoint_dir):
         try:
-            verify(path)
+            verify_bounded(path)
             return str(path), notes
         except UserError as exc:
             notes.append(f"resume: skipping {exc}")
@@ -1074,6 +1181,11 @@ def _main(comm: Comm, argv, early: EarlySignals) -> int:
     t0 = time.perf_counter()
     try:
         result = fit(cfg, comm, log=comm.print0, run=run, terminal=True)
+    except Interrupted as stop:  # every rank, after the agreed stop
+        if run is not None:
+            run.close()
+        comm.print0(f"hpcnn: {stop.message} (exit code {EXIT_INTERRUPTED})", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BaseException:
         if run is not None:
             run.discard_if_unused()  # e.g. refused: the directory holds checkpoints of another run
@@ -1096,10 +1208,13 @@ def _main(comm: Comm, argv, early: EarlySignals) -> int:
 
 def main(argv=None) -> int:
     # From the first line: a stop signal during start-up is honoured after the first step.
-    with EarlySignals() as early:
+    early = globals().pop("_EARLY", None) or EarlySignals().__enter__()
+    try:
         return run_command(
             lambda comm, args: _main(comm, args, early), sys.argv[1:] if argv is None else list(argv)
         )
+    finally:
+        early.__exit__(None, None, None)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,14 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
         ("nesterov = 1\n", "expected bool"),
         ('optimizer = "lamb"\n', "optimizer = 'lamb': expected one of sgd, adam, adamw"),
         ("epochs = [\n", "not valid TOML"),
+        ("lr = inf\n", "lr = inf: must be a finite number"),
+        ("stall_timeout = nan\n", "stall_timeout = nan: must be a finite number"),
+        ("clip_norm = nan\n", "clip_norm = nan: must be a finite number"),
+        ("weight_decay = inf\n", "weight_decay = inf: must be a finite number"),
+        ("test_fraction = nan\n", "test_fraction = nan: must be a finite number"),
+        ("min_lr = -inf\n", "min_lr = -inf: must be a finite number"),
+        ("lr = 1" + "0" * 400 + "\n", "lr = 1000000000"),
+        ('timeline = "t\\u0000.json"\n', r"timeline = 't\\x00.json': contains a NUL character"),
     ],
 )
 def test_bad_config_files(tmp_path, text, message):
@@ -66,11 +74,24 @@ def test_bad_config_files(tmp_path, text, message):
         (["--schedule", "zb"], "invalid choice: 'zb'"),
         (["--gamma", "-0.5"], "gamma = -0.5: must be > 0"),
         (["--min-lr", "0.1", "--lr", "0.01"], "min_lr = 0.1 is above lr = 0.01"),
+        (["--lr", "inf"], "lr = inf: must be a finite number"),
+        (["--stall-timeout", "nan"], "stall_timeout = nan: must be a finite number"),
+        (["--bucket-mb", "1e400"], "bucket_mb = inf: must be a finite number"),
+        (["--gamma", "nan"], "gamma = nan: must be a finite number"),
     ],
 )
 def test_bad_flags(argv, message):
     with pytest.raises(UserError, match=message):
         resolve(argv)
+
+
+def test_config_file_that_cannot_be_read_as_toml(tmp_path):
+    with pytest.raises(UserError, match=f"config file {tmp_path} is a directory; name a TOML file"):
+        resolve(["--config", str(tmp_path)])
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('hidden = [8] # d\xe9j\xe0 vu\n'.encode("latin-1"))
+    with pytest.raises(UserError, match=r"latin1.toml is not UTF-8 text \(byte 16\), as TOML must be"):
+        resolve(["--config", str(path)])
 
 
 def test_help_names_every_key_and_its_default(capsys):

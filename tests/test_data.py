@@ -1,5 +1,7 @@
 """Sampler coverage, HDF5 row reading, dataset opening errors and the conversion command."""
 
+import re
+
 import h5py
 import numpy as np
 import pytest
@@ -8,8 +10,11 @@ from hpcnn.config import Config
 from hpcnn.data import (
     EpochSampler,
     H5Source,
+    describe_nonfinite,
+    first_nonfinite,
     main,
     open_dataset,
+    read_rows,
     split_counts,
     synthetic_arrays,
     write_h5,
@@ -234,3 +239,100 @@ def test_synthetic_file_equals_the_in_memory_dataset(tmp_path):
     with h5py.File(path, "r") as f:
         assert np.array_equal(f["x"][:], x) and np.array_equal(f["y"][:], y)
         assert f["x_test"].shape == (14000, 5) and f.attrs["num_classes"] == 3
+
+
+def _layout(path, **entries):
+    """An HDF5 file of ``entries``: arrays, h5py links, ``"group"`` or ``"attr:NAME"`` values."""
+    with h5py.File(path, "w") as f:
+        for key, value in entries.items():
+            if key.startswith("attr_"):
+                f.attrs[key[5:]] = value
+            elif isinstance(value, str) and value == "group":
+                f.create_group(key)
+            else:
+                f[key] = value
+    return path
+
+
+X4, Y4 = np.zeros((4, 2), np.float32), np.arange(4) % 2
+
+
+@pytest.mark.parametrize(
+    "entries,message",
+    [
+        (dict(x="group", y=Y4), r"'x' is a group, not a dataset \(an empty group\)"),
+        (dict(x=h5py.SoftLink("/nowhere"), y=Y4), r"'x' is a soft link to '/nowhere', which does not exist"),
+        (dict(x=h5py.ExternalLink("gone.h5", "/x"), y=Y4), r"'x' is an external link to '/x' in gone.h5"),
+        (dict(x=np.zeros((4, 0)), y=Y4), r"'x' has 0 features per row \(4, 0\)"),
+        (dict(x=np.zeros(4), y=Y4), r"'x' must be \(rows, features\)"),
+        (dict(x=np.zeros((4, 2, 2)), y=Y4), r"'x' must be \(rows, features\)"),
+        (dict(x=np.zeros((4, 2), bool), y=Y4), r"'x' holds booleans"),
+        (dict(x=np.zeros((4, 2), complex), y=Y4), r"'x' holds complex numbers"),
+        (dict(x=np.array([[b"a", b"b"]] * 4), y=Y4), r"'x' holds strings"),
+        (dict(x=X4, y=np.array(["a"] * 4, dtype=h5py.string_dtype())), r"'y' holds strings"),
+        (dict(x=X4, y=Y4, attr_num_classes=2.5), r"attribute num_classes = 2.5: expected an integer"),
+        (dict(x=X4, y=Y4, attr_num_classes="two"), r"attribute num_classes = 'two': expected an integer"),
+        (dict(x=X4, y=Y4, attr_num_classes=True), r"attribute num_classes = True: expected an integer"),
+        (dict(x=X4, y=Y4, attr_num_classes=[2, 3]), r"attribute num_classes = \[2, 3\]: expected an integer"),
+        (dict(x=X4, y=Y4, attr_num_classes=70000), r"70,000 classes \(attribute num_classes\) is more than"),
+        (dict(x=X4, y=Y4, x_test=X4, y_test=np.zeros(4)), r"held-out 'y_test' is float64 \(4,\), training"),
+    ],
+)
+def test_bad_layouts_name_the_dataset_and_what_to_change(tmp_path, entries, message):
+    path = _layout(tmp_path / "bad.h5", **entries)
+    with pytest.raises(UserError, match=message):
+        open_dataset(Config(data=str(path)), 0, 1)
+
+
+def test_datasets_behind_links_or_in_groups_are_read(tmp_path):
+    x = np.arange(8, dtype=np.float32).reshape(4, 2)
+    _layout(tmp_path / "other.h5", x=x)
+    link = h5py.ExternalLink("other.h5", "/x")
+    path = _layout(tmp_path / "links.h5", x=link, y=Y4, attr_num_classes=np.array([2]))
+    with h5py.File(path, "a") as f:
+        f["inputs/x"], f["alias"] = x, h5py.SoftLink("/inputs/x")
+    for key in ("x", "inputs/x", "alias"):
+        ds, _ = open_dataset(Config(data=str(path), x_key=key), 0, 1)
+        assert ds.num_classes == 2 and np.array_equal(ds.train.source.read(np.arange(4))[0], x)
+        ds.close()
+
+
+def test_a_directory_is_not_a_data_file(tmp_path):
+    with pytest.raises(UserError, match=f"data file {tmp_path / 'd.h5'} is a directory; name an HDF5 file$"):
+        (tmp_path / "d.h5").mkdir()
+        open_dataset(Config(data=str(tmp_path / "d.h5")), 0, 1)
+
+
+def test_a_corrupt_chunk_names_the_file_dataset_and_rows(tmp_path):
+    path = tmp_path / "c.h5"
+    with h5py.File(path, "w") as f:
+        f["x"] = np.zeros((40, 2), np.float32)
+        f.create_dataset("y", data=np.arange(40) % 2, chunks=(8,), compression="gzip")
+        info = f["y"].id.get_chunk_info(3)  # rows 24-31
+    data = bytearray(path.read_bytes())
+    data[info.byte_offset : info.byte_offset + info.size] = bytes(info.size)
+    path.write_bytes(bytes(data))
+    message = rf"{path}: rows 24-31 of dataset '/y' cannot be read \(.*\): the file is damaged or truncated"
+    # the labels are read before training, each rank a block: open_data reports it for all ranks
+    for rank, found in [(0, None), (1, message)]:
+        ds, _ = open_dataset(Config(data=str(path)), rank, 2)
+        assert ds.unreadable is None if found is None else re.match(found, ds.unreadable)
+        ds.close()
+    with h5py.File(path, "r") as f:
+        with pytest.raises(UserError, match=message):
+            read_rows(f["y"], slice(0, 40), 0, 40)
+        assert np.array_equal(read_rows(f["y"], slice(0, 24), 0, 24), np.arange(24) % 2)
+
+
+def test_describe_nonfinite_tells_overflow_in_the_cast_from_nan_in_the_file():
+    stored = np.array([1.0, 1e39, np.nan])
+    seen = np.array([1.0, np.inf, np.nan], np.float32)  # what the cast to float32 gives
+    assert describe_nonfinite("x", 5, stored, seen) == (
+        "has an input value beyond the range of float32",
+        "'x'[5, 1] = 1e+39 (float32 reaches 3.403e+38); rescale the inputs or train with --dtype float64",
+    )
+    assert describe_nonfinite("y", 2, np.float64("nan"), np.array([np.nan], np.float32), "target") == (
+        "has a non-finite target value (NaN or Inf)",
+        "'y'[2] = nan",
+    )
+    assert first_nonfinite(np.ones((3, 2))) is None and first_nonfinite(np.array([[1, 2], [np.inf, 0]])) == 1
