@@ -340,6 +340,9 @@ def estimate_bytes(layers, buffers: int, itemsize: int, meta: dict | None = None
     return buffers * (values + 4 * chunks + DATASET_OVERHEAD * len(tensors)) + attrs
 
 
+MPIO_MARGIN = 2  # with io "auto", less free space than this x the estimate: write with "gather"
+
+
 def free_bytes(directory) -> int | None:
     """Bytes an unprivileged process may still write in ``directory``'s file system (``None``:
     unknown). Quotas are not seen here; a write that exceeds one fails and is reported then."""
@@ -380,6 +383,7 @@ def save(directory, cfg, layers, in_features, bounds, grid, model, opt, position
     needed and free; the temporary file is removed and existing checkpoints are never touched.
     """
     world = grid.world
+    chosen = io
     io = ("mpio" if h5py_parallel() and world.size > 1 else "gather") if io == "auto" else io
     buffers = _buffers(model, opt)
     digests = _tensor_digests(grid, layers, bounds, buffers)
@@ -391,7 +395,7 @@ def save(directory, cfg, layers, in_features, bounds, grid, model, opt, position
     directory = Path(directory)
     final = directory / file_name(position.step)
     needed = estimate_bytes(layers, len(buffers), to_host(buffers[0][1]).dtype.itemsize, meta)
-    failure, tmp = None, None
+    failure, tmp, tight = None, None, False
     if world.is_root:  # refuse before writing anything if the file cannot fit
         tmp = directory / temporary_name(final.name)
         try:
@@ -400,11 +404,20 @@ def save(directory, cfg, layers, in_features, bounds, grid, model, opt, position
             if short:
                 failure = f"writing checkpoint {final} failed: {short}; nothing was written, earlier "
                 failure += "checkpoints are intact"
+            free = free_bytes(directory)
+            tight = free is not None and free < MPIO_MARGIN * needed
         except OSError as exc:
             failure = f"writing checkpoint {final} failed: cannot create the directory: {exc}"
-    failure, tmp = world.bcast((failure, tmp))
+    failure, tmp, tight = world.bcast((failure, tmp, tight))
     if failure is not None:
         raise JobError(failure, EXIT_IO)
+    if io == "mpio" and tight and chosen == "auto":
+        # Parallel HDF5 cannot recover from a write that fails half-way (ranks part in different
+        # collectives: a hang or a crash); with little room to spare, the gathering writer, whose
+        # failures are plain errors on rank 0, writes this checkpoint instead.
+        io = "gather"
+        meta["layout"]["io"] = io
+        meta["/"]["content_digest"] = content_digest(meta)
     write = _write_mpio if io == "mpio" else _write_gathered
     failure = write(tmp, meta, grid, layers, bounds, buffers)  # agreed by every rank
     if world.is_root:  # rank 0 alone touches the file system from here: no collective may fail
@@ -613,7 +626,8 @@ def _write_mpio(tmp, meta, grid, layers, bounds, buffers) -> str | None:
     it failed to write, and a rank-local error can leave the ranks in different collective calls
     inside HDF5 (measured with Open MPI 4.1 and HDF5 1.10 on a full tmpfs: a hang, or a segfault in
     HDF5's clean-up at MPI_Finalize). The stall inspector ends such a job; the gathering writer,
-    which keeps failed writes from HDF5, has no such case."""
+    which keeps failed writes from HDF5, has no such case, and ``save`` uses it instead (with
+    ``--checkpoint-io auto``) when less than ``MPIO_MARGIN`` x the estimate is free."""
     import h5py
     from h5py import h5fd, h5p, h5s
 

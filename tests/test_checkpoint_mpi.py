@@ -217,3 +217,35 @@ def test_a_write_error_on_a_writing_rank_is_agreed_by_every_rank(world, shared, 
     agreed(world, problems)
     on_root(world, lambda: [] if sorted(os.listdir(shared)) == ["ckpt-000000003.h5", "ckpt-000000006.h5"]
             else [f"left behind: {sorted(os.listdir(shared))}"])  # fmt: skip
+
+
+@pytest.mark.skipif(not h5py_parallel(), reason="h5py was built without parallel HDF5 (no mpio driver)")
+@pytest.mark.parametrize("spare", [1.5, 3.0])
+def test_with_little_room_to_spare_auto_writes_with_the_gathering_writer(world, shared, spare, monkeypatch):
+    """Parallel HDF5 cannot survive a disk filling part-way through a write; below
+    ``MPIO_MARGIN`` x the estimate ``auto`` leaves the write to the gathering writer."""
+    estimate = {}
+
+    def free(directory):  # as much free space as ``spare`` x the checkpoint's estimate
+        return int(spare * estimate["bytes"]) if estimate else 1 << 40
+
+    real = checkpoint.estimate_bytes
+
+    def remember(*args, **kwargs):
+        estimate["bytes"] = real(*args, **kwargs)
+        return estimate["bytes"]
+
+    monkeypatch.setattr(checkpoint, "estimate_bytes", remember)
+    monkeypatch.setattr(checkpoint, "free_bytes", free)
+    cfg = Config(**BASE, max_steps=3, checkpoint_dir=shared, checkpoint_io="auto")
+    fit(cfg, world)
+    expected = b"gather" if spare < checkpoint.MPIO_MARGIN else b"mpio"
+
+    def written_by():
+        path = os.path.join(shared, "ckpt-000000003.h5")
+        checkpoint.verify(path)  # the layout attribute changed with the writer: the digest still holds
+        with h5py.File(path, "r") as f:
+            io = f["layout"].attrs["io"]
+        return [] if io == expected else [f"written by {io}, expected {expected}"]
+
+    on_root(world, written_by)
