@@ -183,7 +183,7 @@ if comm.is_root:
 try:
     fit(Config(hidden=[32], epochs=300, eval_every=0, run_dir="", checkpoint_dir=sys.argv[1]), comm)
 except KeyboardInterrupt as stop:
-    sys.stdout.write(f"rank {comm.rank}: KeyboardInterrupt after step {stop.result.steps}: {stop}\n")
+    sys.stdout.write(f"rank {comm.rank}: KeyboardInterrupt after step {stop.result.steps}: {stop}\\n")
     sys.stdout.flush()
 """
 
