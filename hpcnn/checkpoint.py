@@ -58,6 +58,7 @@ permutation drawn from ``(seed, e)`` (``data.EpochSampler``), so ``(seed, epoch,
 whole random state, and resuming continues on exactly the global batches of an uninterrupted run.
 """
 
+import contextlib
 import hashlib
 import json
 import math
@@ -123,10 +124,14 @@ def remove_temporaries(directory) -> list[str]:
     """Delete the temporary files of interrupted writes in ``directory``; only call it while holding
     the directory's lock (``hpcnn.dirlock``): then no other run is writing one."""
     removed = []
-    for path in sorted(Path(directory).iterdir()):
-        if TEMPORARY.match(path.name):
-            path.unlink(missing_ok=True)
-            removed.append(path.name)
+    try:
+        for path in sorted(Path(directory).iterdir()):
+            if TEMPORARY.match(path.name):
+                path.unlink(missing_ok=True)
+                removed.append(path.name)
+    except OSError as exc:  # e.g. a directory without read permission, another user's file
+        raise UserError(f"checkpoint_dir {directory}: cannot remove the temporary files of interrupted "
+                        f"writes: {exc}") from None  # fmt: skip
     return removed
 
 
@@ -425,7 +430,10 @@ def save(directory, cfg, layers, in_features, bounds, grid, model, opt, position
             try:
                 _fsync(tmp)
                 os.replace(tmp, final)
-                _fsync(directory)
+                # The file is whole under its name now: a directory that cannot be fsynced (some
+                # network file systems refuse it) costs only the rename's durability in a crash.
+                with contextlib.suppress(OSError):
+                    _fsync(directory)
             except OSError as exc:
                 gone = not directory.is_dir()
                 failure = f"the directory {directory} vanished during the write" if gone else str(exc)
@@ -848,6 +856,9 @@ def _read_digest(dset, tick) -> str:
     return h.hexdigest()
 
 
+STARTUP_S = 60.0  # the verifying child's start-up allowance, before its stall clock runs
+
+
 def verify_bounded(path, tensors: bool = True, stall: float = VERIFY_STALL_S) -> int:
     """``verify`` in a child process, stopped when it shows no progress for ``stall`` seconds.
 
@@ -899,17 +910,24 @@ def _collect(proc, stall: float) -> tuple[str | None, str]:
     """``proc``'s stdout and stderr once it has ended; stdout is ``None`` if it was killed because
     its stdout stayed silent for ``stall`` seconds."""
     out, err = proc.stdout.fileno(), proc.stderr.fileno()
-    data, live, stalled = {out: b"", err: b""}, [out, err], False
-    heard = time.monotonic()
+    data, stalled = {out: b"", err: b""}, False
+    poller = select.poll()  # not select(): it fails on descriptors >= 1024 (a large job's rank 0)
+    for fd in data:
+        poller.register(fd, select.POLLIN)
+    live = set(data)
+    # The clock starts once the child speaks: its interpreter's start-up (numpy, h5py) on a loaded
+    # node is not a verification making no progress.
+    heard = time.monotonic() + STARTUP_S
     try:
         while live and not stalled:
-            ready, _, _ = select.select(live, [], [], max(0.0, heard + stall - time.monotonic()))
+            ready = poller.poll(1000 * max(0.0, heard + stall - time.monotonic()))
             stalled = not ready
-            for fd in ready:
+            for fd, _ in ready:
                 chunk = os.read(fd, 1 << 16)
                 data[fd] += chunk
                 if not chunk:
-                    live.remove(fd)
+                    live.discard(fd)
+                    poller.unregister(fd)
                 elif fd == out:
                     heard = time.monotonic()
         if not stalled:

@@ -12,8 +12,9 @@ which optimizer step (0-based; ``step`` may be left out: the first time the site
   parameters, a silently diverged replica), ``enospc`` and ``eio`` (at ``checkpoint``: this rank's
   next write to the checkpoint file fails with "No space left on device" / "Input/output error";
   with the gathering writer only rank 0 writes, so name rank 0);
-- SITE: ``data`` (after reading a batch), ``forward``, ``backward``, ``allreduce`` (just before the
-  gradient reduction), ``optimizer``, ``checkpoint`` (inside a checkpoint write), ``evaluation``.
+- SITE: ``setup`` (the start of a training's set-up, before its data is opened), ``data`` (after
+  reading a batch), ``forward``, ``backward``, ``allreduce`` (just before the gradient
+  reduction), ``optimizer``, ``checkpoint`` (inside a checkpoint write), ``evaluation``.
 
 Example: ``HPCNN_FAULT=raise@backward:rank=2,step=5 mpirun -n 4 python -m hpcnn.train``, or
 ``HPCNN_FAULT=sleep@checkpoint:rank=0,step=9,seconds=3``. Unset, each
@@ -27,7 +28,7 @@ import sys
 import time
 
 KINDS = ("raise", "kill", "hang", "freeze", "sleep", "nan", "diverge", "enospc", "eio")
-SITES = ("data", "forward", "backward", "allreduce", "optimizer", "checkpoint", "evaluation")
+SITES = ("setup", "data", "forward", "backward", "allreduce", "optimizer", "checkpoint", "evaluation")
 VARIABLE = "HPCNN_FAULT"
 ERRNOS = {"enospc": errno.ENOSPC, "eio": errno.EIO}  # the write errors the checkpoint writers simulate
 # kinds the caller carries out, and where
@@ -80,7 +81,8 @@ def point(site: str) -> str | None:
     if kind == "hang":
         while True:
             time.sleep(3600)
-    if kind == "freeze":
+    if kind == "freeze":  # said on stderr, so that a test can time what follows from this moment
+        print(f"{VARIABLE}: freezing at {site}, step {step}", file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGSTOP)
         return None
     if kind == "sleep":  # said on stderr, so that a test can aim a signal at the pause

@@ -159,12 +159,12 @@ class Inspector:
         while not self._stop.wait(self.period):
             now = time.monotonic()
             state = self._state()
+            op = int(state[1])
+            if op == DONE:  # close() is stopping this thread: the only "done" heartbeat is the last
+                break
             if request is None or request.Test():
                 self._beat_buffer = state  # keep the buffer alive until rank 0 has taken it
                 request, posted = self.comm.issend(state, 0, HEARTBEAT), now
-            op = int(state[1])
-            if op == DONE:
-                continue
             # Rank 1 speaks first; the others wait a little longer, so that one message is printed.
             grace = 2 * self.period + STAGGER * min(self.comm.rank - 1, STAGGERED)
             untaken = now - posted

@@ -52,15 +52,17 @@ class _Catcher:
 
     def __enter__(self):
         if self.signals and threading.current_thread() is threading.main_thread():
-            if INTERRUPT in self.signals:
-                if _watch.graceful == 0:  # a new stop to ask for: earlier presses are spent
-                    _watch.presses = 0
-                _watch.graceful += 1
             for sig in self.signals:
+                if sig == INTERRUPT and signal.getsignal(sig) is signal.SIG_IGN:
+                    continue  # Ctrl-C ignored on purpose (a background job): keep it so
                 self.previous[sig] = signal.signal(sig, self._handle)
                 outer = getattr(self.previous[sig], "__self__", None)
                 if isinstance(outer, _Catcher):
                     self.received = self.received or outer.received
+            if INTERRUPT in self.previous:  # counted once the handler is in place (see _restore)
+                if _watch.graceful == 0:  # a new stop to ask for: earlier presses are spent
+                    _watch.presses = 0
+                _watch.graceful += 1
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -184,6 +186,15 @@ class StopRequest(_Catcher):
             self.comm.free()
 
 
+class HeldInterrupts(_Catcher):
+    """Holds Ctrl-C for a training's stop check from ``fit()``'s first line to its last, so that
+    a Ctrl-C during set-up or shutdown (where ranks meet in collectives) is honoured as a stop,
+    or by a second Ctrl-C ending the job, instead of a ``KeyboardInterrupt`` on some ranks only."""
+
+    def __init__(self):
+        super().__init__((INTERRUPT,))
+
+
 class Interrupted(KeyboardInterrupt):
     """Raised on every rank when training stopped for a Ctrl-C, after the agreed stop (and its
     checkpoint, when checkpoints are written). ``result``: the training's result so far."""
@@ -207,7 +218,9 @@ class _InterruptWatch:
         self._thread = None
 
     def start(self, end_job, command: bool) -> None:
-        self.end_job = end_job
+        # The first caller's way of ending the job stays: a command's (the whole world's), not
+        # that of a sweep task's group, whose every root would speak.
+        self.end_job = self.end_job or end_job
         self.command = self.command or command
         if self._thread is not None or threading.current_thread() is not threading.main_thread():
             return
@@ -224,6 +237,9 @@ class _InterruptWatch:
                 signal.set_wakeup_fd(previous)
             os.close(read), os.close(write)
             return
+        owner = getattr(signal.getsignal(INTERRUPT), "__self__", None)
+        if isinstance(owner, _Catcher) and owner.received == INTERRUPT:
+            self.presses, self.last = 1, time.monotonic()  # a Ctrl-C during start-up counts
         self._thread = threading.Thread(target=self._run, args=(read,), name="hpcnn-interrupts", daemon=True)
         self._thread.start()
 

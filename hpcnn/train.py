@@ -91,7 +91,15 @@ from hpcnn.pipeline import (
     explicit_partition,
     gpipe_bubble,
 )
-from hpcnn.preempt import ALL, INTERRUPT, EarlySignals, Interrupted, StopRequest, watch_interrupts
+from hpcnn.preempt import (
+    ALL,
+    INTERRUPT,
+    EarlySignals,
+    HeldInterrupts,
+    Interrupted,
+    StopRequest,
+    watch_interrupts,
+)
 from hpcnn.runlog import STEP_TIMES, Progress, RunDir
 from hpcnn.timeline import Timeline
 
@@ -354,6 +362,11 @@ def fit(cfg: Config, comm: Comm, log=None, run: RunDir | None = None, terminal: 
     rows stop every rank at the same step with a ``JobError``.
     """
     watch_interrupts(comm.end_job)
+    with HeldInterrupts():
+        return _fit(cfg, comm, log, run, terminal)
+
+
+def _fit(cfg: Config, comm: Comm, log, run: RunDir | None, terminal: bool) -> Result:
     log = log if (log is not None and comm.is_root) else None
     run = run if comm.is_root else None
     inspector = Inspector(comm, cfg.stall_timeout)
@@ -402,6 +415,7 @@ class _Training:
     def __init__(self, cfg: Config, comm: Comm, log, inspector: Inspector, run=None, terminal: bool = False):
         self.cfg, self.comm, self.inspector, self.run_dir = cfg, comm, inspector, run
         faults.rank = comm.world_rank
+        faults.point("setup")
         ds, layers, bounds, grid, pipe, sampler = _prepare(cfg, comm)
         self.ds, self.layers, self.bounds, self.grid, self.pipe, self.sampler = (
             ds,
@@ -950,13 +964,24 @@ def _choose_checkpoint(cfg) -> tuple[str | None, list[str]]:
     if cfg.resume != "auto":
         verify_bounded(cfg.resume)
         return cfg.resume, []
-    notes = []
+    notes, skipped = [], []
     for path in checkpoints(cfg.checkpoint_dir):
         try:
             verify_bounded(path)
-            return str(path), notes
         except UserError as exc:
             notes.append(f"resume: skipping {exc}")
+            skipped.append(path)
+            continue
+        # This run will write checkpoints under the skipped files' names: keep them, under other
+        # names (a file whose check only stalled, on a slow file system, may be good).
+        for bad in skipped:
+            aside = bad.with_name(bad.name + ".unreadable")
+            try:
+                bad.rename(aside)
+            except OSError as exc:
+                raise UserError(f"cannot move the unreadable checkpoint {bad} aside: {exc}") from None
+            notes.append(f"resume: kept {bad.name} as {aside.name}")
+        return str(path), notes
     if notes:
         raise UserError(f"no readable checkpoint in {cfg.checkpoint_dir}: " + "; ".join(notes))
     return None, notes
@@ -1166,7 +1191,7 @@ def _main(comm: Comm, argv, early: EarlySignals) -> int:
         cfg = resolve(argv, is_root=comm.is_root)
     comm.debug = cfg.debug
     if dry_run:
-        early.release()
+        early.__exit__(None, None, None)  # nothing to stop at a step: Ctrl-C ends the dry run at once
         blas_threads(comm.local_size, cfg.threads)
         return _dry_run(cfg, comm)
     given = cfg  # what config.toml records: run_dir resolved, checkpoint_dir as given

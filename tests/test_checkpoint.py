@@ -226,6 +226,10 @@ def test_auto_skips_a_corrupt_or_truncated_newest_checkpoint(comm, straight, tmp
     assert "ckpt-000000014.h5 is not a readable HDF5 file" in text
     assert f"resumed from {run / 'ckpt-000000007.h5'}: step 7" in text
     np.testing.assert_array_equal(resumed.model.params.data, result.model.params.data)
+    # the two skipped files are kept under other names, not overwritten by the resumed run
+    assert sorted(p.name for p in run.glob("*.unreadable")) == [
+        "ckpt-000000014.h5.unreadable", "ckpt-000000021.h5.unreadable"
+    ]
 
 
 def test_auto_with_nothing_readable_is_an_error_and_with_nothing_starts_fresh(comm, straight, tmp_path):

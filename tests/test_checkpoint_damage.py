@@ -362,6 +362,9 @@ def test_resume_auto_skips_a_newest_checkpoint_damaged_in_its_metadata(tmp_path)
     assert len(notes) == 1 and f"checkpoint {d / 'ckpt-000000004.h5'} is corrupt" in notes[0], proc.stdout
     assert f"resumed from {d / 'ckpt-000000002.h5'}: step 2" in proc.stdout
     assert verify(d / "ckpt-000000004.h5") and verify(d / "ckpt-000000006.h5")  # rewritten whole
+    # the skipped file is kept, not overwritten: its check may only have stalled
+    assert (d / "ckpt-000000004.h5.unreadable").read_bytes() == damaged.read_bytes()
+    assert "resume: kept ckpt-000000004.h5 as ckpt-000000004.h5.unreadable" in proc.stdout
     for module, args in (("hpcnn.train", ["--hidden", "16", "--run-dir", "", "--resume", str(damaged)]),
                          ("hpcnn.evaluate", ["--checkpoint", str(damaged)])):  # fmt: skip
         proc, _ = run(module, args)
