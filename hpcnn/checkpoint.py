@@ -648,8 +648,10 @@ def _write_mpio(tmp, meta, grid, layers, bounds, buffers) -> str | None:
         failure = str(exc)
     else:
         failure = None
+        # Outside the try: an injected exception (``raise``) is a rank failing alone, which ends
+        # the job; caught here, it would leave this rank out of the collective writes below.
+        injected = faults.ERRNOS.get(faults.point("checkpoint"))
         try:
-            injected = faults.ERRNOS.get(faults.point("checkpoint"))
             _write_attrs(f, meta)
             dtype = to_host(buffers[0][1]).dtype
             for stage in range(grid.stages):
@@ -678,8 +680,11 @@ def _write_mpio(tmp, meta, grid, layers, bounds, buffers) -> str | None:
             # call (a rank leaving them early would leave the others waiting).
             if injected is not None:
                 failure = str(OSError(injected, os.strerror(injected)))
+        except (OSError, ValueError) as exc:
+            failure = failure or str(exc)
+        try:
             f.flush()  # a write error shows here (h5py raises RuntimeError), not first inside close
-        except Exception as exc:  # noqa: BLE001  (every rank must reach the agreement below)
+        except (OSError, ValueError, RuntimeError) as exc:  # every rank must reach the agreement below
             failure = failure or str(exc)
         try:
             f.close()

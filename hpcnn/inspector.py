@@ -69,6 +69,7 @@ LONG = frozenset(
 DONE = _INDEX["done"]
 HEARTBEAT = 1
 FLOOR, LONG_FLOOR, STEPS = 60.0, 600.0, 20.0
+AWAY = 3  # periods a thread may miss before it takes itself for the one that was away
 STAGGER, STAGGERED = 2.0, 2  # seconds between ranks 1, 2, 3+ ending a job themselves (Open MPI kills slowly)
 
 
@@ -84,6 +85,7 @@ class Inspector:
         self.totals = np.zeros(len(OPS))  # seconds spent in each operation
         self._stop = threading.Event()
         self._thread, self._abandoned = None, False
+        self._last_wake, self._quiet_until = time.monotonic(), 0.0
         if not comm.threads_supported():
             return  # MPI without MPI_THREAD_MULTIPLE: no helper thread may call it (times still kept)
         if comm.is_root:
@@ -165,6 +167,9 @@ class Inspector:
             if request is None or request.Test():
                 self._beat_buffer = state  # keep the buffer alive until rank 0 has taken it
                 request, posted = self.comm.issend(state, 0, HEARTBEAT), now
+            if self._away(now):
+                posted = max(posted, now - self.period)  # this rank's absence, not rank 0's
+                continue
             # Rank 1 speaks first; the others wait a little longer, so that one message is printed.
             grace = 2 * self.period + STAGGER * min(self.comm.rank - 1, STAGGERED)
             untaken = now - posted
@@ -202,12 +207,25 @@ class Inspector:
                 else:
                     self._requests[r] = self.comm.irecv_(self._inbox[source], source, HEARTBEAT)
 
+    def _away(self, now: float) -> bool:
+        """Whether this thread has just come back from not running for several periods (its process
+        was stopped: SIGSTOP, then SIGCONT, as Open MPI sends before killing a job). Its clocks then
+        measure its own absence, not the other ranks': it judges nobody for a few periods."""
+        gap = now - self._last_wake - self.period
+        self._last_wake = now
+        if gap > AWAY * self.period:
+            self._quiet_until = now + AWAY * self.period
+        return now < self._quiet_until
+
     def _watch(self) -> None:
         """Rank 0: collect heartbeats, diagnose a stall, end the job."""
         while not self._stop.wait(self.period):
             self._collect()
             now = time.monotonic()
             self._state_of[0], self._heard[0] = self._state(), now
+            if self._away(now):
+                self._heard[:] = np.maximum(self._heard, now - self.period)  # its absence, not theirs
+                continue
             message = diagnose(self._state_of, now - self._heard, self.deadline)
             if message is not None and not self._stop.is_set():
                 self._fail(message)
