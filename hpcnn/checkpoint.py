@@ -388,41 +388,36 @@ def save(directory, cfg, layers, in_features, bounds, grid, model, opt, position
     needed and free; the temporary file is removed and existing checkpoints are never touched.
     """
     world = grid.world
-    chosen = io
-    io = ("mpio" if h5py_parallel() and world.size > 1 else "gather") if io == "auto" else io
+    auto = io == "auto"
+    io = ("mpio" if h5py_parallel() and world.size > 1 else "gather") if auto else io
     buffers = _buffers(model, opt)
     digests = _tensor_digests(grid, layers, bounds, buffers)
-    meta = world.bcast(
-        metadata(cfg, layers, in_features, bounds, grid, opt, position, io, digests)
-        if world.is_root
-        else None
-    )
     directory = Path(directory)
     final = directory / file_name(position.step)
-    needed = estimate_bytes(layers, len(buffers), to_host(buffers[0][1]).dtype.itemsize, meta)
-    failure, tmp, tight = None, None, False
-    if world.is_root:  # refuse before writing anything if the file cannot fit
+    failure, tmp, meta, needed = None, None, None, 0
+    if world.is_root:  # the file's attributes, and a refusal before writing anything if it cannot fit
         tmp = directory / temporary_name(final.name)
+        meta = metadata(cfg, layers, in_features, bounds, grid, opt, position, io, digests)
+        needed = estimate_bytes(layers, len(buffers), to_host(buffers[0][1]).dtype.itemsize, meta)
         try:
             directory.mkdir(parents=True, exist_ok=True)
             short = too_little_space(directory, needed)
+            free = free_bytes(directory)
             if short:
                 failure = f"writing checkpoint {final} failed: {short}; nothing was written, earlier "
                 failure += "checkpoints are intact"
-            free = free_bytes(directory)
-            tight = free is not None and free < MPIO_MARGIN * needed
+            elif io == "mpio" and auto and free is not None and free < MPIO_MARGIN * needed:
+                # Parallel HDF5 cannot recover from a write that fails half-way (ranks part in
+                # different collectives: a hang or a crash); with little room to spare, the
+                # gathering writer, whose failures are plain errors on rank 0, writes this one.
+                io = "gather"
+                meta = metadata(cfg, layers, in_features, bounds, grid, opt, position, io, digests)
         except OSError as exc:
             failure = f"writing checkpoint {final} failed: cannot create the directory: {exc}"
-    failure, tmp, tight = world.bcast((failure, tmp, tight))
+    failure, tmp, meta = world.bcast((failure, tmp, meta))
     if failure is not None:
         raise JobError(failure, EXIT_IO)
-    if io == "mpio" and tight and chosen == "auto":
-        # Parallel HDF5 cannot recover from a write that fails half-way (ranks part in different
-        # collectives: a hang or a crash); with little room to spare, the gathering writer, whose
-        # failures are plain errors on rank 0, writes this checkpoint instead.
-        io = "gather"
-        meta["layout"]["io"] = io
-        meta["/"]["content_digest"] = content_digest(meta)
+    io = meta["layout"]["io"]
     write = _write_mpio if io == "mpio" else _write_gathered
     failure = write(tmp, meta, grid, layers, bounds, buffers)  # agreed by every rank
     if world.is_root:  # rank 0 alone touches the file system from here: no collective may fail
