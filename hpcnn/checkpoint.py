@@ -748,30 +748,34 @@ def inspect(path) -> Info:
     """Read what a checkpoint holds (attributes only); ``UserError`` if it is not one hpcnn reads
     or cannot be decoded. The attributes are not checked against their digest: ``verify`` does."""
     with _reading(path) as f:
-        version = _format_version(path, f)
-        m, o, p, layout = f["model"].attrs, f["optimizer"].attrs, f["position"].attrs, f["layout"].attrs
-        return Info(
-            path=str(path),
-            format_version=version,
-            hpcnn_version=_text(f.attrs["hpcnn_version"]),
-            created=_text(f.attrs["created"]),
-            config=_text(f.attrs["config"]),
-            architecture=json.loads(_text(m["architecture"])),
-            description=_text(m["description"]),
-            parameters=int(m["parameters"]),
-            optimizer=_text(o["kind"]),
-            optimizer_t=int(o["t"]),
-            state_names=json.loads(_text(o["state"])),
-            position=Position(
-                int(p["step"]),
-                int(p["epoch"]),
-                int(p["batch"]),
-                [float(v) for v in p["epoch_sums"]],
-                json.loads(_text(p["history"])),
-            ),
-            seed=int(f["rng"].attrs["seed"]),
-            layout={k: _text(v) if isinstance(v, (bytes, str)) else v.tolist() for k, v in layout.items()},
-        )
+        return _info(path, f, _format_version(path, f))
+
+
+def _info(path, f, version: int) -> Info:
+    """``inspect`` of the open checkpoint ``f`` (of ``version``)."""
+    m, o, p, layout = f["model"].attrs, f["optimizer"].attrs, f["position"].attrs, f["layout"].attrs
+    return Info(
+        path=str(path),
+        format_version=version,
+        hpcnn_version=_text(f.attrs["hpcnn_version"]),
+        created=_text(f.attrs["created"]),
+        config=_text(f.attrs["config"]),
+        architecture=json.loads(_text(m["architecture"])),
+        description=_text(m["description"]),
+        parameters=int(m["parameters"]),
+        optimizer=_text(o["kind"]),
+        optimizer_t=int(o["t"]),
+        state_names=json.loads(_text(o["state"])),
+        position=Position(
+            int(p["step"]),
+            int(p["epoch"]),
+            int(p["batch"]),
+            [float(v) for v in p["epoch_sums"]],
+            json.loads(_text(p["history"])),
+        ),
+        seed=int(f["rng"].attrs["seed"]),
+        layout={k: _text(v) if isinstance(v, (bytes, str)) else v.tolist() for k, v in layout.items()},
+    )
 
 
 def _format_version(path, f) -> int:
@@ -825,7 +829,7 @@ def verify(path, tensors: bool = True, progress=None) -> int:
             if expected is not None and digest != expected[name]:
                 raise UserError(f"checkpoint {path}: dataset {name} does not match its tensor_digests entry")
             total += nbytes
-    inspect(path)  # every attribute decodes (for format 1, the only check its attributes get)
+        _info(path, f, version)  # every attribute decodes (for format 1, the only check its attributes get)
     return total
 
 
