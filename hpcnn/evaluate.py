@@ -37,7 +37,16 @@ from hpcnn.deterministic import shard_rows
 from hpcnn.errors import EXIT_OK, UserError
 from hpcnn.layers import layer_from_spec
 from hpcnn.losses import LOSSES
-from hpcnn.train import _as_batch, _micro_batches, build_stages, evaluate, open_data, shard_stage
+from hpcnn.train import (
+    _as_batch,
+    _bad_row,
+    _micro_batches,
+    _problem_text,
+    build_stages,
+    evaluate,
+    open_data,
+    shard_stage,
+)
 
 # Flags that may override the checkpoint's own settings (data and parallel layout only: the
 # model is the checkpoint's).
@@ -199,12 +208,9 @@ def member_probabilities(path):
     for i in range(0, len(ds.test), cfg.eval_batch_size):
         ids = ds.test.ids[i : i + cfg.eval_batch_size]
         x, y = _as_batch(*ds.test.source.read(ids), dtype_of(cfg.dtype), True)
-        bad = first_nonfinite(x)
-        if bad is not None:
-            source, row = ds.test.source, int(ids[bad])
-            stored = source.read(np.array([row]), labels=False)[0][0]
-            headline, detail = describe_nonfinite(source.x_key, row, stored, x[bad])
-            raise UserError(f"{source.path}: held-out row {row} {headline}: {detail}")
+        problem = _bad_row(ds.test, ids, x, y, pipe, True)
+        if problem is not None:
+            raise UserError(_problem_text(ds.test, problem))
         out = to_host(pipe.model.forward(x, train=False))
         probs.append(_softmax(out))
         labels.append(np.asarray(y))
