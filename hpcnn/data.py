@@ -332,16 +332,21 @@ def _kind(d) -> str | None:
     return None
 
 
+def _numbers(f, key: str, d, what: str) -> None:
+    """Dataset ``d`` (``key`` of ``f``) must hold integers or floats (``what``: its role)."""
+    kind = _kind(d)
+    if kind is not None:
+        raise UserError(f"{f.filename}: {key!r} holds {kind}; {what} must be integers or floats")
+
+
 def _h5_pair(f, x_key: str, y_key: str, required: bool):
     x, y = _dataset(f, x_key, required), _dataset(f, y_key, required)
     if x is None and y is None:
         return None
     if x is None or y is None:  # one of a held-out pair: _dataset says which is missing
         _dataset(f, x_key if x is None else y_key, True)
-    for key, d, what in ((x_key, x, "inputs"), (y_key, y, "labels or targets")):
-        kind = _kind(d)
-        if kind is not None:
-            raise UserError(f"{f.filename}: {key!r} holds {kind}; {what} must be integers or floats")
+    _numbers(f, x_key, x, "inputs")
+    _numbers(f, y_key, y, "labels or targets")
     if x.shape is None or y.shape is None or x.ndim != 2 or y.ndim not in (1, 2) or x.shape[0] != y.shape[0]:
         raise UserError(
             f"{f.filename}: {x_key!r} must be (rows, features) and {y_key!r} (rows,) or "
@@ -357,9 +362,7 @@ def _h5_pair(f, x_key: str, y_key: str, required: bool):
 def input_dataset(f, key: str):
     """The dataset ``key`` of ``f``, checked to be ``(rows, features)`` numbers (inputs alone)."""
     d = _dataset(f, key, True)
-    kind = _kind(d)
-    if kind is not None:
-        raise UserError(f"{f.filename}: {key!r} holds {kind}; inputs must be integers or floats")
+    _numbers(f, key, d, "inputs")
     if d.shape is None or d.ndim != 2 or d.shape[1] == 0:
         raise UserError(f"{f.filename}: {key!r} must be (rows, features) with features > 0; got {d.shape}")
     return d
