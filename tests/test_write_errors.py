@@ -16,11 +16,11 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from test_train import MPIEXEC, ROOT, launch_env, needs_mpiexec
+from test_failures import launch
+from test_train import ROOT, launch_env, needs_mpiexec
 
 from hpcnn import checkpoint
 from hpcnn.checkpoint import checkpoints, verify
@@ -29,15 +29,6 @@ LIMIT = 30.0  # seconds until every process of a failed run is gone
 FAST = ["--epochs", "1", "--eval-every", "0", "--run-dir", "", "--batch-size", "100"]  # 15 steps
 BIG = ["--hidden", "200"]  # checkpoints of 180-230 KB: one fits into 300 KiB, two do not
 AMOUNT = r"[\d,]+ bytes \(\d+\.\d\d MiB\)"
-
-
-def launch(args, ranks, env=None, timeout=120):
-    """``python -m hpcnn.train`` under mpiexec; returns (process, seconds until all were gone)."""
-    cmd = [MPIEXEC, "-n", str(ranks), sys.executable, "-m", "hpcnn.train", *args]
-    t0 = time.monotonic()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env=launch_env(env))  # fmt: skip
-    return proc, time.monotonic() - t0
 
 
 def errors(proc) -> list[str]:
@@ -80,7 +71,7 @@ def test_a_full_disk_ends_the_run_with_one_message_and_keeps_the_earlier_checkpo
     d = small_disk / "ckpt"
     args = [*FAST, *BIG, "--checkpoint-dir", str(d), "--keep", "0"]
     # The first checkpoint fits, the second does not: refused before writing it.
-    proc, seconds = launch([*args, "--checkpoint-every", "5"], ranks)
+    proc, seconds = launch([*args, "--checkpoint-every", "5"], ranks=ranks, timeout=120)
     assert_one_clean_message(
         proc, seconds,
         rf"hpcnn: error: writing checkpoint {d}/ckpt-000000010.h5 failed: not enough space in {d}: a "
@@ -91,7 +82,7 @@ def test_a_full_disk_ends_the_run_with_one_message_and_keeps_the_earlier_checkpo
     verify(d / "ckpt-000000005.h5")
     # Resuming into the full directory: refused before training, not after it.
     before = digest(d)
-    proc, seconds = launch([*args, "--resume", "auto"], ranks)
+    proc, seconds = launch([*args, "--resume", "auto"], ranks=ranks, timeout=120)
     assert_one_clean_message(
         proc, seconds,
         rf"hpcnn: error: checkpoint_dir: not enough space in {d}: a checkpoint needs about {AMOUNT}, "
@@ -188,12 +179,12 @@ def test_a_directory_removed_during_the_write_is_named(tmp_path):
 def test_a_write_error_ends_every_rank_with_one_message(tmp_path, ranks, kind, text):
     d = tmp_path / "ckpt"
     args = [*FAST, "--hidden", "16", "--checkpoint-dir", str(d), "--checkpoint-every", "5", "--keep", "0"]
-    made, _ = launch([*args, "--max-steps", "10"], ranks)  # checkpoints at steps 5 and 10
+    made, _ = launch([*args, "--max-steps", "10"], ranks=ranks, timeout=120)  # checkpoints at steps 5 and 10
     assert made.returncode == 0, made.stderr
     before = digest(d)
     # The write after step 15 (the fault's step counts from 0) fails part-way on rank 0, which writes.
     fault = {"HPCNN_FAULT": f"{kind}@checkpoint:rank=0,step=14"}
-    proc, seconds = launch([*args, "--resume", "auto"], ranks, fault)
+    proc, seconds = launch([*args, "--resume", "auto"], fault, ranks=ranks, timeout=120)
     assert_one_clean_message(
         proc, seconds,
         rf"hpcnn: error: writing checkpoint {d}/ckpt-000000015.h5 failed: {text}; a checkpoint needs "
