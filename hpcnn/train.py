@@ -914,8 +914,8 @@ def _check_checkpoint_dir(cfg, comm, start: Position | None, needed: int) -> Non
                 "checkpoint_io = 'mpio' needs h5py built with parallel HDF5 (h5py.get_config().mpi is "
                 "False here); use --checkpoint-io gather or auto"
             )
-    comm.root_decides(lambda: _check_directory(cfg, start), cfg.debug)
-    short = comm.root_decides(lambda: too_little_space(cfg.checkpoint_dir, needed), cfg.debug)
+    checks = lambda: _check_directory(cfg, start) or too_little_space(cfg.checkpoint_dir, needed)  # noqa: E731
+    short = comm.root_decides(checks, cfg.debug)  # one answer from rank 0 for both
     if short:  # the run could never save its work
         advice = "free some space or choose another --checkpoint-dir"
         raise JobError(f"checkpoint_dir: {short}; {advice}", EXIT_IO)
