@@ -18,6 +18,15 @@ from contextlib import contextmanager
 # cores that the computing ranks need (8 ranks on 2 cores: ~3x slower collectives). The launcher
 # tells each process how many ranks share its node before MPI starts, which is the only moment to
 # ask MPICH to yield. A user's own setting wins.
+def say(text: str, file=None) -> None:
+    """Write one line in one ``write`` (and flush). ``print`` writes the text and its newline
+    separately when Python's output is unbuffered (``PYTHONUNBUFFERED``, common in batch
+    scripts), and the launcher then interleaves two ranks' lines mid-line."""
+    stream = file or sys.stdout
+    stream.write(f"{text}\n")
+    stream.flush()
+
+
 def _ranks_on_this_node() -> int:
     # MPICH's hydra (mpiexec), Open MPI, and srun ("4(x2)" means 4 on each of 2 nodes; the first
     # entry is an estimate on uneven layouts, which is enough for this decision).
@@ -83,7 +92,11 @@ class Comm:
         """Print on rank 0 only (and flush: SLURM output files should show progress live)."""
         if self.is_root:
             try:
-                print(*args, **kwargs, flush=True)
+                sep, end = kwargs.get("sep") or " ", kwargs.get("end")
+                text = sep.join(map(str, args)) + ("\n" if end is None else end)
+                stream = kwargs.get("file") or sys.stdout
+                stream.write(text)  # one write: see say()
+                stream.flush()
             except BrokenPipeError:
                 # `mpirun ... | head`: the reader is gone, the training is not. Send the rest of
                 # the output nowhere instead of failing (other ranks would be left waiting).
@@ -257,7 +270,7 @@ class Comm:
         if not self.is_root:
             time.sleep(3.0)
         who = "" if self.is_root else f"rank {self.rank}: "
-        print(f"hpcnn: {who}{message} (exit code {code})", file=sys.stderr, flush=True)
+        say(f"hpcnn: {who}{message} (exit code {code})", sys.stderr)
         time.sleep(0.2)  # let the launcher forward the line before it tears the job down
         MPI.COMM_WORLD.Abort(code)
 
@@ -272,7 +285,7 @@ class Comm:
         if debug:
             traceback.print_exception(exc, file=sys.stderr)
         kind = "error" if isinstance(exc, UserError) else "internal error"
-        print(f"hpcnn: rank {self.rank}: {kind}: {exc}", file=sys.stderr, flush=True)
+        say(f"hpcnn: rank {self.rank}: {kind}: {exc}", sys.stderr)
         # The launcher forwards our stderr through a pipe and tears the job down on Abort; a
         # moment's pause lets the one message that explains the failure reach the user first.
         time.sleep(0.5)

@@ -33,7 +33,7 @@ import time
 
 import numpy as np
 
-from hpcnn.comm import NULL_REQUEST
+from hpcnn.comm import NULL_REQUEST, say
 from hpcnn.errors import EXIT_STALL
 
 OPS = (
@@ -231,7 +231,7 @@ class Inspector:
                 self._fail(message)
 
     def _fail(self, message: str) -> None:
-        print(f"hpcnn: error: stall: {message}", file=sys.stderr, flush=True)
+        say(f"hpcnn: error: stall: {message}", sys.stderr)
         time.sleep(0.5)  # let the launcher forward the message before it tears the job down
         self.comm.abort_job(EXIT_STALL)
 

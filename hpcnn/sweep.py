@@ -57,6 +57,7 @@ from pathlib import Path
 import numpy as np
 
 from hpcnn.comm import Comm, run_command
+from hpcnn.comm import say as comm_say
 from hpcnn.config import Config, _Parser, from_dict, load_toml, parse_toml
 from hpcnn.dirlock import DirectoryLock
 from hpcnn.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PREEMPTED, JobError, UserError
@@ -229,7 +230,7 @@ class Sweep:
             if group.size > 1
             else str(self.world.rank)
         )
-        say = (lambda text: print(text, flush=True)) if group.is_root else (lambda text: None)
+        say = comm_say if group.is_root else (lambda text: None)
         say(f"task {i} ({describe(settings)}) on rank(s) {ranks}: started")
         t0 = time.perf_counter()
         record = {"task": i, "settings": settings, "ranks": group.size, "group": group_index,

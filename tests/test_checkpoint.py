@@ -228,7 +228,8 @@ def test_auto_skips_a_corrupt_or_truncated_newest_checkpoint(comm, straight, tmp
     np.testing.assert_array_equal(resumed.model.params.data, result.model.params.data)
     # the two skipped files are kept under other names, not overwritten by the resumed run
     assert sorted(p.name for p in run.glob("*.unreadable")) == [
-        "ckpt-000000014.h5.unreadable", "ckpt-000000021.h5.unreadable"
+        "ckpt-000000014.h5.unreadable",
+        "ckpt-000000021.h5.unreadable",
     ]
 
 

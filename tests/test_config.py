@@ -89,7 +89,7 @@ def test_config_file_that_cannot_be_read_as_toml(tmp_path):
     with pytest.raises(UserError, match=f"config file {tmp_path} is a directory; name a TOML file"):
         resolve(["--config", str(tmp_path)])
     path = tmp_path / "latin1.toml"
-    path.write_bytes('hidden = [8] # d\xe9j\xe0 vu\n'.encode("latin-1"))
+    path.write_bytes("hidden = [8] # d\xe9j\xe0 vu\n".encode("latin-1"))
     with pytest.raises(UserError, match=r"latin1.toml is not UTF-8 text \(byte 16\), as TOML must be"):
         resolve(["--config", str(path)])
 

@@ -271,5 +271,6 @@ def test_ctrl_c_stops_a_sweep_with_exit_130_and_no_task_recorded_done(tmp_path):
     assert job.hpcnn_lines() == [
         "hpcnn: sweep interrupted (Ctrl-C); run the same command again to continue (exit 130)"
     ], job.stderr
-    assert len(re.findall(r"^task \d on rank\(s\) \d-\d: stopped: stopped by SIGINT", job.stdout, re.M)) == 2
+    stopped = re.findall(r"^task \d on rank\(s\) \d-\d: stopped: stopped by SIGINT", job.stdout, re.M)
+    assert len(stopped) == 2, job.stdout
     assert not list((tmp_path / "out").glob("tasks/*/result.json"))  # nothing recorded as finished
