@@ -40,14 +40,14 @@ from pathlib import Path
 import numpy as np
 
 from hpcnn import __version__
-from hpcnn.backend import xp
-from hpcnn.comm import Comm, run_command
 from hpcnn.config import build_parser, from_dict, load_toml
+from hpcnn.core.backend import xp
+from hpcnn.core.layers import Dense
 from hpcnn.errors import EXIT_OK, EXIT_USAGE, JobError, UserError
-from hpcnn.inspector import Inspector
-from hpcnn.layers import Dense
-from hpcnn.pipeline import StageTimes
-from hpcnn.preempt import StopRequest
+from hpcnn.parallel.comm import Comm, run_command
+from hpcnn.parallel.inspector import Inspector
+from hpcnn.parallel.pipeline import StageTimes
+from hpcnn.parallel.preempt import StopRequest
 
 BENCH_DEFAULTS = {
     "data": "synthetic",

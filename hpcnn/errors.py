@@ -3,7 +3,7 @@
 Library code raises ``UserError`` where user input (flags, config files, data files) is wrong and
 plain exceptions or ``assert`` for internal faults. ``JobError`` is what every rank raises once the
 ranks have agreed that some rank failed, so that all of them exit together and only rank 0 speaks.
-A directory that another run holds (``hpcnn.dirlock``) is a ``UserError``: exit code 2.
+A directory that another run holds (``hpcnn.io.dirlock``) is a ``UserError``: exit code 2.
 """
 
 EXIT_OK = 0

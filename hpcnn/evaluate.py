@@ -19,11 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from hpcnn.backend import dtype_of, to_host, xp
-from hpcnn.checkpoint import inspect, read_stage, verify_bounded
-from hpcnn.comm import Comm, blas_threads, run_command
 from hpcnn.config import Config, _int_list, _Parser, from_dict, parse_toml
-from hpcnn.data import (
+from hpcnn.core.backend import dtype_of, to_host, xp
+from hpcnn.core.layers import layer_from_spec
+from hpcnn.core.losses import LOSSES
+from hpcnn.errors import EXIT_OK, UserError
+from hpcnn.io.checkpoints import inspect, read_stage, verify_bounded
+from hpcnn.io.datasets import (
     BUILTIN,
     UnreadableRows,
     describe_nonfinite,
@@ -33,10 +35,8 @@ from hpcnn.data import (
     read_rows,
     split_counts,
 )
-from hpcnn.deterministic import shard_rows
-from hpcnn.errors import EXIT_OK, UserError
-from hpcnn.layers import layer_from_spec
-from hpcnn.losses import LOSSES
+from hpcnn.parallel.comm import Comm, blas_threads, run_command
+from hpcnn.parallel.deterministic import shard_rows
 from hpcnn.train import (
     _as_batch,
     _bad_row,

@@ -298,7 +298,7 @@ def plot_scaling(source, out) -> Path:
             "write it with python -m hpcnn.bench scaling DIR)"
         )
     _pyplot()  # our message, not bench's "scaling.json is written"
-    # bench imports hpcnn.comm (and so mpi4py) at import time: only a scaling report pays for that.
+    # bench imports hpcnn.parallel.comm (and so mpi4py) at import time: only a scaling report pays for that.
     from hpcnn.bench import _plot_scaling
 
     out = Path(out)

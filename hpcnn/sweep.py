@@ -38,7 +38,7 @@ the metric; with ``ensemble`` it also scores the average of the members' softmax
 checkpoint) and the sweep exits with 75; running the same command again skips tasks that have a
 ``result.json`` and resumes the others. A sweep file whose tasks changed is refused.
 
-**One sweep per directory.** World rank 0 locks ``DIRECTORY`` (``hpcnn.dirlock``) before looking
+**One sweep per directory.** World rank 0 locks ``DIRECTORY`` (``hpcnn.io.dirlock``) before looking
 into it and holds the lock until the sweep ends: a second sweep on the same directory is refused
 with exit code 2, naming the first one's host and PID. Each task's training locks its own
 checkpoint directory as any training does.
@@ -56,12 +56,12 @@ from pathlib import Path
 
 import numpy as np
 
-from hpcnn.comm import Comm, run_command
-from hpcnn.comm import say as comm_say
 from hpcnn.config import Config, _Parser, from_dict, load_toml, parse_toml
-from hpcnn.dirlock import DirectoryLock
 from hpcnn.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PREEMPTED, JobError, UserError
-from hpcnn.preempt import INTERRUPT, EarlySignals, Interrupted, StopRequest
+from hpcnn.io.dirlock import DirectoryLock
+from hpcnn.parallel.comm import Comm, run_command
+from hpcnn.parallel.comm import say as comm_say
+from hpcnn.parallel.preempt import INTERRUPT, EarlySignals, Interrupted, StopRequest
 
 STOP = 1 << 40  # added to the task counter by a group that was told to stop: no task is handed out
 NO_TASK = -1
@@ -114,7 +114,7 @@ def describe(settings: dict) -> str:
 
 
 class Sweep:
-    """One sweep over the ranks of ``world`` (an ``hpcnn.comm.Comm``)."""
+    """One sweep over the ranks of ``world`` (an ``hpcnn.parallel.comm.Comm``)."""
 
     def __init__(self, world: Comm, path, group_size=None, directory=None, metric=None, ensemble=None):
         self.world = world
@@ -323,8 +323,8 @@ class Sweep:
 
     def _ensemble(self, log) -> None:
         """Average the softmax outputs of every finished member on the held-out rows (rank 0)."""
-        from hpcnn.checkpoint import checkpoints
         from hpcnn.evaluate import member_probabilities
+        from hpcnn.io.checkpoints import checkpoints
 
         members = [r for r in self.results() if r["status"] == "done"]
         if len(members) < 2:

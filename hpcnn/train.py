@@ -12,7 +12,7 @@ import sys
 if __name__ == "__main__":
     # `python -m hpcnn.train`: catch Ctrl-C and the stop signals before the imports below (numpy,
     # mpi4py, h5py: a third of a second in which a Ctrl-C would print a traceback on every rank).
-    from hpcnn.preempt import EarlySignals
+    from hpcnn.parallel.preempt import EarlySignals
 
     _EARLY = EarlySignals().__enter__()
 
@@ -29,9 +29,24 @@ from pathlib import Path
 
 import numpy as np
 
-from hpcnn import __version__, faults
-from hpcnn.backend import dtype_of, to_host, xp
-from hpcnn.checkpoint import (
+from hpcnn import __version__
+from hpcnn.config import Config, config_changes, resolve
+from hpcnn.core.backend import dtype_of, to_host, xp
+from hpcnn.core.losses import LOSSES
+from hpcnn.core.model import Sequential, describe, mlp_layers
+from hpcnn.core.optim import Schedule, clip_grad_norm, make_optimizer
+from hpcnn.errors import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_IO,
+    EXIT_NONFINITE,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    EXIT_USAGE,
+    JobError,
+    UserError,
+)
+from hpcnn.io.checkpoints import (
     Position,
     architecture,
     architecture_difference,
@@ -47,9 +62,7 @@ from hpcnn.checkpoint import (
     too_little_space,
     verify_bounded,
 )
-from hpcnn.comm import Comm, Grid, blas_threads, run_command
-from hpcnn.config import Config, config_changes, resolve
-from hpcnn.data import (
+from hpcnn.io.datasets import (
     EpochSampler,
     UnreadableRows,
     describe_nonfinite,
@@ -58,8 +71,12 @@ from hpcnn.data import (
     set_num_classes,
     split_units,
 )
-from hpcnn.data_parallel import DataParallel
-from hpcnn.deterministic import (
+from hpcnn.io.dirlock import DirectoryLock
+from hpcnn.io.runlog import STEP_TIMES, Progress, RunDir
+from hpcnn.parallel import faults
+from hpcnn.parallel.comm import Comm, Grid, blas_threads, run_command
+from hpcnn.parallel.data_parallel import DataParallel
+from hpcnn.parallel.deterministic import (
     Sharding,
     ShardReducer,
     Workers,
@@ -68,30 +85,15 @@ from hpcnn.deterministic import (
     shard_range,
     shard_rows,
 )
-from hpcnn.dirlock import DirectoryLock
-from hpcnn.errors import (
-    EXIT_INTERNAL,
-    EXIT_INTERRUPTED,
-    EXIT_IO,
-    EXIT_NONFINITE,
-    EXIT_OK,
-    EXIT_PREEMPTED,
-    EXIT_USAGE,
-    JobError,
-    UserError,
-)
-from hpcnn.inspector import Inspector
-from hpcnn.losses import LOSSES
-from hpcnn.model import Sequential, describe, mlp_layers
-from hpcnn.optim import Schedule, clip_grad_norm, make_optimizer
-from hpcnn.pipeline import (
+from hpcnn.parallel.inspector import Inspector
+from hpcnn.parallel.pipeline import (
     Pipeline,
     balanced_partition,
     defers_weight_grads,
     explicit_partition,
     gpipe_bubble,
 )
-from hpcnn.preempt import (
+from hpcnn.parallel.preempt import (
     ALL,
     INTERRUPT,
     EarlySignals,
@@ -100,8 +102,7 @@ from hpcnn.preempt import (
     StopRequest,
     watch_interrupts,
 )
-from hpcnn.runlog import STEP_TIMES, Progress, RunDir
-from hpcnn.timeline import Timeline
+from hpcnn.parallel.timeline import Timeline
 
 
 @dataclass
@@ -483,7 +484,7 @@ class _Training:
 
     def _shard(self) -> None:
         """Deterministic mode: shard-wise kernels on single-threaded BLAS, and the tree-ordered
-        gradient sum (``hpcnn.deterministic``)."""
+        gradient sum (``hpcnn.parallel.deterministic``)."""
         cfg, grid, model = self.cfg, self.grid, self.model
         rows = shard_rows(cfg)
         full = shard_count(min(cfg.batch_size, len(self.ds.train)), rows)
@@ -874,7 +875,7 @@ def _resume(cfg, grid, layers, in_features, bounds, model, opt, log):
 
 
 def _lock_checkpoint_dir(cfg, comm, log) -> DirectoryLock | None:
-    """Rank 0 locks ``checkpoint_dir`` for this run (``hpcnn.dirlock``; created if missing, and
+    """Rank 0 locks ``checkpoint_dir`` for this run (``hpcnn.io.dirlock``; created if missing, and
     removed again if the run leaves it empty) before anything looks into it, and removes temporary
     files that interrupted writes left there. ``JobError`` (exit 2) naming the run that holds it."""
     if not cfg.checkpoint_dir:

@@ -98,7 +98,7 @@ class _QuietRank:
 def world():
     """The world communicator of an MPI test module, with the CLI's BLAS threads per rank (ranks x
     threads must not exceed the cores)."""
-    from hpcnn.comm import Comm, blas_threads
+    from hpcnn.parallel.comm import Comm, blas_threads
 
     comm = Comm.world()
     blas_threads(comm.local_size)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from hpcnn import bench
-from hpcnn.comm import Comm
+from hpcnn.core.model import mlp_layers
 from hpcnn.errors import UserError
-from hpcnn.model import mlp_layers
+from hpcnn.parallel.comm import Comm
 
 SMALL = ["--hidden", "32,16", "--synthetic-features", "24", "--batch-size", "40"]
 QUICK = ["--steps", "3", "--warmup", "1", "--repeats", "3"]  # odd: the medians are one run
@@ -96,7 +96,7 @@ def test_scaling_report_needs_results(tmp_path):
 
 
 def test_ceiling_counts_only_the_products_of_this_stage():
-    from hpcnn.model import Sequential
+    from hpcnn.core.model import Sequential
 
     model = Sequential(mlp_layers([8, 8, 4], "relu"), np.float64)
     seconds = bench.gemm_seconds(model, 16, first_stage=True, repeats=3)

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from hpcnn import bench
-from hpcnn.comm import Comm
+from hpcnn.parallel.comm import Comm
 
 pytestmark = pytest.mark.mpi(min_size=2)
 

@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 from test_train import MPIEXEC, ROOT, launch_env, needs_mpiexec
 
-from hpcnn import checkpoint, train
-from hpcnn.checkpoint import checkpoints, inspect, verify
-from hpcnn.comm import Comm
+from hpcnn import train
 from hpcnn.config import Config, from_dict, parse_toml
 from hpcnn.errors import EXIT_IO, JobError
+from hpcnn.io import checkpoints as checkpoint
+from hpcnn.io.checkpoints import checkpoints, inspect, verify
+from hpcnn.parallel.comm import Comm
 from hpcnn.train import fit
 
 # digits: 1438 training rows / 100 = 15 steps per epoch (the last one 38 rows), 30 in all.

@@ -29,11 +29,11 @@ import numpy as np
 import pytest
 from test_train import MPIEXEC, ROOT, launch_env, needs_mpiexec
 
-from hpcnn.checkpoint import inspect, read_stage, stage_tensors, verify, verify_bounded
-from hpcnn.comm import Comm
 from hpcnn.config import Config
+from hpcnn.core.layers import layer_from_spec
 from hpcnn.errors import UserError
-from hpcnn.layers import layer_from_spec
+from hpcnn.io.checkpoints import inspect, read_stage, stage_tensors, verify, verify_bounded
+from hpcnn.parallel.comm import Comm
 from hpcnn.train import fit
 
 LIMIT = 10.0  # seconds a check of a damaged file may take (each takes ~25 ms here)

@@ -22,11 +22,13 @@ import numpy as np
 import pytest
 from test_checkpoint import tensors
 
-from hpcnn import checkpoint, faults, train
-from hpcnn.checkpoint import h5py_parallel
-from hpcnn.comm import Comm
+from hpcnn import train
 from hpcnn.config import Config
 from hpcnn.errors import EXIT_IO, JobError
+from hpcnn.io import checkpoints as checkpoint
+from hpcnn.io.checkpoints import h5py_parallel
+from hpcnn.parallel import faults
+from hpcnn.parallel.comm import Comm
 from hpcnn.train import fit
 
 pytestmark = pytest.mark.mpi(min_size=2)

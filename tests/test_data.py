@@ -7,19 +7,19 @@ import numpy as np
 import pytest
 
 from hpcnn.config import Config
-from hpcnn.data import (
+from hpcnn.data import main
+from hpcnn.errors import UserError
+from hpcnn.io.datasets import (
     EpochSampler,
     H5Source,
     describe_nonfinite,
     first_nonfinite,
-    main,
     open_dataset,
     read_rows,
     split_counts,
     synthetic_arrays,
     write_h5,
 )
-from hpcnn.errors import UserError
 
 
 @pytest.mark.parametrize("n", [0, 1, 7, 64, 1437])

@@ -26,9 +26,9 @@ import numpy as np
 import pytest
 from test_train import MPIEXEC, ROOT, launch_env, needs_mpiexec
 
-from hpcnn import comm as comm_module
 from hpcnn import evaluate as evaluate_command
 from hpcnn import train
+from hpcnn.parallel import comm as comm_module
 
 SEED = 18
 CASES = 64

@@ -5,13 +5,13 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from hpcnn.comm import Comm
 from hpcnn.config import Config
-from hpcnn.data_parallel import DataParallel, buckets
-from hpcnn.inspector import Inspector
-from hpcnn.losses import SoftmaxCrossEntropy
-from hpcnn.model import Sequential, mlp_layers
-from hpcnn.preempt import StopRequest
+from hpcnn.core.losses import SoftmaxCrossEntropy
+from hpcnn.core.model import Sequential, mlp_layers
+from hpcnn.parallel.comm import Comm
+from hpcnn.parallel.data_parallel import DataParallel, buckets
+from hpcnn.parallel.inspector import Inspector
+from hpcnn.parallel.preempt import StopRequest
 from hpcnn.train import _Training
 
 

@@ -18,9 +18,9 @@ from test_checkpoint import tensors
 from test_train import MPIEXEC, ROOT, launch_env, needs_mpiexec
 from threadpoolctl import threadpool_limits
 
-from hpcnn.comm import Comm
 from hpcnn.config import Config
-from hpcnn.deterministic import Workers, _complete, exact_sum, shard_range, tree_nodes, tree_split
+from hpcnn.parallel.comm import Comm
+from hpcnn.parallel.deterministic import Workers, _complete, exact_sum, shard_range, tree_nodes, tree_split
 from hpcnn.train import fit
 
 

@@ -16,9 +16,9 @@ import tempfile
 
 import pytest
 
-from hpcnn.comm import Comm
 from hpcnn.config import Config
 from hpcnn.evaluate import score
+from hpcnn.parallel.comm import Comm
 from hpcnn.train import fit
 
 pytestmark = pytest.mark.mpi(min_size=2)

@@ -15,11 +15,11 @@ import h5py
 import numpy as np
 import pytest
 
-from hpcnn.comm import Comm
 from hpcnn.config import Config
-from hpcnn.data import EpochSampler, open_dataset, write_h5
-from hpcnn.data_parallel import DataParallel
 from hpcnn.errors import JobError, UserError
+from hpcnn.io.datasets import EpochSampler, open_dataset, write_h5
+from hpcnn.parallel.comm import Comm
+from hpcnn.parallel.data_parallel import DataParallel
 from hpcnn.train import fit
 
 pytestmark = pytest.mark.mpi(min_size=2)

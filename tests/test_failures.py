@@ -20,7 +20,7 @@ import pytest
 from test_checkpoint import corrupt
 from test_train import MPIEXEC, ROOT, launch_env, needs_mpiexec
 
-from hpcnn.checkpoint import checkpoints, verify
+from hpcnn.io.checkpoints import checkpoints, verify
 
 RANKS = 8
 LIMIT = 30.0  # seconds until every rank has exited
@@ -171,10 +171,11 @@ def test_a_nan_in_the_step_after_a_signal_is_reported_not_hidden_by_the_stop(tmp
     error, not with a checkpoint and exit 75."""
     from test_checkpoint import SignalAtStep
 
-    from hpcnn import faults, train
-    from hpcnn.comm import Comm
+    from hpcnn import train
     from hpcnn.config import Config
     from hpcnn.errors import JobError
+    from hpcnn.parallel import faults
+    from hpcnn.parallel.comm import Comm
 
     make = train.make_optimizer
     monkeypatch.setattr(train, "make_optimizer", lambda cfg, p: SignalAtStep(make(cfg, p), 4))

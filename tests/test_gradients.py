@@ -6,9 +6,9 @@ float64, relative error ||analytic - numeric|| / (||analytic|| + ||numeric||) < 
 import numpy as np
 import pytest
 
-from hpcnn.layers import GELU, Dense, Layer, ReLU, Sigmoid, Tanh
-from hpcnn.losses import MeanSquaredError, SoftmaxCrossEntropy
-from hpcnn.model import Sequential, build_mlp
+from hpcnn.core.layers import GELU, Dense, Layer, ReLU, Sigmoid, Tanh
+from hpcnn.core.losses import MeanSquaredError, SoftmaxCrossEntropy
+from hpcnn.core.model import Sequential, build_mlp
 
 H = 1e-6
 TOL = 1e-6

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from hpcnn.inspector import OPS, Inspector, diagnose
+from hpcnn.parallel.inspector import OPS, Inspector, diagnose
 
 OP = {name: i for i, name in enumerate(OPS)}
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from test_train import needs_mpiexec
 
-from hpcnn.checkpoint import checkpoints, step_of, verify
+from hpcnn.io.checkpoints import checkpoints, step_of, verify
 from jobs import Job
 
 pytestmark = needs_mpiexec
@@ -174,7 +174,7 @@ def test_ctrl_c_to_the_launcher_ends_even_a_stuck_job_and_damages_nothing(tmp_pa
 
 SCRIPT = """
 import sys
-from hpcnn.comm import Comm
+from hpcnn.parallel.comm import Comm
 from hpcnn.config import Config
 from hpcnn.train import fit
 comm = Comm.world()

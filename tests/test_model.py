@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from hpcnn.layers import Dense, ReLU
-from hpcnn.model import Sequential, build_mlp, mlp_layers
+from hpcnn.core.layers import Dense, ReLU
+from hpcnn.core.model import Sequential, build_mlp, mlp_layers
 
 
 def test_views_share_the_flat_buffers_in_backward_order():

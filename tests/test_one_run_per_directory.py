@@ -1,4 +1,4 @@
-"""One run per checkpoint directory (and one sweep per sweep directory): ``hpcnn.dirlock``.
+"""One run per checkpoint directory (and one sweep per sweep directory): ``hpcnn.io.dirlock``.
 
 Two runs on one directory used to lose data (one deleted the other's temporary file; two models
 reported the same final file). Now the second is refused with exit code 2 and a message naming
@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 from test_train import MPIEXEC, ROOT, launch_env, needs_mpiexec
 
-from hpcnn import dirlock
-from hpcnn.dirlock import NAME, DirectoryLock
 from hpcnn.errors import UserError
+from hpcnn.io import dirlock
+from hpcnn.io.dirlock import NAME, DirectoryLock
 
 LIMIT = 30.0
 SHORT = ["--hidden", "16", "--epochs", "2", "--eval-every", "0", "--run-dir", ""]

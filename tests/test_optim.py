@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from hpcnn import optim
-from hpcnn.optim import SGD, Adam, Schedule, clip_grad_norm
+from hpcnn.core import optim
+from hpcnn.core.optim import SGD, Adam, Schedule, clip_grad_norm
 
 
 def flat(p, g):

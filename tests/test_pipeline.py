@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from hpcnn.comm import Comm
 from hpcnn.config import Config
 from hpcnn.errors import JobError
+from hpcnn.parallel.comm import Comm
 from hpcnn.train import fit
 
 pytestmark = pytest.mark.mpi(min_size=2)

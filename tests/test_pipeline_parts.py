@@ -5,10 +5,10 @@ import itertools
 import numpy as np
 import pytest
 
+from hpcnn.core.layers import Dense
+from hpcnn.core.model import Sequential, mlp_layers
 from hpcnn.errors import UserError
-from hpcnn.layers import Dense
-from hpcnn.model import Sequential, mlp_layers
-from hpcnn.pipeline import balanced_partition, explicit_partition, gpipe_bubble, schedule_ops
+from hpcnn.parallel.pipeline import balanced_partition, explicit_partition, gpipe_bubble, schedule_ops
 
 
 def brute_force_best(costs, stages):

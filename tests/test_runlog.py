@@ -19,7 +19,7 @@ import pytest
 from test_train import MPIEXEC, ROOT, launch_env, needs_mpiexec
 
 from hpcnn.config import from_dict, parse_toml
-from hpcnn.runlog import STEP_TIMES, RunDir
+from hpcnn.io.runlog import STEP_TIMES, RunDir
 
 # digits: 1438 training rows / 64 = 23 steps per epoch; log_every 23 makes a step record per epoch.
 ARGS = ["--hidden", "32,16", "--epochs", "2", "--seed", "3", "--log-every", "23"]

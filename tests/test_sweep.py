@@ -20,8 +20,8 @@ import pytest
 from test_checkpoint import python_ranks, tensors
 from test_train import MPIEXEC, ROOT, launch_env, needs_mpiexec
 
-from hpcnn.checkpoint import checkpoints
 from hpcnn.errors import UserError
+from hpcnn.io.checkpoints import checkpoints
 from hpcnn.sweep import load_sweep
 
 SWEEP = """
@@ -72,7 +72,7 @@ def test_the_sweep_file_is_checked_before_anything_runs(tmp_path):
 def test_every_task_runs_once_and_equals_the_same_training_alone():
     """5 tasks in groups of 2: each ran exactly once, the failing one is recorded and the others
     go on, and each finished task's final state is bitwise that of the task run alone on 2 ranks."""
-    from hpcnn.comm import Comm
+    from hpcnn.parallel.comm import Comm
     from hpcnn.sweep import Sweep, task_config
     from hpcnn.train import fit
 
@@ -165,7 +165,7 @@ def test_a_sweep_killed_or_stopped_part_way_completes_only_the_rest_when_rerun(t
 def test_a_mixed_sweep_is_summarised_and_an_ensemble_of_unlike_members_is_not_scored(tmp_path):
     """A classifier and a regression in one sweep (one rank, in-process): the summary ranks the
     classifier by accuracy and the regression after it, and the ensemble declines to average."""
-    from hpcnn.comm import Comm
+    from hpcnn.parallel.comm import Comm
     from hpcnn.sweep import Sweep
 
     rng = np.random.default_rng(0)

@@ -10,9 +10,9 @@ import h5py
 import numpy as np
 import pytest
 
-from hpcnn.comm import Comm
 from hpcnn.config import Config
 from hpcnn.errors import JobError
+from hpcnn.parallel.comm import Comm
 from hpcnn.train import fit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,7 +159,7 @@ def test_a_rank_failing_alone_mid_training_ends_the_job_fast():
     """Rank 2 raises inside its 5th data read while the others wait in the Allreduce: no hang."""
     inject = (
         "import sys\n"
-        "from hpcnn import data\n"
+        "from hpcnn.io import datasets as data\n"
         "from mpi4py import MPI\n"
         "read, calls = data.H5Source.read, []\n"
         "def faulty(self, ids, **parts):\n"

@@ -22,8 +22,8 @@ import pytest
 from test_failures import launch
 from test_train import ROOT, launch_env, needs_mpiexec
 
-from hpcnn import checkpoint
-from hpcnn.checkpoint import checkpoints, verify
+from hpcnn.io import checkpoints as checkpoint
+from hpcnn.io.checkpoints import checkpoints, verify
 
 LIMIT = 30.0  # seconds until every process of a failed run is gone
 FAST = ["--epochs", "1", "--eval-every", "0", "--run-dir", "", "--batch-size", "100"]  # 15 steps
@@ -94,8 +94,9 @@ def test_a_full_disk_ends_the_run_with_one_message_and_keeps_the_earlier_checkpo
 
 SCRIPT = """
 import sys
-from hpcnn import checkpoint, train
-from hpcnn.comm import Comm
+from hpcnn import train
+from hpcnn.io import checkpoints as checkpoint
+from hpcnn.parallel.comm import Comm
 from hpcnn.config import Config
 from hpcnn.errors import JobError
 
@@ -212,8 +213,8 @@ def test_the_spool_hides_a_failed_write_from_hdf5_and_reads_back_what_it_held(tm
 
 
 def test_the_estimate_is_a_little_more_than_the_file(tmp_path):
-    from hpcnn.comm import Comm
     from hpcnn.config import Config
+    from hpcnn.parallel.comm import Comm
     from hpcnn.train import fit
 
     # (optimizer state buffers: Adam keeps m and v, SGD with the default momentum its velocity)

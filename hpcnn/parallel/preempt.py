@@ -101,7 +101,7 @@ class EarlySignals(_Catcher):
 
 
 class StopRequest(_Catcher):
-    """Collective stop notes over ``comm`` (an ``hpcnn.comm.Comm``); a context manager.
+    """Collective stop notes over ``comm`` (an ``hpcnn.parallel.comm.Comm``); a context manager.
 
     ``signals``: the signals to catch (empty: leave signal handling alone).
     """

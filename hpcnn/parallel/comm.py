@@ -51,7 +51,7 @@ import numpy as np  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
 from hpcnn.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, JobError, UserError  # noqa: E402
-from hpcnn.preempt import watch_interrupts  # noqa: E402
+from hpcnn.parallel.preempt import watch_interrupts  # noqa: E402
 
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 _ENDING = threading.Lock()  # held by the thread that is ending the job (end_job): one message

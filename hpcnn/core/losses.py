@@ -7,8 +7,8 @@ the global batch however unevenly the rows were split. Arrays come from ``ws`` (
 one per micro-batch in flight), so a step allocates only batch-length vectors here.
 """
 
-from hpcnn.backend import xp
-from hpcnn.workspace import FRESH
+from hpcnn.core.backend import xp
+from hpcnn.core.workspace import FRESH
 
 
 class SoftmaxCrossEntropy:

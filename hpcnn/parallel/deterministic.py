@@ -31,8 +31,8 @@ import contextvars
 import math
 from concurrent.futures import ThreadPoolExecutor
 
-from hpcnn.backend import xp
-from hpcnn.data import split_counts
+from hpcnn.core.backend import xp
+from hpcnn.io.datasets import split_counts
 
 # shard_rows = 0: each full batch in this many shards. More shards let more replicas work but cost
 # throughput (smaller products, more per-shard gradients to add): at the benchmark network, 4 shards
@@ -187,7 +187,7 @@ class ShardReducer:
 
     Parameters
     ----------
-    comm : hpcnn.comm.Comm of the data-parallel group (replicas of this stage)
+    comm : hpcnn.parallel.comm.Comm of the data-parallel group (replicas of this stage)
     model : Sequential of this stage; its layers get views of the per-shard gradient buffer
     max_shards : most shards this replica holds in one step
     workers : Workers that add the local subtrees (may be set later, before the first ``reduce``)

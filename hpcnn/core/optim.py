@@ -14,7 +14,7 @@ for SGD and Adam, decoupled weight decay for AdamW).
 
 import math
 
-from hpcnn.backend import xp
+from hpcnn.core.backend import xp
 
 BLOCK_BYTES = 256 * 1024  # per buffer; ~4 buffers x 256 KiB fit a 1 MiB L2 cache
 

@@ -33,8 +33,8 @@ import time
 
 import numpy as np
 
-from hpcnn.comm import NULL_REQUEST, say
 from hpcnn.errors import EXIT_STALL
+from hpcnn.parallel.comm import NULL_REQUEST, say
 
 OPS = (
     "setup",
@@ -74,7 +74,7 @@ STAGGER, STAGGERED = 2.0, 2  # seconds between ranks 1, 2, 3+ ending a job thems
 
 
 class Inspector:
-    """Watch the ranks of ``comm`` (an ``hpcnn.comm.Comm``); ``timeout`` 0 means automatic."""
+    """Watch the ranks of ``comm`` (an ``hpcnn.parallel.comm.Comm``); ``timeout`` 0 means automatic."""
 
     def __init__(self, comm, timeout: float = 0.0, period: float = 1.0):
         self.comm = comm.dup()

@@ -15,7 +15,7 @@ works per tensor in model order and does not see the layout.
 import math
 from dataclasses import dataclass
 
-from hpcnn.backend import xp
+from hpcnn.core.backend import xp
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ more ranks MPI may associate the sums differently for different message sizes, s
 rounding. mpi4py passes numpy buffers (and CuPy ones to a CUDA-aware MPI) without copies.
 """
 
-from hpcnn.params import layer_ranges
-from hpcnn.timeline import COMMUNICATION
+from hpcnn.core.params import layer_ranges
+from hpcnn.parallel.timeline import COMMUNICATION
 
 BUCKET_MB = 2.0  # default bucket size: a few buckets for a ~10 MB model, one per big layer
 
@@ -45,8 +45,8 @@ class DataParallel:
 
     Parameters
     ----------
-    comm : hpcnn.comm.Comm of the data-parallel group
-    params : hpcnn.params.FlatParams of this rank's replica
+    comm : hpcnn.parallel.comm.Comm of the data-parallel group
+    params : hpcnn.core.params.FlatParams of this rank's replica
     overlap : start each bucket's reduction during backward (``False``: one Allreduce after it)
     bucket_mb : bucket size in MiB
     clock : seconds (``MPI.Wtime``), for the time spent waiting on reductions
@@ -61,7 +61,7 @@ class DataParallel:
         self._reset()
         self.clock = clock or (lambda: 0.0)
         self.wait_time = 0.0  # seconds blocked in reduce_gradients (the reduction not hidden)
-        self.timeline = None  # an hpcnn.timeline.Timeline to record each bucket's reduction in
+        self.timeline = None  # an hpcnn.parallel.timeline.Timeline to record each bucket's reduction in
         self._began: dict = {}  # bucket -> when its reduction started (with a timeline only)
 
     def _reset(self) -> None:

@@ -14,7 +14,7 @@ A run sees few shapes (full batches, an epoch's last partial batch, evaluation c
 workspace stays small: one set of arrays per shape and slot.
 """
 
-from hpcnn.backend import xp
+from hpcnn.core.backend import xp
 
 
 class Workspace:

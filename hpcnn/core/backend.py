@@ -1,6 +1,6 @@
 """The one place where hpcnn chooses its array module.
 
-Every numerical module does ``from hpcnn.backend import xp`` and never imports numpy for array math
+Every numerical module does ``from hpcnn.core.backend import xp`` and never imports numpy for array math
 directly, so moving to GPUs is a change here (``xp = cupy`` plus host/device copies in ``to_host``),
 not a rewrite.
 """

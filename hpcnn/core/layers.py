@@ -20,9 +20,9 @@ consecutive run of them.
 
 import math
 
-from hpcnn.backend import xp
-from hpcnn.params import ParamSpec
-from hpcnn.workspace import FRESH
+from hpcnn.core.backend import xp
+from hpcnn.core.params import ParamSpec
+from hpcnn.core.workspace import FRESH
 
 
 class Layer:

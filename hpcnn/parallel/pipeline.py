@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hpcnn import faults
-from hpcnn.backend import xp
+from hpcnn.core.backend import xp
+from hpcnn.core.losses import count_correct
 from hpcnn.errors import UserError
-from hpcnn.losses import count_correct
+from hpcnn.parallel import faults
 
 SCHEDULES = ("1f1b", "gpipe")
 
@@ -131,7 +131,7 @@ class Pipeline:
         self.schedule, self.clock = schedule, clock
         self.is_first, self.is_last = stage == 0, stage == stages - 1
         self.times = StageTimes()
-        self.timeline = None  # an hpcnn.timeline.Timeline to record micro-batches and waits in
+        self.timeline = None  # an hpcnn.parallel.timeline.Timeline to record micro-batches and waits in
         self.mark = lambda op, detail=0: None  # the stall inspector's, when one watches this rank
         self._pool: dict[tuple, list] = {}
         self._deferred: list = []

@@ -8,9 +8,9 @@ the core types do not assume it.
 
 import math
 
-from hpcnn.layers import ACTIVATIONS, INIT_FOR, Dense
-from hpcnn.params import FlatParams
-from hpcnn.workspace import Workspace
+from hpcnn.core.layers import ACTIVATIONS, INIT_FOR, Dense
+from hpcnn.core.params import FlatParams
+from hpcnn.core.workspace import Workspace
 
 
 class Sequential:
