@@ -77,9 +77,7 @@ from hpcnn.parallel import faults
 from hpcnn.parallel.comm import Comm, Grid, blas_threads, run_command
 from hpcnn.parallel.data_parallel import DataParallel
 from hpcnn.parallel.deterministic import (
-    Sharding,
     ShardReducer,
-    Workers,
     exact_sum,
     shard_count,
     shard_range,
@@ -241,16 +239,6 @@ def evaluate(pipe: Pipeline, loss_fn, split, grid: Grid, cfg, classify: bool) ->
             EXIT_NONFINITE,
         )
     return {"loss": sums[0] / rows, "accuracy": sums[1] / rows if classify else None, "rows": int(sums[2])}
-
-
-def shard_stage(pipe: Pipeline, rows: int) -> Sharding:
-    """Make ``pipe``'s stage compute in shards of ``rows`` rows on single-threaded BLAS, with as many
-    shard threads as BLAS had (deterministic mode; ``sharding.workers.close()`` undoes it)."""
-    sharding = Sharding(rows, Workers.replacing_blas_threads())
-    for layer in pipe.model.layers:
-        layer.shards = sharding
-    pipe.shard_rows = rows
-    return sharding
 
 
 def _exact_metrics(world: Comm, shard_losses, first: int, total: int, counts, is_last: bool) -> np.ndarray:
@@ -430,7 +418,7 @@ class _Training:
         self.model = pipe.model
         self.dtype, self.classify = dtype_of(cfg.dtype), ds.num_classes is not None
         self.loss_fn = LOSSES[cfg.loss]()
-        self.dp = DataParallel(grid.dp, self.model.params, cfg.overlap == "on", cfg.bucket_mb, comm.wtime)
+        self.dp = DataParallel(grid.dp, self.model.params, cfg.overlap == "on", cfg.bucket_mb, pipe.probe)
         self.dp.broadcast_parameters()
         self.reducer = None  # deterministic mode's gradient sum (instead of self.dp's)
         self.timeline = None
@@ -490,9 +478,9 @@ class _Training:
         full = shard_count(min(cfg.batch_size, len(self.ds.train)), rows)
         most = -(-full // grid.replicas)
         with self.comm.agreed(cfg.debug):  # one gradient per shard: a large allocation, maybe too large
-            reducer = ShardReducer(grid.dp, model, most)
-        workers = shard_stage(self.pipe, rows).workers
-        reducer.workers, self.reducer = workers, reducer
+            reducer = ShardReducer(grid.dp, model, most, rows)
+        self.reducer = reducer.start()
+        workers = reducer.workers
         # the gradient norm is summed per tensor, in model order: this stage's first tensor's index
         self._tensor_base = sum(len(layer.param_specs()) for layer in self.layers[: self.bounds[grid.stage]])
         self._tensor_count = sum(len(layer.param_specs()) for layer in self.layers)
@@ -644,7 +632,7 @@ class _Training:
         faults.point("allreduce")
         t2 = self.comm.wtime()
         if self.reducer is not None:
-            self.reducer.reduce(first, count, total)
+            self.reducer.reduce_shards(first, count, total)
         else:
             self.dp.reduce_gradients()
         t3 = self.comm.wtime()
