@@ -33,7 +33,12 @@ class Config:
     hidden: list = _f(
         [256, 128], "hidden layer widths, comma-separated (empty: no hidden layer)", group="model"
     )
-    activation: str = _f("relu", "activation between layers", ["relu", "gelu", "tanh", "sigmoid"], "model")
+    activation: str = _f(
+        "relu",
+        "activation between layers (gelu: exact, with erf; gelu_tanh: its tanh approximation)",
+        ["relu", "gelu", "gelu_tanh", "tanh", "sigmoid"],
+        "model",
+    )
     output_activation: str = _f(
         "identity", "activation after the last layer", ["identity", "sigmoid", "tanh"], "model"
     )
@@ -103,7 +108,7 @@ class Config:
     # --- optimizer
     optimizer: str = _f("adam", "optimizer", ["sgd", "adam", "adamw"], "optimizer")
     lr: float = _f(1e-3, "peak learning rate", group="optimizer")
-    momentum: float = _f(0.9, "SGD momentum (0 disables it)", group="optimizer")
+    momentum: float = _f(0.0, "SGD momentum (0: plain SGD, keeping no velocity state)", group="optimizer")
     nesterov: bool = _f(False, "Nesterov momentum (SGD)", group="optimizer")
     beta1: float = _f(0.9, "Adam/AdamW first-moment decay", group="optimizer")
     beta2: float = _f(0.999, "Adam/AdamW second-moment decay", group="optimizer")
