@@ -33,7 +33,12 @@ class Config:
     hidden: list = _f(
         [256, 128], "hidden layer widths, comma-separated (empty: no hidden layer)", group="model"
     )
-    activation: str = _f("relu", "activation between layers", ["relu", "gelu", "tanh", "sigmoid"], "model")
+    activation: str = _f(
+        "relu",
+        "activation between layers (gelu: exact, with erf; gelu_tanh: its tanh approximation)",
+        ["relu", "gelu", "gelu_tanh", "tanh", "sigmoid"],
+        "model",
+    )
     output_activation: str = _f(
         "identity", "activation after the last layer", ["identity", "sigmoid", "tanh"], "model"
     )
@@ -103,7 +108,7 @@ class Config:
     # --- optimizer
     optimizer: str = _f("adam", "optimizer", ["sgd", "adam", "adamw"], "optimizer")
     lr: float = _f(1e-3, "peak learning rate", group="optimizer")
-    momentum: float = _f(0.9, "SGD momentum (0 disables it)", group="optimizer")
+    momentum: float = _f(0.0, "SGD momentum (0: plain SGD, keeping no velocity state)", group="optimizer")
     nesterov: bool = _f(False, "Nesterov momentum (SGD)", group="optimizer")
     beta1: float = _f(0.9, "Adam/AdamW first-moment decay", group="optimizer")
     beta2: float = _f(0.999, "Adam/AdamW second-moment decay", group="optimizer")
@@ -276,7 +281,7 @@ def _coerce(key: str, value, kind, where: str):
     return value
 
 
-def _int_list(text: str) -> list:
+def int_list(text: str) -> list:
     try:
         return [int(w) for w in text.replace(" ", "").split(",") if w]
     except ValueError:
@@ -285,7 +290,7 @@ def _int_list(text: str) -> list:
         ) from None
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """argparse that raises ``UserError`` instead of exiting, and prints (help) on rank 0 only."""
 
     def __init__(self, *args, is_root: bool = True, **kwargs):
@@ -302,7 +307,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser(prog: str = "python -m hpcnn.train", is_root: bool = True) -> argparse.ArgumentParser:
     """The training command line: one flag per ``Config`` field, plus ``--config FILE.toml``."""
-    p = _Parser(
+    p = Parser(
         prog=prog,
         is_root=is_root,
         description="Train a neural network with data-parallel SPMD over MPI "
@@ -325,7 +330,7 @@ def build_parser(prog: str = "python -m hpcnn.train", is_root: bool = True) -> a
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         elif kind is list:
-            group.add_argument(flag, type=_int_list, metavar="N,N,...", help=help_text)
+            group.add_argument(flag, type=int_list, metavar="N,N,...", help=help_text)
         else:
             group.add_argument(flag, type=kind, choices=f.metadata["choices"], help=help_text)
     return p

@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 from test_train import MPIEXEC, ROOT, launch_env, needs_mpiexec
 
-from hpcnn import train
 from hpcnn.config import Config, from_dict, parse_toml
 from hpcnn.errors import EXIT_IO, JobError
 from hpcnn.io import checkpoints as checkpoint
 from hpcnn.io.checkpoints import checkpoints, inspect, verify
 from hpcnn.parallel.comm import Comm
 from hpcnn.train import fit
+from hpcnn.training import engine
 
 # digits: 1438 training rows / 100 = 15 steps per epoch (the last one 38 rows), 30 in all.
 BASE = dict(hidden=[32, 16], epochs=2, batch_size=100, eval_every=0, seed=5)
@@ -124,6 +124,10 @@ class SignalAtStep:
     def __getattr__(self, name):
         return getattr(self.opt, name)
 
+    def bind(self, params):
+        self.opt.bind(params)
+        return self
+
     def step(self, lr):
         self.opt.step(lr)
         if self.opt.t == self.at:
@@ -135,15 +139,15 @@ def test_a_signal_stops_after_a_step_with_a_checkpoint_and_resume_matches(
     comm, straight, tmp_path, monkeypatch, sig
 ):
     result, _ = straight()
-    make = train.make_optimizer
-    monkeypatch.setattr(train, "make_optimizer", lambda cfg, p: SignalAtStep(make(cfg, p), 10, sig))
+    make = engine.make_optimizer
+    monkeypatch.setattr(engine, "make_optimizer", lambda cfg: SignalAtStep(make(cfg), 10, sig))
     cfg = Config(**BASE, checkpoint_dir=str(tmp_path))
     stopped = fit(cfg, comm)
     # The flag raised during step 10 is reduced after step 10 and seen after step 11.
     assert stopped.stopped == sig.name and stopped.steps == 11 and stopped.final == {}
     assert [p.name for p in checkpoints(tmp_path)] == ["ckpt-000000011.h5"]
     assert signal.getsignal(sig) is signal.SIG_DFL  # handlers restored
-    monkeypatch.setattr(train, "make_optimizer", make)
+    monkeypatch.setattr(engine, "make_optimizer", make)
     resumed = fit(Config(**BASE, checkpoint_dir=str(tmp_path), resume="auto"), comm)
     assert stopped.step_losses + resumed.step_losses == result.step_losses
     np.testing.assert_array_equal(resumed.model.params.data, result.model.params.data)
@@ -266,7 +270,16 @@ def make_variant(src, dst, **attrs):
         (dict(hidden=[32]), {}, r"layer 2 is Dense\(32, 16\) in the checkpoint, Dense\(32, 10\) in this run"),
         (dict(activation="tanh"), {}, "layer 1 is ReLU in the checkpoint, Tanh in this run"),
         (dict(dtype="float64"), {}, "the checkpoint's dtype is float32, this run's is float64"),
-        (dict(optimizer="sgd"), {}, r"it holds adam state \['m', 'v'\], this run's sgd keeps \['velocity'\]"),
+        (
+            dict(optimizer="sgd", momentum=0.9),
+            {},
+            r"it holds adam state \['m', 'v'\], this run's sgd keeps \['velocity'\]",
+        ),
+        (
+            dict(optimizer="sgd"),
+            {},
+            r"adam state \['m', 'v'\], this run's sgd keeps \[\] \(match --optimizer and",
+        ),
         ({}, {"format_version": 99}, "has format_version 99; this hpcnn .* reads format_version 1 and 2"),
         ({}, {"kind": "something else"}, "is not an hpcnn checkpoint"),
     ],
@@ -283,6 +296,20 @@ def test_an_incompatible_checkpoint_is_a_clear_error_and_nothing_is_written(
     with pytest.raises(JobError, match=message) as exc:
         fit(cfg, comm)
     assert exc.value.exit_code == 2 and digest(tmp_path) == before and not out.exists()
+
+
+def test_a_momentum_checkpoint_does_not_resume_as_plain_sgd(comm, straight, tmp_path):
+    """The checkpoint holds a velocity that plain SGD (the default without --momentum) has no use for."""
+    _, d = straight(optimizer="sgd", momentum=0.9, nesterov=True)
+    cfg = Config(
+        **BASE, optimizer="sgd", checkpoint_dir=str(tmp_path / "out"), resume=str(d / "ckpt-000000014.h5")
+    )
+    message = (
+        r"it holds sgd state \['velocity'\], this run's sgd keeps \[\] \(match --optimizer and --momentum\)"
+    )
+    with pytest.raises(JobError, match=message) as exc:
+        fit(cfg, comm)
+    assert exc.value.exit_code == 2 and not (tmp_path / "out").exists()
 
 
 def test_resume_of_a_corrupt_file_names_the_dataset(comm, straight, tmp_path):
