@@ -194,7 +194,7 @@ def run(cfg, opts, comm: Comm, log=None) -> dict | None:
         inspector.abandon()
         raise
     inspector.close()
-    pipe, grid, dp = training.pipe, training.grid, training.dp
+    pipe, grid, sync = training.pipe, training.grid, training.sync
 
     # Ceilings, measured after the timed steps on every rank at once (memory bandwidth is shared).
     rows = _micro_rows(cfg, grid)
@@ -239,7 +239,7 @@ def run(cfg, opts, comm: Comm, log=None) -> dict | None:
         "deterministic": cfg.deterministic,
         "shard_rows": training.pipe.shard_rows or None,
         "bucket_mb": cfg.bucket_mb,
-        "buckets": len(dp.buckets),
+        "buckets": len(getattr(sync, "buckets", ())),  # the overlapped reduction's (none: deterministic)
         "batch": cfg.batch_size,
         "dtype": cfg.dtype,
         "optimizer": cfg.optimizer,

@@ -210,8 +210,7 @@ def test_a_write_error_on_a_writing_rank_is_agreed_by_every_rank(world, shared, 
     if io == "mpio" and not h5py_parallel():
         pytest.skip("h5py was built without parallel HDF5 (no mpio driver)")
     writer = 0 if io == "gather" else world.size - 1
-    fault = faults.armed(world.world_rank, f"enospc@checkpoint:rank={writer},step=8")  # the write after 9
-    monkeypatch.setattr(faults, "_legacy", fault)
+    monkeypatch.setenv(faults.VARIABLE, f"enospc@checkpoint:rank={writer},step=8")  # the write after step 9
     cfg = Config(**BASE, pipeline_stages=2, max_steps=9, checkpoint_every=3, checkpoint_dir=shared,
                  checkpoint_io=io)  # fmt: skip
     with pytest.raises(JobError) as exc:

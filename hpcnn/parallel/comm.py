@@ -63,7 +63,6 @@ _ENDING = threading.Lock()  # held by the thread that is ending the job (end_job
 IN_PLACE, SUM, MAX, MIN, LAND, LOR = MPI.IN_PLACE, MPI.SUM, MPI.MAX, MPI.MIN, MPI.LAND, MPI.LOR
 ANY_SOURCE, ANY_TAG = MPI.ANY_SOURCE, MPI.ANY_TAG
 Request, REQUEST_NULL = MPI.Request, MPI.REQUEST_NULL
-NULL_REQUEST = REQUEST_NULL  # removed once training/ is converted
 
 
 class Comm(MPI.Intracomm):
@@ -135,9 +134,7 @@ class Comm(MPI.Intracomm):
     def min(self, value):
         return self.allreduce(value, op=MPI.MIN)
 
-    @staticmethod
-    def wtime() -> float:
-        return MPI.Wtime()
+    wtime = staticmethod(MPI.Wtime)  # seconds (the C function itself: the step reads it per phase)
 
     @staticmethod
     def library_version() -> str:
@@ -147,57 +144,6 @@ class Comm(MPI.Intracomm):
     def counter(self) -> "SharedCounter":
         """A counter on rank 0 that any rank can take the next value of (collective to create)."""
         return SharedCounter(self)
-
-    # The names this class used before it took MPI's own.  # removed once training/ is converted
-    @property
-    def comm(self) -> "Comm":  # removed once training/ is converted
-        return self
-
-    def allreduce_sum_(self, buf) -> None:  # removed once training/ is converted
-        self.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
-
-    def iallreduce_sum_(self, buf):  # removed once training/ is converted
-        return self.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
-
-    def allreduce_max_(self, sendbuf, recvbuf) -> None:  # removed once training/ is converted
-        self.Allreduce(sendbuf, recvbuf, op=MPI.MAX)
-
-    def iallreduce_max(self, sendbuf, recvbuf):  # removed once training/ is converted
-        return self.Iallreduce(sendbuf, recvbuf, op=MPI.MAX)
-
-    def broadcast_(self, buf, root: int = 0) -> None:  # removed once training/ is converted
-        self.Bcast(buf, root=root)
-
-    def send_(self, buf, dest: int, tag: int) -> None:  # removed once training/ is converted
-        self.Send(buf, dest=dest, tag=tag)
-
-    def recv_(self, buf, source: int, tag: int) -> None:  # removed once training/ is converted
-        self.Recv(buf, source=source, tag=tag)
-
-    def irecv_(self, buf, source: int, tag: int):  # removed once training/ is converted
-        return self.Irecv(buf, source=source, tag=tag)
-
-    def dup(self) -> "Comm":  # removed once training/ is converted
-        return self.Dup()
-
-    def split(self, color: int, key: int) -> "Comm":  # removed once training/ is converted
-        return self.Split(color, key)
-
-    testall = staticmethod(Request.Testall)  # removed once training/ is converted
-    waitall = staticmethod(Request.Waitall)  # removed once training/ is converted
-    wait = staticmethod(Request.Wait)  # removed once training/ is converted
-
-    @staticmethod
-    def testsome(requests) -> list[int]:  # removed once training/ is converted
-        return Request.Testsome(requests) or []
-
-    @staticmethod
-    def threads_supported() -> bool:  # removed once training/ is converted
-        return threads_supported()
-
-    @staticmethod
-    def abort_job(code: int) -> None:  # removed once training/ is converted
-        abort_job(code)
 
     def root_decides(self, fn, debug: bool = False):
         """Run ``fn()`` on rank 0 only (a file-system check, a choice of file) and return its

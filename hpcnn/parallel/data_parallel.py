@@ -10,7 +10,7 @@ layer first), and cut into **buckets** of consecutive whole layers of at least `
 When backward finishes the first layer of a bucket (the last one it reaches), that bucket is
 complete, and its in-place non-blocking ``Iallreduce`` starts while backward continues on the
 layers before it; between layers, ``Testall`` on the pending reductions lets MPI move them on.
-``reduce_gradients`` waits for what is left before the optimizer touches the buffer. With
+``reduce`` waits for what is left before the optimizer touches the buffer. With
 ``overlap=False`` the whole buffer is reduced by one blocking ``Allreduce`` after backward. Both
 sum the same values per element; at two ranks the result is bitwise the same (one addition), at
 more ranks MPI may associate the sums differently for different message sizes, so the two agree to
@@ -133,8 +133,6 @@ class DataParallel(GradientSync):
             if timeline is not None:
                 nbytes = self.params.grad.nbytes
                 timeline.span("allreduce (blocking)", t0, self.probe.clock(), COMMUNICATION, bytes=nbytes)
-
-    reduce_gradients = reduce  # removed once training/ is converted
 
     def sq_norm(self, max_norm: float = 0.0) -> tuple[float, float]:
         """This stage's squared norm (every replica holds the same reduced gradient); clipping

@@ -96,26 +96,3 @@ def armed(world_rank: int, text: str | None = None) -> Fault | None:
     if set(fields) - {"rank", "step", "seconds"} or ("seconds" in fields and kind != "sleep"):
         raise ValueError(f"{VARIABLE}={text!r}: fields are rank, step (and seconds, for sleep)")
     return Fault(kind, site, rank, step, seconds, world_rank)
-
-
-# The module-level fault of the training loop before it had a probe.  # removed once training/ is converted
-_legacy = armed(-1)  # removed once training/ is converted
-rank = 0  # removed once training/ is converted
-step = 0  # removed once training/ is converted
-
-
-def point(site: str) -> str | None:  # removed once training/ is converted
-    if _legacy is None:
-        return None
-    _legacy.here = _legacy.rank == rank
-    return _legacy.point(site, step)
-
-
-class _Legacy:  # removed once training/ is converted
-    """The module-level fault as a probe's ``faults``: its own ``step`` and ``rank`` count."""
-
-    def point(self, site: str, step: int) -> str | None:
-        return point(site)
-
-
-LEGACY = _Legacy() if _legacy is not None else None  # removed once training/ is converted

@@ -35,7 +35,6 @@ import numpy as np
 from hpcnn.core.backend import xp
 from hpcnn.core.losses import count_correct
 from hpcnn.errors import UserError
-from hpcnn.parallel import faults
 from hpcnn.parallel.comm import Request
 from hpcnn.parallel.probe import Probe, StageTimes
 
@@ -107,7 +106,7 @@ class Pipeline:
         self.in_features, self.out_features = in_features, model.out_features(in_features)
         self.schedule = schedule
         self.is_first, self.is_last = stage == 0, stage == stages - 1
-        self.probe = probe if probe is not None else Probe(clock, faults=faults.LEGACY)
+        self.probe = probe if probe is not None else Probe(clock)
         self._pool: dict[tuple, list] = {}
         self._deferred: list = []
         # --deterministic: the last stage keeps each shard's loss sum of the latest step (or
@@ -128,24 +127,6 @@ class Pipeline:
     @times.setter
     def times(self, value: StageTimes) -> None:
         self.probe.times = value
-
-    # The training loop before it had a probe.  # removed once training/ is converted
-    @property
-    def timeline(self):  # removed once training/ is converted
-        return self.probe.timeline
-
-    @timeline.setter
-    def timeline(self, value) -> None:  # removed once training/ is converted
-        self.probe.timeline = value
-
-    @property
-    def mark(self):  # removed once training/ is converted
-        inspector = self.probe.inspector
-        return (lambda op, detail=0: None) if inspector is None else inspector.mark
-
-    @mark.setter
-    def mark(self, fn) -> None:  # removed once training/ is converted
-        self.probe.inspector = getattr(fn, "__self__", None)
 
     def defers_weight_grads(self, micro: int) -> bool:
         return defers_weight_grads(self.stages, micro, bool(self.shard_rows))
@@ -207,9 +188,7 @@ class Pipeline:
             return [{"defer": (*rows, self.model.stack(i))} for i in range(len(layers))]
         return [{} for _ in layers]
 
-    def train_step(
-        self, inputs, targets, sizes, scale: float, loss_fn, on_layer_done=None, shard_starts=None
-    ):
+    def train_step(self, inputs, targets, sizes, scale: float, loss_fn, on_layer_done=None):
         """Forward and backward all micro-batches of one step; fill ``model.params.grad``.
 
         ``inputs``/``targets`` are lists of per-micro-batch arrays on the first/last stage (else
@@ -217,77 +196,77 @@ class Pipeline:
         stage's ``(loss_sum, correct)`` (zeros elsewhere). ``on_layer_done(i)`` is called once layer
         ``i``'s gradient is final: during the last micro-batch's backward (backwards run in
         micro-batch order, so the last one completes each layer), or, where the stage defers weight
-        gradients, during the weight-gradient pass after it. (``shard_starts``: unused.)
+        gradients, during the weight-gradient pass after it. The step's phases go to ``probe``; the
+        last one runs on until the caller's next.
         """
         micro = len(sizes)
         assert micro >= 1, "a step needs at least one micro-batch"
         probe, times = self.probe, self.probe.times
         tapes, held, kept = {}, {}, {}  # per micro-batch: forward state, recv buffer, loss grad
         sends, loss_sum, correct, live, first_backward = [], 0.0, 0, 0, True
-        with probe.region("forward/backward"):
-            # Every receive of the step is posted now, and every layer boundary tests all pending
-            # transfers: without an asynchronous progress thread, MPI moves a large (rendezvous)
-            # message only while both sides are inside MPI, so a transfer posted between two waits
-            # would otherwise sit idle through the sender's next computation.
-            posted = self._post_receives(sizes)
-            # A stage of a pipeline defers weight gradients to one product over all the step's rows
-            # after the last backward: per micro-batch, each would be a product with only its rows
-            # (memory-bound at tens of rows) plus a pass adding it into the buffer.
-            defer = self.defers_weight_grads(micro)
-            offsets = np.cumsum([0, *sizes])
-            pending = [request for request, _ in posted.values()]
-            self.shard_losses = []
+        # Every receive of the step is posted now, and every layer boundary tests all pending
+        # transfers: without an asynchronous progress thread, MPI moves a large (rendezvous)
+        # message only while both sides are inside MPI, so a transfer posted between two waits
+        # would otherwise sit idle through the sender's next computation.
+        posted = self._post_receives(sizes)
+        # A stage of a pipeline defers weight gradients to one product over all the step's rows
+        # after the last backward: per micro-batch, each would be a product with only its rows
+        # (memory-bound at tens of rows) plus a pass adding it into the buffer.
+        defer = self.defers_weight_grads(micro)
+        offsets = np.cumsum([0, *sizes])
+        pending = [request for request, _ in posted.values()]
+        self.shard_losses = []
 
-            def progress(i=None):
-                if pending or sends:
-                    Request.Testall(pending + [request for request, _ in sends])
+        def progress(i=None):
+            if pending or sends:
+                Request.Testall(pending + [request for request, _ in sends])
 
-            def backward_hook(i):
-                on_layer_done(i)
-                progress()
+        def backward_hook(i):
+            on_layer_done(i)
+            progress()
 
-            for op, m in schedule_ops(self.schedule, self.stage, self.stages, micro):
-                if op == "F":
-                    x = inputs[m] if self.is_first else self._take(posted, "F", m, self.stage - 1)
-                    held[m] = x
-                    probe("forward", m, sizes[m])
-                    tapes[m] = self._tapes(m, offsets, defer)
-                    out = self.model.forward(x, tape=tapes[m], slot=m, on_layer_done=progress)
-                    if probe.fault("forward") == "nan":
-                        out = out * xp.nan
-                    if self.is_last:
-                        scope = self.model.workspace.scope("loss", ("train", m))
-                        loss_sum, correct = self._score(loss_fn, out, targets[m], loss_sum, correct, scope)
-                        kept[m] = loss_fn.backward(scale)
-                    else:
-                        sends.append((self.pipe.Isend(out, dest=self.stage + 1, tag=m), out))
-                    live += 1
-                    times.peak_live = max(times.peak_live, live)
+        for op, m in schedule_ops(self.schedule, self.stage, self.stages, micro):
+            if op == "F":
+                x = inputs[m] if self.is_first else self._take(posted, "F", m, self.stage - 1)
+                held[m] = x
+                probe("forward", m, sizes[m])
+                tapes[m] = self._tapes(m, offsets, defer)
+                out = self.model.forward(x, tape=tapes[m], slot=m, on_layer_done=progress)
+                if probe.fault("forward") == "nan":
+                    out = out * xp.nan
+                if self.is_last:
+                    scope = self.model.workspace.scope("loss", ("train", m))
+                    loss_sum, correct = self._score(loss_fn, out, targets[m], loss_sum, correct, scope)
+                    kept[m] = loss_fn.backward(scale)
                 else:
-                    dout = kept.pop(m) if self.is_last else self._take(posted, "B", m, self.stage + 1)
-                    probe("backward", m, sizes[m])
-                    # gradients final: reduce them (deferred ones are final after weight_grads)
-                    final = m == micro - 1 and on_layer_done is not None and not defer
-                    dx = self.model.backward(
-                        dout,
-                        need_input_grad=not self.is_first,
-                        tape=tapes.pop(m),
-                        accumulate=not first_backward,
-                        slot=m,
-                        on_layer_done=backward_hook if final else progress,
-                    )
-                    first_backward = False
-                    x = held.pop(m)
-                    if not self.is_first:
-                        sends.append((self.pipe.Isend(dx, dest=self.stage - 1, tag=m), dx))
-                        self._release_unless_sent(x, sends)
-                    if not self.is_last:
-                        self._release_unless_sent(dout, sends)
-                    live -= 1
-            if defer:
-                probe("weight gradients", 0, int(offsets[-1]))
-                self.model.weight_grads(int(offsets[-1]), backward_hook if on_layer_done else progress)
-            self._complete(sends)
+                    sends.append((self.pipe.Isend(out, dest=self.stage + 1, tag=m), out))
+                live += 1
+                times.peak_live = max(times.peak_live, live)
+            else:
+                dout = kept.pop(m) if self.is_last else self._take(posted, "B", m, self.stage + 1)
+                probe("backward", m, sizes[m])
+                # gradients final: reduce them (deferred ones are final after weight_grads)
+                final = m == micro - 1 and on_layer_done is not None and not defer
+                dx = self.model.backward(
+                    dout,
+                    need_input_grad=not self.is_first,
+                    tape=tapes.pop(m),
+                    accumulate=not first_backward,
+                    slot=m,
+                    on_layer_done=backward_hook if final else progress,
+                )
+                first_backward = False
+                x = held.pop(m)
+                if not self.is_first:
+                    sends.append((self.pipe.Isend(dx, dest=self.stage - 1, tag=m), dx))
+                    self._release_unless_sent(x, sends)
+                if not self.is_last:
+                    self._release_unless_sent(dout, sends)
+                live -= 1
+        if defer:
+            probe("weight gradients", 0, int(offsets[-1]))
+            self.model.weight_grads(int(offsets[-1]), backward_hook if on_layer_done else progress)
+        self._complete(sends)
         return loss_sum, correct
 
     def forward_only(self, inputs, targets, sizes, loss_fn, outputs: list | None = None):

@@ -110,7 +110,9 @@ class StopRequest(_Catcher):
         super().__init__(signals)
         import numpy as np  # here, not at the top: commands import this module before numpy
 
-        self.comm = comm.dup()
+        from hpcnn.parallel.comm import MAX  # (hpcnn.parallel.comm imports this module)
+
+        self.comm, self._max = comm.Dup(), MAX
         self._notes = np.array([0, NONE, NONE, 0, NONE, NONE], np.int64)
         self._send = self._notes.copy()
         self._agreed = self._notes.copy()
@@ -143,7 +145,7 @@ class StopRequest(_Catcher):
             if self._decode():
                 return True
         self._load()
-        self._request = self.comm.iallreduce_max(self._send, self._agreed)
+        self._request = self.comm.Iallreduce(self._send, self._agreed, op=self._max)
         return False
 
     def drain(self) -> bool:
@@ -156,7 +158,7 @@ class StopRequest(_Catcher):
         if self._decode():
             return True
         self._load()
-        self.comm.allreduce_max_(self._send, self._agreed)
+        self.comm.Allreduce(self._send, self._agreed, op=self._max)
         return self._decode()
 
     def _load(self) -> None:
@@ -183,7 +185,7 @@ class StopRequest(_Catcher):
         self._request = None
         self._restore()
         if together:
-            self.comm.free()
+            self.comm.Free()
 
 
 class HeldInterrupts(_Catcher):

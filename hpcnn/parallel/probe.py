@@ -55,7 +55,9 @@ class Phase:
     seconds count in (``None``: none, e.g. outside steps), its timeline span (``"{}"`` takes the
     phase's index; ``None``: no span), the fault site that fires as it begins, the name of its
     ``value`` among the span's arguments, and constant span arguments. ``detailed``: the
-    inspector needs the value too (the stage a receive waits for)."""
+    inspector needs the value too (the stage a receive waits for). ``inner``: a wait inside the
+    enclosing phase; as a region, the inspector returns to the operation before it once it ends
+    (other regions leave their operation in place until the next one begins)."""
 
     op: str | None
     timer: str | None = None
@@ -64,6 +66,7 @@ class Phase:
     arg: str | None = None
     args: tuple = ()
     detailed: bool = False
+    inner: bool = False
     op_index: int = -1
 
     def __post_init__(self):
@@ -76,7 +79,6 @@ PHASES = {
     # between steps, and the step itself (begin_step/end_step)
     "idle": Phase(None),
     "step": Phase(None, span="step {}", arg="epoch"),
-    "setup": Phase("setup", site="setup"),
     # a training step
     "data": Phase("read data", "data", "data", arg="rows"),
     "forward/backward": Phase(_PIPELINE, "forward"),
@@ -96,10 +98,11 @@ PHASES = {
     # between steps
     "stop check": Phase("stop check", span="stop check"),
     "evaluation": Phase("evaluation", span="evaluation", site="evaluation", arg="rows"),
-    "evaluation receive": Phase("evaluation receive", arg="stage", detailed=True),
-    "evaluation allreduce": Phase("evaluation allreduce"),
+    "evaluation receive": Phase("evaluation receive", arg="stage", detailed=True, inner=True),
+    "evaluation allreduce": Phase("evaluation allreduce", inner=True),
     "checkpoint": Phase("checkpoint", span="checkpoint write", arg="step"),
 }
+_IDLE = PHASES["idle"]
 
 
 class _Frame:
@@ -127,17 +130,35 @@ class Probe:
         self.times = StageTimes()
         self.inspector, self.timeline, self.faults = inspector, timeline, faults
         self.step = 0  # the step the phases belong to (what a fault's ``step`` is compared with)
-        self._stack = [_Frame(PHASES["idle"], 0, 0, clock())]
+        now = clock()
+        self._top = _Frame(_IDLE, 0, 0, now)  # the phase in progress
+        self._outer: list[_Frame] = []  # the phases it is nested in, innermost last
+        # a step's frames, reused step after step: the step itself and its phase in progress
+        self._step, self._in_step = _Frame(PHASES["step"], 0, 0, now), _Frame(_IDLE, 0, 0, now)
 
     def __call__(self, name: str, index: int = 0, value=0) -> None:
         """Begin phase ``name`` (``index``: e.g. its micro-batch; ``value``: its span argument, for
         a receive the stage waited for); the current phase at this level ends."""
         phase = PHASES[name]
         now = self.clock()
-        frame = self._stack[-1]
-        self._leave(frame, now)
+        frame = self._top
+        timer = frame.phase.timer
+        if timer is not None:
+            times = self.times
+            setattr(times, timer, getattr(times, timer) + now - frame.since)
+        if self.timeline is not None:
+            self._span(frame, now)
         frame.phase, frame.index, frame.value, frame.start, frame.since = phase, index, value, now, now
-        self._enter(phase, value)
+        inspector = self.inspector
+        # only changes reach the inspector (and receives: which stage they wait for)
+        if (
+            inspector is not None
+            and phase.op_index >= 0
+            and (inspector.op != phase.op_index or phase.detailed)
+        ):
+            inspector.mark(phase.op, value if phase.detailed else 0)
+        if phase.site is not None and self.faults is not None:
+            self.faults.point(phase.site, self.step)
 
     def fault(self, site: str) -> str | None:
         """A site where the caller acts on an armed fault: its kind if it fires here (see
@@ -153,76 +174,86 @@ class Probe:
         it. ``step``: the step count it happens at (an evaluation after ``step`` steps)."""
         if step is not None:
             self.step = step
-        phase, now, inspector = PHASES[name], self.clock(), self.inspector
-        self._pause(self._stack[-1], now)
-        resume = None if inspector is None else (inspector.op, inspector.detail)
-        self._stack.append(_Frame(phase, index, value, now, resume))
-        self._enter(phase, value)
+        phase, inspector = PHASES[name], self.inspector
+        resume = (inspector.op, inspector.detail) if inspector is not None and phase.inner else None
+        self._push(_Frame(phase, index, value, self.clock(), resume))
         return self
 
     def __enter__(self) -> "Probe":
         return self
 
     def __exit__(self, *exc) -> None:
-        now = self.clock()
-        frame = self._stack.pop()
-        self._leave(frame, now)
-        self._stack[-1].since = now
+        frame = self._pop(self.clock())
         inspector, resume = self.inspector, frame.resume
         if inspector is not None and resume is not None and (inspector.op, inspector.detail) != resume:
             inspector.mark(OPS[resume[0]], resume[1])
 
     def begin_step(self, step: int, epoch: int) -> None:
-        """Step ``step`` (0-based) of epoch ``epoch`` (0-based) begins; its phases follow."""
+        """Step ``step`` (0-based) of epoch ``epoch`` (0-based) begins; its phases follow (between
+        steps no phase has a timer: the one in progress pauses nothing)."""
         self.step = step
         now = self.clock()
-        self._pause(self._stack[-1], now)
-        self._stack.append(_Frame(PHASES["step"], step + 1, epoch + 1, now))
-        self._stack.append(_Frame(PHASES["idle"], 0, 0, now))
+        frame = self._step
+        frame.index, frame.value, frame.start = step + 1, epoch + 1, now
+        self._outer.append(self._top)
+        frame = self._top = self._in_step
+        frame.phase, frame.start, frame.since = _IDLE, now, now
 
     def end_step(self) -> float:
         """The step's last phase ends, and the step: returns its seconds."""
         now = self.clock()
-        self._leave(self._stack.pop(), now)
-        step = self._stack.pop()
-        self._leave(step, now)
-        self._stack[-1].since = now
+        frame = self._top
+        timer = frame.phase.timer
+        if timer is not None:
+            times = self.times
+            setattr(times, timer, getattr(times, timer) + now - frame.since)
+        step = self._step
+        if self.timeline is not None:
+            self._span(frame, now)
+            self._span(step, now)
+        self._top = self._outer.pop()
         seconds = now - step.start
         if self.inspector is not None:
             self.inspector.step_done(self.step + 1, seconds)
         return seconds
 
-    # --- the subscribers -------------------------------------------------------------------
-
-    def _leave(self, frame: _Frame, now: float) -> None:
-        phase = frame.phase
-        if phase.timer is not None:
+    def _push(self, frame: _Frame) -> None:
+        """``frame`` begins inside the current phase, whose timer stops until it ends."""
+        outer, now = self._top, frame.start
+        timer = outer.phase.timer
+        if timer is not None:
             times = self.times
-            setattr(times, phase.timer, getattr(times, phase.timer) + now - frame.since)
-        if self.timeline is not None and phase.span is not None:
-            args = dict(phase.args)
-            if phase.arg is not None:
-                args[phase.arg] = frame.value
-            self.timeline.span(phase.span.format(frame.index), frame.start, now, COMPUTE, **args)
-
-    def _pause(self, frame: _Frame, now: float) -> None:
-        """A phase nested in ``frame`` begins: ``frame``'s timer stops until it ends."""
-        phase = frame.phase
-        if phase.timer is not None:
-            times = self.times
-            setattr(times, phase.timer, getattr(times, phase.timer) + now - frame.since)
-            frame.since = now
-
-    def _enter(self, phase: Phase, value) -> None:
-        self._mark(phase, value)
+            setattr(times, timer, getattr(times, timer) + now - outer.since)
+        self._outer.append(outer)
+        self._top = frame
+        phase, inspector = frame.phase, self.inspector
+        if (
+            inspector is not None
+            and phase.op_index >= 0
+            and (inspector.op != phase.op_index or phase.detailed)
+        ):
+            inspector.mark(phase.op, frame.value if phase.detailed else 0)
         if phase.site is not None and self.faults is not None:
             self.faults.point(phase.site, self.step)
 
-    def _mark(self, phase: Phase, value) -> None:
-        inspector = self.inspector
-        if (
-            inspector is not None
-            and phase.op is not None
-            and (inspector.op != phase.op_index or phase.detailed)
-        ):
-            inspector.mark(phase.op, value if phase.detailed else 0)
+    def _pop(self, now: float) -> _Frame:
+        """The current phase ends; the one it was nested in resumes. Returns the one that ended."""
+        frame = self._top
+        timer = frame.phase.timer
+        if timer is not None:
+            times = self.times
+            setattr(times, timer, getattr(times, timer) + now - frame.since)
+        if self.timeline is not None:
+            self._span(frame, now)
+        self._top = self._outer.pop()
+        self._top.since = now
+        return frame
+
+    def _span(self, frame: _Frame, now: float) -> None:
+        phase = frame.phase
+        if phase.span is None:
+            return
+        args = dict(phase.args)
+        if phase.arg is not None:
+            args[phase.arg] = frame.value
+        self.timeline.span(phase.span.format(frame.index), frame.start, now, COMPUTE, **args)

@@ -13,8 +13,8 @@ import numpy as np
 from hpcnn.core.backend import dtype_of, to_host, xp
 from hpcnn.errors import EXIT_NONFINITE, EXIT_USAGE, JobError
 from hpcnn.io.datasets import UnreadableRows, describe_nonfinite, first_nonfinite, split_units
-from hpcnn.parallel.comm import Comm, Grid
-from hpcnn.parallel.deterministic import Sharding, Workers, exact_sum, shard_count
+from hpcnn.parallel.comm import IN_PLACE, SUM, Grid
+from hpcnn.parallel.deterministic import exact_metrics, shard_count
 from hpcnn.parallel.pipeline import Pipeline
 
 
@@ -118,16 +118,15 @@ def evaluate_split(pipe: Pipeline, loss_fn, split, grid: Grid, cfg, classify: bo
         if pipe.is_last:
             sums[:3] += (loss_sum, correct, len(chunk))
             shard_losses += pipe.shard_losses
-    pipe.mark("evaluation allreduce")
-    if pipe.shard_rows:
-        total, first = shard_count(len(split), unit), start // unit
-        sums = exact_metrics(grid.world, shard_losses, first, total, sums[1:], pipe.is_last)
-    else:
-        grid.world.allreduce_sum_(sums)
-    if sums[3]:  # every rank knows: say which row (a collective only on this path)
-        found = [p for p in grid.world.comm.allgather(problem) if p is not None]
-        raise JobError(f"{problem_text(split, min(found))}; evaluation stopped", EXIT_USAGE)
-    pipe.mark("evaluation")
+    with pipe.probe.region("evaluation allreduce"):
+        if pipe.shard_rows:
+            total, first = shard_count(len(split), unit), start // unit
+            sums = exact_metrics(grid.world, shard_losses, first, total, sums[1:], pipe.is_last)
+        else:
+            grid.world.Allreduce(IN_PLACE, sums, op=SUM)
+        if sums[3]:  # every rank knows: say which row (a collective only on this path)
+            found = [p for p in grid.world.allgather(problem) if p is not None]
+            raise JobError(f"{problem_text(split, min(found))}; evaluation stopped", EXIT_USAGE)
     rows = max(sums[2], 1)
     if not math.isfinite(sums[0]):
         raise JobError(
@@ -137,26 +136,3 @@ def evaluate_split(pipe: Pipeline, loss_fn, split, grid: Grid, cfg, classify: bo
             EXIT_NONFINITE,
         )
     return {"loss": sums[0] / rows, "accuracy": sums[1] / rows if classify else None, "rows": int(sums[2])}
-
-
-def shard_stage(pipe: Pipeline, rows: int) -> Sharding:
-    """Make ``pipe``'s stage compute in shards of ``rows`` rows on single-threaded BLAS, with as many
-    shard threads as BLAS had (deterministic mode; ``sharding.workers.close()`` undoes it)."""
-    sharding = Sharding(rows, Workers.replacing_blas_threads())
-    for layer in pipe.model.layers:
-        layer.shards = sharding
-    pipe.shard_rows = rows
-    return sharding
-
-
-def exact_metrics(world: Comm, shard_losses, first: int, total: int, counts, is_last: bool) -> np.ndarray:
-    """``(loss sum, *counts)`` over all ``total`` shards, the same bits on every layout: each
-    shard's loss sum travels alone (a sum over ranks of one value and zeros is exact in any order)
-    and the values are added exactly; counts are integers (exact in float64), summed over every
-    rank (zeros where a rank has nothing to count)."""
-    v = np.zeros(total + len(counts))
-    if is_last:
-        v[first : first + len(shard_losses)] = shard_losses
-    v[total:] = counts
-    world.allreduce_sum_(v)
-    return np.array([exact_sum(v[:total]), *v[total:]])

@@ -47,7 +47,7 @@ def dry_run(cfg: Config, comm: Comm) -> int:
     bytes_total = buffers * params.size * itemsize + activation_bytes
     row = (comm.rank, socket.gethostname(), grid.stage, grid.replica, bounds[grid.stage],
            bounds[grid.stage + 1] - 1, params.size, bytes_total, rows)  # fmt: skip
-    rows_all = comm.comm.gather(row, root=0)
+    rows_all = comm.gather(row, root=0)
     comm.print0("layout (rank: host, stage, replica, layers, parameters, estimated memory, rows per step):")
     for r, host, stage, replica, a, b, n, nbytes, batch_rows in rows_all or []:
         comm.print0(

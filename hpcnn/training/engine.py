@@ -2,7 +2,9 @@
 ``fit``, the bracket that runs it with the run's guarantees.
 
 One step: read my rows of the global batch -> forward -> loss -> backward (into the flat gradient
-buffer) -> one Allreduce -> clip -> optimizer step on the flat parameter buffer. ``fit`` locks the
+buffer) -> the gradient reduction (``hpcnn.parallel.sync``) -> clip -> optimizer step on the flat
+parameter buffer; the step tells its probe (``hpcnn.parallel.probe``) each phase, which is how
+timers, the timeline, the stall inspector and fault injection see it. ``fit`` locks the
 checkpoint directory, holds Ctrl-C until every rank agrees to stop (``hpcnn.Interrupted`` on every
 rank), runs the stall inspector, and stops after the same step on every rank when a stop signal
 arrives (``preempt``), writing a checkpoint to resume from exactly.
@@ -19,27 +21,21 @@ import numpy as np
 from hpcnn.config import Config
 from hpcnn.core.backend import dtype_of, to_host, xp
 from hpcnn.core.losses import LOSSES
-from hpcnn.core.optim import Schedule, clip_grad_norm, make_optimizer
+from hpcnn.core.optim import Schedule, make_optimizer
 from hpcnn.errors import EXIT_INTERNAL, EXIT_NONFINITE, EXIT_USAGE, JobError
 from hpcnn.io.checkpoints import Position, estimate_bytes, prune, save
 from hpcnn.io.runlog import STEP_TIMES, Progress, RunDir
 from hpcnn.parallel import faults
-from hpcnn.parallel.comm import Comm, Grid
+from hpcnn.parallel.comm import IN_PLACE, SUM, Comm, Grid
 from hpcnn.parallel.data_parallel import DataParallel
-from hpcnn.parallel.deterministic import ShardReducer, exact_sum, shard_count, shard_range, shard_rows
+from hpcnn.parallel.deterministic import ShardReducer, shard_count, shard_rows
 from hpcnn.parallel.inspector import Inspector
 from hpcnn.parallel.pipeline import Pipeline
 from hpcnn.parallel.preempt import ALL, INTERRUPT, HeldInterrupts, Interrupted, StopRequest, watch_interrupts
+from hpcnn.parallel.probe import Probe
+from hpcnn.parallel.sync import GradientSync
 from hpcnn.parallel.timeline import Timeline
-from hpcnn.training.batches import (
-    bad_row,
-    evaluate_split,
-    exact_metrics,
-    micro_batches,
-    problem_text,
-    read_batch,
-    shard_stage,
-)
+from hpcnn.training.batches import bad_row, evaluate_split, micro_batches, problem_text, read_batch
 from hpcnn.training.report import describe_run, epoch_line, report_stages
 from hpcnn.training.setup import (
     check_checkpoint_dir,
@@ -100,9 +96,10 @@ def _fit(cfg: Config, comm: Comm, log, run: RunDir | None, terminal: bool) -> Re
             result = training.run()
         finally:
             training.close()
-        if training.timeline is not None:
-            training.timeline.write(cfg.timeline)
-            training.log(f"timeline: {cfg.timeline} ({len(training.timeline.spans)} spans on rank 0)")
+        timeline = training.probe.timeline
+        if timeline is not None:
+            timeline.write(cfg.timeline)
+            training.log(f"timeline: {cfg.timeline} ({len(timeline.spans)} spans on rank 0)")
     except JobError:
         inspector.close()  # a JobError is raised on every rank of comm: the collective shutdown is safe
         if training is not None:
@@ -136,9 +133,10 @@ class Training:
 
     def __init__(self, cfg: Config, comm: Comm, log, inspector: Inspector, run=None, terminal: bool = False):
         self.cfg, self.comm, self.inspector, self.run_dir = cfg, comm, inspector, run
-        faults.rank = comm.world_rank
-        faults.point("setup")
-        ds, layers, bounds, grid, pipe, sampler = prepare(cfg, comm)
+        # what watches this rank's phases: step timers, the stall inspector, the timeline, faults
+        self.probe = probe = Probe(comm.wtime, inspector, faults=faults.armed(comm.world_rank))
+        probe.fault("setup")
+        ds, layers, bounds, grid, pipe, sampler = prepare(cfg, comm, probe)
         self.ds, self.layers, self.bounds, self.grid, self.pipe, self.sampler = (
             ds,
             layers,
@@ -147,18 +145,14 @@ class Training:
             pipe,
             sampler,
         )
-        pipe.mark = inspector.mark
         self.model = pipe.model
         self.dtype, self.classify = dtype_of(cfg.dtype), ds.num_classes is not None
         self.loss_fn = LOSSES[cfg.loss]()
-        self.dp = DataParallel(grid.dp, self.model.params, cfg.overlap == "on", cfg.bucket_mb, comm.wtime)
-        self.dp.broadcast_parameters()
-        self.reducer = None  # deterministic mode's gradient sum (instead of self.dp's)
-        self.timeline = None
+        self.sync = self._gradient_sync()
+        self.sync.broadcast_parameters()
         if cfg.timeline:  # an unwritable path is found out now, not after training
             comm.root_decides(lambda: check_output_file(cfg.timeline, "timeline"), cfg.debug)
-            self.timeline = Timeline(comm, comm.wtime)
-        pipe.timeline = self.dp.timeline = self.timeline
+            probe.timeline = Timeline(comm, comm.wtime)
         self.opt = make_optimizer(cfg).bind(self.model.params)
         self.steps = total_steps(cfg, sampler)
         # Rank 0 with a log shows progress (bar, lines or nothing); every other rank is silent.
@@ -171,7 +165,6 @@ class Training:
         self.lr = Schedule(
             cfg.lr_schedule, cfg.lr, self.steps, cfg.warmup_steps, cfg.step_size, cfg.gamma, cfg.min_lr
         )
-        self.across_stages = grid.pipe.sum if grid.stages > 1 else None
         describe_run(log, cfg, ds, layers, bounds, grid, sampler, self.steps)
         self.result = Result(self.model, grid, bounds, pipe)
         self.start, source = (
@@ -203,20 +196,32 @@ class Training:
         self.t_start = comm.wtime()
         self._new_interval()
 
+    def _gradient_sync(self) -> GradientSync:
+        """How this stage's replicas agree on the gradient: the overlapped bucketed Allreduce, or
+        (deterministic mode) the tree-ordered sum of per-shard gradients, whose per-shard buffer
+        is allocated here (agreed on: it may be too large)."""
+        cfg, grid, pipe = self.cfg, self.grid, self.pipe
+        stages = grid.pipe if grid.stages > 1 else None
+        if not cfg.deterministic:
+            overlap = cfg.overlap == "on"
+            return DataParallel(
+                grid.dp, self.model.params, overlap, cfg.bucket_mb, self.probe, stages, pipe.is_last
+            )
+        rows = shard_rows(cfg)
+        most = -(-shard_count(min(cfg.batch_size, len(self.ds.train)), rows) // grid.replicas)
+        # the gradient norm is summed per tensor, in model order: this stage's first tensor's index
+        base = sum(len(layer.param_specs()) for layer in self.layers[: self.bounds[grid.stage]])
+        tensors = (base, sum(len(layer.param_specs()) for layer in self.layers))
+        with self.comm.agreed(cfg.debug):  # one gradient per shard: a large allocation, maybe too large
+            return ShardReducer(grid.dp, self.model, most, rows, grid.world, stages, pipe.is_last, tensors)
+
     def _shard(self) -> None:
-        """Deterministic mode: shard-wise kernels on single-threaded BLAS, and the tree-ordered
-        gradient sum (``hpcnn.parallel.deterministic``)."""
-        cfg, grid, model = self.cfg, self.grid, self.model
+        """Deterministic mode: shard threads in place of BLAS's own (``hpcnn.parallel.deterministic``)."""
+        cfg, grid = self.cfg, self.grid
         rows = shard_rows(cfg)
         full = shard_count(min(cfg.batch_size, len(self.ds.train)), rows)
         most = -(-full // grid.replicas)
-        with self.comm.agreed(cfg.debug):  # one gradient per shard: a large allocation, maybe too large
-            reducer = ShardReducer(grid.dp, model, most)
-        workers = shard_stage(self.pipe, rows).workers
-        reducer.workers, self.reducer = workers, reducer
-        # the gradient norm is summed per tensor, in model order: this stage's first tensor's index
-        self._tensor_base = sum(len(layer.param_specs()) for layer in self.layers[: self.bounds[grid.stage]])
-        self._tensor_count = sum(len(layer.param_specs()) for layer in self.layers)
+        workers = self.sync.start().workers
         self.log(
             f"deterministic: shards of {rows} rows ({full} per full batch, at most {most} per replica); "
             f"BLAS single-threaded, {workers.n} shard thread(s) per rank"
@@ -230,25 +235,11 @@ class Training:
 
     def close(self) -> None:
         """Stop the shard threads and give BLAS its threads back (deterministic mode)."""
-        if self.reducer is not None:
-            self.reducer.workers.close()
-
-    def _sq_norm(self) -> float:
-        """The squared gradient norm, the same bits on every layout: one value per tensor (fixed
-        shapes), exact across stages (each tensor's value on one stage, zeros elsewhere), added
-        exactly."""
-        params = self.model.params
-        values = np.zeros(self._tensor_count)
-        for i, slot in enumerate(params.slots):
-            g = params.view(params.grad, slot).reshape(-1)
-            values[self._tensor_base + i] = float(xp.dot(g, g))
-        if self.grid.stages > 1:
-            self.grid.pipe.allreduce_sum_(values)
-        return exact_sum(values)
+        self.sync.close()
 
     def _new_interval(self) -> None:
         """Start summing the metrics of the next ``log_every`` steps."""
-        t = self.pipe.times
+        t = self.probe.times
         self._interval = np.zeros(4)  # loss sum, correct, rows (last stages), squared gradient norm
         self._interval_times = _time_parts(t)
         self._interval_steps, self._interval_wall = 0, 0.0
@@ -256,10 +247,10 @@ class Training:
     def _step_record(self) -> dict:
         """The metrics of the steps since the last record (collective: every rank, same steps)."""
         n = self._interval_steps
-        spent = _time_parts(self.pipe.times) - self._interval_times
+        spent = _time_parts(self.probe.times) - self._interval_times
         # Seconds inside steps only: evaluations and checkpoint writes in between are not steps.
         buf = np.concatenate([self._interval, spent / n, [self._interval_wall / n]])
-        self.comm.allreduce_sum_(buf)
+        self.comm.Allreduce(IN_PLACE, buf, op=SUM)
         loss, correct, rows, sq = buf[:4]
         per_step = buf[4:] / self.comm.size  # seconds per step, averaged over ranks
         split = dict(
@@ -296,11 +287,8 @@ class Training:
                     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                         self._step(ids, global_rows, sums)
                     rows += global_rows
-                    self.inspector.mark("stop check")
-                    t_check = self.comm.wtime()
-                    stop = self.stop.poll()
-                    if self.timeline is not None:
-                        self.timeline.span("stop check", t_check, self.comm.wtime())
+                    with self.probe.region("stop check"):
+                        stop = self.stop.poll()
                     if stop:
                         return self._stopped(sums)
                     if cfg.check_replicas and self.step % cfg.check_replicas == 0:
@@ -320,90 +308,45 @@ class Training:
 
     def _step(self, ids, global_rows: int, sums) -> None:
         """One optimizer step on the global batch whose rows ``ids`` are this replica's."""
-        cfg, pipe, params = self.cfg, self.pipe, self.model.params
-        t0 = self.comm.wtime()
-        faults.step = self.step
-        self.inspector.mark("read data")
+        cfg, pipe, probe, sync = self.cfg, self.pipe, self.probe, self.sync
+        probe.begin_step(self.step, self.epoch)
+        probe("data", value=len(ids))
         x, y, problem = read_batch(self.ds.train, ids, pipe, self.dtype, self.classify, "train")
-        if faults.point("data") == "nan":
+        if probe.fault("data") == "nan":
             x[-1, 0] = xp.nan
         problem = problem or bad_row(self.ds.train, ids, x, y, pipe, self.classify)
         if problem is not None:  # every rank learns of it at the next stop check and stops there
             self.stop.note_bad_input(self.step, problem[0])
             self.bad_input = self.bad_input or (self.step, *problem)
-        unit = pipe.shard_rows or 1
-        inputs, targets, sizes = micro_batches(x, y, cfg.micro_batches, unit)
-        starts = [int(r) // unit for r in np.cumsum([0, *sizes[:-1]])] if self.reducer else None
-        times = pipe.times
-        t1 = self.comm.wtime()
-        times.data += t1 - t0
-        tl = self.timeline
-        if tl is not None:
-            tl.span("data", t0, t1, rows=len(ids))
-        self.inspector.mark("forward/backward")
-        hook = None if self.reducer else self.dp.on_layer_done
-        loss_sum, correct = pipe.train_step(
-            inputs, targets, sizes, 1.0 / global_rows, self.loss_fn, hook, starts
-        )
-        if self.reducer is not None:  # the metrics of all shards, counted once (on rank 0)
-            total = shard_count(global_rows, unit)
-            first, count = shard_range(total, self.grid.replicas, self.grid.replica)
-            world, last = self.grid.world, pipe.is_last
-            counts = (correct, len(ids)) if last else (0, 0)
-            step = exact_metrics(world, pipe.shard_losses, first, total, counts, last)
-            loss_sum = step[0]
-            if self.comm.is_root:
-                sums += step
-                self._interval[:3] += step
-            if last:
-                self.result.step_losses.append(loss_sum)
-        elif pipe.is_last:
-            sums += (loss_sum, correct, len(ids))
-            self._interval[:3] += (loss_sum, correct, len(ids))
+        inputs, targets, sizes = micro_batches(x, y, cfg.micro_batches, pipe.shard_rows or 1)
+        probe("forward/backward")
+        hook = sync.on_layer_done
+        loss_sum, correct = pipe.train_step(inputs, targets, sizes, 1.0 / global_rows, self.loss_fn, hook)
+        probe("metrics")
+        counted, loss_sum = sync.metrics(global_rows, loss_sum, correct, len(ids), pipe.shard_losses)
+        if counted is not None:
+            sums += counted
+            self._interval[:3] += counted
+        if pipe.is_last:
             self.result.step_losses.append(loss_sum)
-        self.inspector.mark("gradient allreduce")
-        faults.point("allreduce")
-        t2 = self.comm.wtime()
-        if self.reducer is not None:
-            self.reducer.reduce(first, count, total)
-        else:
-            self.dp.reduce_gradients()
-        t3 = self.comm.wtime()
-        times.reduce += t3 - t2
-        if tl is not None:
-            tl.span("reduce wait", t2, t3)
-        self.inspector.mark("optimizer step")
-        if self.reducer is not None:  # the whole model's norm (collective across stages)
-            sq = self._sq_norm()
-            if cfg.clip_norm:
-                clip_grad_norm(params.grad, cfg.clip_norm, None, sq)
-        else:
-            sq = float(xp.dot(params.grad, params.grad))
-            if cfg.clip_norm:  # collective across stages: every rank takes part, finite or not
-                clip_grad_norm(params.grad, cfg.clip_norm, self.across_stages, sq)
+        probe("reduce")
+        sync.reduce(global_rows)
+        probe("optimizer")
+        sq, share = sync.sq_norm(cfg.clip_norm)
         # Whether to step depends on the reduced gradient only, which all replicas of a stage share,
         # so replicas stay identical; a non-finite gradient leaves the last finite state in place.
         # Every rank learns of a note at the next stop check.
         loss_bad = pipe.is_last and not math.isfinite(loss_sum)
         if math.isfinite(sq):
-            self.opt.step(self.lr(self.step))
+            sync.step(self.opt, self.lr(self.step))
         if loss_bad or not math.isfinite(sq):
             layer = None if math.isfinite(sq) else self._first_nonfinite_layer()
             self.stop.note_nonfinite(self.step, layer, loss_bad)
-        if faults.point("optimizer") == "diverge":
-            params.data[0] += 1e-3
-        t4 = self.comm.wtime()
-        times.optimizer += t4 - t3
-        if tl is not None:
-            tl.span("optimizer", t3, t4)
-            tl.span(f"step {self.step + 1}", t0, t4, epoch=self.epoch + 1)
+        if probe.fault("optimizer") == "diverge":
+            self.model.params.data[0] += 1e-3
+        seconds = probe.end_step()
         self.step, self.batch = self.step + 1, self.batch + 1
-        seconds = self.comm.wtime() - t0
-        self.inspector.step_done(self.step, seconds)
-        # Replica 0 of each stage holds its stage's reduced gradient: their sum is the global norm
-        # (deterministic mode: every rank holds the global one; rank 0 counts it).
-        counted = self.comm.is_root if self.reducer is not None else self.grid.replica == 0
-        self._interval[3] = sq if counted else 0.0
+        self._interval[3] = share  # the ranks' shares add up to the whole model's squared norm
         self._interval_steps += 1
         self._interval_wall += seconds
         record = None
@@ -424,7 +367,7 @@ class Training:
         """Report the epoch (the part run here, for a max_steps stop), evaluate, advance."""
         cfg = self.cfg
         total = sums.copy()
-        self.comm.allreduce_sum_(total)
+        self.comm.Allreduce(IN_PLACE, total, op=SUM)
         row = {
             "epoch": self.epoch + 1,
             "step": self.step,
@@ -450,14 +393,8 @@ class Training:
                 self.checkpoint(np.zeros(3), f"every {every} epoch(s)")
 
     def _evaluate(self, split) -> dict:
-        self.inspector.mark("evaluation")
-        faults.step = self.step
-        faults.point("evaluation")
-        t0 = self.comm.wtime()
-        scores = evaluate_split(self.pipe, self.loss_fn, split, self.grid, self.cfg, self.classify)
-        if self.timeline is not None:
-            self.timeline.span("evaluation", t0, self.comm.wtime(), rows=scores["rows"])
-        return scores
+        with self.probe.region("evaluation", value=len(split), step=self.step):
+            return evaluate_split(self.pipe, self.loss_fn, split, self.grid, self.cfg, self.classify)
 
     def checkpoint(self, sums, why: str) -> None:
         """Write the state after ``self.step`` (collective); ``sums``: this rank's running sums of
@@ -468,16 +405,14 @@ class Training:
             return
         if comm.max(int(self.stop.local_trouble)):
             return  # the next stop check ends the run and says why
-        self.inspector.mark("checkpoint")
-        total = sums.copy()
-        comm.allreduce_sum_(total)  # the epoch's running sums, whatever the layout that resumes them
-        position = Position(*here, total.tolist(), self.finished)
-        t0 = comm.wtime()
-        args = (cfg, self.layers, self.ds.features, self.bounds, self.grid, self.model, self.opt, position)
-        path = save(cfg.checkpoint_dir, *args, cfg.checkpoint_io)
-        seconds = comm.wtime() - t0
-        if self.timeline is not None:
-            self.timeline.span("checkpoint write", t0, t0 + seconds, step=self.step)
+        with self.probe.region("checkpoint", value=self.step):
+            total = sums.copy()
+            comm.Allreduce(IN_PLACE, total, op=SUM)  # the epoch's sums, whatever the layout that resumes them
+            position = Position(*here, total.tolist(), self.finished)
+            t0 = comm.wtime()
+            state = (self.layers, self.ds.features, self.bounds, self.grid, self.model, self.opt, position)
+            path = save(cfg.checkpoint_dir, cfg, *state, cfg.checkpoint_io, self.probe.fault)
+            seconds = comm.wtime() - t0
         self.result.checkpoint = str(path)
         if comm.is_root:
             if cfg.keep:
@@ -491,7 +426,7 @@ class Training:
         result.steps = self.step
         stop.drain()  # notes made in the step after a signal's (a NaN, a bad row) must not be lost
         if stop.bad_input is not None:  # the ranks that noted one know what it was: gather that
-            noted = [p for p in self.comm.comm.allgather(self.bad_input) if p is not None]
+            noted = [p for p in self.comm.allgather(self.bad_input) if p is not None]
             at_step, *problem = min(noted)
             raise JobError(
                 f"{problem_text(self.ds.train, problem, at_step)}; training stopped, checkpoints untouched",
@@ -524,7 +459,7 @@ class Training:
     def _check_replicas(self) -> None:
         """Every data-parallel replica of a stage must hold bitwise the same parameters."""
         digest = hashlib.blake2b(memoryview(to_host(self.model.params.data)), digest_size=16).hexdigest()
-        rows = self.comm.comm.allgather((self.grid.stage, digest))
+        rows = self.comm.allgather((self.grid.stage, digest))
         problems = []
         for stage in range(self.grid.stages):
             held = [(r, d) for r, (s, d) in enumerate(rows) if s == stage]

@@ -51,7 +51,7 @@ def describe_run(log, cfg, ds, layers, bounds, grid, sampler, steps) -> None:
 def report_stages(log, cfg, grid, pipe) -> None:
     """Rank 0 prints where each stage of pipeline 0 spent its time, against GPipe's theory."""
     t = pipe.times
-    rows = grid.pipe.comm.gather((t.compute, t.wait, t.total, t.bubble, t.peak_live), root=0)
+    rows = grid.pipe.gather((t.compute, t.wait, t.total, t.bubble, t.peak_live), root=0)
     if rows is None:
         return
     theory = gpipe_bubble(grid.stages, cfg.micro_batches)
@@ -94,7 +94,7 @@ def announce_layout(cfg: Config, comm: Comm) -> tuple:
         )
     # Launchers report a dead process by host and PID (MPICH's "BAD TERMINATION ... PID 2456"):
     # this line turns that into a rank.
-    placement = comm.comm.gather((socket.gethostname(), os.getpid()), root=0)
+    placement = comm.gather((socket.gethostname(), os.getpid()), root=0)
     if comm.size > 1 and placement is not None:
         comm.print0(f"hpcnn: ranks by host (rank=pid): {_placement(placement)}")
     return threads, placement

@@ -43,7 +43,7 @@ def open_data(cfg: Config, comm: Comm):
     with comm.agreed(cfg.debug):
         ds, label_range = open_dataset(cfg, comm.rank, comm.size)
     if label_range is not None:  # class labels from a file (the same on every rank): check them all
-        ranges = comm.comm.allgather((*label_range, ds.unreadable))  # (min, max, unreadable) per rank
+        ranges = comm.allgather((*label_range, ds.unreadable))  # (min, max, unreadable) per rank
         lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
         unreadable = [r[2] for r in ranges if r[2] is not None]
         with comm.agreed(cfg.debug):
@@ -58,9 +58,10 @@ def open_data(cfg: Config, comm: Comm):
     return ds
 
 
-def build_stages(cfg: Config, comm: Comm, layers, in_features: int):
+def build_stages(cfg: Config, comm: Comm, layers, in_features: int, probe=None):
     """Cut ``layers`` into ``cfg.pipeline_stages`` stages over the ranks of ``comm`` and build this
-    rank's stage, initialised as the whole model would be. Returns ``(bounds, grid, pipeline)``."""
+    rank's stage, initialised as the whole model would be. Returns ``(bounds, grid, pipeline)``;
+    ``probe``: the training's (``hpcnn.parallel.probe``), which the pipeline tells its phases."""
     stages = cfg.pipeline_stages
     with comm.agreed(cfg.debug):
         if comm.size % stages:
@@ -85,12 +86,12 @@ def build_stages(cfg: Config, comm: Comm, layers, in_features: int):
         skip = [spec for layer in layers[:first] for spec in layer.param_specs()]
         model.params.initialize(np.random.default_rng(cfg.seed), skip=skip)
         stage_in = Sequential.features_after(layers[:first], in_features)
-        pipe = Pipeline(model, grid.pipe, grid.stage, stages, stage_in, cfg.schedule, comm.wtime)
+        pipe = Pipeline(model, grid.pipe, grid.stage, stages, stage_in, cfg.schedule, comm.wtime, probe)
     pipe.handshake()
     return bounds, grid, pipe
 
 
-def prepare(cfg: Config, comm: Comm):
+def prepare(cfg: Config, comm: Comm, probe=None):
     """Check the layout, open the data, build this rank's stage; setup errors are agreed on."""
     ds = open_data(cfg, comm)
     with comm.agreed(cfg.debug):
@@ -101,7 +102,7 @@ def prepare(cfg: Config, comm: Comm):
                 f"every replica needs at least one row of each global batch (use batch_size >= {replicas})"
             )
         layers = mlp_layers([ds.features, *cfg.hidden, ds.outputs], cfg.activation, cfg.output_activation)
-    bounds, grid, pipe = build_stages(cfg, comm, layers, ds.features)
+    bounds, grid, pipe = build_stages(cfg, comm, layers, ds.features, probe)
     with comm.agreed(cfg.debug):
         rows = shard_rows(cfg) if cfg.deterministic else 0
         sampler = EpochSampler(
