@@ -17,7 +17,7 @@ import pytest
 from test_train import needs_mpiexec
 
 from hpcnn.io.checkpoints import checkpoints, step_of, verify
-from jobs import Job
+from jobs import FORWARDS_CTRL_C, Job
 
 pytestmark = needs_mpiexec
 
@@ -163,7 +163,12 @@ def test_ctrl_c_to_the_launcher_ends_even_a_stuck_job_and_damages_nothing(tmp_pa
     if job.proc.poll() is None:
         job.signal_launcher(signal.SIGINT)
     code, seconds = job.finish(GONE)
-    assert code != 0 and seconds < GONE, (code, seconds)
+    assert seconds < GONE, (code, seconds)
+    # The exit code is the launcher's own here (it kills the ranks): Open MPI's mpirun reports the
+    # signal; MPICH's mpiexec, on a second Ctrl-C, exits with 0, 1 or 255 at random (measured with
+    # MPICH 5.0.2 and four plain sleeping processes: 0, 255, 1, 255, 255, 1), so only Open MPI's is
+    # checked.
+    assert FORWARDS_CTRL_C or code != 0, code
     assert "Traceback" not in job.stderr and len(job.hpcnn_lines()) <= 1, job.stderr
     assert {p.name: p.read_bytes() for p in checkpoints(ckpt)} == before and "ckpt-000000040.h5" in before
     for path in checkpoints(ckpt):
