@@ -1,7 +1,7 @@
 """pytest set-up shared by all tests, and which test runs where.
 
-Three kinds of test, told apart by file name and marker (checked at collection: a test of one kind
-in a file of another is an error):
+Three kinds of test, told apart by file name and marker (checked at collection: a ``mpi`` test
+outside a ``*_mpi.py`` file, or a test without the mark inside one, is an error):
 
 * ``test_X.py``: serial tests, run in the one pytest process (CTest's ``serial`` entry), and tests
   marked ``@pytest.mark.launches`` that start their own jobs under mpiexec through
