@@ -438,7 +438,7 @@ class _Training:
             comm.root_decides(lambda: _check_output_file(cfg.timeline, "timeline"), cfg.debug)
             self.timeline = Timeline(comm, comm.wtime)
         pipe.timeline = self.dp.timeline = self.timeline
-        self.opt = make_optimizer(cfg, self.model.params)
+        self.opt = make_optimizer(cfg).bind(self.model.params)
         self.steps = _total_steps(cfg, sampler)
         # Rank 0 with a log shows progress (bar, lines or nothing); every other rank is silent.
         if log is None:

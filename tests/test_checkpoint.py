@@ -123,6 +123,10 @@ class SignalAtStep:
     def __getattr__(self, name):
         return getattr(self.opt, name)
 
+    def bind(self, params):
+        self.opt.bind(params)
+        return self
+
     def step(self, lr):
         self.opt.step(lr)
         if self.opt.t == self.at:
@@ -135,7 +139,7 @@ def test_a_signal_stops_after_a_step_with_a_checkpoint_and_resume_matches(
 ):
     result, _ = straight()
     make = train.make_optimizer
-    monkeypatch.setattr(train, "make_optimizer", lambda cfg, p: SignalAtStep(make(cfg, p), 10, sig))
+    monkeypatch.setattr(train, "make_optimizer", lambda cfg: SignalAtStep(make(cfg), 10, sig))
     cfg = Config(**BASE, checkpoint_dir=str(tmp_path))
     stopped = fit(cfg, comm)
     # The flag raised during step 10 is reduced after step 10 and seen after step 11.

@@ -134,6 +134,10 @@ class SignalOnRank:
     def __getattr__(self, name):
         return getattr(self.opt, name)
 
+    def bind(self, params):
+        self.opt.bind(params)
+        return self
+
     def step(self, lr):
         self.opt.step(lr)
         if self.opt.t == self.at and Comm.world().rank == self.rank:
@@ -144,7 +148,7 @@ def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(world, shared
     layout = dict(BASE, pipeline_stages=2)
     straight = fit(Config(**layout), world)
     make = train.make_optimizer
-    monkeypatch.setattr(train, "make_optimizer", lambda cfg, p: SignalOnRank(make(cfg, p), 1, 10))
+    monkeypatch.setattr(train, "make_optimizer", lambda cfg: SignalOnRank(make(cfg), 1, 10))
     d = os.path.join(shared, "run")
     stopped = fit(Config(**layout, checkpoint_dir=d), world)
     monkeypatch.setattr(train, "make_optimizer", make)

@@ -178,7 +178,7 @@ def test_a_nan_in_the_step_after_a_signal_is_reported_not_hidden_by_the_stop(tmp
     from hpcnn.parallel.comm import Comm
 
     make = train.make_optimizer
-    monkeypatch.setattr(train, "make_optimizer", lambda cfg, p: SignalAtStep(make(cfg, p), 4))
+    monkeypatch.setattr(train, "make_optimizer", lambda cfg: SignalAtStep(make(cfg), 4))
     monkeypatch.setattr(faults, "_spec", ("nan", "data", 0, 4))
     monkeypatch.setattr(faults, "_fired", False)
     with pytest.raises(JobError, match="has a non-finite input value .* read for step 4") as exc:

@@ -7,8 +7,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from hpcnn.config import Config
 from hpcnn.core import optim
-from hpcnn.core.optim import SGD, Adam, Schedule, clip_grad_norm
+from hpcnn.core.optim import SGD, Adam, AdamW, Schedule, clip_grad_norm, make_optimizer
 
 
 def flat(p, g):
@@ -17,13 +18,13 @@ def flat(p, g):
 
 def test_sgd_plain():
     ps = flat([1.0, 2.0], [0.5, -1.0])
-    SGD(ps).step(0.1)
+    SGD().bind(ps).step(0.1)
     assert ps.data.tolist() == pytest.approx([0.95, 2.1], abs=1e-15)
 
 
 def test_sgd_momentum_two_steps():
     ps = flat([1.0], [0.5])
-    opt = SGD(ps, momentum=0.9)
+    opt = SGD(momentum=0.9).bind(ps)
     opt.step(0.1)  # v = 0.5, p = 1 - 0.05
     assert ps.data[0] == pytest.approx(0.95, abs=1e-15)
     ps.grad[:] = 0.5
@@ -34,7 +35,7 @@ def test_sgd_momentum_two_steps():
 
 def test_sgd_nesterov_two_steps():
     ps = flat([1.0], [0.5])
-    opt = SGD(ps, momentum=0.9, nesterov=True)
+    opt = SGD(momentum=0.9, nesterov=True).bind(ps)
     opt.step(0.1)  # v = 0.5, step with g + 0.9 v = 0.95 -> p = 0.905
     assert ps.data[0] == pytest.approx(0.905, abs=1e-15)
     ps.grad[:] = 0.5
@@ -44,20 +45,27 @@ def test_sgd_nesterov_two_steps():
 
 def test_sgd_weight_decay():
     ps = flat([2.0], [0.5])
-    SGD(ps, weight_decay=0.1).step(0.1)  # g = 0.5 + 0.2 = 0.7 -> p = 2 - 0.07
+    SGD(weight_decay=0.1).bind(ps).step(0.1)  # g = 0.5 + 0.2 = 0.7 -> p = 2 - 0.07
     assert ps.data[0] == pytest.approx(1.93, abs=1e-15)
+
+
+def test_sgd_keeps_velocity_only_with_momentum():
+    assert SGD().state_names() == [] and SGD(momentum=0.5).state_names() == ["velocity"]
+    ps = flat([1.0, 2.0], [0.5, -1.0])
+    assert SGD().bind(ps).state == {}
+    assert list(SGD(0.9).bind(ps).state) == ["velocity"]
 
 
 def test_adam_first_step_is_lr_times_sign():
     ps = flat([1.0, -1.0], [0.3, -2.0])
-    Adam(ps, eps=0.0).step(0.01)  # bias-corrected m / sqrt(v) = g / |g|
+    Adam(eps=0.0).bind(ps).step(0.01)  # bias-corrected m / sqrt(v) = g / |g|
     assert ps.data.tolist() == pytest.approx([0.99, -0.99], abs=1e-15)
 
 
 def test_adam_several_steps_against_the_formula():
     grads = [0.5, -0.2, 0.1]
     ps = flat([1.0], [0.0])
-    opt = Adam(ps, beta1=0.9, beta2=0.99, eps=1e-8)
+    opt = Adam(beta1=0.9, beta2=0.99, eps=1e-8).bind(ps)
     p, m, v = 1.0, 0.0, 0.0
     for t, g in enumerate(grads, start=1):
         ps.grad[:] = g
@@ -72,23 +80,23 @@ def test_adam_several_steps_against_the_formula():
 
 def test_adam_l2_versus_adamw_decoupled():
     l2 = flat([2.0], [0.5])
-    Adam(l2, eps=0.0, weight_decay=0.1).step(0.01)  # g = 0.7, first step moves by lr
+    Adam(eps=0.0, weight_decay=0.1).bind(l2).step(0.01)  # g = 0.7, first step moves by lr
     assert l2.data[0] == pytest.approx(1.99, abs=1e-15)
     w = flat([2.0], [0.5])
-    Adam(w, eps=0.0, weight_decay=0.1, decoupled=True).step(0.01)  # 2 * (1 - 0.001) - 0.01
+    AdamW(eps=0.0, weight_decay=0.1).bind(w).step(0.01)  # 2 * (1 - 0.001) - 0.01
     assert w.data[0] == pytest.approx(1.988, abs=1e-15)
     neg = flat([2.0], [-0.1])
-    Adam(neg, eps=0.0, weight_decay=0.1).step(0.01)  # g = -0.1 + 0.2 = 0.1 > 0: moves down
+    Adam(eps=0.0, weight_decay=0.1).bind(neg).step(0.01)  # g = -0.1 + 0.2 = 0.1 > 0: moves down
     assert neg.data[0] == pytest.approx(1.99, abs=1e-15)
 
 
 @pytest.mark.parametrize(
     "make",
     [
-        lambda ps: SGD(ps, momentum=0.9, nesterov=True, weight_decay=0.1),
-        lambda ps: SGD(ps, weight_decay=0.1),
-        lambda ps: Adam(ps, weight_decay=0.1),
-        lambda ps: Adam(ps, weight_decay=0.1, decoupled=True),
+        lambda ps: SGD(momentum=0.9, nesterov=True, weight_decay=0.1).bind(ps),
+        lambda ps: SGD(weight_decay=0.1).bind(ps),
+        lambda ps: Adam(weight_decay=0.1).bind(ps),
+        lambda ps: AdamW(weight_decay=0.1).bind(ps),
     ],
 )
 def test_optimizers_update_in_place_without_parameter_sized_temporaries(make):
@@ -133,7 +141,9 @@ def test_clip_grad_norm():
     assert part[0] == pytest.approx(1.5, rel=1e-6)
 
 
-@pytest.mark.parametrize("make", [lambda p: SGD(p, 0.9, nesterov=True, weight_decay=0.01), lambda p: Adam(p)])
+@pytest.mark.parametrize(
+    "make", [lambda p: SGD(0.9, nesterov=True, weight_decay=0.01).bind(p), lambda p: Adam().bind(p)]
+)
 def test_blocked_update_equals_the_whole_buffer_update(make, monkeypatch):
     """The block-by-block passes give bitwise the update of whole-buffer passes (blocks of 7
     elements, a ragged last block, against one block holding everything)."""
@@ -149,3 +159,58 @@ def test_blocked_update_equals_the_whole_buffer_update(make, monkeypatch):
             opt.step(lr)
         results.append(ps.data.copy())
     assert np.array_equal(results[0], results[1])
+
+
+def test_optimizers_are_unbound_until_bind_which_allocates_fresh_state():
+    opt = Adam()
+    assert opt.params is None and opt.state == {} and opt.t == 0
+    with pytest.raises(RuntimeError, match=r"Adam\(.*\) is not bound to parameters: call bind"):
+        opt.step(0.1)
+    ps = flat([1.0, 2.0], [0.5, -1.0])
+    assert opt.bind(ps) is opt and opt.params is ps
+    assert sorted(opt.state) == ["m", "v"] and all(b.shape == ps.data.shape for b in opt.state.values())
+    opt.step(0.1)
+    assert opt.t == 1 and opt.state["m"].any()
+    other = flat([0.0, 0.0, 0.0], [1.0, 1.0, 1.0])
+    opt.bind(other)  # binding again starts afresh
+    assert opt.t == 0 and opt.state["m"].shape == (3,) and not opt.state["m"].any()
+
+
+def test_names_and_repr():
+    assert [SGD().name, Adam().name, AdamW().name] == ["sgd", "adam", "adamw"]
+    assert repr(SGD(0.9, nesterov=True)) == "SGD(momentum=0.9, nesterov=True, weight_decay=0.0)"
+    assert repr(AdamW(weight_decay=0.01)) == "AdamW(beta1=0.9, beta2=0.999, eps=1e-08, weight_decay=0.01)"
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda: SGD(momentum=-0.1), "momentum = -0.1: must be a number >= 0"),
+        (lambda: SGD(nesterov=True), "nesterov needs momentum > 0"),
+        (lambda: SGD(weight_decay=-1), "weight_decay = -1: must be"),
+        (lambda: Adam(beta1=1.0), r"beta1 = 1.0: must be a number in \[0, 1\)"),
+        (lambda: AdamW(eps="small"), "eps = 'small': must be a number"),
+        (lambda: SGD(flat([1.0], [1.0])), "momentum = namespace"),  # the params belong in bind()
+    ],
+)
+def test_bad_hyper_parameters(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+@pytest.mark.parametrize(
+    "fields,kind,names",
+    [
+        (dict(optimizer="sgd", momentum=0.0), SGD, []),
+        (dict(optimizer="sgd", momentum=0.9, nesterov=True), SGD, ["velocity"]),
+        (dict(optimizer="adam", beta2=0.99), Adam, ["m", "v"]),
+        (dict(optimizer="adamw", weight_decay=0.01), AdamW, ["m", "v"]),
+    ],
+)
+def test_make_optimizer_returns_an_unbound_optimizer_with_the_config_fields(fields, kind, names):
+    cfg = Config(**fields)
+    opt = make_optimizer(cfg)
+    assert type(opt) is kind and opt.params is None and opt.state_names() == names
+    chosen = opt.config_fields()
+    assert chosen["optimizer"] == cfg.optimizer
+    assert all(getattr(cfg, key) == value for key, value in chosen.items())

@@ -1,18 +1,20 @@
 """Optimizers, learning-rate schedules and gradient clipping, all on the flat buffers.
 
-Each optimizer owns its state as whole-buffer arrays (momentum, Adam moments) and updates
-``params.data`` from ``params.grad`` with in-place vector operations, no Python loop over layers and
-no parameter-sized allocation per step. An update is a handful of elementwise passes, each of which
-alone would stream every buffer through memory again (the step is memory-bound: ~4 ms of a 29 ms
-step at the benchmark network). So the passes run block by block (``BLOCK_BYTES`` of each buffer,
-which stay in the core's L2 cache between passes) with one block-sized scratch array: each buffer
-crosses the memory bus once per step (measured: 4.2 -> 2.8 ms for SGD with momentum at 1.86 M
-parameters). Conventions follow PyTorch's so that users get
-the hyper-parameters they know (momentum without dampening, L2 weight decay added to the gradient
-for SGD and Adam, decoupled weight decay for AdamW).
+An optimizer is made unbound, from its hyper-parameters alone, and ``bind(params)`` gives it a
+model's (or a pipeline stage's) flat buffers. Each optimizer owns its state as whole-buffer arrays
+(momentum, Adam moments) and updates ``params.data`` from ``params.grad`` with in-place vector
+operations, no Python loop over layers and no parameter-sized allocation per step. An update is a
+handful of elementwise passes, each of which alone would stream every buffer through memory again
+(the step is memory-bound: ~4 ms of a 29 ms step at the benchmark network). So the passes run block
+by block (``BLOCK_BYTES`` of each buffer, which stay in the core's L2 cache between passes) with one
+block-sized scratch array: each buffer crosses the memory bus once per step (measured: 4.2 -> 2.8 ms
+for SGD with momentum at 1.86 M parameters). Conventions follow PyTorch's so that users get the
+hyper-parameters they know (plain SGD by default, momentum without dampening, L2 weight decay added
+to the gradient for SGD and Adam, decoupled weight decay for AdamW).
 """
 
 import math
+import numbers
 
 from hpcnn.core.backend import xp
 
@@ -32,23 +34,84 @@ def _scratch(params):
     return xp.empty(max(1, min(len(data), BLOCK_BYTES // data.itemsize)), dtype=data.dtype)
 
 
-class SGD:
-    """SGD with optional (Nesterov) momentum and L2 weight decay.
+class Optimizer:
+    """An update rule over one pair of flat buffers, unbound until ``bind`` gives it them.
 
-    ``v = mu * v + g``; the step uses ``v`` (classical) or ``g + mu * v`` (Nesterov).
+    Made with its hyper-parameters only (``SGD(momentum=0.9)``), so that it can be chosen before the
+    model exists; ``bind(params)`` allocates the state for ``params.data`` / ``params.grad`` (a
+    ``FlatParams``, or anything with those two equal-length 1-D arrays) and returns the optimizer.
+    Binding again starts afresh: new state, ``t = 0``. ``state`` maps names to whole-buffer arrays
+    (what a checkpoint stores, under those names); ``t`` counts the steps taken.
     """
 
-    def __init__(self, params, momentum=0.0, nesterov=False, weight_decay=0.0):
-        if nesterov and momentum <= 0:
-            raise ValueError("nesterov needs momentum > 0")
-        self.params, self.momentum, self.nesterov = params, momentum, nesterov
-        self.weight_decay = weight_decay
-        self.state = {"velocity": xp.zeros_like(params.data)} if momentum else {}
-        self.scratch = _scratch(params)
-        self.t = 0
+    name = ""
+
+    def __init__(self):
+        self.params, self.scratch, self.state, self.t = None, None, {}, 0
+
+    def bind(self, params):
+        self.params, self.scratch, self.t = params, _scratch(params), 0
+        self.state = {n: xp.zeros_like(params.data) for n in self.state_names()}
+        return self
+
+    def state_names(self) -> list[str]:
+        """The names of the state buffers ``bind`` allocates."""
+        return []
+
+    def config_fields(self) -> dict:
+        """The ``Config`` fields that select this optimizer (``optimizer``, ``momentum``, ...)."""
+        raise NotImplementedError
 
     def step(self, lr: float) -> None:
+        if self.params is None:
+            raise RuntimeError(f"{self!r} is not bound to parameters: call bind(params) first")
         self.t += 1
+        self._update(lr)
+
+    def _update(self, lr: float) -> None:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        fields = {k: v for k, v in self.config_fields().items() if k != "optimizer"}
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in fields.items())})"
+
+
+def _check(name: str, value, low: float, high: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not low <= value < high:
+        bounds = f"in [{low:g}, {high:g})" if high < math.inf else f">= {low:g}"
+        raise ValueError(f"{name} = {value!r}: must be a number {bounds}")
+    return float(value)
+
+
+class SGD(Optimizer):
+    """SGD with optional (Nesterov) momentum and L2 weight decay.
+
+    ``v = mu * v + g``; the step uses ``v`` (classical) or ``g + mu * v`` (Nesterov). Without
+    momentum (the default, as in PyTorch) it keeps no state; with it, one buffer, ``velocity``.
+    """
+
+    name = "sgd"
+
+    def __init__(self, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0):
+        super().__init__()
+        self.momentum = _check("momentum", momentum, 0.0)
+        self.weight_decay = _check("weight_decay", weight_decay, 0.0)
+        if nesterov and self.momentum <= 0:
+            raise ValueError("nesterov needs momentum > 0")
+        self.nesterov = bool(nesterov)
+
+    def state_names(self):
+        return ["velocity"] if self.momentum else []
+
+    def config_fields(self):
+        return {
+            "optimizer": self.name,
+            "momentum": self.momentum,
+            "nesterov": self.nesterov,
+            "weight_decay": self.weight_decay,
+        }
+
+    def _update(self, lr):
         velocity = self.state.get("velocity", self.params.grad)  # (unused without momentum)
         for s, p, g, v in _blocks(self.scratch, self.params.data, self.params.grad, velocity):
             if self.weight_decay:
@@ -66,23 +129,37 @@ class SGD:
             p -= s
 
 
-class Adam:
-    """Adam with bias correction; ``decoupled=True`` is AdamW (Loshchilov & Hutter).
+class Adam(Optimizer):
+    """Adam with bias correction and L2 weight decay (``weight_decay * p`` added to the gradient).
 
-    Adam adds ``weight_decay * p`` to the gradient (L2); AdamW instead shrinks the parameters by
-    ``1 - lr * weight_decay`` before the Adam update.
+    State: the moment buffers ``m`` and ``v``.
     """
 
-    def __init__(self, params, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=False):
-        self.params, self.beta1, self.beta2, self.eps = params, beta1, beta2, eps
-        self.weight_decay, self.decoupled = weight_decay, decoupled
-        self.state = {"m": xp.zeros_like(params.data), "v": xp.zeros_like(params.data)}
-        self.scratch = _scratch(params)
-        self.t = 0
+    name = "adam"
+    decoupled = False
 
-    def step(self, lr: float) -> None:
+    def __init__(
+        self, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0
+    ):
+        super().__init__()
+        self.beta1, self.beta2 = _check("beta1", beta1, 0.0, 1.0), _check("beta2", beta2, 0.0, 1.0)
+        self.eps = _check("eps", eps, 0.0)
+        self.weight_decay = _check("weight_decay", weight_decay, 0.0)
+
+    def state_names(self):
+        return ["m", "v"]
+
+    def config_fields(self):
+        return {
+            "optimizer": self.name,
+            "beta1": self.beta1,
+            "beta2": self.beta2,
+            "eps": self.eps,
+            "weight_decay": self.weight_decay,
+        }
+
+    def _update(self, lr):
         b1, b2 = self.beta1, self.beta2
-        self.t += 1
         inv_root_c2, c1 = 1 / math.sqrt(1 - b2**self.t), lr / (1 - b1**self.t)
         blocks = _blocks(self.scratch, self.params.data, self.params.grad, self.state["m"], self.state["v"])
         for s, p, g, m, v in blocks:
@@ -107,13 +184,23 @@ class Adam:
             p -= s
 
 
-def make_optimizer(cfg, params):
-    """The optimizer ``cfg.optimizer`` names (``sgd``, ``adam``, ``adamw``) over ``params``."""
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov & Hutter): the parameters shrink by
+    ``1 - lr * weight_decay`` before the Adam update instead of the gradient growing by L2."""
+
+    name = "adamw"
+    decoupled = True
+
+
+OPTIMIZERS = {cls.name: cls for cls in (SGD, Adam, AdamW)}
+
+
+def make_optimizer(cfg) -> Optimizer:
+    """The optimizer ``cfg.optimizer`` names (``sgd``, ``adam``, ``adamw``), unbound."""
     if cfg.optimizer == "sgd":
-        return SGD(params, cfg.momentum, cfg.nesterov, cfg.weight_decay)
+        return SGD(cfg.momentum, cfg.nesterov, cfg.weight_decay)
     if cfg.optimizer in ("adam", "adamw"):
-        decoupled = cfg.optimizer == "adamw"
-        return Adam(params, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, decoupled)
+        return OPTIMIZERS[cfg.optimizer](cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
 
 
