@@ -103,7 +103,7 @@ class Config:
     # --- optimizer
     optimizer: str = _f("adam", "optimizer", ["sgd", "adam", "adamw"], "optimizer")
     lr: float = _f(1e-3, "peak learning rate", group="optimizer")
-    momentum: float = _f(0.9, "SGD momentum (0 disables it)", group="optimizer")
+    momentum: float = _f(0.0, "SGD momentum (0: plain SGD, keeping no velocity state)", group="optimizer")
     nesterov: bool = _f(False, "Nesterov momentum (SGD)", group="optimizer")
     beta1: float = _f(0.9, "Adam/AdamW first-moment decay", group="optimizer")
     beta2: float = _f(0.999, "Adam/AdamW second-moment decay", group="optimizer")

@@ -18,6 +18,7 @@ The sweep file holds a base training config and its variations::
 
     [[tasks]]                  # ...then these tasks, one per entry
     optimizer = "sgd"
+    momentum = 0.9
     lr = 0.05
 
 **Scheduling.** Groups are consecutive ranks with a sub-communicator each; a task runs on its group

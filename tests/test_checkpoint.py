@@ -267,7 +267,16 @@ def make_variant(src, dst, **attrs):
         (dict(hidden=[32]), {}, r"layer 2 is Dense\(32, 16\) in the checkpoint, Dense\(32, 10\) in this run"),
         (dict(activation="tanh"), {}, "layer 1 is ReLU in the checkpoint, Tanh in this run"),
         (dict(dtype="float64"), {}, "the checkpoint's dtype is float32, this run's is float64"),
-        (dict(optimizer="sgd"), {}, r"it holds adam state \['m', 'v'\], this run's sgd keeps \['velocity'\]"),
+        (
+            dict(optimizer="sgd", momentum=0.9),
+            {},
+            r"it holds adam state \['m', 'v'\], this run's sgd keeps \['velocity'\]",
+        ),
+        (
+            dict(optimizer="sgd"),
+            {},
+            r"adam state \['m', 'v'\], this run's sgd keeps \[\] \(match --optimizer and",
+        ),
         ({}, {"format_version": 99}, "has format_version 99; this hpcnn .* reads format_version 1 and 2"),
         ({}, {"kind": "something else"}, "is not an hpcnn checkpoint"),
     ],
@@ -284,6 +293,20 @@ def test_an_incompatible_checkpoint_is_a_clear_error_and_nothing_is_written(
     with pytest.raises(JobError, match=message) as exc:
         fit(cfg, comm)
     assert exc.value.exit_code == 2 and digest(tmp_path) == before and not out.exists()
+
+
+def test_a_momentum_checkpoint_does_not_resume_as_plain_sgd(comm, straight, tmp_path):
+    """The checkpoint holds a velocity that plain SGD (the default without --momentum) has no use for."""
+    _, d = straight(optimizer="sgd", momentum=0.9, nesterov=True)
+    cfg = Config(
+        **BASE, optimizer="sgd", checkpoint_dir=str(tmp_path / "out"), resume=str(d / "ckpt-000000014.h5")
+    )
+    message = (
+        r"it holds sgd state \['velocity'\], this run's sgd keeps \[\] \(match --optimizer and --momentum\)"
+    )
+    with pytest.raises(JobError, match=message) as exc:
+        fit(cfg, comm)
+    assert exc.value.exit_code == 2 and not (tmp_path / "out").exists()
 
 
 def test_resume_of_a_corrupt_file_names_the_dataset(comm, straight, tmp_path):

@@ -3,21 +3,33 @@
 import pytest
 
 from hpcnn.config import Config, build_parser, resolve
+from hpcnn.core.optim import make_optimizer
 from hpcnn.errors import UserError
 
 
 def test_defaults_and_flags():
     cfg = resolve([])
     assert cfg == Config()
-    cfg = resolve(["--hidden", "32,16", "--lr", "0.5", "--nesterov", "--optimizer", "sgd", "--dtype=float64"])
-    got = (cfg.hidden, cfg.lr, cfg.nesterov, cfg.optimizer, cfg.dtype)
-    assert got == ([32, 16], 0.5, True, "sgd", "float64")
+    argv = ["--hidden", "32,16", "--lr", "0.5", "--nesterov", "--momentum", "0.9", "--optimizer", "sgd"]
+    cfg = resolve([*argv, "--dtype=float64"])
+    got = (cfg.hidden, cfg.lr, cfg.nesterov, cfg.momentum, cfg.optimizer, cfg.dtype)
+    assert got == ([32, 16], 0.5, True, 0.9, "sgd", "float64")
     assert resolve(["--hidden", ""]).hidden == []
+
+
+def test_sgd_is_plain_unless_momentum_is_given():
+    plain = resolve(["--optimizer", "sgd"])
+    assert (
+        plain.momentum == 0.0
+        and repr(make_optimizer(plain)) == "SGD(momentum=0.0, nesterov=False, weight_decay=0.0)"
+    )
+    heavy = make_optimizer(resolve(["--optimizer", "sgd", "--momentum", "0.9"]))
+    assert heavy.momentum == 0.9 and heavy.state_names() == ["velocity"]
 
 
 def test_toml_then_flags_override(tmp_path):
     path = tmp_path / "run.toml"
-    path.write_text('epochs = 3\nlr = 1\nhidden = [8]\noptimizer = "sgd"\nnesterov = true\n')
+    path.write_text('epochs = 3\nlr = 1\nhidden = [8]\noptimizer = "sgd"\nnesterov = true\nmomentum = 0.9\n')
     cfg = resolve(["--config", str(path), "--epochs", "5"])
     assert (cfg.epochs, cfg.lr, cfg.hidden, cfg.optimizer, cfg.nesterov) == (5, 1.0, [8], "sgd", True)
     assert isinstance(cfg.lr, float)

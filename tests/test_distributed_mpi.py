@@ -62,8 +62,12 @@ CASES = [
     ("float32", 1e-5, dict(batch_size=37, optimizer="sgd", momentum=0.9)),
     ("float64", 1e-10, dict(batch_size=64, optimizer="adam", weight_decay=1e-4)),
     ("float32", 1e-5, dict(batch_size=37, optimizer="adamw", weight_decay=1e-2)),
-    ("float64", 1e-10, dict(batch_size=37, optimizer="sgd", lr=0.5, clip_norm=0.5)),
-    ("float64", 1e-10, dict(batch_size=53, loss="mse", activation="tanh", optimizer="sgd", lr=0.1)),
+    ("float64", 1e-10, dict(batch_size=37, optimizer="sgd", momentum=0.9, lr=0.5, clip_norm=0.5)),
+    (
+        "float64",
+        1e-10,
+        dict(batch_size=53, loss="mse", activation="tanh", optimizer="sgd", momentum=0.9, lr=0.1),
+    ),
 ]
 
 

@@ -201,7 +201,7 @@ def test_bad_hyper_parameters(make, message):
 @pytest.mark.parametrize(
     "fields,kind,names",
     [
-        (dict(optimizer="sgd", momentum=0.0), SGD, []),
+        (dict(optimizer="sgd"), SGD, []),  # plain SGD unless momentum is given, as in PyTorch
         (dict(optimizer="sgd", momentum=0.9, nesterov=True), SGD, ["velocity"]),
         (dict(optimizer="adam", beta2=0.99), Adam, ["m", "v"]),
         (dict(optimizer="adamw", weight_decay=0.01), AdamW, ["m", "v"]),

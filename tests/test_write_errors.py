@@ -212,11 +212,11 @@ def test_the_estimate_is_a_little_more_than_the_file(tmp_path):
     from hpcnn.parallel.comm import Comm
     from hpcnn.train import fit
 
-    # (optimizer state buffers: Adam keeps m and v, SGD with the default momentum its velocity)
+    # (optimizer state buffers: Adam keeps m and v, SGD with momentum its velocity)
     for hidden, optimizer, states in [([16], "adam", 2), ([256, 256], "sgd", 1), ([8] * 20, "adam", 2)]:
         d = tmp_path / f"{len(hidden)}-{hidden[0]}"
-        result = fit(Config(hidden=hidden, optimizer=optimizer, epochs=1, max_steps=1, eval_every=0,
-                            checkpoint_dir=str(d), quiet=True), Comm.serial())  # fmt: skip
+        result = fit(Config(hidden=hidden, optimizer=optimizer, momentum=0.9, epochs=1, max_steps=1,
+                            eval_every=0, checkpoint_dir=str(d), quiet=True), Comm.serial())  # fmt: skip
         size = checkpoints(d)[0].stat().st_size
         estimate = checkpoint.estimate_bytes(result.model.layers, 1 + states, 4)
         assert size < estimate < 1.5 * size + 32768, (hidden, size, estimate)
