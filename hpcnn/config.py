@@ -33,7 +33,12 @@ class Config:
     hidden: list = _f(
         [256, 128], "hidden layer widths, comma-separated (empty: no hidden layer)", group="model"
     )
-    activation: str = _f("relu", "activation between layers", ["relu", "gelu", "tanh", "sigmoid"], "model")
+    activation: str = _f(
+        "relu",
+        "activation between layers (gelu: exact, with erf; gelu_tanh: its tanh approximation)",
+        ["relu", "gelu", "gelu_tanh", "tanh", "sigmoid"],
+        "model",
+    )
     output_activation: str = _f(
         "identity", "activation after the last layer", ["identity", "sigmoid", "tanh"], "model"
     )

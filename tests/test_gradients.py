@@ -39,7 +39,11 @@ def away_from_kinks(rng, shape):
     return x * rng.choice([-1.0, 1.0], shape)
 
 
-@pytest.mark.parametrize("layer_cls", [ReLU, Sigmoid, Tanh, GELU, Layer])
+def gelu_tanh():
+    return GELU(approximate="tanh")
+
+
+@pytest.mark.parametrize("layer_cls", [ReLU, Sigmoid, Tanh, GELU, gelu_tanh, Layer])
 def test_activation_input_gradient(layer_cls):
     rng = np.random.default_rng(1)
     layer = layer_cls()
@@ -118,6 +122,7 @@ def test_mse_value():
     [
         ("relu", "identity", SoftmaxCrossEntropy),
         ("gelu", "identity", SoftmaxCrossEntropy),
+        ("gelu_tanh", "identity", SoftmaxCrossEntropy),
         ("tanh", "identity", SoftmaxCrossEntropy),
         ("sigmoid", "sigmoid", MeanSquaredError),
     ],

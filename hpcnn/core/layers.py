@@ -208,12 +208,83 @@ class Tanh(Layer):
         return xp.multiply(dy, t, out=ws("dx", dy.shape, dy.dtype))  # dy * (1 - y * y)
 
 
-class GELU(Layer):
-    """GELU with the tanh approximation (as in GPT-2 and BERT)."""
+# The normal tail Q(a) = 1 - Phi(a), a >= 0, as phi(a) * t * g(2t - 1) with t = K / (K + a): g (the
+# Mills ratio Q / phi divided by t) is smooth on t in [0, 1], down to a -> infinity at t = 0, so one
+# Chebyshev series serves every a. Its coefficients are the series of g computed in 130-digit decimal
+# arithmetic (tests/test_gradients.py derives them again); the terms after the last one kept are
+# below 1e-15 of the first, and after the 12th below 2e-9 (enough for float32).
+_GELU_K = 4.0
+_GELU_SERIES = (
+    0.6081401071287602, 0.47106364364487097, 0.13923916227409544, 0.030403993036051166,
+    0.004340177035931918, 0.00020090530018242875, -6.300873370139459e-05, -1.1845929817656808e-05,
+    6.331472841361596e-07, 3.8510174585337786e-07, -2.118740141665576e-09, -1.2963346437966372e-08,
+    -7.070316554447231e-11, 4.871640590931037e-10, -6.229877724805988e-12, -1.9893087177536017e-11,
+    1.1544376565808534e-12, 8.22675261247241e-13, -1.0903777880599819e-13, -3.0683788843077764e-14,
+    8.194833700514437e-15, 8.049116928532385e-16,
+)  # fmt: skip
+_FLOAT32_TERMS = 12
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
+
+def normal_cdf(x, out, ws=FRESH):
+    """``Phi(x) = (1 + erf(x / sqrt(2))) / 2`` into ``out``, to a few units in the last place of
+    ``x``'s dtype (numpy has no ``erf``): no parameter- or activation-sized allocation with a
+    workspace ``ws``."""
+    shape, dt = x.shape, x.dtype
+    series = _GELU_SERIES[: _FLOAT32_TERMS if dt.itemsize <= 4 else None]
+    a = xp.abs(x, out=ws("a", shape, dt))
+    t = xp.add(a, _GELU_K, out=ws("t", shape, dt))
+    xp.divide(_GELU_K, t, out=t)  # in (0, 1]
+    u2 = xp.multiply(t, 4, out=ws("u2", shape, dt))
+    u2 -= 2  # 2 * (2t - 1): Clenshaw's recurrence b_m = c_m + 2u b_{m+1} - b_{m+2}
+    b1, b2, b0 = ws("b1", shape, dt), ws("b2", shape, dt), ws("b0", shape, dt)
+    b1.fill(series[-1])
+    b2.fill(0)
+    for c in series[-2:0:-1]:
+        xp.multiply(u2, b1, out=b0)
+        b0 -= b2
+        b0 += c
+        b1, b2, b0 = b0, b1, b2
+    xp.multiply(u2, b1, out=b0)  # g = c_0 + u b_1 - b_2
+    b0 *= 0.5
+    b0 -= b2
+    b0 += series[0]
+    b0 *= t
+    xp.multiply(a, a, out=a)  # Q(|x|) = phi(|x|) t g
+    a *= -0.5
+    xp.exp(a, out=a)
+    a *= _INV_SQRT_2PI
+    b0 *= a
+    xp.subtract(1, b0, out=out)  # Phi(x) = 1 - Q(x) for x >= 0, Q(-x) for x < 0
+    xp.copyto(out, b0, where=xp.less(x, 0, out=ws("negative", shape, bool)))
+    return out
+
+
+class GELU(Layer):
+    """``y = x Phi(x)`` (Phi: the standard normal distribution function), exact or approximated.
+
+    ``approximate="none"`` (the default, as in PyTorch) computes ``Phi`` through ``erf``;
+    ``approximate="tanh"`` uses ``Phi(x) ~ (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))) / 2``, as in
+    GPT-2 and BERT, which is cheaper (about a fifth of the elementwise passes). A checkpoint
+    records the form; one written before GELU had a choice (``{"type": "GELU"}``) computed the tanh
+    form, and rebuilds as it (``layer_from_spec``).
+    """
+
+    FORMS = ("none", "tanh")
     _C = math.sqrt(2.0 / math.pi)
 
+    def __init__(self, approximate: str = "none"):
+        if approximate not in self.FORMS:
+            raise ValueError(f"GELU approximate = {approximate!r}: expected one of {', '.join(self.FORMS)}")
+        self.approximate = approximate
+
     def forward(self, x, saved, ws=FRESH):
+        if self.approximate == "none":
+            cdf = normal_cdf(x, ws("cdf", x.shape, x.dtype), ws)
+            y = xp.multiply(x, cdf, out=ws("y", x.shape, x.dtype))
+            if saved is not None:
+                saved["x"], saved["cdf"] = x, cdf
+            return y
         # t = tanh(C * (x + 0.044715 x^3)); y = 0.5 x (1 + t)
         t = xp.multiply(x, x, out=ws("t", x.shape, x.dtype))
         t *= x
@@ -229,6 +300,16 @@ class GELU(Layer):
         return y
 
     def backward(self, dy, saved, need_dx=True, accumulate=False, ws=FRESH):
+        if self.approximate == "none":
+            # dy * (Phi(x) + x phi(x))
+            x, cdf = saved.pop("x"), saved.pop("cdf")
+            a = xp.multiply(x, x, out=ws("a", x.shape, x.dtype))
+            a *= -0.5
+            xp.exp(a, out=a)
+            a *= _INV_SQRT_2PI
+            a *= x
+            a += cdf
+            return xp.multiply(dy, a, out=ws("dx", dy.shape, dy.dtype))
         # dy * (0.5 (1 + t) + 0.5 x (1 - t^2) C (1 + 3 * 0.044715 x^2))
         x, t = saved.pop("x"), saved.pop("t")
         a = xp.multiply(x, x, out=ws("a", x.shape, x.dtype))
@@ -245,20 +326,56 @@ class GELU(Layer):
         return xp.multiply(dy, a, out=ws("dx", dy.shape, dy.dtype))
 
     def flops(self, in_features):
+        if self.approximate == "none":
+            return (3.0 * len(_GELU_SERIES) + 30.0) * in_features
         return 20.0 * in_features
 
+    def spec(self):
+        return {"type": "GELU", "approximate": self.approximate}
 
-ACTIVATIONS = {"relu": ReLU, "sigmoid": Sigmoid, "tanh": Tanh, "gelu": GELU, "identity": Layer}
+    def __repr__(self):
+        return "GELU" if self.approximate == "none" else f"GELU(approximate={self.approximate!r})"
+
+
+def _gelu_tanh():
+    return GELU(approximate="tanh")
+
+
+# Activation names (``--activation``) -> what makes one such layer.
+ACTIVATIONS = {
+    "relu": ReLU,
+    "sigmoid": Sigmoid,
+    "tanh": Tanh,
+    "gelu": GELU,
+    "gelu_tanh": _gelu_tanh,
+    "identity": Layer,
+}
 
 # The initialisation that keeps activations' variance steady through each nonlinearity.
-INIT_FOR = {"relu": "he", "gelu": "he", "sigmoid": "xavier", "tanh": "xavier", "identity": "xavier"}
+INIT_FOR = {
+    "relu": "he",
+    "gelu": "he",
+    "gelu_tanh": "he",
+    "sigmoid": "xavier",
+    "tanh": "xavier",
+    "identity": "xavier",
+}
 
 LAYER_TYPES = {cls.__name__: cls for cls in (Layer, Dense, ReLU, Sigmoid, Tanh, GELU)}
 
 
+def current_spec(spec: dict) -> dict:
+    """``spec`` as this hpcnn writes it: a spec written before a layer gained an argument gets the
+    value that computes what the layer computed then (``GELU`` before ``approximate``: the tanh
+    form)."""
+    if spec.get("type") == "GELU" and "approximate" not in spec:
+        return {**spec, "approximate": "tanh"}
+    return spec
+
+
 def layer_from_spec(spec: dict) -> Layer:
     """The layer ``spec`` describes (the inverse of ``Layer.spec``)."""
-    kwargs = dict(spec)
+    kwargs = dict(current_spec(spec))
     kind = kwargs.pop("type")
     if kind not in LAYER_TYPES:
         raise ValueError(f"unknown layer type {kind!r}")

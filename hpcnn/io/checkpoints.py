@@ -78,6 +78,7 @@ import numpy as np
 
 from hpcnn import __version__
 from hpcnn.core.backend import to_host
+from hpcnn.core.layers import current_spec
 from hpcnn.core.model import describe
 from hpcnn.core.params import layout
 from hpcnn.errors import EXIT_IO, JobError, UserError
@@ -203,7 +204,9 @@ def architecture_difference(saved: dict, current: dict) -> str | None:
             f"the checkpoint's model takes {saved['in_features']} input features, "
             f"this run's data has {current['in_features']}"
         )
-    a, b = saved["layers"], current["layers"]
+    # (a checkpoint's specs as this hpcnn writes them: one from before a layer argument existed
+    # gets the value that computes what it computed then)
+    a, b = [current_spec(s) for s in saved["layers"]], current["layers"]
     # Shapes and types first (the difference a user made), then details such as initialisation.
     for detail in (False, True):
         for i, (x, y) in enumerate(zip(a, b, strict=False)):
@@ -216,9 +219,8 @@ def architecture_difference(saved: dict, current: dict) -> str | None:
 
 
 def _spec_text(spec: dict, detail: bool = True) -> str:
-    args = ", ".join(str(v) if k != "init" else f"init={v}" for k, v in spec.items() if k != "type")
-    if not detail:
-        args = ", ".join(str(v) for k, v in spec.items() if k not in ("type", "init"))
+    shown = [(k, v) for k, v in spec.items() if k != "type" and (detail or k != "init")]
+    args = ", ".join(str(v) if k in ("fan_in", "fan_out") else f"{k}={v}" for k, v in shown)
     return f"{spec['type']}({args})" if args else spec["type"]
 
 
