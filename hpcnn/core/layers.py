@@ -18,15 +18,59 @@ Nothing here is MLP-specific: a model is any ordered list of layers, and a pipel
 consecutive run of them.
 """
 
+import inspect
+import json
 import math
 
 from hpcnn.core.backend import xp
 from hpcnn.core.params import ParamSpec
 from hpcnn.core.workspace import FRESH
+from hpcnn.errors import UserError
+
+# Every Layer subclass by class name, registered when the class is defined (``Layer.__init_subclass__``):
+# what ``layer_from_spec`` rebuilds checkpoints' layers from.
+LAYER_TYPES: dict = {}
 
 
 class Layer:
-    """Base class: a parameter-free identity."""
+    """Base class of every layer, and itself a parameter-free identity.
+
+    A layer of your own subclasses ``Layer`` and overrides what it needs:
+
+    - ``param_specs()``: the tensors it owns, ``ParamSpec(name, shape, init, fan_in, fan_out)``;
+      ``bind(params, grads)`` then receives views of them (and of their gradients) in the model's
+      flat buffers, by name.
+    - ``forward(x, saved, ws)``: the output for rows ``x`` (batch, features); what backward needs
+      goes into the dict ``saved`` (``None`` at inference). Arrays from ``ws(name, shape, dtype)``
+      are reused step after step.
+    - ``backward(dy, saved, need_dx, accumulate, ws)``: writes the parameter gradients into the
+      bound gradient views (adds to them with ``accumulate``) and returns the input gradient
+      (``None`` may be returned when not ``need_dx``).
+    - ``out_features(in_features)`` when it changes the width, ``flops(in_features)`` (balances
+      pipeline stages).
+
+    Every subclass is registered by its class name when it is defined, and a checkpoint stores
+    each layer as ``spec()``: ``{"type": class name, **the constructor's keyword arguments}``, from
+    which ``layer_from_spec`` rebuilds it (resume and evaluation import the module that defines the
+    layer first). The default ``spec()`` reads each argument of ``__init__`` from the attribute of
+    the same name, so a layer that keeps its arguments as ``self.<argument>`` needs no ``spec`` of
+    its own; the values must be JSON (numbers, strings, booleans, lists, dicts). Two different
+    classes with one name are an error when the second is defined. Check a new layer's backward
+    with ``hpcnn.testing.check_gradients(layer, in_features)``.
+    """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        name = cls.__name__
+        known = LAYER_TYPES.get(name)
+        # The same class defined again (a module reloaded, a notebook cell run twice) replaces itself.
+        if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise UserError(
+                f"layer class {cls.__module__}.{cls.__qualname__}: the name {name!r} is already taken by "
+                f"{known.__module__}.{known.__qualname__}; checkpoints name layers by class name, so "
+                "give the new class another name"
+            )
+        LAYER_TYPES[name] = cls
 
     def param_specs(self) -> list[ParamSpec]:
         return []
@@ -58,8 +102,30 @@ class Layer:
         return 4.0 * in_features  # elementwise: a few passes over the row
 
     def spec(self) -> dict:
-        """What rebuilds this layer (``layer_from_spec``): checkpoints store the architecture as data."""
-        return {"type": type(self).__name__}
+        """What rebuilds this layer (``layer_from_spec``): checkpoints store the architecture as data.
+
+        ``{"type": class name, **constructor keyword arguments}``, each argument read from the
+        attribute of the same name."""
+        cls = type(self)
+        out = {"type": cls.__name__}
+        if cls.__init__ is object.__init__:
+            return out
+        for name, p in inspect.signature(cls.__init__).parameters.items():
+            if name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                continue
+            if not hasattr(self, name):
+                raise UserError(
+                    f"layer {cls.__name__}: spec() records the constructor's argument {name!r} from "
+                    f"self.{name}, which is not set: keep it there, or define {cls.__name__}.spec()"
+                )
+            out[name] = getattr(self, name)
+        try:
+            json.dumps(out, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise UserError(
+                f"layer {cls.__name__}: spec() {out!r} is not JSON ({exc}): checkpoints store it as JSON"
+            ) from None
+        return out
 
     def __repr__(self) -> str:
         return type(self).__name__
@@ -149,9 +215,6 @@ class Dense(Layer):
 
     def flops(self, in_features):
         return 6.0 * self.fan_in * self.fan_out  # forward x@W, backward dy@W.T and x.T@dy
-
-    def spec(self):
-        return {"type": "Dense", "fan_in": self.fan_in, "fan_out": self.fan_out, "init": self.init}
 
     def __repr__(self):
         return f"Dense({self.fan_in}, {self.fan_out})"
@@ -330,9 +393,6 @@ class GELU(Layer):
             return (3.0 * len(_GELU_SERIES) + 30.0) * in_features
         return 20.0 * in_features
 
-    def spec(self):
-        return {"type": "GELU", "approximate": self.approximate}
-
     def __repr__(self):
         return "GELU" if self.approximate == "none" else f"GELU(approximate={self.approximate!r})"
 
@@ -361,7 +421,7 @@ INIT_FOR = {
     "identity": "xavier",
 }
 
-LAYER_TYPES = {cls.__name__: cls for cls in (Layer, Dense, ReLU, Sigmoid, Tanh, GELU)}
+LAYER_TYPES[Layer.__name__] = Layer
 
 
 def current_spec(spec: dict) -> dict:
@@ -377,6 +437,13 @@ def layer_from_spec(spec: dict) -> Layer:
     """The layer ``spec`` describes (the inverse of ``Layer.spec``)."""
     kwargs = dict(current_spec(spec))
     kind = kwargs.pop("type")
-    if kind not in LAYER_TYPES:
-        raise ValueError(f"unknown layer type {kind!r}")
-    return LAYER_TYPES[kind](**kwargs)
+    cls = LAYER_TYPES.get(kind)
+    if cls is None:
+        raise UserError(
+            f"unknown layer type {kind!r}: import the module that defines class {kind} (a Layer "
+            f"subclass) before loading this model; known types: {', '.join(sorted(LAYER_TYPES))}"
+        )
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # the spec's arguments do not fit the class's constructor (any more)
+        raise UserError(f"cannot rebuild layer {kind} from {spec}: {exc}") from None

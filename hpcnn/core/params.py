@@ -20,7 +20,8 @@ from hpcnn.core.backend import xp
 
 @dataclass(frozen=True)
 class ParamSpec:
-    """One named tensor a layer asks for; ``init`` is ``"he"``, ``"xavier"`` or ``"zeros"``."""
+    """One named tensor a layer asks for; ``init`` is ``"he"``, ``"xavier"``, ``"zeros"`` or
+    ``"ones"`` (``fan_in`` and ``fan_out`` scale the first two)."""
 
     name: str
     shape: tuple
@@ -116,9 +117,13 @@ def layer_ranges(slots: list[Slot]) -> dict[int, tuple[int, int]]:
 def _draw(rng, spec: ParamSpec):
     if spec.init == "zeros":
         return 0
+    if spec.init == "ones":  # (a gain, a scale)
+        return 1
     if spec.init == "he":
         return rng.normal(0.0, (2.0 / spec.fan_in) ** 0.5, size=spec.shape)
     if spec.init == "xavier":
         limit = (6.0 / (spec.fan_in + spec.fan_out)) ** 0.5
         return rng.uniform(-limit, limit, size=spec.shape)
-    raise ValueError(f"unknown initialisation {spec.init!r} for {spec.name}")
+    raise ValueError(
+        f"unknown initialisation {spec.init!r} for {spec.name}: expected he, xavier, zeros or ones"
+    )
