@@ -217,7 +217,7 @@ class Dataset:
 
 
 def xor_arrays():
-    """The tutorial's four XOR points, as a 2-class problem."""
+    """The tutorial's four XOR points and their labels 0, 1, 1, 0."""
     x = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=np.float32)  # (4, 2)
     return x, np.array([0, 1, 1, 0], dtype=np.int64)
 
@@ -404,7 +404,10 @@ def open_dataset(cfg, rank: int, size: int) -> tuple[Dataset, tuple[int, int] | 
     if cfg.data == "xor":
         x, y = xor_arrays()
         src = ArraySource(x, y, "xor")
-        return Dataset("xor", Split(src, np.arange(4)), None, 2, 2, 2), None
+        # Under MSE, the textbook 2-H-1 network: one output unit whose target is the label itself
+        # (a 2-class problem with one output, see losses); under cross-entropy, two logits.
+        outputs = 1 if cfg.loss == "mse" else 2
+        return Dataset("xor", Split(src, np.arange(4)), None, 2, 2, outputs), None
     if cfg.data == "synthetic":
         rows, feats, classes = cfg.synthetic_rows, cfg.synthetic_features, cfg.synthetic_classes
         seed = cfg.synthetic_seed
