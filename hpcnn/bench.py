@@ -175,13 +175,14 @@ def _breakdown(t: StageTimes, step_seconds: float, steps: int) -> dict:
 
 def run(cfg, opts, comm: Comm, log=None) -> dict | None:
     """Run the benchmark on ``comm``; returns the results on rank 0 (``None`` elsewhere)."""
-    from hpcnn.train import _announce_layout, _Training  # the training command's own step
+    from hpcnn.training.engine import Training  # the training command's own step
+    from hpcnn.training.report import announce_layout
 
     log = log if (log is not None and comm.is_root) else (lambda *a: None)
-    threads, _ = _announce_layout(cfg, comm)
+    threads, _ = announce_layout(cfg, comm)
     inspector = Inspector(comm, cfg.stall_timeout)
     try:
-        training = _Training(cfg, comm, lambda *a: None, inspector)
+        training = Training(cfg, comm, lambda *a: None, inspector)
         try:
             seconds, samples, parts = _timed_steps(training, opts, comm)
         finally:

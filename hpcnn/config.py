@@ -281,7 +281,7 @@ def _coerce(key: str, value, kind, where: str):
     return value
 
 
-def _int_list(text: str) -> list:
+def int_list(text: str) -> list:
     try:
         return [int(w) for w in text.replace(" ", "").split(",") if w]
     except ValueError:
@@ -290,7 +290,7 @@ def _int_list(text: str) -> list:
         ) from None
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """argparse that raises ``UserError`` instead of exiting, and prints (help) on rank 0 only."""
 
     def __init__(self, *args, is_root: bool = True, **kwargs):
@@ -307,7 +307,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser(prog: str = "python -m hpcnn.train", is_root: bool = True) -> argparse.ArgumentParser:
     """The training command line: one flag per ``Config`` field, plus ``--config FILE.toml``."""
-    p = _Parser(
+    p = Parser(
         prog=prog,
         is_root=is_root,
         description="Train a neural network with data-parallel SPMD over MPI "
@@ -330,7 +330,7 @@ def build_parser(prog: str = "python -m hpcnn.train", is_root: bool = True) -> a
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         elif kind is list:
-            group.add_argument(flag, type=_int_list, metavar="N,N,...", help=help_text)
+            group.add_argument(flag, type=int_list, metavar="N,N,...", help=help_text)
         else:
             group.add_argument(flag, type=kind, choices=f.metadata["choices"], help=help_text)
     return p

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpcnn.config import Config, _int_list, _Parser, from_dict, parse_toml
+from hpcnn.config import Config, Parser, from_dict, int_list, parse_toml
 from hpcnn.core.backend import dtype_of, to_host, xp
 from hpcnn.core.layers import layer_from_spec
 from hpcnn.core.losses import LOSSES
@@ -37,16 +37,8 @@ from hpcnn.io.datasets import (
 )
 from hpcnn.parallel.comm import Comm, blas_threads, run_command
 from hpcnn.parallel.deterministic import shard_rows
-from hpcnn.train import (
-    _as_batch,
-    _bad_row,
-    _micro_batches,
-    _problem_text,
-    build_stages,
-    evaluate,
-    open_data,
-    shard_stage,
-)
+from hpcnn.training.batches import as_batch, bad_row, evaluate_split, micro_batches, problem_text, shard_stage
+from hpcnn.training.setup import build_stages, open_data
 
 # Flags that may override the checkpoint's own settings (data and parallel layout only: the
 # model is the checkpoint's).
@@ -59,14 +51,14 @@ OVERRIDES = {
     "test_fraction": float,
     "eval_batch_size": int,
     "pipeline_stages": int,
-    "stage_layers": _int_list,
+    "stage_layers": int_list,
     "micro_batches": int,
     "threads": int,
 }
 
 
 def build_parser(is_root: bool = True) -> argparse.ArgumentParser:
-    p = _Parser(
+    p = Parser(
         prog="python -m hpcnn.evaluate",
         is_root=is_root,
         description="Score a checkpoint on labelled rows, or write predictions for new inputs "
@@ -120,7 +112,7 @@ def score(path, split_name, overrides: dict, comm: Comm) -> dict:
     # A deterministic run's checkpoint is scored as its training scored: the same bits at any layout.
     sharding = shard_stage(pipe, shard_rows(cfg)) if cfg.deterministic else None
     try:
-        metrics = evaluate(pipe, LOSSES[cfg.loss](), split, grid, cfg, classify)
+        metrics = evaluate_split(pipe, LOSSES[cfg.loss](), split, grid, cfg, classify)
     finally:
         if sharding is not None:
             sharding.workers.close()
@@ -160,7 +152,7 @@ def predict(path, out_path, overrides: dict, comm: Comm) -> int:
         inputs = xp.empty((n, 0))
         if pipe.is_first:
             try:
-                inputs = _as_batch(read_rows(x, slice(i, i + n), i, i + n), None, dtype, False)[0]
+                inputs = as_batch(read_rows(x, slice(i, i + n), i, i + n), None, dtype, False)[0]
                 bad = first_nonfinite(inputs)
                 if bad is not None:
                     stored = read_rows(x, i + bad, i + bad, i + bad + 1)
@@ -170,7 +162,7 @@ def predict(path, out_path, overrides: dict, comm: Comm) -> int:
                 problem, inputs = problem or str(exc), xp.zeros((n, x.shape[1]), dtype)
             if problem is not None:  # carry on with zeros until every rank knows (below)
                 inputs[...] = 0
-        pieces, _, sizes = _micro_batches(inputs, None, cfg.micro_batches)
+        pieces, _, sizes = micro_batches(inputs, None, cfg.micro_batches)
         pipe.forward_only(pieces if pipe.is_first else None, None, sizes, None, kept)
     f.close()
     problems = [p for p in grid.world.comm.allgather(problem) if p is not None]
@@ -207,10 +199,10 @@ def member_probabilities(path):
     probs, labels = [], []
     for i in range(0, len(ds.test), cfg.eval_batch_size):
         ids = ds.test.ids[i : i + cfg.eval_batch_size]
-        x, y = _as_batch(*ds.test.source.read(ids), dtype_of(cfg.dtype), True)
-        problem = _bad_row(ds.test, ids, x, y, pipe, True)
+        x, y = as_batch(*ds.test.source.read(ids), dtype_of(cfg.dtype), True)
+        problem = bad_row(ds.test, ids, x, y, pipe, True)
         if problem is not None:
-            raise UserError(_problem_text(ds.test, problem))
+            raise UserError(problem_text(ds.test, problem))
         out = to_host(pipe.model.forward(x, train=False))
         probs.append(_softmax(out))
         labels.append(np.asarray(y))

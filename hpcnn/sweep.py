@@ -57,7 +57,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpcnn.config import Config, _Parser, from_dict, load_toml, parse_toml
+from hpcnn.config import Config, Parser, from_dict, load_toml, parse_toml
 from hpcnn.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PREEMPTED, JobError, UserError
 from hpcnn.io.dirlock import DirectoryLock
 from hpcnn.parallel.comm import Comm, run_command
@@ -223,7 +223,7 @@ class Sweep:
                 return i
 
     def _run_task(self, i: int, group: Comm, group_index: int, log) -> dict:
-        from hpcnn.train import fit
+        from hpcnn.training.trainer import fit
 
         settings, d = self.tasks[i], self.task_dir(i)
         ranks = (
@@ -371,7 +371,7 @@ def _write_json(path: Path, data) -> None:
 
 
 def build_parser(is_root: bool = True) -> argparse.ArgumentParser:
-    p = _Parser(
+    p = Parser(
         prog="python -m hpcnn.sweep",
         is_root=is_root,
         description="Run the trainings of a sweep file in groups of ranks, handing tasks to free groups.",

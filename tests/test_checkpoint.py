@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 from launch import Job, run, start
 
-from hpcnn import train
 from hpcnn.config import Config, from_dict, parse_toml
 from hpcnn.errors import EXIT_IO, JobError
 from hpcnn.io import checkpoints as checkpoint
 from hpcnn.io.checkpoints import checkpoints, inspect, verify
 from hpcnn.parallel.comm import Comm
 from hpcnn.train import fit
+from hpcnn.training import engine
 
 # digits: 1438 training rows / 100 = 15 steps per epoch (the last one 38 rows), 30 in all.
 BASE = dict(hidden=[32, 16], epochs=2, batch_size=100, eval_every=0, seed=5)
@@ -138,15 +138,15 @@ def test_a_signal_stops_after_a_step_with_a_checkpoint_and_resume_matches(
     comm, straight, tmp_path, monkeypatch, sig
 ):
     result, _ = straight()
-    make = train.make_optimizer
-    monkeypatch.setattr(train, "make_optimizer", lambda cfg: SignalAtStep(make(cfg), 10, sig))
+    make = engine.make_optimizer
+    monkeypatch.setattr(engine, "make_optimizer", lambda cfg: SignalAtStep(make(cfg), 10, sig))
     cfg = Config(**BASE, checkpoint_dir=str(tmp_path))
     stopped = fit(cfg, comm)
     # The flag raised during step 10 is reduced after step 10 and seen after step 11.
     assert stopped.stopped == sig.name and stopped.steps == 11 and stopped.final == {}
     assert [p.name for p in checkpoints(tmp_path)] == ["ckpt-000000011.h5"]
     assert signal.getsignal(sig) is signal.SIG_DFL  # handlers restored
-    monkeypatch.setattr(train, "make_optimizer", make)
+    monkeypatch.setattr(engine, "make_optimizer", make)
     resumed = fit(Config(**BASE, checkpoint_dir=str(tmp_path), resume="auto"), comm)
     assert stopped.step_losses + resumed.step_losses == result.step_losses
     np.testing.assert_array_equal(resumed.model.params.data, result.model.params.data)

@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 from test_checkpoint import tensors
 
-from hpcnn import train
 from hpcnn.config import Config
 from hpcnn.errors import EXIT_IO, JobError
 from hpcnn.io import checkpoints as checkpoint
@@ -30,6 +29,7 @@ from hpcnn.io.checkpoints import h5py_parallel
 from hpcnn.parallel import faults
 from hpcnn.parallel.comm import Comm
 from hpcnn.train import fit
+from hpcnn.training import engine
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
@@ -147,11 +147,11 @@ class SignalOnRank:
 def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(world, shared, monkeypatch):
     layout = dict(BASE, pipeline_stages=2)
     straight = fit(Config(**layout), world)
-    make = train.make_optimizer
-    monkeypatch.setattr(train, "make_optimizer", lambda cfg: SignalOnRank(make(cfg), 1, 10))
+    make = engine.make_optimizer
+    monkeypatch.setattr(engine, "make_optimizer", lambda cfg: SignalOnRank(make(cfg), 1, 10))
     d = os.path.join(shared, "run")
     stopped = fit(Config(**layout, checkpoint_dir=d), world)
-    monkeypatch.setattr(train, "make_optimizer", make)
+    monkeypatch.setattr(engine, "make_optimizer", make)
     agreed(
         world,
         [] if (stopped.stopped, stopped.steps) == ("SIGUSR1", 11) else [f"rank {world.rank}: {stopped}"],

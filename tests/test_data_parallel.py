@@ -12,7 +12,7 @@ from hpcnn.parallel.comm import Comm
 from hpcnn.parallel.data_parallel import DataParallel, buckets
 from hpcnn.parallel.inspector import Inspector
 from hpcnn.parallel.preempt import StopRequest
-from hpcnn.train import _Training
+from hpcnn.training.engine import Training
 
 
 def test_buckets_are_whole_layers_covering_the_buffer_in_backward_order():
@@ -103,7 +103,7 @@ def test_a_training_step_allocates_no_activation_sized_array():
     )  # fmt: skip
     comm = Comm.serial()
     inspector = Inspector(comm, 0)
-    training = _Training(cfg, comm, lambda *a: None, inspector)
+    training = Training(cfg, comm, lambda *a: None, inspector)
     batches = list(training.sampler.epoch(0))
     sums = np.zeros(3)
     with StopRequest(comm, ()) as training.stop:

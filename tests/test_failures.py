@@ -176,9 +176,10 @@ def test_a_nan_in_the_step_after_a_signal_is_reported_not_hidden_by_the_stop(tmp
     from hpcnn.errors import JobError
     from hpcnn.parallel import faults
     from hpcnn.parallel.comm import Comm
+    from hpcnn.training import engine
 
-    make = train.make_optimizer
-    monkeypatch.setattr(train, "make_optimizer", lambda cfg: SignalAtStep(make(cfg), 4))
+    make = engine.make_optimizer
+    monkeypatch.setattr(engine, "make_optimizer", lambda cfg: SignalAtStep(make(cfg), 4))
     monkeypatch.setattr(faults, "_spec", ("nan", "data", 0, 4))
     monkeypatch.setattr(faults, "_fired", False)
     with pytest.raises(JobError, match="has a non-finite input value .* read for step 4") as exc:

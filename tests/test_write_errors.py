@@ -94,13 +94,14 @@ SCRIPT = """
 import sys
 from hpcnn import train
 from hpcnn.io import checkpoints as checkpoint
+from hpcnn.training import setup
 from hpcnn.parallel.comm import Comm
 from hpcnn.config import Config
 from hpcnn.errors import JobError
 
 directory, how = sys.argv[1], sys.argv[2]
 if how == "full":  # skip the free-space checks: the disk fills during the write itself
-    checkpoint.too_little_space = train.too_little_space = lambda directory, needed: None
+    checkpoint.too_little_space = setup.too_little_space = lambda directory, needed: None
 else:  # the directory is removed while the second checkpoint is written
     create, calls = checkpoint._create, []
 

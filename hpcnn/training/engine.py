@@ -1,0 +1,544 @@
+"""The training loop on one rank: ``Training`` holds one run's state (its stage of the model, the
+optimizer, the data, the position) and runs the steps, the epoch summaries, the evaluations and the
+checkpoints; ``Result`` is what a run returns. ``hpcnn.training.trainer.fit`` runs it inside the
+run's guarantees (directory lock, agreed Ctrl-C, stall inspector).
+
+One step: read my rows of the global batch -> forward -> loss -> backward (into the flat gradient
+buffer) -> one Allreduce -> clip -> optimizer step on the flat parameter buffer. Every rank stops
+after the same step when a stop signal arrives (``preempt``), a step goes non-finite, a bad input
+row is read, or a callback (``on_step``/``on_epoch``) asks for it on rank 0.
+"""
+
+import hashlib
+import itertools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from hpcnn.config import Config
+from hpcnn.core.backend import dtype_of, to_host, xp
+from hpcnn.core.losses import LOSSES
+from hpcnn.core.optim import Schedule, clip_grad_norm, make_optimizer
+from hpcnn.errors import EXIT_INTERNAL, EXIT_NONFINITE, EXIT_USAGE, JobError, UserError
+from hpcnn.io.checkpoints import Position, estimate_bytes, prune, save
+from hpcnn.io.runlog import STEP_TIMES, Progress
+from hpcnn.parallel import faults
+from hpcnn.parallel.comm import Comm, Grid
+from hpcnn.parallel.data_parallel import DataParallel
+from hpcnn.parallel.deterministic import ShardReducer, exact_sum, shard_count, shard_range, shard_rows
+from hpcnn.parallel.inspector import Inspector
+from hpcnn.parallel.pipeline import Pipeline
+from hpcnn.parallel.preempt import ALL, INTERRUPT, StopRequest
+from hpcnn.parallel.timeline import Timeline
+from hpcnn.training.batches import (
+    bad_row,
+    evaluate_split,
+    exact_metrics,
+    micro_batches,
+    problem_text,
+    read_batch,
+    shard_stage,
+)
+from hpcnn.training.report import describe_run, epoch_line, report_stages
+from hpcnn.training.setup import (
+    Parts,
+    check_checkpoint_dir,
+    check_output_file,
+    prepare,
+    resume_from,
+    total_steps,
+)
+
+
+@dataclass
+class Result:
+    """What ``fit`` returns: this rank's model (its pipeline stage) and the metrics rank 0 printed."""
+
+    model: object  # the Sequential of this rank's stage (the whole model without pipeline stages)
+    grid: Grid
+    bounds: list  # first layer of each stage, then the number of layers
+    pipeline: Pipeline
+    steps: int = 0
+    history: list = field(default_factory=list)  # one dict per epoch
+    final: dict = field(default_factory=dict)  # held-out (or training-row) loss and accuracy
+    # this rank's loss sum of each step run here (last stages; --deterministic: the global sum)
+    step_losses: list = field(default_factory=list)
+    stopped: str | None = None  # the signal that stopped training early (a checkpoint was written)
+    checkpoint: str | None = None  # the last checkpoint this run wrote
+    layers: list = field(default_factory=list)  # the whole model's layers (``model`` is this rank's run)
+    in_features: int = 0
+    optimizer: object = None  # this stage's optimizer, bound to ``model.params``
+    position: Position | None = None  # where training ended (what a checkpoint of this state records)
+
+
+def _time_parts(t) -> np.ndarray:
+    """A stage's times so far in the order of ``STEP_TIMES`` (without ``other``); pipeline waits
+    count as forward_backward."""
+    return np.array([t.data, t.forward + t.backward + t.wait, t.reduce, t.optimizer])
+
+
+class Training:
+    """One run's state on this rank: what the loop, its epoch summaries and its checkpoints share."""
+
+    def __init__(
+        self, cfg: Config, comm: Comm, log, inspector: Inspector, run=None, terminal: bool = False, parts=None
+    ):
+        self.cfg, self.comm, self.inspector, self.run_dir = cfg, comm, inspector, run
+        parts = parts or Parts()
+        self.on_step, self.on_epoch = parts.on_step, parts.on_epoch
+        faults.rank = comm.world_rank
+        faults.point("setup")
+        ds, layers, bounds, grid, pipe, sampler = prepare(cfg, comm, parts)
+        self.ds, self.layers, self.bounds, self.grid, self.pipe, self.sampler = (
+            ds,
+            layers,
+            bounds,
+            grid,
+            pipe,
+            sampler,
+        )
+        pipe.mark = inspector.mark
+        self.model = pipe.model
+        self.dtype, self.classify = dtype_of(cfg.dtype), ds.num_classes is not None
+        self.loss_fn = LOSSES[cfg.loss]() if parts.loss is None else parts.loss
+        self.dp = DataParallel(grid.dp, self.model.params, cfg.overlap == "on", cfg.bucket_mb, comm.wtime)
+        self.dp.broadcast_parameters()
+        self.reducer = None  # deterministic mode's gradient sum (instead of self.dp's)
+        self.timeline = None
+        if cfg.timeline:  # an unwritable path is found out now, not after training
+            comm.root_decides(lambda: check_output_file(cfg.timeline, "timeline"), cfg.debug)
+            self.timeline = Timeline(comm, comm.wtime)
+        pipe.timeline = self.dp.timeline = self.timeline
+        self.opt = (make_optimizer(cfg) if parts.optimizer is None else parts.optimizer).bind(
+            self.model.params
+        )
+        self.steps = total_steps(cfg, sampler)
+        # Rank 0 with a log shows progress (bar, lines or nothing); every other rank is silent.
+        if log is None:
+            self.progress = Progress.silent()
+        else:
+            self.progress = Progress.choose(cfg.quiet, self.steps, len(sampler), cfg.epochs, log, terminal)
+        self.log = self.progress.log
+        log = self.log
+        self.lr = Schedule(
+            cfg.lr_schedule, cfg.lr, self.steps, cfg.warmup_steps, cfg.step_size, cfg.gamma, cfg.min_lr
+        )
+        self.across_stages = grid.pipe.sum if grid.stages > 1 else None
+        describe_run(log, cfg, ds, layers, bounds, grid, sampler, self.steps)
+        self.result = Result(
+            self.model, grid, bounds, pipe, layers=layers, in_features=ds.features, optimizer=self.opt
+        )
+        self.start, source = (
+            resume_from(cfg, grid, layers, ds.features, bounds, self.model, self.opt, log)
+            if cfg.resume
+            else (None, None)
+        )
+        size = estimate_bytes(layers, 1 + len(self.opt.state), np.dtype(cfg.dtype).itemsize)
+        check_checkpoint_dir(cfg, comm, self.start, size)
+        if run is not None:
+            run.write_start()
+        at = self.start or Position()
+        self.finished = list(at.history)  # rows of complete epochs (what checkpoints carry)
+        self.result.history = list(at.history)
+        self.step, self.epoch, self.batch = at.step, at.epoch, at.batch
+        # The checkpoint resumed from is not written again into its own directory (into another
+        # one it is: a run continued elsewhere has its starting point there).
+        same_dir = (
+            source is not None
+            and cfg.checkpoint_dir
+            and Path(source).parent.resolve() == Path(cfg.checkpoint_dir).resolve()
+        )
+        self.saved_at = (at.step, at.epoch, at.batch) if same_dir else None
+        self.result.checkpoint = source if same_dir else None
+        self.stop = None
+        self.bad_input = None  # (step, row, headline, detail): the first bad input row read here
+        if cfg.deterministic:  # last: nothing after it can fail and leave BLAS single-threaded
+            self._shard()
+        self.t_start = comm.wtime()
+        self._new_interval()
+
+    def _shard(self) -> None:
+        """Deterministic mode: shard-wise kernels on single-threaded BLAS, and the tree-ordered
+        gradient sum (``hpcnn.parallel.deterministic``)."""
+        cfg, grid, model = self.cfg, self.grid, self.model
+        rows = shard_rows(cfg)
+        full = shard_count(min(cfg.batch_size, len(self.ds.train)), rows)
+        most = -(-full // grid.replicas)
+        with self.comm.agreed(cfg.debug):  # one gradient per shard: a large allocation, maybe too large
+            reducer = ShardReducer(grid.dp, model, most)
+        workers = shard_stage(self.pipe, rows).workers
+        reducer.workers, self.reducer = workers, reducer
+        # the gradient norm is summed per tensor, in model order: this stage's first tensor's index
+        self._tensor_base = sum(len(layer.param_specs()) for layer in self.layers[: self.bounds[grid.stage]])
+        self._tensor_count = sum(len(layer.param_specs()) for layer in self.layers)
+        self.log(
+            f"deterministic: shards of {rows} rows ({full} per full batch, at most {most} per replica); "
+            f"BLAS single-threaded, {workers.n} shard thread(s) per rank"
+        )
+        if full < grid.replicas:
+            self.log(
+                f"deterministic: note: {grid.replicas - full} of {grid.replicas} replicas get no rows "
+                f"(batch_size {cfg.batch_size} / shard_rows {rows} = {full} shards); a smaller "
+                "--shard-rows uses them all (and gives other bits)"
+            )
+
+    def close(self) -> None:
+        """Stop the shard threads and give BLAS its threads back (deterministic mode)."""
+        if self.reducer is not None:
+            self.reducer.workers.close()
+
+    def _sq_norm(self) -> float:
+        """The squared gradient norm, the same bits on every layout: one value per tensor (fixed
+        shapes), exact across stages (each tensor's value on one stage, zeros elsewhere), added
+        exactly."""
+        params = self.model.params
+        values = np.zeros(self._tensor_count)
+        for i, slot in enumerate(params.slots):
+            g = params.view(params.grad, slot).reshape(-1)
+            values[self._tensor_base + i] = float(xp.dot(g, g))
+        if self.grid.stages > 1:
+            self.grid.pipe.allreduce_sum_(values)
+        return exact_sum(values)
+
+    def _new_interval(self) -> None:
+        """Start summing the metrics of the next ``log_every`` steps."""
+        t = self.pipe.times
+        self._interval = np.zeros(4)  # loss sum, correct, rows (last stages), squared gradient norm
+        self._interval_times = _time_parts(t)
+        self._interval_steps, self._interval_wall = 0, 0.0
+
+    def _step_record(self) -> dict:
+        """The metrics of the steps since the last record (collective: every rank, same steps)."""
+        n = self._interval_steps
+        spent = _time_parts(self.pipe.times) - self._interval_times
+        # Seconds inside steps only: evaluations and checkpoint writes in between are not steps.
+        buf = np.concatenate([self._interval, spent / n, [self._interval_wall / n]])
+        self.comm.allreduce_sum_(buf)
+        loss, correct, rows, sq = buf[:4]
+        per_step = buf[4:] / self.comm.size  # seconds per step, averaged over ranks
+        split = dict(
+            zip(STEP_TIMES, [*per_step[:4], max(0.0, per_step[4] - per_step[:4].sum())], strict=True)
+        )
+        self._new_interval()
+        self.last_record = {
+            "step": self.step,
+            "epoch": self.epoch + 1,
+            "loss": loss / max(rows, 1),
+            "accuracy": correct / max(rows, 1) if self.classify else None,
+            "lr": self.lr(self.step - 1),
+            "grad_norm": math.sqrt(sq),
+            "samples_per_s": rows / (per_step[4] * n) if per_step[4] > 0 else 0.0,
+            "time": split,
+            "wall": self.comm.wtime() - self.t_start,
+        }
+        return self.last_record
+
+    def run(self) -> Result:
+        cfg, result = self.cfg, self.result
+        sums = self.sums = np.zeros(3)
+        # Ctrl-C is honoured without checkpoints too; SIGTERM/SIGUSR1 only where a stop can be saved.
+        with StopRequest(self.comm, ALL if cfg.checkpoint_dir else (INTERRUPT,)) as self.stop:
+            while self.epoch < cfg.epochs and not (self.step >= self.steps and self.batch == 0):
+                # Only rank 0 carries a resumed epoch's running sums: the epoch's reduction adds them once.
+                resumed = self.start is not None and self.epoch == self.start.epoch and self.comm.is_root
+                sums = np.array(self.start.epoch_sums) if resumed else np.zeros(3)  # loss, correct, rows
+                self.sums = sums
+                t0, rows = self.comm.wtime(), 0
+                for ids, global_rows in itertools.islice(self.sampler.epoch(self.epoch), self.batch, None):
+                    if self.step >= self.steps:
+                        break
+                    # A step may overflow (a too large --lr): its loss and gradient are checked and the
+                    # run stops with one message, which per-rank numpy warnings would only precede.
+                    self.last_record = None
+                    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                        self._step(ids, global_rows, sums)
+                    rows += global_rows
+                    self.inspector.mark("stop check")
+                    t_check = self.comm.wtime()
+                    stop = self.stop.poll()
+                    if self.timeline is not None:
+                        self.timeline.span("stop check", t_check, self.comm.wtime())
+                    if stop:
+                        return self._stopped(sums)
+                    if cfg.check_replicas and self.step % cfg.check_replicas == 0:
+                        self._check_replicas()
+                    if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                        self.checkpoint(sums, f"every {cfg.checkpoint_every} steps")
+                    record = self.last_record
+                    if record is not None and self._asks_to_stop(self.on_step, record, "on_step"):
+                        self.steps = self.step  # as if max_steps ended here
+                if self.stop.drain():  # nothing noted in the epoch's last steps may reach its summary
+                    return self._stopped(sums)
+                self._close_epoch(sums, rows, self.comm.wtime() - t0)
+                if self._asks_to_stop(self.on_epoch, self.result.history[-1], "on_epoch"):
+                    self.steps = self.step
+                if self.step >= self.steps:
+                    break
+            if self.stop.drain():
+                return self._stopped(sums)
+            self.checkpoint(sums if self.batch else np.zeros(3), "end of training")
+            result.position = self.position(sums if self.batch else np.zeros(3))
+            self._final()
+        return result
+
+    def _asks_to_stop(self, callback, record: dict, name: str) -> bool:
+        """Run a user callback on every rank (its failure on any rank is one ``JobError`` on every
+        rank); rank 0's answer decides for all (one broadcast)."""
+        if callback is None:
+            return False
+        self.inspector.mark("stop check")  # the callbacks are the user's stop check
+        with self.comm.agreed(self.cfg.debug):
+            try:
+                answer = bool(callback(record))
+            except Exception as exc:  # the user's code: a UserError naming the callback
+                raise UserError(f"the {name} callback raised {type(exc).__name__}: {exc}") from exc
+        return bool(self.comm.bcast(answer if self.comm.is_root else None))
+
+    def _step(self, ids, global_rows: int, sums) -> None:
+        """One optimizer step on the global batch whose rows ``ids`` are this replica's."""
+        cfg, pipe, params = self.cfg, self.pipe, self.model.params
+        t0 = self.comm.wtime()
+        faults.step = self.step
+        self.inspector.mark("read data")
+        x, y, problem = read_batch(self.ds.train, ids, pipe, self.dtype, self.classify, "train")
+        if faults.point("data") == "nan":
+            x[-1, 0] = xp.nan
+        problem = problem or bad_row(self.ds.train, ids, x, y, pipe, self.classify)
+        if problem is not None:  # every rank learns of it at the next stop check and stops there
+            self.stop.note_bad_input(self.step, problem[0])
+            self.bad_input = self.bad_input or (self.step, *problem)
+        unit = pipe.shard_rows or 1
+        inputs, targets, sizes = micro_batches(x, y, cfg.micro_batches, unit)
+        starts = [int(r) // unit for r in np.cumsum([0, *sizes[:-1]])] if self.reducer else None
+        times = pipe.times
+        t1 = self.comm.wtime()
+        times.data += t1 - t0
+        tl = self.timeline
+        if tl is not None:
+            tl.span("data", t0, t1, rows=len(ids))
+        self.inspector.mark("forward/backward")
+        hook = None if self.reducer else self.dp.on_layer_done
+        loss_sum, correct = pipe.train_step(
+            inputs, targets, sizes, 1.0 / global_rows, self.loss_fn, hook, starts
+        )
+        if self.reducer is not None:  # the metrics of all shards, counted once (on rank 0)
+            total = shard_count(global_rows, unit)
+            first, count = shard_range(total, self.grid.replicas, self.grid.replica)
+            world, last = self.grid.world, pipe.is_last
+            counts = (correct, len(ids)) if last else (0, 0)
+            step = exact_metrics(world, pipe.shard_losses, first, total, counts, last)
+            loss_sum = step[0]
+            if self.comm.is_root:
+                sums += step
+                self._interval[:3] += step
+            if last:
+                self.result.step_losses.append(loss_sum)
+        elif pipe.is_last:
+            sums += (loss_sum, correct, len(ids))
+            self._interval[:3] += (loss_sum, correct, len(ids))
+            self.result.step_losses.append(loss_sum)
+        self.inspector.mark("gradient allreduce")
+        faults.point("allreduce")
+        t2 = self.comm.wtime()
+        if self.reducer is not None:
+            self.reducer.reduce(first, count, total)
+        else:
+            self.dp.reduce_gradients()
+        t3 = self.comm.wtime()
+        times.reduce += t3 - t2
+        if tl is not None:
+            tl.span("reduce wait", t2, t3)
+        self.inspector.mark("optimizer step")
+        if self.reducer is not None:  # the whole model's norm (collective across stages)
+            sq = self._sq_norm()
+            if cfg.clip_norm:
+                clip_grad_norm(params.grad, cfg.clip_norm, None, sq)
+        else:
+            sq = float(xp.dot(params.grad, params.grad))
+            if cfg.clip_norm:  # collective across stages: every rank takes part, finite or not
+                clip_grad_norm(params.grad, cfg.clip_norm, self.across_stages, sq)
+        # Whether to step depends on the reduced gradient only, which all replicas of a stage share,
+        # so replicas stay identical; a non-finite gradient leaves the last finite state in place.
+        # Every rank learns of a note at the next stop check.
+        loss_bad = pipe.is_last and not math.isfinite(loss_sum)
+        if math.isfinite(sq):
+            self.opt.step(self.lr(self.step))
+        if loss_bad or not math.isfinite(sq):
+            layer = None if math.isfinite(sq) else self._first_nonfinite_layer()
+            self.stop.note_nonfinite(self.step, layer, loss_bad)
+        if faults.point("optimizer") == "diverge":
+            params.data[0] += 1e-3
+        t4 = self.comm.wtime()
+        times.optimizer += t4 - t3
+        if tl is not None:
+            tl.span("optimizer", t3, t4)
+            tl.span(f"step {self.step + 1}", t0, t4, epoch=self.epoch + 1)
+        self.step, self.batch = self.step + 1, self.batch + 1
+        seconds = self.comm.wtime() - t0
+        self.inspector.step_done(self.step, seconds)
+        # Replica 0 of each stage holds its stage's reduced gradient: their sum is the global norm
+        # (deterministic mode: every rank holds the global one; rank 0 counts it).
+        counted = self.comm.is_root if self.reducer is not None else self.grid.replica == 0
+        self._interval[3] = sq if counted else 0.0
+        self._interval_steps += 1
+        self._interval_wall += seconds
+        record = None
+        if cfg.log_every and (self.step % cfg.log_every == 0 or self.step == self.steps):
+            record = self._step_record()
+            if self.run_dir is not None:
+                self.run_dir.record("step", record)
+        self.progress.step(self.step, self.epoch, self.batch, record)
+
+    def _first_nonfinite_layer(self) -> int:
+        params = self.model.params
+        for slot in params.slots:
+            if not xp.isfinite(params.view(params.grad, slot)).all():
+                return self.bounds[self.grid.stage] + slot.layer
+        return self.bounds[self.grid.stage + 1]  # finite but overflowing: past this stage's layers
+
+    def _close_epoch(self, sums, rows: int, seconds: float) -> None:
+        """Report the epoch (the part run here, for a max_steps stop), evaluate, advance."""
+        cfg = self.cfg
+        total = sums.copy()
+        self.comm.allreduce_sum_(total)
+        row = {
+            "epoch": self.epoch + 1,
+            "step": self.step,
+            "loss": total[0] / total[2],
+            "accuracy": total[1] / total[2] if self.classify else None,
+            "lr": self.lr(self.step - 1),
+            "seconds": seconds,
+            "samples_per_s": rows / seconds,
+        }
+        last = self.epoch + 1 == cfg.epochs or self.step >= self.steps
+        if self.ds.test is not None and (last or (cfg.eval_every and (self.epoch + 1) % cfg.eval_every == 0)):
+            row["test"] = self._evaluate(self.ds.test)
+        self.result.history.append(row)
+        if self.run_dir is not None:
+            self.run_dir.record("epoch", row)
+        self.progress.close()  # the epoch's bar gives way to its line
+        self.log(epoch_line(row, cfg.epochs))
+        if self.batch == len(self.sampler):
+            self.finished.append(row)
+            self.epoch, self.batch = self.epoch + 1, 0
+            every = cfg.checkpoint_every_epochs
+            if every and self.epoch % every == 0:
+                self.checkpoint(np.zeros(3), f"every {every} epoch(s)")
+
+    def _evaluate(self, split) -> dict:
+        self.inspector.mark("evaluation")
+        faults.step = self.step
+        faults.point("evaluation")
+        t0 = self.comm.wtime()
+        scores = evaluate_split(self.pipe, self.loss_fn, split, self.grid, self.cfg, self.classify)
+        if self.timeline is not None:
+            self.timeline.span("evaluation", t0, self.comm.wtime(), rows=scores["rows"])
+        return scores
+
+    def checkpoint(self, sums, why: str) -> None:
+        """Write the state after ``self.step`` (collective); ``sums``: this rank's running sums of
+        the epoch in progress. Never writes a state some rank found non-finite."""
+        cfg, comm = self.cfg, self.comm
+        here = (self.step, self.epoch, self.batch)
+        if not cfg.checkpoint_dir or self.saved_at == here:
+            return
+        if comm.max(int(self.stop.local_trouble)):
+            return  # the next stop check ends the run and says why
+        self.inspector.mark("checkpoint")
+        position = self.position(sums)
+        t0 = comm.wtime()
+        args = (cfg, self.layers, self.ds.features, self.bounds, self.grid, self.model, self.opt, position)
+        path = save(cfg.checkpoint_dir, *args, cfg.checkpoint_io)
+        seconds = comm.wtime() - t0
+        if self.timeline is not None:
+            self.timeline.span("checkpoint write", t0, t0 + seconds, step=self.step)
+        self.result.checkpoint = str(path)
+        if comm.is_root:
+            if cfg.keep:
+                prune(cfg.checkpoint_dir, cfg.keep, path)
+            self.log(f"checkpoint ({why}): {path}, {path.stat().st_size / 2**20:.1f} MiB in {seconds:.3f} s")
+        self.saved_at = here
+
+    def position(self, sums) -> Position:
+        """Where training stands (collective): ``sums``, this rank's running sums of the epoch in
+        progress, summed over the ranks, whatever the layout that resumes them."""
+        total = sums.copy()
+        self.comm.allreduce_sum_(total)
+        return Position(self.step, self.epoch, self.batch, total.tolist(), self.finished)
+
+    def _stopped(self, sums) -> Result:
+        """Every rank agreed to stop: say why (or, for a signal, checkpoint and return)."""
+        stop, result = self.stop, self.result
+        result.steps = self.step
+        stop.drain()  # notes made in the step after a signal's (a NaN, a bad row) must not be lost
+        if stop.bad_input is not None:  # the ranks that noted one know what it was: gather that
+            noted = [p for p in self.comm.comm.allgather(self.bad_input) if p is not None]
+            at_step, *problem = min(noted)
+            raise JobError(
+                f"{problem_text(self.ds.train, problem, at_step)}; training stopped, checkpoints untouched",
+                EXIT_USAGE,
+            )
+        if stop.nonfinite is not None:
+            at_step, layer, loss = stop.nonfinite
+            if layer is None:
+                what = "non-finite loss (the gradient is finite)"
+            elif layer < len(self.layers):
+                what = (
+                    f"non-finite {'loss and ' if loss else ''}gradient (the first layer with a non-finite "
+                    f"gradient is {layer}, {self.layers[layer]!r})"
+                )
+            else:
+                what = f"{'non-finite loss and ' if loss else ''}a gradient whose squared norm overflows"
+            raise JobError(
+                f"{what} at step {at_step}; training stopped, no checkpoint written from that state "
+                "(try a lower --lr or --clip-norm)",
+                EXIT_NONFINITE,
+            )
+        result.stopped = stop.agreed
+        self.checkpoint(sums, f"stop requested: {result.stopped}")
+        result.position = self.position(sums)
+        self.progress.close()
+        if self.run_dir is not None:
+            self.run_dir.record("stopped", {"step": self.step, "signal": result.stopped})
+        self.ds.close()
+        return result
+
+    def _check_replicas(self) -> None:
+        """Every data-parallel replica of a stage must hold bitwise the same parameters."""
+        digest = hashlib.blake2b(memoryview(to_host(self.model.params.data)), digest_size=16).hexdigest()
+        rows = self.comm.comm.allgather((self.grid.stage, digest))
+        problems = []
+        for stage in range(self.grid.stages):
+            held = [(r, d) for r, (s, d) in enumerate(rows) if s == stage]
+            values = [d for _, d in held]
+            common = max(set(values), key=values.count)
+            if values.count(common) == len(values):
+                continue
+            if 2 * values.count(common) > len(values):  # a majority: the others are the odd ones
+                problems.append(
+                    f"rank(s) {[r for r, d in held if d != common]} differ from the other replicas"
+                )
+            else:  # e.g. two replicas: which one is wrong cannot be told
+                problems.append(f"the replicas of stage {stage} (ranks {[r for r, _ in held]}) disagree")
+        if problems:
+            raise JobError(
+                f"replicas diverged by step {self.step}: {'; '.join(problems)} (a silent hardware or "
+                "communication fault?)",
+                EXIT_INTERNAL,
+            )
+
+    def _final(self) -> None:
+        result, ds = self.result, self.ds
+        result.steps = self.step
+        split = ds.test if ds.test is not None else ds.train
+        final = result.history[-1].get("test") if result.history else None
+        result.final = dict(final or self._evaluate(split))
+        result.final["split"] = "held-out" if ds.test is not None else "training"
+        self.progress.close()
+        if self.run_dir is not None:
+            self.run_dir.record("final", {"step": self.step, **result.final})
+        if self.grid.stages > 1:
+            report_stages(self.log, self.cfg, self.grid, self.pipe)
+        ds.close()
