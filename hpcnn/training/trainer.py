@@ -175,6 +175,8 @@ class Trainer:
                     raise UserError(f"{key} = {fields[key]!r} contradicts the optimizer {optimizer!r}")
                 settings[key] = value
         self.config = from_dict(settings, "Trainer").validate()
+        if self.config.resume == "auto" and not self.config.checkpoint_dir:  # a trainer makes no run_dir
+            raise UserError("resume = 'auto' looks in checkpoint_dir: name one (checkpoint_dir=...)")
         self.layers = _layer_list(model)
         self.comm = comm if comm is not None else Comm.world()
         self.on_step, self.on_epoch, self.log = on_step, on_epoch, log
@@ -210,6 +212,11 @@ class Trainer:
     def model(self) -> Sequential:
         """This rank's pipeline stage of the model (the whole model without stages): its ``params``."""
         return self._current().pipe.model
+
+    @property
+    def optimizer(self):
+        """This rank's stage's optimizer, bound to ``model.params`` (its ``state``, ``t``)."""
+        return self._current().optimizer
 
     def fit(self) -> Result:
         """Train (from the initial parameters ``seed`` draws, or from the checkpoint ``resume`` or
