@@ -9,6 +9,7 @@ after the same step when a stop signal arrives (``preempt``), a step goes non-fi
 row is read, or a callback (``on_step``/``on_epoch``) asks for it on rank 0.
 """
 
+import copy
 import hashlib
 import itertools
 import math
@@ -111,7 +112,8 @@ class Training:
             comm.root_decides(lambda: check_output_file(cfg.timeline, "timeline"), cfg.debug)
             self.timeline = Timeline(comm, comm.wtime)
         pipe.timeline = self.dp.timeline = self.timeline
-        self.opt = (make_optimizer(cfg) if parts.optimizer is None else parts.optimizer).bind(
+        # a copy: one optimizer object given to two trainers must not end up bound to the second's buffers
+        self.opt = (make_optimizer(cfg) if parts.optimizer is None else copy.copy(parts.optimizer)).bind(
             self.model.params
         )
         self.steps = total_steps(cfg, sampler)

@@ -15,6 +15,7 @@ guarantees (``fit`` below): one run per checkpoint directory, Ctrl-C agreed by e
 inside the run is a ``JobError`` raised on every rank with the same message.
 """
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -305,7 +306,7 @@ class Trainer:
                 bounds, grid, pipe = build_stages(cfg, self.comm, layers, ds.features)
             finally:
                 ds.close()
-            opt = make_optimizer(cfg) if self._optimizer is None else self._optimizer
+            opt = make_optimizer(cfg) if self._optimizer is None else copy.copy(self._optimizer)
             self.layers = layers
             opt = opt.bind(pipe.model.params)
             self._stage = _Stage(layers, ds.features, bounds, grid, pipe, opt, owned=True)
