@@ -10,7 +10,7 @@ import re
 
 import numpy as np
 import pytest
-from launch import run
+from launch import ROOT, run
 from test_checkpoint import tensors
 
 import hpcnn
@@ -61,6 +61,7 @@ def data(rows=240, features=12, classes=4, seed=3):
     return x, y, xt, yt
 
 
+TESTS = ROOT / "tests"
 SETTINGS = dict(epochs=3, batch_size=32, seed=4, lr=0.01, eval_every=0, log_every=0)
 
 
@@ -217,52 +218,21 @@ def test_one_optimizer_object_given_to_two_trainers_is_bound_to_neither(comm):
     np.testing.assert_array_equal(first.model.params.data, second.model.params.data)
 
 
-USER_LAYER_MODULE = """
-from hpcnn import Layer
-from hpcnn.core.params import ParamSpec
-
-
-class EvalTestScale(Layer):
-    def __init__(self, width):
-        self.width = width
-
-    def param_specs(self):
-        return [ParamSpec("s", (self.width,), "ones")]
-
-    def bind(self, params, grads):
-        self.s, self.ds = params["s"], grads["s"]
-
-    def forward(self, x, saved, ws=None):
-        if saved is not None:
-            saved["x"] = x
-        return x * self.s
-
-    def backward(self, dy, saved, need_dx=True, accumulate=False, ws=None):
-        x = saved.pop("x")
-        if accumulate:
-            self.ds += (x * dy).sum(axis=0)
-        else:
-            self.ds[...] = (x * dy).sum(axis=0)
-        return dy * self.s if need_dx else None
-"""
-
-
 def test_evaluate_imports_the_module_that_defines_a_checkpoints_user_layer(tmp_path):
-    (tmp_path / "evallayers.py").write_text(USER_LAYER_MODULE)
     train = (
-        "import sys; sys.path.insert(0, sys.argv[1]); import hpcnn, evallayers\n"
+        "import sys; sys.path.insert(0, sys.argv[1]); import hpcnn, user_layers\n"
         "from hpcnn import Dense, ReLU, Trainer\n"
-        "t = Trainer([Dense(64, 16), evallayers.EvalTestScale(16), ReLU(), Dense(16, 10)], 'digits',\n"
+        "t = Trainer([Dense(64, 16), user_layers.Scale(16), ReLU(), Dense(16, 10)], 'digits',\n"
         "            epochs=1, log=None, checkpoint_dir=sys.argv[2])\n"
         "print(t.fit().final['loss'])\n"
     )
-    trained = run(train, [tmp_path, tmp_path / "ckpt"], check=True)
+    trained = run(train, [TESTS, tmp_path / "ckpt"], check=True)
     path = str(next((tmp_path / "ckpt").glob("ckpt-*.h5")))
-    env = {"PYTHONPATH": str(tmp_path)}
+    env = {"PYTHONPATH": str(TESTS)}
     missing = run("hpcnn.evaluate", ["--checkpoint", path], env=env)
     assert missing.returncode == 2, missing.stderr
-    assert "EvalTestScale" in missing.stderr and "import" in missing.stderr, missing.stderr
-    scored = run("hpcnn.evaluate", ["--checkpoint", path, "--import", "evallayers"], env=env)
+    assert "Scale" in missing.stderr and "import" in missing.stderr, missing.stderr
+    scored = run("hpcnn.evaluate", ["--checkpoint", path, "--import", "user_layers"], env=env)
     assert scored.returncode == 0, scored.stderr
     loss = float(re.search(r"loss (\d+\.\d+)", scored.stdout).group(1))
     assert abs(loss - float(trained.stdout)) < 5e-5, (scored.stdout, trained.stdout)
