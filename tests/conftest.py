@@ -143,3 +143,15 @@ def world():
     comm = Comm.world()
     blas_threads(comm.local_size)
     return comm
+
+
+@pytest.fixture
+def shared(world):
+    """A directory every rank sees (each rank's ``tmp_path`` is its own), removed afterwards."""
+    path = world.bcast(tempfile.mkdtemp(prefix="hpcnn-shared-") if world.is_root else None)
+    yield path
+    world.comm.Barrier()
+    if world.is_root:
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)

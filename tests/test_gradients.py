@@ -9,6 +9,7 @@ import pytest
 from hpcnn.core.layers import GELU, Dense, Layer, ReLU, Sigmoid, Tanh
 from hpcnn.core.losses import MeanSquaredError, SoftmaxCrossEntropy, count_correct
 from hpcnn.core.model import Sequential, build_mlp
+from hpcnn.testing import central_differences
 
 H = 1e-6
 TOL = 1e-6
@@ -20,17 +21,7 @@ def rel_error(a, b) -> float:
 
 def numeric_grad(f, array):
     """Central differences of scalar ``f()`` with respect to every element of ``array`` (in place)."""
-    grad = np.zeros_like(array)
-    flat, gflat = array.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + H
-        up = f()
-        flat[i] = old - H
-        down = f()
-        flat[i] = old
-        gflat[i] = (up - down) / (2 * H)
-    return grad
+    return central_differences(f, array, H)
 
 
 def away_from_kinks(rng, shape):

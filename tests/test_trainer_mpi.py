@@ -1,8 +1,6 @@
 """The Trainer at N ranks: the API equals one rank; a user layer trains in a pipeline and resumes."""
 
 import os
-import shutil
-import tempfile
 
 import numpy as np
 import pytest
@@ -13,16 +11,6 @@ from hpcnn import Dense, ReLU, Trainer
 from hpcnn.parallel.comm import Comm
 
 # --- at N ranks -----------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def shared(world):
-    """A directory every rank sees (the per-rank tmp_path differs by rank)."""
-    path = world.bcast(tempfile.mkdtemp(prefix="hpcnn-trainer-") if world.is_root else None)
-    yield path
-    world.comm.Barrier()
-    if world.is_root:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def agreed(world, problems: list) -> None:
