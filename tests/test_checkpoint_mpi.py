@@ -43,7 +43,7 @@ def shared(world):
     """A directory every rank sees (the per-rank tmp_path differs by rank)."""
     path = world.bcast(tempfile.mkdtemp(prefix="hpcnn-ckpt-") if world.is_root else None)
     yield path
-    world.comm.Barrier()
+    world.Barrier()
     if world.is_root:
         shutil.rmtree(path, ignore_errors=True)
 
@@ -54,7 +54,7 @@ def stage_counts(size: int) -> list[int]:
 
 def agreed(world, problems: list) -> None:
     """Fail on every rank if any rank found a problem."""
-    everything = [p for rank_problems in world.comm.allgather(problems) for p in rank_problems]
+    everything = [p for rank_problems in world.allgather(problems) for p in rank_problems]
     assert not everything, everything
 
 
@@ -210,8 +210,8 @@ def test_a_write_error_on_a_writing_rank_is_agreed_by_every_rank(world, shared, 
     if io == "mpio" and not h5py_parallel():
         pytest.skip("h5py was built without parallel HDF5 (no mpio driver)")
     writer = 0 if io == "gather" else world.size - 1
-    monkeypatch.setattr(faults, "_spec", ("enospc", "checkpoint", writer, 8))  # the write after step 9
-    monkeypatch.setattr(faults, "_fired", False)
+    fault = faults.armed(world.world_rank, f"enospc@checkpoint:rank={writer},step=8")  # the write after 9
+    monkeypatch.setattr(faults, "_legacy", fault)
     cfg = Config(**BASE, pipeline_stages=2, max_steps=9, checkpoint_every=3, checkpoint_dir=shared,
                  checkpoint_io=io)  # fmt: skip
     with pytest.raises(JobError) as exc:

@@ -20,14 +20,14 @@ def shared(world):
     """A directory every rank sees (the per-rank tmp_path differs by rank)."""
     path = world.bcast(tempfile.mkdtemp(prefix="hpcnn-trainer-") if world.is_root else None)
     yield path
-    world.comm.Barrier()
+    world.Barrier()
     if world.is_root:
         shutil.rmtree(path, ignore_errors=True)
 
 
 def agreed(world, problems: list) -> None:
     """Fail on every rank if any rank found a problem."""
-    everything = [p for rank_problems in world.comm.allgather(problems) for p in rank_problems]
+    everything = [p for rank_problems in world.allgather(problems) for p in rank_problems]
     assert not everything, everything
 
 
