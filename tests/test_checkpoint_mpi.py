@@ -25,7 +25,7 @@ from test_checkpoint import tensors
 from hpcnn.config import Config
 from hpcnn.errors import EXIT_IO, JobError
 from hpcnn.io import checkpoints as checkpoint
-from hpcnn.io.checkpoints import h5py_parallel
+from hpcnn.io.checkpoints import h5py_parallel, writing
 from hpcnn.parallel import faults
 from hpcnn.parallel.comm import Comm
 from hpcnn.train import fit
@@ -241,8 +241,8 @@ def test_with_little_room_to_spare_auto_writes_with_the_gathering_writer(world, 
         estimate["bytes"] = real(*args, **kwargs)
         return estimate["bytes"]
 
-    monkeypatch.setattr(checkpoint, "estimate_bytes", remember)
-    monkeypatch.setattr(checkpoint, "free_bytes", free)
+    monkeypatch.setattr(writing, "estimate_bytes", remember)
+    monkeypatch.setattr(writing, "free_bytes", free)
     cfg = Config(**BASE, max_steps=3, checkpoint_dir=shared, checkpoint_io="auto")
     fit(cfg, world)
     expected = b"gather" if spare < checkpoint.MPIO_MARGIN else b"mpio"
