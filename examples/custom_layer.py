@@ -17,9 +17,10 @@ reference); ``LayerNorm`` does all of it, so it is correct everywhere:
 - pipeline stages with micro-batches: backward *defers* them (``saved["defer"]``): it copies what
   the weight gradients need into step-long stacks, and ``weight_grads`` forms them once over all the
   step's rows (``deferred_width``: the values kept per row);
-- deterministic mode (``self.shards`` set): one weight gradient per shard of rows, into
-  ``self.shard_grads`` (hpcnn adds them in a fixed order); everything else is row by row here, so a
-  row's output does not depend on which rows share its batch.
+- deterministic mode (``shard`` hands the layer its row shards and one gradient row per shard):
+  one weight gradient per shard of rows, into its own row (hpcnn adds them in a fixed order);
+  everything else is row by row here, so a row's output does not depend on which rows share its
+  batch.
 
 The checkpoint stores the layer as ``spec()``, ``{"type": "LayerNorm", "features": ..., "eps": ...}``
 (read from the attributes named like ``__init__``'s arguments), and rebuilds it by class name: a
@@ -48,9 +49,13 @@ class LayerNorm(Layer):
     def __init__(self, features: int, eps: float = 1e-5):
         self.features, self.eps = features, eps
         self._part = None  # scratch for micro-batches after the first (accumulate)
+        self.shards = self.shard_grads = None  # deterministic mode (``shard``)
 
     def param_specs(self):
         return [ParamSpec("g", (self.features,), "ones"), ParamSpec("b", (self.features,), "zeros")]
+
+    def shard(self, sharding, grads):
+        self.shards, self.shard_grads = sharding, grads  # {name: (shards, *shape)}; None: inference
 
     def bind(self, params, grads):
         self.g, self.b, self.dg, self.db = params["g"], params["b"], grads["g"], grads["b"]

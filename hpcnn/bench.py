@@ -44,10 +44,10 @@ from hpcnn.config import build_parser, from_dict, load_toml
 from hpcnn.core.backend import xp
 from hpcnn.core.layers import Dense
 from hpcnn.errors import EXIT_OK, EXIT_USAGE, JobError, UserError
-from hpcnn.parallel.comm import Comm, run_command
+from hpcnn.parallel.comm import IN_PLACE, SUM, Comm, run_command
 from hpcnn.parallel.inspector import Inspector
-from hpcnn.parallel.pipeline import StageTimes
 from hpcnn.parallel.preempt import StopRequest
+from hpcnn.parallel.probe import StageTimes
 
 BENCH_DEFAULTS = {
     "data": "synthetic",
@@ -150,9 +150,9 @@ def raw_allreduce_seconds(dp: Comm, size: int, dtype, repeats: int = 10) -> floa
     buf = xp.ones(size, dtype)
     times = []
     for r in range(repeats + 2):
-        dp.barrier()
+        dp.Barrier()
         t0 = dp.wtime()
-        dp.allreduce_sum_(buf)
+        dp.Allreduce(IN_PLACE, buf, op=SUM)
         if r >= 2:
             times.append(dp.wtime() - t0)
     return statistics.median(times)
@@ -200,7 +200,7 @@ def run(cfg, opts, comm: Comm, log=None) -> dict | None:
     rows = _micro_rows(cfg, grid)
     deferred = pipe.defers_weight_grads(cfg.micro_batches)
     gemm = gemm_seconds(pipe.model, rows, pipe.is_first, cfg.micro_batches, deferred)
-    comm.barrier()
+    comm.Barrier()
     raw = raw_allreduce_seconds(grid.dp, pipe.model.params.size, pipe.model.dtype)
     grad_bytes = int(pipe.model.params.size * pipe.model.params.grad.itemsize)
     per_rank = comm.gather(
@@ -297,10 +297,10 @@ def _timed_steps(training, opts, comm):
         seconds, samples, parts = [], [], []
         for _ in range(opts.repeats):
             pipe.times = StageTimes()
-            comm.barrier()
+            comm.Barrier()
             t0 = comm.wtime()
             samples.append(steps(opts.steps))
-            comm.barrier()
+            comm.Barrier()
             seconds.append(comm.wtime() - t0)
             parts.append(_breakdown(pipe.times, seconds[-1] / opts.steps, opts.steps))
         training.stop.drain()

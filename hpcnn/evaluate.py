@@ -37,8 +37,8 @@ from hpcnn.io.datasets import (
     split_counts,
 )
 from hpcnn.parallel.comm import Comm, blas_threads, run_command
-from hpcnn.parallel.deterministic import shard_rows
-from hpcnn.training.batches import as_batch, bad_row, evaluate_split, micro_batches, problem_text, shard_stage
+from hpcnn.parallel.deterministic import shard_rows, shard_stage
+from hpcnn.training.batches import as_batch, bad_row, evaluate_split, micro_batches, problem_text
 from hpcnn.training.setup import build_stages, open_data
 
 # Flags that may override the checkpoint's own settings (data and parallel layout only: the
@@ -127,7 +127,7 @@ def score(path, split_name, overrides: dict, comm: Comm) -> dict:
             raise UserError(f"{ds.name} has no held-out rows (use --split training)")
     classify = ds.num_classes is not None
     # A deterministic run's checkpoint is scored as its training scored: the same bits at any layout.
-    sharding = shard_stage(pipe, shard_rows(cfg)) if cfg.deterministic else None
+    sharding = shard_stage(pipe.model, shard_rows(cfg)) if cfg.deterministic else None
     try:
         metrics = evaluate_split(pipe, LOSSES[cfg.loss](), split, grid, cfg, classify)
     finally:
@@ -182,11 +182,11 @@ def predict(path, out_path, overrides: dict, comm: Comm) -> int:
         pieces, _, sizes = micro_batches(inputs, None, cfg.micro_batches)
         pipe.forward_only(pieces if pipe.is_first else None, None, sizes, None, kept)
     f.close()
-    problems = [p for p in grid.world.comm.allgather(problem) if p is not None]
+    problems = [p for p in grid.world.allgather(problem) if p is not None]
     world, last = grid.world, grid.stages - 1
     block = to_host(xp.concatenate(kept)) if kept else np.empty((0, width), dtype)
     if pipe.is_last and not world.is_root:
-        world.send_(np.ascontiguousarray(block), 0, grid.replica)
+        world.Send(np.ascontiguousarray(block), dest=0, tag=grid.replica)
     if world.is_root:
         blocks = []
         for r in range(grid.replicas):
@@ -195,7 +195,7 @@ def predict(path, out_path, overrides: dict, comm: Comm) -> int:
                 blocks.append(block)
             else:
                 blocks.append(np.empty((n, width), dtype))
-                world.recv_(blocks[-1], r * grid.stages + last, r)
+                world.Recv(blocks[-1], source=r * grid.stages + last, tag=r)
     with comm.agreed(cfg.debug):
         if problems:
             raise UserError(f"{problems[0]}; no predictions written")
@@ -225,7 +225,7 @@ def member_probabilities(path):
         labels.append(np.asarray(y))
     ds.close()
     grid.free()
-    comm.free()
+    comm.Free()
     return np.concatenate(probs), np.concatenate(labels)
 
 

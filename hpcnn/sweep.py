@@ -182,7 +182,7 @@ class Sweep:
     def _run(self, log) -> int:
         world, size = self.world, self.group_size
         group_index = world.rank // size
-        group = world.split(group_index, world.rank)
+        group = world.Split(group_index, world.rank)
         counter = world.counter()
         stopped, interrupted = False, False
         # A stop signal between tasks (a task's own training catches it while it runs) ends the sweep
@@ -201,9 +201,9 @@ class Sweep:
                 record = self._run_task(index, group, group_index, log)
                 stopped = stopped or record["status"] == "stopped"
                 interrupted = interrupted or record.get("signal") == INTERRUPT.name
-        world.comm.Barrier()
+        world.Barrier()
         counter.free()
-        group.free()
+        group.Free()
         unfinished = any(not (self.task_dir(i) / "result.json").exists() for i in range(len(self.tasks)))
         stopped = bool(world.max(int(stopped))) and unfinished
         interrupted = bool(world.max(int(interrupted))) and unfinished

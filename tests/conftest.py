@@ -150,7 +150,7 @@ def shared(world):
     """A directory every rank sees (each rank's ``tmp_path`` is its own), removed afterwards."""
     path = world.bcast(tempfile.mkdtemp(prefix="hpcnn-shared-") if world.is_root else None)
     yield path
-    world.comm.Barrier()
+    world.Barrier()
     if world.is_root:
         import shutil
 

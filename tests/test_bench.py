@@ -58,7 +58,7 @@ def test_result_is_consistent_json(tmp_path):
     assert sum(v for k, v in parts.items() if k != "other") <= r["step_ms"] * 1.0001 + 0.05
     assert parts["forward"] > 0 and parts["backward"] > 0 and parts["optimizer"] > 0
     assert r["allreduce"]["raw_ms"] == 0 and r["allreduce"]["exposed_ms"] < 0.05  # one rank: nothing
-    comm.free()
+    comm.Free()
 
 
 def _fake_run(ranks, samples_per_s):

@@ -33,4 +33,4 @@ def test_benchmark_runs_at_any_world_size(extra):
             assert any(p["pipeline_wait"] > 0 for p in r["breakdown_ms_per_rank"])
     else:
         assert result is None
-    world.free()
+    world.Free()

@@ -20,7 +20,7 @@ from launch import Job, run, start
 from hpcnn.config import Config, from_dict, parse_toml
 from hpcnn.errors import EXIT_IO, JobError
 from hpcnn.io import checkpoints as checkpoint
-from hpcnn.io.checkpoints import checkpoints, inspect, verify
+from hpcnn.io.checkpoints import checkpoints, inspect, verify, writers
 from hpcnn.parallel.comm import Comm
 from hpcnn.train import fit
 from hpcnn.training import engine
@@ -156,7 +156,7 @@ def test_a_signal_during_a_checkpoint_write_stops_training_soon_after_and_both_f
     comm, straight, tmp_path, monkeypatch
 ):
     result, _ = straight()
-    create, calls = checkpoint._create, []
+    create, calls = writers._create, []
 
     def signalling(f, key, shape, dtype):
         calls.append(key)
@@ -164,13 +164,13 @@ def test_a_signal_during_a_checkpoint_write_stops_training_soon_after_and_both_f
             os.kill(os.getpid(), signal.SIGUSR1)
         return create(f, key, shape, dtype)
 
-    monkeypatch.setattr(checkpoint, "_create", signalling)
+    monkeypatch.setattr(writers, "_create", signalling)
     stopped = fit(Config(**BASE, checkpoint_dir=str(tmp_path), checkpoint_every=7, keep=0), comm)
     # Noted during step 7's checkpoint, reduced after step 8 and seen after step 9 (as any signal).
     assert stopped.stopped == "SIGUSR1" and stopped.steps == 9
     assert [p.name for p in checkpoints(tmp_path)] == ["ckpt-000000009.h5", "ckpt-000000007.h5"]
     assert all(verify(p) for p in checkpoints(tmp_path))  # the interrupted write completed
-    monkeypatch.setattr(checkpoint, "_create", create)
+    monkeypatch.setattr(writers, "_create", create)
     resumed = fit(Config(**BASE, checkpoint_dir=str(tmp_path), resume="auto"), comm)
     np.testing.assert_array_equal(resumed.model.params.data, result.model.params.data)
 
@@ -353,7 +353,7 @@ def test_keep_prunes_the_oldest_and_epoch_checkpoints(comm, tmp_path):
 
 
 def test_a_failed_write_leaves_earlier_checkpoints_intact(comm, tmp_path, monkeypatch):
-    create, calls = checkpoint._create, []
+    create, calls = writers._create, []
 
     def failing(f, key, shape, dtype):
         calls.append(key)
@@ -361,7 +361,7 @@ def test_a_failed_write_leaves_earlier_checkpoints_intact(comm, tmp_path, monkey
             raise OSError(28, "No space left on device")
         return create(f, key, shape, dtype)
 
-    monkeypatch.setattr(checkpoint, "_create", failing)
+    monkeypatch.setattr(writers, "_create", failing)
     with pytest.raises(
         JobError, match=r"writing checkpoint .*ckpt-000000014.h5 failed: .*No space left"
     ) as exc:

@@ -22,7 +22,7 @@ from test_checkpoint import SignalAtStep, tensors
 from hpcnn.config import Config
 from hpcnn.errors import EXIT_IO, JobError
 from hpcnn.io import checkpoints as checkpoint
-from hpcnn.io.checkpoints import h5py_parallel
+from hpcnn.io.checkpoints import h5py_parallel, writing
 from hpcnn.parallel import faults
 from hpcnn.parallel.comm import Comm
 from hpcnn.train import fit
@@ -41,7 +41,7 @@ def stage_counts(size: int) -> list[int]:
 
 def agreed(world, problems: list) -> None:
     """Fail on every rank if any rank found a problem."""
-    everything = [p for rank_problems in world.comm.allgather(problems) for p in rank_problems]
+    everything = [p for rank_problems in world.allgather(problems) for p in rank_problems]
     assert not everything, everything
 
 
@@ -184,8 +184,8 @@ def test_a_write_error_on_a_writing_rank_is_agreed_by_every_rank(world, shared, 
     if io == "mpio" and not h5py_parallel():
         pytest.skip("h5py was built without parallel HDF5 (no mpio driver)")
     writer = 0 if io == "gather" else world.size - 1
-    monkeypatch.setattr(faults, "_spec", ("enospc", "checkpoint", writer, 8))  # the write after step 9
-    monkeypatch.setattr(faults, "_fired", False)
+    fault = faults.armed(world.world_rank, f"enospc@checkpoint:rank={writer},step=8")  # the write after 9
+    monkeypatch.setattr(faults, "_legacy", fault)
     cfg = Config(**BASE, pipeline_stages=2, max_steps=9, checkpoint_every=3, checkpoint_dir=shared,
                  checkpoint_io=io)  # fmt: skip
     with pytest.raises(JobError) as exc:
@@ -215,8 +215,8 @@ def test_with_little_room_to_spare_auto_writes_with_the_gathering_writer(world, 
         estimate["bytes"] = real(*args, **kwargs)
         return estimate["bytes"]
 
-    monkeypatch.setattr(checkpoint, "estimate_bytes", remember)
-    monkeypatch.setattr(checkpoint, "free_bytes", free)
+    monkeypatch.setattr(writing, "estimate_bytes", remember)
+    monkeypatch.setattr(writing, "free_bytes", free)
     cfg = Config(**BASE, max_steps=3, checkpoint_dir=shared, checkpoint_io="auto")
     fit(cfg, world)
     expected = b"gather" if spare < checkpoint.MPIO_MARGIN else b"mpio"

@@ -8,6 +8,7 @@ import numpy as np
 from hpcnn.config import Config
 from hpcnn.core.losses import SoftmaxCrossEntropy
 from hpcnn.core.model import Sequential, mlp_layers
+from hpcnn.parallel import data_parallel
 from hpcnn.parallel.comm import Comm
 from hpcnn.parallel.data_parallel import DataParallel, buckets
 from hpcnn.parallel.inspector import Inspector
@@ -31,25 +32,34 @@ def test_buckets_are_whole_layers_covering_the_buffer_in_backward_order():
 
 
 class Recorder:
-    """A 2-rank communicator stand-in that records when reductions start and what they cover."""
+    """A 2-rank communicator stand-in that records when reductions start and what they cover;
+    ``Requests`` stands in for ``Request`` and records the waits."""
 
     size = 2
 
     def __init__(self, events):
         self.events = events
 
-    def iallreduce_sum_(self, buf):
+    def Iallreduce(self, sendbuf, buf, op):
         self.events.append(("reduce", len(buf)))
         return SimpleNamespace()
 
-    def testall(self, requests):
-        return False
-
-    def waitall(self, requests):
-        self.events.append(("wait", len(requests)))
-
-    def allreduce_sum_(self, buf):
+    def Allreduce(self, sendbuf, buf, op):
         self.events.append(("allreduce", len(buf)))
+
+    def Requests(self):
+        events = self.events
+
+        class Requests:
+            @staticmethod
+            def Testall(requests):
+                return False
+
+            @staticmethod
+            def Waitall(requests):
+                events.append(("wait", len(requests)))
+
+        return Requests
 
 
 class Tracing:
@@ -66,8 +76,9 @@ class Tracing:
         return self.layer.backward(*args, **kwargs)
 
 
-def test_each_bucket_starts_as_soon_as_backward_completes_it():
+def test_each_bucket_starts_as_soon_as_backward_completes_it(monkeypatch):
     events = []
+    monkeypatch.setattr(data_parallel, "Request", Recorder(events).Requests())
     layers = [Tracing(layer, i, events) for i, layer in enumerate(mlp_layers([30, 20, 20, 10, 5], "relu"))]
     model = Sequential(layers, np.float32)
     model.params.initialize(np.random.default_rng(0))
@@ -76,7 +87,7 @@ def test_each_bucket_starts_as_soon_as_backward_completes_it():
     x, y = np.ones((6, 30), np.float32), np.arange(6) % 5
     loss.forward(model.forward(x), y)
     model.backward(loss.backward(1 / 6), on_layer_done=dp.on_layer_done)
-    dp.reduce_gradients()
+    dp.reduce(6)
     first, second = (stop - start for start, stop, _ in dp.buckets)
     assert events == [
         *[("backward", i) for i in (6, 5, 4, 3, 2)],
@@ -89,7 +100,7 @@ def test_each_bucket_starts_as_soon_as_backward_completes_it():
     events.clear()
     blocking = DataParallel(Recorder(events), model.params, overlap=False)
     assert blocking.on_layer_done is None
-    blocking.reduce_gradients()
+    blocking.reduce(6)
     assert events == [("allreduce", model.params.size)]
 
 

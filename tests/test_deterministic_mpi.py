@@ -80,7 +80,7 @@ def test_every_layout_trains_bitwise_like_one_rank(world, serial, recipe, micro)
         result = fit(cfg, world)
         grid = f"{world.size // stages} x {stages}"
         problems += [f"rank {world.rank}, {grid}: {p}" for p in differences(result, serial[recipe])]
-    everything = [p for rank_problems in world.comm.allgather(problems) for p in rank_problems]
+    everything = [p for rank_problems in world.allgather(problems) for p in rank_problems]
     assert not everything, everything
 
 
@@ -97,9 +97,9 @@ def test_a_checkpoint_is_scored_with_the_training_runs_bits_at_every_layout(worl
                 got = score(path, "held-out", {"pipeline_stages": stages, "micro_batches": micro}, world)
                 if {k: got[k] for k in expected} != expected:
                     problems.append(f"rank {world.rank}, {stages} stages, {micro} micro: {got} vs {expected}")
-        everything = [p for rank_problems in world.comm.allgather(problems) for p in rank_problems]
+        everything = [p for rank_problems in world.allgather(problems) for p in rank_problems]
         assert not everything, everything
     finally:
-        world.comm.Barrier()
+        world.Barrier()
         if world.is_root:
             shutil.rmtree(directory, ignore_errors=True)

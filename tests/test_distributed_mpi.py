@@ -38,7 +38,7 @@ def serial(world):
                 params=r.model.params.data, steps=r.steps, history=r.history, final=r.final,
                 fan_out=r.model.layers[-1].fan_out,
             )  # fmt: skip
-        return world.comm.bcast(ref)
+        return world.bcast(ref)
 
     return run
 
@@ -46,14 +46,14 @@ def serial(world):
 @pytest.fixture
 def shared_dir(world):
     """A directory all ranks see (rank 0 makes it, everybody learns its name)."""
-    path = world.comm.bcast(tempfile.mkdtemp(prefix="hpcnn-mpi-") if world.is_root else None)
+    path = world.bcast(tempfile.mkdtemp(prefix="hpcnn-mpi-") if world.is_root else None)
     yield path
-    world.comm.Barrier()
+    world.Barrier()
 
 
 def assert_replicas_identical(world, params):
     digest = hashlib.sha256(params.data.tobytes()).hexdigest()
-    assert len(set(world.comm.allgather(digest))) == 1, "ranks hold different parameters"
+    assert len(set(world.allgather(digest))) == 1, "ranks hold different parameters"
 
 
 CASES = [
@@ -107,7 +107,7 @@ def test_ranks_with_empty_slices_still_match_serial(world, serial, shared_dir):
         x = rng.normal(size=(257, 3)).astype(np.float32)
         with h5py.File(path, "w") as f:
             f["x"], f["y"] = x, (x[:, 0] - 2 * x[:, 1]).astype(np.float32)  # 1-D float targets
-    world.comm.Barrier()
+    world.Barrier()
     reg = Config(
         data=path, loss="mse", hidden=[8], epochs=2, batch_size=64, dtype="float64", test_fraction=0.1
     )
@@ -121,7 +121,7 @@ def test_sampler_covers_every_row_once_across_real_ranks(world):
     ids = np.arange(1000)
     sampler = EpochSampler(ids, 96, world.rank, world.size, seed=11)
     mine = [i for i, _ in sampler.epoch(3)]
-    everyone = world.comm.allgather(mine)
+    everyone = world.allgather(mine)
     used = np.concatenate([b for rank_batches in everyone for b in rank_batches])
     assert np.array_equal(np.sort(used), ids)
     for b in range(len(sampler)):  # batch b is the same rows however many ranks there are
@@ -135,7 +135,7 @@ def test_each_rank_reads_its_own_rows_from_hdf5(world, shared_dir):
     x = np.arange(333 * 2, dtype=np.float32).reshape(333, 2)
     if world.is_root:
         write_h5(path, x, np.arange(333) % 3, num_classes=3)
-    world.comm.Barrier()
+    world.Barrier()
     ds, _ = open_dataset(Config(data=path), world.rank, world.size)
     sampler = EpochSampler(ds.train.ids, 50, world.rank, world.size, seed=2)
     share = 0
@@ -155,7 +155,7 @@ def test_class_count_found_by_all_ranks_together(world, serial, shared_dir):
         with h5py.File(path, "w") as f:
             f["x"] = rng.normal(size=(200, 4)).astype(np.float32)
             f["y"] = np.r_[np.zeros(199, np.int64), 6]  # the largest label is in the last rank's block
-    world.comm.Barrier()
+    world.Barrier()
     cfg = Config(data=path, hidden=[4], epochs=1, batch_size=32)
     assert fit(cfg, world).model.layers[-1].fan_out == serial(cfg).fan_out == 7
 

@@ -90,11 +90,8 @@ def test_the_example_layer_norm_forms_the_same_gradients_in_every_mode():
     assert layer.deferred_width(6) == 12
 
     # deterministic mode: shards of 2 rows; micro-batch 0 holds shards 0-1, micro-batch 1 shards 2-4
-    layer.shards = Sharding(2, Workers(1))
     per_shard = np.full((5, model.params.size), np.nan)
-    layer.shard_grads = {
-        s.name: per_shard[:, s.offset : s.offset + s.size].reshape(5, *s.shape) for s in model.params.slots
-    }
+    model.shard(Sharding(2, Workers(1)), per_shard)
     dx = step([[{"shard": 0}], [{"shard": 2}]])
     np.testing.assert_allclose(per_shard.sum(axis=0), whole, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(dx, dx_whole, rtol=1e-12, atol=1e-12)

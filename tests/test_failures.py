@@ -180,8 +180,7 @@ def test_a_nan_in_the_step_after_a_signal_is_reported_not_hidden_by_the_stop(tmp
 
     make = engine.make_optimizer
     monkeypatch.setattr(engine, "make_optimizer", lambda cfg: SignalAtStep(make(cfg), 4))
-    monkeypatch.setattr(faults, "_spec", ("nan", "data", 0, 4))
-    monkeypatch.setattr(faults, "_fired", False)
+    monkeypatch.setattr(faults, "_legacy", faults.armed(0, "nan@data:rank=0,step=4"))
     with pytest.raises(JobError, match="has a non-finite input value .* read for step 4") as exc:
         train.fit(Config(hidden=[16], epochs=1, checkpoint_dir=str(tmp_path)), Comm.serial())
     assert exc.value.exit_code == 2 and checkpoints(tmp_path) == []

@@ -10,11 +10,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from mpi4py import MPI
 
 from hpcnn.config import Config
 from hpcnn.errors import JobError
-from hpcnn.parallel.comm import Comm
+from hpcnn.parallel.comm import LAND, Comm
 from hpcnn.train import fit
 
 pytestmark = pytest.mark.mpi(min_size=2)
@@ -37,7 +36,7 @@ def reference(world):
             if world.is_root:
                 r = fit(Config(**{**BASE, **extra}), Comm.serial())
                 ref = SimpleNamespace(params=r.model.params.data, history=r.history, final=r.final)
-            cache[key] = world.comm.bcast(ref)
+            cache[key] = world.bcast(ref)
         return cache[key]
 
     return get
@@ -46,26 +45,26 @@ def reference(world):
 def run_on_first_ranks(world, ranks, cfg):
     """``fit`` on world ranks 0..ranks-1; the whole model's parameters gathered on world rank 0."""
     inside = world.rank < ranks
-    sub = world.split(0 if inside else 1, world.rank)
+    sub = world.Split(0 if inside else 1, world.rank)
     out = None
     if inside:
         result = fit(cfg, sub)
         grid = result.grid
         digest = hashlib.sha256(result.model.params.data.tobytes()).hexdigest()
-        replicas_agree = len(set(grid.dp.comm.allgather(digest))) == 1
+        replicas_agree = len(set(grid.dp.allgather(digest))) == 1
         if grid.replica == 0:
-            pieces = grid.pipe.comm.gather(result.model.params.data, root=0) if grid.pipe else None
+            pieces = grid.pipe.gather(result.model.params.data, root=0) if grid.pipe else None
             if grid.stage == 0:
                 # flat buffers are in backward order (last layer first): the last stage leads
                 whole = np.concatenate(pieces[::-1]) if pieces else result.model.params.data
                 out = SimpleNamespace(params=whole, history=result.history, final=result.final)
                 out.bounds = result.bounds
-        peaks = sub.comm.gather((grid.stage, result.pipeline.times.peak_live), root=0)
-        agree = sub.comm.allreduce(replicas_agree, op=MPI.LAND)
+        peaks = sub.gather((grid.stage, result.pipeline.times.peak_live), root=0)
+        agree = sub.allreduce(replicas_agree, op=LAND)
         if out is not None:
             out.peaks, out.replicas_agree = peaks, agree
         grid.free()
-    sub.comm.Free()
+    sub.Free()
     return out
 
 
@@ -81,7 +80,7 @@ def agreed_check(world, check):
             problems = check()
         except Exception as exc:  # noqa: BLE001  (reported on every rank below)
             problems = [f"{type(exc).__name__}: {exc}"]
-    problems = world.comm.bcast(problems)
+    problems = world.bcast(problems)
     assert not problems, problems
 
 

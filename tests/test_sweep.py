@@ -127,4 +127,4 @@ def test_a_mixed_sweep_is_summarised_and_an_ensemble_of_unlike_members_is_not_sc
     table = [line.split() for line in lines if line.startswith("  ") and line.split()[0].isdigit()]
     assert [row[0] for row in table] == ["0", "1"]  # the classifier first, then the regression
     assert any(line.startswith("ensemble: not scored: task") for line in lines), lines
-    world.free()
+    world.Free()

@@ -29,21 +29,21 @@ def test_every_task_runs_once_and_equals_the_same_training_alone():
     path = d / "s.toml"
     if world.is_root:
         path.write_text(SWEEP.format(epochs=2))
-    world.comm.Barrier()
+    world.Barrier()
     sweep = Sweep(world, path, directory=d / "out")
     assert sweep.run(lambda *a: None) == 0
     problems = []
-    pair = world.split(0 if world.rank < 2 else 1, world.rank)
+    pair = world.Split(0 if world.rank < 2 else 1, world.rank)
     for i, settings in enumerate(sweep.tasks[:4]):
         if world.rank < 2:  # the same task alone on a group of 2, into its own directory
             cfg = task_config(sweep.base, settings, d / "alone" / str(i))
             fit(cfg, pair)
-        world.comm.Barrier()
+        world.Barrier()
         if world.is_root:
             a = tensors(checkpoints(sweep.task_dir(i) / "checkpoints")[0])
             b = tensors(checkpoints(d / "alone" / str(i) / "checkpoints")[0])
             problems += [f"task {i}: {k} differs" for k in a if not np.array_equal(a[k], b[k])]
-    pair.free()
+    pair.Free()
     if world.is_root:
         records = results(d / "out")
         assert [r["task"] for r in records] == [0, 1, 2, 3, 4]
@@ -53,7 +53,7 @@ def test_every_task_runs_once_and_equals_the_same_training_alone():
         with open(d / "out" / "summary.csv") as fh:
             assert len(list(csv.reader(fh))) == 6
     problems = world.bcast(problems)
-    world.comm.Barrier()
+    world.Barrier()
     if world.is_root:
         import shutil
 

@@ -15,7 +15,7 @@ from hpcnn.parallel.comm import Comm
 
 def agreed(world, problems: list) -> None:
     """Fail on every rank if any rank found a problem."""
-    everything = [p for rank_problems in world.comm.allgather(problems) for p in rank_problems]
+    everything = [p for rank_problems in world.allgather(problems) for p in rank_problems]
     assert not everything, everything
 
 

@@ -21,7 +21,7 @@ import pytest
 from launch import run
 
 from hpcnn.io import checkpoints as checkpoint
-from hpcnn.io.checkpoints import checkpoints, verify
+from hpcnn.io.checkpoints import checkpoints, verify, writers
 
 LIMIT = 30.0  # seconds until every process of a failed run is gone
 FAST = ["--epochs", "1", "--eval-every", "0", "--run-dir", "", "--batch-size", "100"]  # 15 steps
@@ -93,7 +93,7 @@ def test_a_full_disk_ends_the_run_with_one_message_and_keeps_the_earlier_checkpo
 SCRIPT = """
 import sys
 from hpcnn import train
-from hpcnn.io import checkpoints as checkpoint
+from hpcnn.io.checkpoints import writers, writing
 from hpcnn.training import setup
 from hpcnn.parallel.comm import Comm
 from hpcnn.config import Config
@@ -101,9 +101,9 @@ from hpcnn.errors import JobError
 
 directory, how = sys.argv[1], sys.argv[2]
 if how == "full":  # skip the free-space checks: the disk fills during the write itself
-    checkpoint.too_little_space = setup.too_little_space = lambda directory, needed: None
+    writing.too_little_space = setup.too_little_space = lambda directory, needed: None
 else:  # the directory is removed while the second checkpoint is written
-    create, calls = checkpoint._create, []
+    create, calls = writers._create, []
 
     def removing(f, key, shape, dtype):
         calls.append(key)
@@ -112,7 +112,7 @@ else:  # the directory is removed while the second checkpoint is written
             shutil.rmtree(directory)
         return create(f, key, shape, dtype)
 
-    checkpoint._create = removing
+    writers._create = removing
 cfg = Config(hidden=[200], epochs=1, batch_size=100, eval_every=0, checkpoint_dir=directory, keep=0,
              checkpoint_every=5, quiet=True, resume=sys.argv[3] if len(sys.argv) > 3 else "")
 try:
@@ -195,7 +195,7 @@ def test_a_write_error_ends_every_rank_with_one_message(tmp_path, ranks, kind, t
 
 
 def test_the_spool_hides_a_failed_write_from_hdf5_and_reads_back_what_it_held(tmp_path):
-    spool = checkpoint._Spool(tmp_path / "f")
+    spool = writers._Spool(tmp_path / "f")
     spool.write(b"abcdef")
     spool.fail_next = errno.ENOSPC
     spool.seek(2)

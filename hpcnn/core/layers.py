@@ -78,9 +78,6 @@ class Layer:
     def bind(self, params: dict, grads: dict) -> None:
         assert not params and not grads
 
-    shards = None  # a deterministic.Sharding: compute in fixed-size row blocks (``--deterministic``)
-    shard_grads = None  # with ``shards``: {name: (shards, *shape)} one gradient per shard
-
     def forward(self, x, saved: dict | None, ws=FRESH):
         return x
 
@@ -89,6 +86,17 @@ class Layer:
 
     def weight_grads(self, stack, rows: int) -> None:
         """Form the weight gradients from the ``rows`` rows deferred backwards put in ``stack``."""
+
+    def shard(self, sharding, grads: dict | None) -> None:
+        """Compute in the fixed row blocks of ``sharding`` (``--deterministic``; ``None``: as usual),
+        each block's weight gradients into its own row of ``grads`` (``{name: (blocks, *shape)}``;
+        ``None`` for inference). ``Sequential.shard`` passes them down. A layer that works row by row
+        needs nothing; one with parameters sums over rows in backward and must override this."""
+        if grads is not None:
+            raise NotImplementedError(
+                f"{self!r} has parameters but no per-shard backward (Layer.shard): it cannot train "
+                "in deterministic mode"
+            )
 
     def deferred_width(self, in_features: int) -> int:
         """Values per row that a deferred backward keeps until ``weight_grads``."""
@@ -137,6 +145,7 @@ class Dense(Layer):
     def __init__(self, fan_in: int, fan_out: int, init: str = "he"):
         self.fan_in, self.fan_out, self.init = fan_in, fan_out, init
         self._dW_part = self._db_part = None  # scratch for accumulated micro-batch gradients
+        self._shards = self._shard_grads = None  # deterministic mode (``shard``)
 
     def param_specs(self):
         return [
@@ -153,16 +162,16 @@ class Dense(Layer):
         if saved is not None:
             saved["x"] = x  # (batch, fan_in), kept for dW
         y = ws("y", (len(x), self.fan_out), x.dtype)
-        if self.shards is None:
+        if self._shards is None:
             xp.matmul(x, self.W, out=y)  # (batch, fan_out)
         else:
-            self.shards.matmul_rows(x, self.W, y)
+            self._shards.matmul_rows(x, self.W, y)
         y += self.b
         return y
 
     def backward(self, dy, saved, need_dx=True, accumulate=False, ws=FRESH):
         x = saved.pop("x")
-        if self.shards is not None:
+        if self._shards is not None:
             return self._backward_shards(x, dy, saved.get("shard", 0), need_dx, ws)
         if "defer" in saved:  # (first row, step rows, stack scope): weight gradients come later
             first, rows, stack = saved["defer"]
@@ -192,11 +201,14 @@ class Dense(Layer):
     def deferred_width(self, in_features):
         return self.fan_in + self.fan_out
 
+    def shard(self, sharding, grads):
+        self._shards, self._shard_grads = sharding, grads
+
     def _backward_shards(self, x, dy, first: int, need_dx: bool, ws):
         """Each shard's weight gradient into its own row of the per-shard buffer (``first``: the
         local index of the input's first shard), and the input gradient shard by shard."""
-        n, sh = len(dy), self.shards
-        dW, db = self.shard_grads["W"], self.shard_grads["b"]
+        n, sh = len(dy), self._shards
+        dW, db = self._shard_grads["W"], self._shard_grads["b"]
         dx = ws("dx", (n, self.fan_in), dy.dtype) if need_dx else None
 
         def one(k):

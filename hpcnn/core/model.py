@@ -29,6 +29,7 @@ class Sequential:
         self.params = FlatParams(self.layers, dtype)
         self.workspace = Workspace()
         self._tape = None
+        self.sharding = None  # how the layers compute in deterministic mode (``shard``)
 
     def forward(self, x, train: bool = True, tape: list | None = None, slot: int = 0, on_layer_done=None):
         """Run the layers; with ``train``, what backward needs is kept on ``tape``.
@@ -72,6 +73,23 @@ class Sequential:
             self.layers[i].weight_grads(self.stack(i), rows)
             if on_layer_done is not None:
                 on_layer_done(i)
+
+    def shard(self, sharding, grads=None) -> None:
+        """Make the layers compute in the fixed row blocks of ``sharding`` (a
+        ``hpcnn.parallel.deterministic.Sharding``; ``None``: as usual), each block's weight
+        gradients into its own row of ``grads`` ``(blocks, params.size)``, laid out like
+        ``params.grad`` (``None``: inference only)."""
+        self.sharding = sharding
+        for i, layer in enumerate(self.layers):
+            views = None
+            if grads is not None:
+                n = len(grads)
+                views = {
+                    s.name: grads[:, s.offset : s.offset + s.size].reshape(n, *s.shape)
+                    for s in self.params.slots
+                    if s.layer == i
+                } or None
+            layer.shard(sharding, views)
 
     def stack(self, i: int):
         """The workspace scope where layer ``i`` keeps what deferred backwards leave for

@@ -1,8 +1,10 @@
 """The communicator hpcnn works on: rank facts, root-only printing, agreement on errors, threads.
 
-hpcnn never uses ``COMM_WORLD`` for its own traffic: ``Comm.world()`` wraps a ``Dup()`` of it, so
+hpcnn never uses ``COMM_WORLD`` for its own traffic: ``Comm.world()`` is a ``Dup()`` of it, so
 user code and libraries sharing the process cannot collide with hpcnn's messages, and tests can run
-the same code on ``COMM_SELF``. This is the only module that imports ``mpi4py.MPI``.
+the same code on ``COMM_SELF``. ``Comm`` is an mpi4py communicator: MPI calls keep MPI's names
+(``comm.Allreduce(IN_PLACE, buf, op=SUM)``, ``Request.Waitall(requests)``), and the constants they
+take are re-exported here. This is the only module that imports ``mpi4py.MPI``.
 """
 
 import os
@@ -55,25 +57,37 @@ from hpcnn.parallel.preempt import watch_interrupts  # noqa: E402
 
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 _ENDING = threading.Lock()  # held by the thread that is ending the job (end_job): one message
-NULL_REQUEST = MPI.REQUEST_NULL
+
+# MPI's own names, so that callers write ``comm.Allreduce(IN_PLACE, buf, op=SUM)`` and
+# ``Request.Waitall(requests)`` without importing mpi4py.
+IN_PLACE, SUM, MAX, MIN, LAND, LOR = MPI.IN_PLACE, MPI.SUM, MPI.MAX, MPI.MIN, MPI.LAND, MPI.LOR
+ANY_SOURCE, ANY_TAG = MPI.ANY_SOURCE, MPI.ANY_TAG
+Request, REQUEST_NULL = MPI.Request, MPI.REQUEST_NULL
+NULL_REQUEST = REQUEST_NULL  # removed once training/ is converted
 
 
-class Comm:
-    """A thin wrapper over an mpi4py communicator with the facts and helpers hpcnn needs.
+class Comm(MPI.Intracomm):
+    """An mpi4py communicator with the facts and the few helpers hpcnn adds.
+
+    It *is* an ``mpi4py.MPI.Intracomm``: every MPI call is mpi4py's own, under MPI's name
+    (``Allreduce``, ``Iallreduce``, ``Bcast``, ``Isend``, ``Irecv``, ``Send``, ``Recv``, ``Barrier``,
+    ``Free``; lowercase ``bcast``, ``gather``, ``allgather``, ``allreduce`` for small picklable
+    values), and libraries that take a communicator (h5py's ``mpio`` driver, ``MPI.Win``) take it
+    as it is. ``Dup`` and ``Split`` return a ``Comm``. What hpcnn adds is more than one MPI call:
+    ``sum``/``max``/``min`` of a small value, ``agreed``, ``root_decides``, ``print0``, ``end_job``,
+    ``abort``, ``counter``, ``wtime``.
 
     Parameters
     ----------
-    comm : mpi4py.MPI.Comm, owned by this object (pass a ``Dup()``, not a shared communicator)
+    comm : mpi4py.MPI.Intracomm, owned by this object from now on (pass a ``Dup()``, not a shared
+        communicator); collective: every rank of it must construct its ``Comm``
     """
 
     def __init__(self, comm):
-        self.comm = comm
-        self.rank = comm.Get_rank()
-        self.size = comm.Get_size()
-        self.is_root = self.rank == 0
+        self.is_root = self.Get_rank() == 0
         self.world_rank = MPI.COMM_WORLD.Get_rank()  # for messages and the fault hook
         self.debug = False  # print tracebacks with errors (set from --debug by commands)
-        node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        node = self.Split_type(MPI.COMM_TYPE_SHARED)
         self.local_size = node.Get_size()  # ranks sharing this node's cores
         node.Free()
 
@@ -87,6 +101,14 @@ class Comm:
         """A one-rank communicator (tests, serial references, task groups of one)."""
         _init()
         return cls(MPI.COMM_SELF.Dup())
+
+    def Dup(self, info=None) -> "Comm":
+        """A communicator of the same ranks whose traffic cannot mix with this one's."""
+        return Comm(super().Dup(info))
+
+    def Split(self, color: int = 0, key: int = 0) -> "Comm":
+        """The sub-communicator of the ranks that pass the same ``color``, ordered by ``key``."""
+        return Comm(super().Split(color, key))
 
     def print0(self, *args, **kwargs) -> None:
         """Print on rank 0 only (and flush: SLURM output files should show progress live)."""
@@ -103,112 +125,79 @@ class Comm:
                 devnull = os.open(os.devnull, os.O_WRONLY)
                 os.dup2(devnull, (kwargs.get("file") or sys.stdout).fileno())
 
-    def allreduce_sum_(self, buf) -> None:
-        """Sum a contiguous numpy buffer over all ranks, in place."""
-        self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
-
-    def iallreduce_sum_(self, buf):
-        """Start summing a contiguous buffer over all ranks in place; returns the request."""
-        return self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
-
-    @staticmethod
-    def testall(requests) -> bool:
-        """Whether all ``requests`` are complete; the call itself moves MPI's progress engine."""
-        return MPI.Request.Testall(requests)
-
-    def broadcast_(self, buf, root: int = 0) -> None:
-        self.comm.Bcast(buf, root=root)
-
     def sum(self, value):
         """Sum a small Python value (scalar metadata, not a hot-path buffer) over all ranks."""
-        return self.comm.allreduce(value, op=MPI.SUM)
+        return self.allreduce(value, op=MPI.SUM)
 
     def max(self, value):
-        return self.comm.allreduce(value, op=MPI.MAX)
+        return self.allreduce(value, op=MPI.MAX)
 
     def min(self, value):
-        return self.comm.allreduce(value, op=MPI.MIN)
+        return self.allreduce(value, op=MPI.MIN)
 
-    def bcast(self, obj, root: int = 0):
-        """Broadcast a small picklable Python object (metadata, decisions), not a buffer."""
-        return self.comm.bcast(obj, root=root)
-
-    def allreduce_max_(self, sendbuf, recvbuf) -> None:
-        self.comm.Allreduce(sendbuf, recvbuf, op=MPI.MAX)
-
-    def iallreduce_max(self, sendbuf, recvbuf):
-        """Start a non-blocking elementwise MAX of a small buffer; returns the request."""
-        return self.comm.Iallreduce(sendbuf, recvbuf, op=MPI.MAX)
-
-    def wtime(self) -> float:
+    @staticmethod
+    def wtime() -> float:
         return MPI.Wtime()
-
-    def barrier(self) -> None:
-        self.comm.Barrier()
-
-    def gather(self, obj, root: int = 0):
-        """Gather a small picklable object on ``root`` (``None`` elsewhere)."""
-        return self.comm.gather(obj, root=root)
 
     @staticmethod
     def library_version() -> str:
         """The MPI library's own one-line name and version."""
-        return MPI.Get_library_version().splitlines()[0].strip()
+        return library_version()
 
     def counter(self) -> "SharedCounter":
         """A counter on rank 0 that any rank can take the next value of (collective to create)."""
         return SharedCounter(self)
 
-    def dup(self) -> "Comm":
-        """A communicator of the same ranks whose traffic cannot mix with this one's."""
-        return Comm(self.comm.Dup())
+    # The names this class used before it took MPI's own.  # removed once training/ is converted
+    @property
+    def comm(self) -> "Comm":  # removed once training/ is converted
+        return self
 
-    def free(self) -> None:
-        self.comm.Free()
+    def allreduce_sum_(self, buf) -> None:  # removed once training/ is converted
+        self.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
 
-    def split(self, color: int, key: int) -> "Comm":
-        """The sub-communicator of the ranks that pass the same ``color``, ordered by ``key``."""
-        return Comm(self.comm.Split(color, key))
+    def iallreduce_sum_(self, buf):  # removed once training/ is converted
+        return self.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
 
-    # Point-to-point on contiguous numpy buffers, for pipeline stages.
-    def isend(self, buf, dest: int, tag: int):
-        return self.comm.Isend(buf, dest=dest, tag=tag)
+    def allreduce_max_(self, sendbuf, recvbuf) -> None:  # removed once training/ is converted
+        self.Allreduce(sendbuf, recvbuf, op=MPI.MAX)
 
-    def issend(self, buf, dest: int, tag: int):
-        """A synchronous-mode send: complete only once the receiver has matched it."""
-        return self.comm.Issend(buf, dest=dest, tag=tag)
+    def iallreduce_max(self, sendbuf, recvbuf):  # removed once training/ is converted
+        return self.Iallreduce(sendbuf, recvbuf, op=MPI.MAX)
 
-    def send_(self, buf, dest: int, tag: int) -> None:
-        self.comm.Send(buf, dest=dest, tag=tag)
+    def broadcast_(self, buf, root: int = 0) -> None:  # removed once training/ is converted
+        self.Bcast(buf, root=root)
 
-    def recv_(self, buf, source: int, tag: int) -> None:
-        self.comm.Recv(buf, source=source, tag=tag)
+    def send_(self, buf, dest: int, tag: int) -> None:  # removed once training/ is converted
+        self.Send(buf, dest=dest, tag=tag)
 
-    @staticmethod
-    def wait(request) -> None:
-        request.Wait()
+    def recv_(self, buf, source: int, tag: int) -> None:  # removed once training/ is converted
+        self.Recv(buf, source=source, tag=tag)
 
-    @staticmethod
-    def waitall(requests) -> None:
-        MPI.Request.Waitall(requests)
+    def irecv_(self, buf, source: int, tag: int):  # removed once training/ is converted
+        return self.Irecv(buf, source=source, tag=tag)
 
-    def irecv_(self, buf, source: int, tag: int):
-        return self.comm.Irecv(buf, source=source, tag=tag)
+    def dup(self) -> "Comm":  # removed once training/ is converted
+        return self.Dup()
 
-    @staticmethod
-    def testsome(requests) -> list[int]:
-        """Indices of the requests that have completed (progressing all of them; never blocks)."""
-        return MPI.Request.Testsome(requests) or []
+    def split(self, color: int, key: int) -> "Comm":  # removed once training/ is converted
+        return self.Split(color, key)
+
+    testall = staticmethod(Request.Testall)  # removed once training/ is converted
+    waitall = staticmethod(Request.Waitall)  # removed once training/ is converted
+    wait = staticmethod(Request.Wait)  # removed once training/ is converted
 
     @staticmethod
-    def threads_supported() -> bool:
-        """Whether MPI was initialised with MPI_THREAD_MULTIPLE (a helper thread may call MPI)."""
-        return MPI.Query_thread() == MPI.THREAD_MULTIPLE
+    def testsome(requests) -> list[int]:  # removed once training/ is converted
+        return Request.Testsome(requests) or []
 
     @staticmethod
-    def abort_job(code: int) -> None:
-        """End every rank of the job now (from any thread); the caller has printed why."""
-        MPI.COMM_WORLD.Abort(code)
+    def threads_supported() -> bool:  # removed once training/ is converted
+        return threads_supported()
+
+    @staticmethod
+    def abort_job(code: int) -> None:  # removed once training/ is converted
+        abort_job(code)
 
     def root_decides(self, fn, debug: bool = False):
         """Run ``fn()`` on rank 0 only (a file-system check, a choice of file) and return its
@@ -245,7 +234,7 @@ class Comm:
         except Exception as exc:  # noqa: BLE001  (every failure must reach the agreement below)
             detail = traceback.format_exc() if debug else ""
             failure = (isinstance(exc, UserError), str(exc) or type(exc).__name__, detail)
-        failures = self.comm.allgather(failure)
+        failures = self.allgather(failure)
         failed = [(rank, f) for rank, f in enumerate(failures) if f is not None]
         if not failed:
             return
@@ -272,7 +261,7 @@ class Comm:
         who = "" if self.is_root else f"rank {self.rank}: "
         say(f"hpcnn: {who}{message} (exit code {code})", sys.stderr)
         time.sleep(0.2)  # let the launcher forward the line before it tears the job down
-        MPI.COMM_WORLD.Abort(code)
+        abort_job(code)
 
     def abort(self, exc: BaseException, debug: bool = False) -> None:
         """End the whole job from one rank that failed outside an agreed block.
@@ -289,7 +278,23 @@ class Comm:
         # The launcher forwards our stderr through a pipe and tears the job down on Abort; a
         # moment's pause lets the one message that explains the failure reach the user first.
         time.sleep(0.5)
-        MPI.COMM_WORLD.Abort(code)
+        abort_job(code)
+
+
+def library_version() -> str:
+    """The MPI library's own one-line name and version."""
+    return MPI.Get_library_version().splitlines()[0].strip()
+
+
+def threads_supported() -> bool:
+    """Whether MPI was initialised with MPI_THREAD_MULTIPLE (a helper thread may call MPI)."""
+    return MPI.Query_thread() == MPI.THREAD_MULTIPLE
+
+
+def abort_job(code: int) -> None:
+    """End every rank of the job now (from any thread, whatever communicator the caller is on);
+    the caller has said why."""
+    MPI.COMM_WORLD.Abort(code)
 
 
 # What launchers tell each process about the job: (size variable, rank variable).
@@ -376,17 +381,17 @@ class SharedCounter:
     """
 
     def __init__(self, comm: Comm):
-        self.win = MPI.Win.Allocate(8 if comm.is_root else 0, 8, comm=comm.comm)
-        self._comm = comm.comm
+        self.win = MPI.Win.Allocate(8 if comm.is_root else 0, 8, comm=comm)
+        self._comm = comm
         self._stop, self._thread = threading.Event(), None
         if comm.is_root:
             self.win.Lock(0)
             self.win.Put(np.zeros(1, np.int64), 0)
             self.win.Unlock(0)
-            if comm.threads_supported():
+            if threads_supported():
                 self._thread = threading.Thread(target=self._progress, daemon=True, name="hpcnn-counter")
                 self._thread.start()
-        comm.comm.Barrier()  # nobody takes a number before it is zero
+        comm.Barrier()  # nobody takes a number before it is zero
 
     def _progress(self) -> None:
         while not self._stop.wait(0.01):
@@ -424,8 +429,8 @@ class Grid:
         assert world.size % stages == 0, (world.size, stages)
         self.world, self.stages, self.replicas = world, stages, world.size // stages
         self.replica, self.stage = divmod(world.rank, stages)
-        self.pipe = world.split(self.replica, self.stage) if stages > 1 else None
-        self.dp = world.split(self.stage, self.replica) if stages > 1 else world
+        self.pipe = world.Split(self.replica, self.stage) if stages > 1 else None
+        self.dp = world.Split(self.stage, self.replica) if stages > 1 else world
 
     def ranks_of_stage(self, stage: int) -> list[int]:
         return [d * self.stages + stage for d in range(self.replicas)]
@@ -433,8 +438,8 @@ class Grid:
     def free(self) -> None:
         """Release the sub-communicators (for callers that run many trainings in one process)."""
         if self.pipe is not None:
-            self.pipe.comm.Free()
-            self.dp.comm.Free()
+            self.pipe.Free()
+            self.dp.Free()
 
 
 def blas_threads(local_ranks: int, requested: int = 0) -> tuple[int | None, str]:

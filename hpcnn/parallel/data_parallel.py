@@ -17,7 +17,11 @@ more ranks MPI may associate the sums differently for different message sizes, s
 rounding. mpi4py passes numpy buffers (and CuPy ones to a CUDA-aware MPI) without copies.
 """
 
+from hpcnn.core.backend import xp
+from hpcnn.core.optim import clip_grad_norm
 from hpcnn.core.params import layer_ranges
+from hpcnn.parallel.comm import IN_PLACE, SUM, Request
+from hpcnn.parallel.sync import GradientSync
 from hpcnn.parallel.timeline import COMMUNICATION
 
 BUCKET_MB = 2.0  # default bucket size: a few buckets for a ~10 MB model, one per big layer
@@ -40,37 +44,35 @@ def buckets(slots, bucket_bytes: int, itemsize: int) -> list[tuple[int, int, set
     return out
 
 
-class DataParallel:
-    """Keep the replicas of ``params`` (a ``FlatParams``) in step over ``comm``.
+class DataParallel(GradientSync):
+    """Keep the replicas of ``params`` (a ``FlatParams``) in step over ``comm`` (a ``GradientSync``).
 
     Parameters
     ----------
-    comm : hpcnn.parallel.comm.Comm of the data-parallel group
+    comm : hpcnn.parallel.comm.Comm of the data-parallel group (rank ``r``: replica ``r``)
     params : hpcnn.core.params.FlatParams of this rank's replica
     overlap : start each bucket's reduction during backward (``False``: one Allreduce after it)
     bucket_mb : bucket size in MiB
-    clock : seconds (``MPI.Wtime``), for the time spent waiting on reductions
+    probe : the training's ``Probe``: each bucket's reduction becomes a span of its timeline
+    stages : Comm of this replica's pipeline stages (``None``: one stage), for the clipping norm
+    is_last : whether this rank holds the last stage (computes the loss)
     """
 
-    def __init__(self, comm, params, overlap: bool = True, bucket_mb: float = BUCKET_MB, clock=None):
-        self.comm, self.params = comm, params
+    def __init__(
+        self, comm, params, overlap=True, bucket_mb=BUCKET_MB, probe=None, stages=None, is_last=True
+    ):
+        super().__init__(comm, params)
         self.overlap = overlap and comm.size > 1
         self.buckets = buckets(params.slots, int(bucket_mb * 2**20), params.grad.itemsize)
         self._bucket_of = {layer: b for b, (_, _, members) in enumerate(self.buckets) for layer in members}
         self._pending: list = []
         self._reset()
-        self.clock = clock or (lambda: 0.0)
-        self.wait_time = 0.0  # seconds blocked in reduce_gradients (the reduction not hidden)
-        self.timeline = None  # an hpcnn.parallel.timeline.Timeline to record each bucket's reduction in
+        self.probe, self.stages, self.is_last = probe, stages, is_last
         self._began: dict = {}  # bucket -> when its reduction started (with a timeline only)
 
     def _reset(self) -> None:
         self._left = [len(members) for _, _, members in self.buckets]  # layers still in backward
         self._requests: list = [None] * len(self.buckets)
-
-    def broadcast_parameters(self, root: int = 0) -> None:
-        """Make every replica start from ``root``'s parameters."""
-        self.comm.broadcast_(self.params.data, root)
 
     @property
     def on_layer_done(self):
@@ -83,43 +85,63 @@ class DataParallel:
             self._left[b] -= 1
             if self._left[b] == 0:
                 self._start(b)
-        if self._pending and self.comm.testall(self._pending):
+        if self._pending and Request.Testall(self._pending):
             self._pending.clear()
             self._completed()
 
+    def _timeline(self):
+        return None if self.probe is None else self.probe.timeline
+
     def _start(self, b: int) -> None:
         start, stop, _ = self.buckets[b]
-        self._requests[b] = self.comm.iallreduce_sum_(self.params.grad[start:stop])
+        self._requests[b] = self.comm.Iallreduce(IN_PLACE, self.params.grad[start:stop], op=SUM)
         self._pending.append(self._requests[b])
-        if self.timeline is not None:
-            self._began[b] = self.clock()
+        if self._timeline() is not None:
+            self._began[b] = self.probe.clock()
 
     def _completed(self) -> None:
         """Every started bucket's reduction is known complete now: record their spans."""
-        if self.timeline is not None:
-            now = self.clock()
+        timeline = self._timeline()
+        if timeline is not None:
+            now = self.probe.clock()
             for b, began in self._began.items():
                 start, stop, _ = self.buckets[b]
                 nbytes = (stop - start) * self.params.grad.itemsize
-                self.timeline.span(f"allreduce bucket {b}", began, now, COMMUNICATION, bytes=nbytes)
+                timeline.span(f"allreduce bucket {b}", began, now, COMMUNICATION, bytes=nbytes)
             self._began.clear()
 
-    def reduce_gradients(self) -> None:
+    def metrics(self, global_rows, loss_sum, correct, rows, shard_losses):
+        """Each last-stage rank counts its own rows (the running sums are reduced when reported)."""
+        return ((loss_sum, correct, rows) if self.is_last else None), loss_sum
+
+    def reduce(self, global_rows: int = 0) -> None:
         """Sum the (already ``1 / global_rows``-scaled) gradients over the group, in place."""
         if self.comm.size == 1:
             return
-        t0 = self.clock()
         if self.overlap:
             for b, request in enumerate(self._requests):
                 if request is None:  # backward never reported it (e.g. no hook was passed)
                     self._start(b)
-            self.comm.waitall(self._pending)
+            Request.Waitall(self._pending)
             self._pending.clear()
             self._completed()
             self._reset()
         else:
-            self.comm.allreduce_sum_(self.params.grad)
-            if self.timeline is not None:
+            timeline = self._timeline()
+            t0 = self.probe.clock() if timeline is not None else 0.0
+            self.comm.Allreduce(IN_PLACE, self.params.grad, op=SUM)
+            if timeline is not None:
                 nbytes = self.params.grad.nbytes
-                self.timeline.span("allreduce (blocking)", t0, self.clock(), COMMUNICATION, bytes=nbytes)
-        self.wait_time += self.clock() - t0
+                timeline.span("allreduce (blocking)", t0, self.probe.clock(), COMMUNICATION, bytes=nbytes)
+
+    reduce_gradients = reduce  # removed once training/ is converted
+
+    def sq_norm(self, max_norm: float = 0.0) -> tuple[float, float]:
+        """This stage's squared norm (every replica holds the same reduced gradient); clipping
+        adds the stages' values (collective across stages: every rank takes part, finite or not).
+        Replica 0 of each stage counts its stage's share."""
+        grad = self.params.grad
+        sq = float(xp.dot(grad, grad))
+        if max_norm:
+            clip_grad_norm(grad, max_norm, self.stages.sum if self.stages is not None else None, sq)
+        return sq, sq if self.comm.rank == 0 else 0.0

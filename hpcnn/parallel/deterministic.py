@@ -31,8 +31,14 @@ import contextvars
 import math
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+
 from hpcnn.core.backend import xp
+from hpcnn.core.optim import clip_grad_norm
+from hpcnn.errors import UserError
 from hpcnn.io.datasets import split_counts
+from hpcnn.parallel.comm import IN_PLACE, SUM, Request
+from hpcnn.parallel.sync import GradientSync
 
 # shard_rows = 0: each full batch in this many shards. More shards let more replicas work but cost
 # throughput (smaller products, more per-shard gradients to add): at the benchmark network, 4 shards
@@ -160,6 +166,7 @@ class Sharding:
 
     A layer's input holds whole shards from its first row (a micro-batch), so blocks of ``rows``
     rows from its start are shards; ``first`` (kept on the tape) is the local index of the first.
+    ``Sequential.shard`` hands it to the layers.
     """
 
     def __init__(self, rows: int, workers: Workers):
@@ -182,32 +189,112 @@ class Sharding:
         self.workers.run(one, self.blocks(n))
 
 
-class ShardReducer:
-    """Sum the shards' gradients of one replica group in the canonical tree order.
+def shard_stage(model, rows: int) -> Sharding:
+    """Make ``model`` (a stage's ``Sequential``) compute in shards of ``rows`` rows on
+    single-threaded BLAS, with as many shard threads as BLAS had (for inference: evaluation of a
+    deterministic run; ``sharding.workers.close()`` gives BLAS its threads back)."""
+    sharding = Sharding(rows, Workers.replacing_blas_threads())
+    model.shard(sharding)
+    return sharding
+
+
+def exact_metrics(world, shard_losses, first: int, total: int, counts, is_last: bool) -> np.ndarray:
+    """``(loss sum, *counts)`` over all ``total`` shards, the same bits on every layout: each
+    shard's loss sum travels alone (a sum over ranks of one value and zeros is exact in any order)
+    and the values are added exactly; counts are integers (exact in float64), summed over every
+    rank of ``world`` (zeros where a rank has nothing to count)."""
+    v = np.zeros(total + len(counts))
+    if is_last:
+        v[first : first + len(shard_losses)] = shard_losses
+    v[total:] = counts
+    world.Allreduce(IN_PLACE, v, op=SUM)
+    return np.array([exact_sum(v[:total]), *v[total:]])
+
+
+class ShardReducer(GradientSync):
+    """Sum the shards' gradients of one replica group in the canonical tree order (a
+    ``GradientSync``); metrics and the gradient norm are summed exactly too.
 
     Parameters
     ----------
-    comm : hpcnn.parallel.comm.Comm of the data-parallel group (replicas of this stage)
-    model : Sequential of this stage; its layers get views of the per-shard gradient buffer
+    comm : hpcnn.parallel.comm.Comm of the data-parallel group (rank ``r``: replica ``r``)
+    model : Sequential of this stage; its layers compute in shards and write their gradients into
+        rows of this reducer's per-shard buffer
     max_shards : most shards this replica holds in one step
-    workers : Workers that add the local subtrees (may be set later, before the first ``reduce``)
+    rows : rows per shard
+    world : Comm of every rank (the exact metrics); default ``comm``
+    stages : Comm of this replica's pipeline stages (``None``: one stage), for the gradient norm
+    is_last : whether this rank holds the last stage (computes the loss)
+    tensors : ``(index of this stage's first tensor in the whole model, tensors in the model)``;
+        the norm is summed per tensor in model order (default: this stage is the model)
+
+    ``start()`` ends the set-up: it takes BLAS's threads for the shard threads (``close()`` gives
+    them back).
     """
 
-    def __init__(self, comm, model, max_shards: int, workers: Workers | None = None):
-        self.comm, self.params, self.workers = comm, model.params, workers
+    def __init__(
+        self, comm, model, max_shards: int, rows: int, world=None, stages=None, is_last=True, tensors=None
+    ):
+        super().__init__(comm, model.params)
         params = self.params
+        self.world = comm if world is None else world
+        self.stages, self.is_last, self.rows = stages, is_last, rows
+        self._tensor_base, self._tensor_count = tensors or (0, len(params.slots))
         # (shards, n_params): shard k's gradient in row k, laid out like params.grad
         self.grads = xp.zeros((max(1, max_shards), params.size), dtype=params.dtype)
-        for i, layer in enumerate(model.layers):
-            views = {
-                s.name: self.grads[:, s.offset : s.offset + s.size].reshape(len(self.grads), *s.shape)
-                for s in params.slots
-                if s.layer == i
-            }
-            layer.shard_grads = views or None
+        self.sharding = Sharding(rows, Workers(1))
+        try:
+            model.shard(self.sharding, self.grads)
+        except NotImplementedError as exc:
+            raise UserError(f"deterministic: {exc}") from None
         self._recv: dict = {}  # receive buffers by shape
 
-    def reduce(self, first: int, count: int, total: int) -> None:
+    @property
+    def workers(self) -> Workers:
+        return self.sharding.workers
+
+    def start(self) -> "ShardReducer":
+        """Shard threads in place of BLAS's own (BLAS single-threaded: a product's bits depend on
+        how many threads split it). The last step of a set-up: nothing after it may fail."""
+        self.sharding.workers = Workers.replacing_blas_threads()
+        return self
+
+    def close(self) -> None:
+        self.sharding.workers.close()
+
+    def _shards(self, global_rows: int) -> tuple[int, int, int]:
+        """``(first, count, total)``: this replica's shards of a ``global_rows``-row batch."""
+        total = shard_count(global_rows, self.rows)
+        first, count = shard_range(total, self.comm.size, self.comm.rank)
+        return first, count, total
+
+    def metrics(self, global_rows, loss_sum, correct, rows, shard_losses):
+        """The metrics of all shards, exact, on every rank; counted once (on rank 0 of ``world``)."""
+        first, _, total = self._shards(global_rows)
+        counts = (correct, rows) if self.is_last else (0, 0)
+        step = exact_metrics(self.world, shard_losses, first, total, counts, self.is_last)
+        return (step if self.world.is_root else None), step[0]
+
+    def reduce(self, global_rows: int) -> None:
+        self.reduce_shards(*self._shards(global_rows))
+
+    def sq_norm(self, max_norm: float = 0.0) -> tuple[float, float]:
+        """The whole model's squared norm, the same bits on every layout: one value per tensor
+        (fixed shapes), exact across stages (each tensor's value on one stage, zeros elsewhere),
+        added exactly; the same on every rank, counted by rank 0 of ``world``."""
+        params = self.params
+        values = np.zeros(self._tensor_count)
+        for i, slot in enumerate(params.slots):
+            g = params.view(params.grad, slot).reshape(-1)
+            values[self._tensor_base + i] = float(xp.dot(g, g))
+        if self.stages is not None:
+            self.stages.Allreduce(IN_PLACE, values, op=SUM)
+        sq = exact_sum(values)
+        if max_norm:
+            clip_grad_norm(params.grad, max_norm, None, sq)
+        return sq, sq if self.world.is_root else 0.0
+
+    def reduce_shards(self, first: int, count: int, total: int) -> None:
         """Fill ``params.grad`` with the tree sum of all ``total`` shards' gradients; this replica
         computed shards ``first .. first + count - 1`` into rows ``0 .. count - 1``."""
         grad, size = self.params.grad, self.params.size
@@ -223,7 +310,7 @@ class ShardReducer:
         for q, (start, n) in enumerate(chunks):
             if q != here and n:
                 for tag, (a, _) in enumerate(nodes):
-                    requests.append(comm.isend(self.grads[a - first, start : start + n], q, tag))
+                    requests.append(comm.Isend(self.grads[a - first, start : start + n], q, tag))
         held = [self._nodes_of(p, total) if p != here else [] for p in range(comm.size)]
         incoming = sum(len(h) for h in held)
         if mine[1]:
@@ -232,26 +319,26 @@ class ShardReducer:
             for p, theirs in enumerate(held):
                 for tag, node in enumerate(theirs):
                     parts[node] = buf[i]
-                    requests.append(comm.irecv_(buf[i], p, tag))
+                    requests.append(comm.Irecv(buf[i], p, tag))
                     i += 1
             start, n = mine
             for a, b in nodes:
                 parts[a, b] = self.grads[a - first, start : start + n]
-        comm.waitall(requests)
+        Request.Waitall(requests)
         requests = []
         if mine[1]:
             start, n = mine
             xp.copyto(grad[start : start + n], _complete(parts, 0, total))
             requests += [
-                comm.isend(grad[start : start + n], q, _GATHER) for q in range(comm.size) if q != here
+                comm.Isend(grad[start : start + n], q, _GATHER) for q in range(comm.size) if q != here
             ]
         # Every rank's chunk to every other rank. Point-to-point rather than Allgatherv: MPICH's
         # Allgatherv took 18 ms for 7 MiB at two ranks with MPIR_CVAR_ENABLE_HEAVY_YIELD=1 (0.5 ms
         # for these messages).
         for p, (start, n) in enumerate(chunks):
             if p != here and n:
-                requests.append(comm.irecv_(grad[start : start + n], p, _GATHER))
-        comm.waitall(requests)
+                requests.append(comm.Irecv(grad[start : start + n], p, _GATHER))
+        Request.Waitall(requests)
 
     def _nodes_of(self, replica: int, total: int) -> list[tuple[int, int]]:
         first, count = shard_range(total, self.comm.size, replica)

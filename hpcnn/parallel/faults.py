@@ -17,8 +17,11 @@ which optimizer step (0-based; ``step`` may be left out: the first time the site
   reduction), ``optimizer``, ``checkpoint`` (inside a checkpoint write), ``evaluation``.
 
 Example: ``HPCNN_FAULT=raise@backward:rank=2,step=5 mpirun -n 4 python -m hpcnn.train``, or
-``HPCNN_FAULT=sleep@checkpoint:rank=0,step=9,seconds=3``. Unset, each
-site costs one comparison with ``None``.
+``HPCNN_FAULT=sleep@checkpoint:rank=0,step=9,seconds=3``.
+
+``armed(world_rank)`` reads the variable: ``None`` when it is unset (nothing is ever checked), else
+the ``Fault`` this process may fire. The training's probe (``hpcnn.parallel.probe``) holds it and
+fires it at the sites it passes, with the step it is at.
 """
 
 import errno
@@ -35,14 +38,54 @@ ERRNOS = {"enospc": errno.ENOSPC, "eio": errno.EIO}  # the write errors the chec
 ACTING = {"nan": ("data", "forward"), "diverge": ("optimizer",), **dict.fromkeys(ERRNOS, ("checkpoint",))}
 
 
-def _parse(text: str | None):
+class Fault:
+    """One armed fault: ``kind`` at ``site`` on world rank ``rank`` at ``step`` (``None``: the
+    first time the site is reached), fired at most once."""
+
+    def __init__(self, kind: str, site: str, rank: int, step: int | None, seconds: float, world_rank: int):
+        self.kind, self.site, self.rank, self.step = kind, site, rank, step
+        self.seconds = seconds  # how long a ``sleep`` pauses
+        self.here = rank == world_rank  # whether this process is the one that fails
+        self.fired = False
+
+    def point(self, site: str, step: int) -> str | None:
+        """Called at each site. Returns the kind when the caller must act (``ACTING``); raises,
+        kills or hangs for the other kinds; ``None`` when this fault is not due here and now."""
+        if site != self.site or not self.here or self.fired or (self.step is not None and self.step != step):
+            return None
+        self.fired = True
+        kind = self.kind
+        if kind == "raise":
+            raise RuntimeError(f"injected fault at {site}, step {step}")
+        if kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if kind == "hang":
+            while True:
+                time.sleep(3600)
+        if kind == "freeze":  # said on stderr, so that a test can time what follows from this moment
+            print(f"{VARIABLE}: freezing at {site}, step {step}", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGSTOP)
+            return None
+        if kind == "sleep":  # said on stderr, so that a test can aim a signal at the pause
+            print(
+                f"{VARIABLE}: sleeping {self.seconds:g} s at {site}, step {step}", file=sys.stderr, flush=True
+            )
+            time.sleep(self.seconds)
+            return None
+        return kind
+
+
+def armed(world_rank: int, text: str | None = None) -> Fault | None:
+    """The fault ``text`` (default: the ``HPCNN_FAULT`` variable) arms for the process of world
+    rank ``world_rank``, or ``None`` without one. ``ValueError`` names the expected form."""
+    text = os.environ.get(VARIABLE) if text is None else text
     if not text:
         return None
     try:
         head, _, tail = text.partition(":")
         kind, site = head.split("@")
         fields = dict(part.split("=") for part in tail.split(",") if part)
-        spec = (kind, site, int(fields.get("rank", 0)), int(fields["step"]) if "step" in fields else None)
+        rank, step = int(fields.get("rank", 0)), int(fields["step"]) if "step" in fields else None
         seconds = float(fields.get("seconds", 2.0))
     except (ValueError, KeyError):
         raise ValueError(f"{VARIABLE}={text!r}: expected KIND@SITE:rank=R,step=S") from None
@@ -52,41 +95,27 @@ def _parse(text: str | None):
         raise ValueError(f"{VARIABLE}={text!r}: {kind} acts only at {', '.join(ACTING[kind])}")
     if set(fields) - {"rank", "step", "seconds"} or ("seconds" in fields and kind != "sleep"):
         raise ValueError(f"{VARIABLE}={text!r}: fields are rank, step (and seconds, for sleep)")
-    global _seconds
-    _seconds = seconds
-    return spec
+    return Fault(kind, site, rank, step, seconds, world_rank)
 
 
-_seconds = 2.0  # how long a ``sleep`` fault pauses
-_spec = _parse(os.environ.get(VARIABLE))
-rank = 0  # set by the training loop: this process's world rank and its current step
-step = 0
-_fired = False
+# The module-level fault of the training loop before it had a probe.  # removed once training/ is converted
+_legacy = armed(-1)  # removed once training/ is converted
+rank = 0  # removed once training/ is converted
+step = 0  # removed once training/ is converted
 
 
-def point(site: str) -> str | None:
-    """Called at each site. Returns the kind when the caller must act (``ACTING``); raises, kills
-    or hangs for the other kinds; ``None`` (nearly free) when no fault is armed here."""
-    global _fired
-    if _spec is None:
+def point(site: str) -> str | None:  # removed once training/ is converted
+    if _legacy is None:
         return None
-    kind, where, on_rank, at_step = _spec
-    if where != site or on_rank != rank or _fired or (at_step is not None and at_step != step):
-        return None
-    _fired = True
-    if kind == "raise":
-        raise RuntimeError(f"injected fault at {site}, step {step}")
-    if kind == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    if kind == "hang":
-        while True:
-            time.sleep(3600)
-    if kind == "freeze":  # said on stderr, so that a test can time what follows from this moment
-        print(f"{VARIABLE}: freezing at {site}, step {step}", file=sys.stderr, flush=True)
-        os.kill(os.getpid(), signal.SIGSTOP)
-        return None
-    if kind == "sleep":  # said on stderr, so that a test can aim a signal at the pause
-        print(f"{VARIABLE}: sleeping {_seconds:g} s at {site}, step {step}", file=sys.stderr, flush=True)
-        time.sleep(_seconds)
-        return None
-    return kind
+    _legacy.here = _legacy.rank == rank
+    return _legacy.point(site, step)
+
+
+class _Legacy:  # removed once training/ is converted
+    """The module-level fault as a probe's ``faults``: its own ``step`` and ``rank`` count."""
+
+    def point(self, site: str, step: int) -> str | None:
+        return point(site)
+
+
+LEGACY = _Legacy() if _legacy is not None else None  # removed once training/ is converted

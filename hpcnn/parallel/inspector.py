@@ -1,7 +1,8 @@
 """Stall inspector: no rank waits forever, and rank 0 says who is missing and where.
 
-Every rank records the operation it is in (``mark``): setup, reading data, forward/backward, a
-pipeline receive, the gradient reduction, the optimizer step, evaluation, a checkpoint write. A
+Every rank records the operation it is in (``mark``, which the training's probe calls as its
+phases change): setup, reading data, forward/backward, a pipeline receive, the gradient reduction,
+the optimizer step, evaluation, a checkpoint write. A
 thread on each rank sends ``(step, operation, seconds in it)`` to rank 0 once per ``period`` over a
 communicator of its own (mpi4py releases the GIL inside blocking MPI calls and initialises MPI
 with ``MPI_THREAD_MULTIPLE``, so the thread runs while the main thread waits in a collective).
@@ -34,7 +35,7 @@ import time
 import numpy as np
 
 from hpcnn.errors import EXIT_STALL
-from hpcnn.parallel.comm import NULL_REQUEST, say
+from hpcnn.parallel.comm import REQUEST_NULL, Request, abort_job, say, threads_supported
 
 OPS = (
     "setup",
@@ -77,23 +78,23 @@ class Inspector:
     """Watch the ranks of ``comm`` (an ``hpcnn.parallel.comm.Comm``); ``timeout`` 0 means automatic."""
 
     def __init__(self, comm, timeout: float = 0.0, period: float = 1.0):
-        self.comm = comm.dup()
+        self.comm = comm.Dup()
         self.timeout, self.period = timeout, period
         self.op, self.detail, self.step = 0, 0, 0
         self.since = time.monotonic()
         self.longest_step = 0.0
-        self.totals = np.zeros(len(OPS))  # seconds spent in each operation
+        self.totals = [0.0] * len(OPS)  # seconds spent in each operation
         self._stop = threading.Event()
         self._thread, self._abandoned = None, False
         self._last_wake, self._quiet_until = time.monotonic(), 0.0
-        if not comm.threads_supported():
+        if not threads_supported():
             return  # MPI without MPI_THREAD_MULTIPLE: no helper thread may call it (times still kept)
         if comm.is_root:
             size = self.comm.size
             self._state_of, self._inbox = np.zeros((size, 4)), np.zeros((size, 4))
             self._heard, self._done = np.full(size, time.monotonic()), np.zeros(size, bool)
             self._done[0] = True
-            self._requests = [self.comm.irecv_(self._inbox[r], r, HEARTBEAT) for r in range(1, size)]
+            self._requests = [self.comm.Irecv(self._inbox[r], r, HEARTBEAT) for r in range(1, size)]
         target = self._watch if comm.is_root else self._beat
         self._thread = threading.Thread(target=target, name="hpcnn-stall-inspector", daemon=True)
         self._thread.start()
@@ -116,7 +117,7 @@ class Inspector:
         # The collective part runs while the threads still watch: a rank lost now is still found.
         self.mark("finishing")
         waiting = sum(self.totals[i] for i in WAITING)
-        rows = self.comm.gather((self.totals.sum() - waiting, waiting), root=0)
+        rows = self.comm.gather((sum(self.totals) - waiting, waiting), root=0)
         self.mark("done")
         self._stop.set()
         if self._thread is not None:
@@ -132,7 +133,7 @@ class Inspector:
                 f"time per rank (computing / waiting): slowest rank {slow}: {rows[slow][0]:.2f} s / "
                 f"{rows[slow][1]:.2f} s; fastest rank {fast}: {rows[fast][0]:.2f} s / {rows[fast][1]:.2f} s"
             )
-        self.comm.free()
+        self.comm.Free()
 
     def abandon(self) -> None:
         """Stop the thread without the collective shutdown (an error is ending the run)."""
@@ -166,7 +167,7 @@ class Inspector:
                 break
             if request is None or request.Test():
                 self._beat_buffer = state  # keep the buffer alive until rank 0 has taken it
-                request, posted = self.comm.issend(state, 0, HEARTBEAT), now
+                request, posted = self.comm.Issend(state, 0, HEARTBEAT), now
             if self._away(now):
                 posted = max(posted, now - self.period)  # this rank's absence, not rank 0's
                 continue
@@ -191,21 +192,21 @@ class Inspector:
         if request is not None:
             request.Wait()
         self._beat_buffer = self._state()
-        self.comm.issend(self._beat_buffer, 0, HEARTBEAT).Wait()
+        self.comm.Issend(self._beat_buffer, 0, HEARTBEAT).Wait()
 
     def _collect(self) -> None:
         """Rank 0: take in every heartbeat that has arrived. One receive stays posted per rank, and
         the test is repeated until nothing more completes: when rank 0's main thread makes no MPI
         calls (stuck in computation), each test may progress only one incoming message."""
-        while completed := self.comm.testsome(self._requests):
+        while completed := Request.Testsome(self._requests):
             for r in completed:
                 source = r + 1
                 self._state_of[source], self._heard[source] = self._inbox[source], time.monotonic()
                 if int(self._inbox[source, 1]) == DONE:
                     self._done[source] = True
-                    self._requests[r] = NULL_REQUEST
+                    self._requests[r] = REQUEST_NULL
                 else:
-                    self._requests[r] = self.comm.irecv_(self._inbox[source], source, HEARTBEAT)
+                    self._requests[r] = self.comm.Irecv(self._inbox[source], source, HEARTBEAT)
 
     def _away(self, now: float) -> bool:
         """Whether this thread has just come back from not running for several periods (its process
@@ -233,7 +234,7 @@ class Inspector:
     def _fail(self, message: str) -> None:
         say(f"hpcnn: error: stall: {message}", sys.stderr)
         time.sleep(0.5)  # let the launcher forward the message before it tears the job down
-        self.comm.abort_job(EXIT_STALL)
+        abort_job(EXIT_STALL)
 
 
 def diagnose(state, silent, deadline) -> str | None:

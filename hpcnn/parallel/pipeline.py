@@ -30,14 +30,14 @@ sees few shapes (full micro-batches, the last partial batch's, evaluation chunks
 keeps one buffer per shape and micro-batch in flight.
 """
 
-from dataclasses import dataclass, field
-
 import numpy as np
 
 from hpcnn.core.backend import xp
 from hpcnn.core.losses import count_correct
 from hpcnn.errors import UserError
 from hpcnn.parallel import faults
+from hpcnn.parallel.comm import Request
+from hpcnn.parallel.probe import Probe, StageTimes
 
 SCHEDULES = ("1f1b", "gpipe")
 
@@ -86,59 +86,66 @@ def schedule_ops(kind: str, stage: int, stages: int, micro: int) -> list[tuple[s
     return ops + [("B", m) for m in range(micro - warmup, micro)]
 
 
-@dataclass
-class StageTimes:
-    """Where a stage's time went, summed over steps (seconds)."""
-
-    forward: float = 0.0  # forward and loss
-    backward: float = 0.0  # backward (including starting and testing gradient reductions)
-    wait: float = 0.0  # blocked in Recv and in completing sends
-    total: float = 0.0  # whole pipeline steps (forward, backward, waits)
-    # filled by the training loop around the pipeline step:
-    data: float = 0.0  # reading and casting this rank's rows
-    reduce: float = 0.0  # blocked on the data-parallel gradient reduction (not hidden by backward)
-    optimizer: float = 0.0  # gradient norm, clipping, optimizer step
-    steps: int = 0
-    peak_live: int = 0  # most micro-batches with forward done and backward not yet
-    samples: list = field(default_factory=list)
-
-    @property
-    def compute(self) -> float:
-        return self.forward + self.backward
-
-    @property
-    def bubble(self) -> float:
-        """The fraction of step time this stage was not computing."""
-        return 1.0 - self.compute / self.total if self.total else 0.0
-
-
 class Pipeline:
     """This rank's stage of a pipeline, running micro-batches through ``model``.
 
     Parameters
     ----------
-    model : Sequential holding this stage's layers
+    model : Sequential holding this stage's layers (``model.shard``: deterministic mode)
     pipe : Comm of this replica's stages (``None`` for a one-stage pipeline)
     stage, stages : this stage's index and the number of stages
     in_features : width of the activations this stage receives (or reads, on stage 0)
     schedule : ``"1f1b"`` or ``"gpipe"``
     clock : a function returning seconds (``MPI.Wtime``)
+    probe : the training's ``Probe``, told each phase of a step (default: one of its own)
     """
 
-    def __init__(self, model, pipe, stage: int, stages: int, in_features: int, schedule: str, clock):
+    def __init__(
+        self, model, pipe, stage: int, stages: int, in_features: int, schedule: str, clock, probe=None
+    ):
         self.model, self.pipe, self.stage, self.stages = model, pipe, stage, stages
         self.in_features, self.out_features = in_features, model.out_features(in_features)
-        self.schedule, self.clock = schedule, clock
+        self.schedule = schedule
         self.is_first, self.is_last = stage == 0, stage == stages - 1
-        self.times = StageTimes()
-        self.timeline = None  # an hpcnn.parallel.timeline.Timeline to record micro-batches and waits in
-        self.mark = lambda op, detail=0: None  # the stall inspector's, when one watches this rank
+        self.probe = probe if probe is not None else Probe(clock, faults=faults.LEGACY)
         self._pool: dict[tuple, list] = {}
         self._deferred: list = []
-        # --deterministic: micro-batches are whole shards of this many rows, and the last stage
-        # keeps each shard's loss sum of the latest step (or evaluation chunk) in shard order
-        self.shard_rows = 0
+        # --deterministic: the last stage keeps each shard's loss sum of the latest step (or
+        # evaluation chunk) in shard order
         self.shard_losses: list[float] = []
+
+    @property
+    def shard_rows(self) -> int:
+        """Rows per shard in deterministic mode (micro-batches are whole shards), else 0."""
+        sharding = self.model.sharding
+        return sharding.rows if sharding is not None else 0
+
+    @property
+    def times(self) -> StageTimes:
+        """Where this rank's step time went (the probe's timers)."""
+        return self.probe.times
+
+    @times.setter
+    def times(self, value: StageTimes) -> None:
+        self.probe.times = value
+
+    # The training loop before it had a probe.  # removed once training/ is converted
+    @property
+    def timeline(self):  # removed once training/ is converted
+        return self.probe.timeline
+
+    @timeline.setter
+    def timeline(self, value) -> None:  # removed once training/ is converted
+        self.probe.timeline = value
+
+    @property
+    def mark(self):  # removed once training/ is converted
+        inspector = self.probe.inspector
+        return (lambda op, detail=0: None) if inspector is None else inspector.mark
+
+    @mark.setter
+    def mark(self, fn) -> None:  # removed once training/ is converted
+        self.probe.inspector = getattr(fn, "__self__", None)
 
     def defers_weight_grads(self, micro: int) -> bool:
         return defers_weight_grads(self.stages, micro, bool(self.shard_rows))
@@ -149,9 +156,9 @@ class Pipeline:
             return
         mine = (self.out_features, np.dtype(self.model.dtype).str)
         if not self.is_last:
-            self.pipe.comm.send(mine, dest=self.stage + 1, tag=0)
+            self.pipe.send(mine, dest=self.stage + 1, tag=0)
         if not self.is_first:
-            theirs = self.pipe.comm.recv(source=self.stage - 1, tag=0)
+            theirs = self.pipe.recv(source=self.stage - 1, tag=0)
             expected = (self.in_features, np.dtype(self.model.dtype).str)
             assert theirs == expected, f"stage {self.stage} receives {theirs}, expects {expected}"
 
@@ -165,9 +172,8 @@ class Pipeline:
     def _recv(self, rows: int, width: int, source: int, tag: int):
         """A blocking receive for inference (training steps post theirs up front: ``_take``)."""
         buf = self._buffer(rows, width)
-        self.mark("evaluation receive", source)
-        self.pipe.recv_(buf, source, tag)
-        self.mark("evaluation")
+        with self.probe.region("evaluation receive", value=source):
+            self.pipe.Recv(buf, source=source, tag=tag)
         return buf
 
     def _post_receives(self, sizes) -> dict:
@@ -177,25 +183,29 @@ class Pipeline:
         for m, rows in enumerate(sizes):
             if not self.is_first:
                 buf = self._buffer(rows, self.in_features)
-                posted["F", m] = (self.pipe.irecv_(buf, self.stage - 1, m), buf)
+                posted["F", m] = (self.pipe.Irecv(buf, source=self.stage - 1, tag=m), buf)
             if not self.is_last:
                 buf = self._buffer(rows, self.out_features)
-                posted["B", m] = (self.pipe.irecv_(buf, self.stage + 1, m), buf)
+                posted["B", m] = (self.pipe.Irecv(buf, source=self.stage + 1, tag=m), buf)
         return posted
 
     def _take(self, posted, kind: str, m: int, source: int):
         """Wait for a posted receive; returns its buffer."""
         request, buf = posted.pop((kind, m))
-        t0 = self.clock()
-        self.mark("pipeline receive", source)
-        self.pipe.wait(request)
-        self.mark("forward/backward")
-        t1 = self.clock()
-        self.times.wait += t1 - t0
-        if self.timeline is not None:
-            what = "activations" if kind == "F" else "gradients"
-            self.timeline.span(f"recv wait mb {m}", t0, t1, stage=source, data=what)
+        self.probe("receive activations" if kind == "F" else "receive gradients", m, source)
+        request.Wait()
         return buf
+
+    def _tapes(self, m: int, offsets, defer: bool) -> list[dict]:
+        """Micro-batch ``m``'s tape: what each layer's backward will need from its forward."""
+        layers = self.model.layers
+        if self.shard_rows:  # the local index of the micro-batch's first shard
+            first = int(offsets[m]) // self.shard_rows
+            return [{"shard": first} for _ in layers]
+        if defer:  # (first row, step rows, stack scope): weight gradients after the last backward
+            rows = (int(offsets[m]), int(offsets[-1]))
+            return [{"defer": (*rows, self.model.stack(i))} for i in range(len(layers))]
+        return [{} for _ in layers]
 
     def train_step(
         self, inputs, targets, sizes, scale: float, loss_fn, on_layer_done=None, shard_starts=None
@@ -207,102 +217,77 @@ class Pipeline:
         stage's ``(loss_sum, correct)`` (zeros elsewhere). ``on_layer_done(i)`` is called once layer
         ``i``'s gradient is final: during the last micro-batch's backward (backwards run in
         micro-batch order, so the last one completes each layer), or, where the stage defers weight
-        gradients, during the weight-gradient pass after it.
-        ``shard_starts``: with ``shard_rows``, the local index of each micro-batch's first shard.
+        gradients, during the weight-gradient pass after it. (``shard_starts``: unused.)
         """
-        t_step = self.clock()
         micro = len(sizes)
         assert micro >= 1, "a step needs at least one micro-batch"
+        probe, times = self.probe, self.probe.times
         tapes, held, kept = {}, {}, {}  # per micro-batch: forward state, recv buffer, loss grad
         sends, loss_sum, correct, live, first_backward = [], 0.0, 0, 0, True
-        # Every receive of the step is posted now, and every layer boundary tests all pending
-        # transfers: without an asynchronous progress thread, MPI moves a large (rendezvous)
-        # message only while both sides are inside MPI, so a transfer posted between two waits
-        # would otherwise sit idle through the sender's next computation.
-        posted = self._post_receives(sizes)
-        # A stage of a pipeline defers weight gradients to one product over all the step's rows
-        # after the last backward: per micro-batch, each would be a product with only its rows
-        # (memory-bound at tens of rows) plus a pass adding it into the buffer.
-        defer = self.defers_weight_grads(micro)
-        offsets, n_layers = np.cumsum([0, *sizes]), len(self.model.layers)
-        pending = [request for request, _ in posted.values()]
-        self.shard_losses = []
+        with probe.region("forward/backward"):
+            # Every receive of the step is posted now, and every layer boundary tests all pending
+            # transfers: without an asynchronous progress thread, MPI moves a large (rendezvous)
+            # message only while both sides are inside MPI, so a transfer posted between two waits
+            # would otherwise sit idle through the sender's next computation.
+            posted = self._post_receives(sizes)
+            # A stage of a pipeline defers weight gradients to one product over all the step's rows
+            # after the last backward: per micro-batch, each would be a product with only its rows
+            # (memory-bound at tens of rows) plus a pass adding it into the buffer.
+            defer = self.defers_weight_grads(micro)
+            offsets = np.cumsum([0, *sizes])
+            pending = [request for request, _ in posted.values()]
+            self.shard_losses = []
 
-        def progress(i=None):
-            if pending or sends:
-                self.pipe.testall(pending + [request for request, _ in sends])
+            def progress(i=None):
+                if pending or sends:
+                    Request.Testall(pending + [request for request, _ in sends])
 
-        def backward_hook(i):
-            on_layer_done(i)
-            progress()
+            def backward_hook(i):
+                on_layer_done(i)
+                progress()
 
-        for op, m in schedule_ops(self.schedule, self.stage, self.stages, micro):
-            if op == "F":
-                if self.is_first:
-                    x = inputs[m]
+            for op, m in schedule_ops(self.schedule, self.stage, self.stages, micro):
+                if op == "F":
+                    x = inputs[m] if self.is_first else self._take(posted, "F", m, self.stage - 1)
+                    held[m] = x
+                    probe("forward", m, sizes[m])
+                    tapes[m] = self._tapes(m, offsets, defer)
+                    out = self.model.forward(x, tape=tapes[m], slot=m, on_layer_done=progress)
+                    if probe.fault("forward") == "nan":
+                        out = out * xp.nan
+                    if self.is_last:
+                        scope = self.model.workspace.scope("loss", ("train", m))
+                        loss_sum, correct = self._score(loss_fn, out, targets[m], loss_sum, correct, scope)
+                        kept[m] = loss_fn.backward(scale)
+                    else:
+                        sends.append((self.pipe.Isend(out, dest=self.stage + 1, tag=m), out))
+                    live += 1
+                    times.peak_live = max(times.peak_live, live)
                 else:
-                    x = held[m] = self._take(posted, "F", m, self.stage - 1)
-                t0 = self.clock()
-                if shard_starts:
-                    tapes[m] = [{"shard": shard_starts[m]} for _ in self.model.layers]
-                elif defer:
-                    rows = (int(offsets[m]), int(offsets[-1]))
-                    tapes[m] = [{"defer": (*rows, self.model.stack(i))} for i in range(n_layers)]
-                else:
-                    tapes[m] = [{} for _ in self.model.layers]
-                out = self.model.forward(x, tape=tapes[m], slot=m, on_layer_done=progress)
-                if faults.point("forward") == "nan":
-                    out = out * xp.nan
-                if self.is_last:
-                    scope = self.model.workspace.scope("loss", ("train", m))
-                    loss_sum, correct = self._score(loss_fn, out, targets[m], loss_sum, correct, scope)
-                    kept[m] = loss_fn.backward(scale)
-                t1 = self.clock()
-                self.times.forward += t1 - t0
-                if self.timeline is not None:
-                    self.timeline.span(f"forward mb {m}", t0, t1, rows=sizes[m])
-                if not self.is_last:
-                    sends.append((self.pipe.isend(out, self.stage + 1, m), out))
-                live += 1
-                self.times.peak_live = max(self.times.peak_live, live)
-            else:
-                if self.is_last:
-                    dout = kept.pop(m)
-                else:
-                    dout = held_grad = self._take(posted, "B", m, self.stage + 1)
-                t0 = self.clock()
-                faults.point("backward")
-                # gradients final: reduce them (deferred ones are final after weight_grads)
-                final = m == micro - 1 and on_layer_done is not None and not defer
-                dx = self.model.backward(
-                    dout,
-                    need_input_grad=not self.is_first,
-                    tape=tapes.pop(m),
-                    accumulate=not first_backward,
-                    slot=m,
-                    on_layer_done=backward_hook if final else progress,
-                )
-                t1 = self.clock()
-                self.times.backward += t1 - t0
-                if self.timeline is not None:
-                    self.timeline.span(f"backward mb {m}", t0, t1, rows=sizes[m])
-                first_backward = False
-                if not self.is_first:
-                    sends.append((self.pipe.isend(dx, self.stage - 1, m), dx))
-                    self._release_unless_sent(held.pop(m), sends)
-                if not self.is_last:
-                    self._release_unless_sent(held_grad, sends)
-                live -= 1
-        if defer:
-            t0 = self.clock()
-            self.model.weight_grads(int(offsets[-1]), backward_hook if on_layer_done else progress)
-            t1 = self.clock()
-            self.times.backward += t1 - t0
-            if self.timeline is not None:
-                self.timeline.span("weight gradients", t0, t1, rows=int(offsets[-1]))
-        self._complete(sends)
-        self.times.total += self.clock() - t_step
-        self.times.steps += 1
+                    dout = kept.pop(m) if self.is_last else self._take(posted, "B", m, self.stage + 1)
+                    probe("backward", m, sizes[m])
+                    # gradients final: reduce them (deferred ones are final after weight_grads)
+                    final = m == micro - 1 and on_layer_done is not None and not defer
+                    dx = self.model.backward(
+                        dout,
+                        need_input_grad=not self.is_first,
+                        tape=tapes.pop(m),
+                        accumulate=not first_backward,
+                        slot=m,
+                        on_layer_done=backward_hook if final else progress,
+                    )
+                    first_backward = False
+                    x = held.pop(m)
+                    if not self.is_first:
+                        sends.append((self.pipe.Isend(dx, dest=self.stage - 1, tag=m), dx))
+                        self._release_unless_sent(x, sends)
+                    if not self.is_last:
+                        self._release_unless_sent(dout, sends)
+                    live -= 1
+            if defer:
+                probe("weight gradients", 0, int(offsets[-1]))
+                self.model.weight_grads(int(offsets[-1]), backward_hook if on_layer_done else progress)
+            self._complete(sends)
         return loss_sum, correct
 
     def forward_only(self, inputs, targets, sizes, loss_fn, outputs: list | None = None):
@@ -321,7 +306,7 @@ class Pipeline:
                     scope = self.model.workspace.scope("loss", ("infer", m))
                     loss_sum, correct = self._score(loss_fn, out, targets[m], loss_sum, correct, scope)
             else:
-                sends.append((self.pipe.isend(out, self.stage + 1, m), out))
+                sends.append((self.pipe.Isend(out, dest=self.stage + 1, tag=m), out))
             if not self.is_first:
                 self._release_unless_sent(x, sends)
         self._complete(sends, timed=False)
@@ -336,14 +321,11 @@ class Pipeline:
             self._release(buf)
 
     def _complete(self, sends, timed: bool = True) -> None:
+        """Wait for this step's sends (``timed``: a phase of the training step)."""
         if sends:
-            t0 = self.clock()
-            self.pipe.waitall([request for request, _ in sends])
             if timed:
-                t1 = self.clock()
-                self.times.wait += t1 - t0
-                if self.timeline is not None:
-                    self.timeline.span("send wait", t0, t1, sends=len(sends))
+                self.probe("send wait", 0, len(sends))
+            Request.Waitall([request for request, _ in sends])
         while self._deferred:
             self._release(self._deferred.pop())
 

@@ -7,8 +7,9 @@ writes, waits for pipeline receives and sends, the stop check between steps) and
 returns: the part that overlaps ``compute`` is hidden, the rest is the exposed reduction). Waiting
 for a communication shows on ``compute`` as ``reduce wait`` / ``recv wait`` / ``send wait``.
 
-Recording appends one tuple per span to a list; with the option off, every site checks one
-attribute for ``None`` and does nothing else. Times are ``MPI.Wtime`` relative to a barrier at the
+The training's probe (``hpcnn.parallel.probe``) records one span per phase of a step; recording
+appends one tuple per span to a list, and with the option off the probe checks one attribute for
+``None`` and does nothing else. Times are ``MPI.Wtime`` relative to a barrier at the
 start, so the ranks' tracks line up to within the barrier's skew. At the end rank 0 gathers every
 rank's spans and writes the file.
 """
@@ -25,7 +26,7 @@ class Timeline:
 
     def __init__(self, comm, clock):
         self.comm, self.clock = comm, clock
-        comm.barrier()
+        comm.Barrier()
         self.t0 = clock()
         self.spans = []  # (name, track, start, end, args)
 

@@ -14,7 +14,7 @@ from hpcnn.core.backend import dtype_of, to_host, xp
 from hpcnn.errors import EXIT_NONFINITE, EXIT_USAGE, JobError
 from hpcnn.io.datasets import UnreadableRows, describe_nonfinite, first_nonfinite, split_units
 from hpcnn.parallel.comm import Comm, Grid
-from hpcnn.parallel.deterministic import Sharding, Workers, exact_sum, shard_count
+from hpcnn.parallel.deterministic import exact_sum, shard_count
 from hpcnn.parallel.pipeline import Pipeline
 
 
@@ -137,16 +137,6 @@ def evaluate_split(pipe: Pipeline, loss_fn, split, grid: Grid, cfg, classify: bo
             EXIT_NONFINITE,
         )
     return {"loss": sums[0] / rows, "accuracy": sums[1] / rows if classify else None, "rows": int(sums[2])}
-
-
-def shard_stage(pipe: Pipeline, rows: int) -> Sharding:
-    """Make ``pipe``'s stage compute in shards of ``rows`` rows on single-threaded BLAS, with as many
-    shard threads as BLAS had (deterministic mode; ``sharding.workers.close()`` undoes it)."""
-    sharding = Sharding(rows, Workers.replacing_blas_threads())
-    for layer in pipe.model.layers:
-        layer.shards = sharding
-    pipe.shard_rows = rows
-    return sharding
 
 
 def exact_metrics(world: Comm, shard_losses, first: int, total: int, counts, is_last: bool) -> np.ndarray:

@@ -40,7 +40,6 @@ from hpcnn.training.batches import (
     micro_batches,
     problem_text,
     read_batch,
-    shard_stage,
 )
 from hpcnn.training.report import describe_run, epoch_line, report_stages
 from hpcnn.training.setup import (
@@ -104,7 +103,7 @@ class Training:
         self.model = pipe.model
         self.dtype, self.classify = dtype_of(cfg.dtype), ds.num_classes is not None
         self.loss_fn = LOSSES[cfg.loss]() if parts.loss is None else parts.loss
-        self.dp = DataParallel(grid.dp, self.model.params, cfg.overlap == "on", cfg.bucket_mb, comm.wtime)
+        self.dp = DataParallel(grid.dp, self.model.params, cfg.overlap == "on", cfg.bucket_mb, pipe.probe)
         self.dp.broadcast_parameters()
         self.reducer = None  # deterministic mode's gradient sum (instead of self.dp's)
         self.timeline = None
@@ -169,9 +168,9 @@ class Training:
         full = shard_count(min(cfg.batch_size, len(self.ds.train)), rows)
         most = -(-full // grid.replicas)
         with self.comm.agreed(cfg.debug):  # one gradient per shard: a large allocation, maybe too large
-            reducer = ShardReducer(grid.dp, model, most)
-        workers = shard_stage(self.pipe, rows).workers
-        reducer.workers, self.reducer = workers, reducer
+            reducer = ShardReducer(grid.dp, model, most, rows)
+        self.reducer = reducer.start()
+        workers = reducer.workers
         # the gradient norm is summed per tensor, in model order: this stage's first tensor's index
         self._tensor_base = sum(len(layer.param_specs()) for layer in self.layers[: self.bounds[grid.stage]])
         self._tensor_count = sum(len(layer.param_specs()) for layer in self.layers)
@@ -345,7 +344,7 @@ class Training:
         faults.point("allreduce")
         t2 = self.comm.wtime()
         if self.reducer is not None:
-            self.reducer.reduce(first, count, total)
+            self.reducer.reduce_shards(first, count, total)
         else:
             self.dp.reduce_gradients()
         t3 = self.comm.wtime()
