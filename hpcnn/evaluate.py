@@ -12,6 +12,7 @@ the file under a temporary name and renames it when complete.
 """
 
 import argparse
+import importlib
 import os
 import sys
 from dataclasses import fields
@@ -74,8 +75,24 @@ def build_parser(is_root: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--predict", metavar="OUT.h5", help="write predictions for the x rows of --data")
     for key, kind in OVERRIDES.items():
         p.add_argument("--" + key.replace("_", "-"), type=kind, help="(default: the checkpoint's)")
+    p.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        metavar="MODULE",
+        help="import MODULE first: one that defines the user layers the checkpoint holds (repeatable)",
+    )
     p.add_argument("--debug", action="store_true", help="print tracebacks with errors")
     return p
+
+
+def import_modules(names) -> None:
+    """Import the user's modules, whose ``Layer`` subclasses register themselves on definition."""
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise UserError(f"--import {name}: {exc}") from None
 
 
 def load(path, overrides: dict, comm: Comm):
@@ -242,6 +259,8 @@ def _main(comm: Comm, argv) -> int:
     with comm.agreed(comm.debug):
         args = vars(build_parser(is_root=comm.is_root).parse_args(argv))
     path, split, out = args.pop("checkpoint"), args.pop("split", None), args.pop("predict", None)
+    with comm.agreed(comm.debug):
+        import_modules(args.pop("imports", []))
     blas_threads(comm.local_size, args.get("threads", 0))
     if out is not None:
         rows = predict(path, out, args, comm)

@@ -223,7 +223,7 @@ class Sweep:
                 return i
 
     def _run_task(self, i: int, group: Comm, group_index: int, log) -> dict:
-        from hpcnn.training.engine import fit
+        from hpcnn.training.trainer import fit
 
         settings, d = self.tasks[i], self.task_dir(i)
         ranks = (

@@ -79,7 +79,7 @@ def check_gradients(layer_or_model, x_or_in_features, *, rows: int = 3, h: float
             raise AssertionError(
                 f"{name}: backward's gradient has shape {analytic.shape}, the tensor {tensor.shape}"
             )
-        numeric = _central_differences(objective, tensor, h)
+        numeric = central_differences(objective, tensor, h)
         nonzero = nonzero or bool(analytic.any() or numeric.any())
         scale = np.linalg.norm(analytic) + np.linalg.norm(numeric)
         error = float(np.linalg.norm(analytic - numeric) / scale) if scale > 0 else 0.0
@@ -102,7 +102,7 @@ def check_gradients(layer_or_model, x_or_in_features, *, rows: int = 3, h: float
     return error
 
 
-def _central_differences(objective, tensor, h: float):
+def central_differences(objective, tensor, h: float):
     """``d objective / d tensor`` element by element, moving each element in place and back."""
     grad = np.zeros(tensor.shape)
     flat, gflat = tensor.reshape(-1), grad.reshape(-1)  # views: tensor is contiguous

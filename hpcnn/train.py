@@ -1,7 +1,8 @@
 """``python -m hpcnn.train``: the training command.
 
 Flags and a TOML file resolve into one ``Config``; the run directory is created, the job's layout
-announced, and ``hpcnn.training.fit`` trains. This module is the face: it turns errors into one
+announced, and ``Trainer.from_config(cfg, comm).fit()`` trains (the model from ``--hidden``, the
+data from ``--data``). This module is the face: it turns errors into one
 message from rank 0 and an exit code on every rank (``run_command``), and turns the result into
 the final line and the exit code (0, 75 after a stop signal, 130 after Ctrl-C).
 """
@@ -23,9 +24,10 @@ from hpcnn.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PREEMPTED
 from hpcnn.parallel.comm import Comm, blas_threads, run_command
 from hpcnn.parallel.preempt import EarlySignals, Interrupted
 from hpcnn.training.dryrun import dry_run
-from hpcnn.training.engine import Result, fit
+from hpcnn.training.engine import Result
 from hpcnn.training.report import announce_layout, facts
 from hpcnn.training.setup import open_run_dir
+from hpcnn.training.trainer import Trainer, fit
 
 __all__ = ["Result", "fit", "main"]
 
@@ -51,7 +53,7 @@ def _main(comm: Comm, argv, early: EarlySignals) -> int:
         comm.print0(f"run directory: {run.path}")
     t0 = time.perf_counter()
     try:
-        result = fit(cfg, comm, log=comm.print0, run=run, terminal=True)
+        result = Trainer.from_config(cfg, comm, log=comm.print0, run=run, terminal=True).fit()
     except Interrupted as stop:  # every rank, after the agreed stop
         if run is not None:
             run.close()

@@ -1,4 +1,17 @@
-"""pytest set-up shared by all tests.
+"""pytest set-up shared by all tests, and which test runs where.
+
+Three kinds of test, told apart by file name and marker (checked at collection: a ``mpi`` test
+outside a ``*_mpi.py`` file, or a test without the mark inside one, is an error):
+
+* ``test_X.py``: serial tests, run in the one pytest process (CTest's ``serial`` entry), and tests
+  marked ``@pytest.mark.launches`` that start their own jobs under mpiexec through
+  ``tests/launch.py`` (CTest's ``launches`` entry, and ``interrupts`` for test_interrupts.py, each
+  a test of its own so that ``serial`` is one process). A test that starts ``python -m hpcnn.X``
+  without mpiexec is serial. ``launches`` tests are skipped where there is no mpiexec, and
+  ``launch.command`` refuses mpiexec for a test without the mark.
+* ``test_X_mpi.py``: every test marked ``@pytest.mark.mpi``, run by pytest itself under mpiexec, one
+  pytest per rank (``mpiexec -n N python -m pytest --with-mpi -m mpi tests``: CTest's ``mpi_N``).
+* ``launch.py``, ``run_expect.py``: helpers, not test modules.
 
 Under ``--with-mpi`` (pytest-mpi, one pytest per rank started by mpiexec):
 
@@ -17,6 +30,7 @@ import os
 import sys
 import tempfile
 
+import launch
 import pytest
 
 ALL_RANKS_VAR = "HPCNN_PYTEST_ALL_RANKS"
@@ -41,6 +55,32 @@ def pytest_configure(config):
         config.option.basetemp = os.path.join(tempfile.gettempdir(), f"pytest-mpi-{os.getuid()}-rank{rank}")
     if rank != 0 and os.environ.get(ALL_RANKS_VAR, "") in ("", "0"):
         config.pluginmanager.register(_QuietRank(config, rank), "hpcnn-quiet-rank")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    # tryfirst: before -m deselects, so that every collected test is checked, whatever the selection.
+    misplaced = [
+        item.nodeid
+        for item in items
+        if (item.get_closest_marker("mpi") is not None) != item.path.stem.endswith("_mpi")
+    ]
+    if misplaced:
+        raise pytest.UsageError(
+            "@pytest.mark.mpi tests belong in tests/*_mpi.py, and only they (tests/conftest.py): "
+            + ", ".join(misplaced)
+        )
+    if launch.MPIEXEC is None:
+        skip = pytest.mark.skip(reason="launches mpiexec, and there is none on PATH or beside Python")
+        for item in items:
+            if item.get_closest_marker("launches") is not None:
+                item.add_marker(skip)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    # tryfirst: before the test's fixtures are set up (a fixture may start a job too).
+    launch.may_launch = item.get_closest_marker("launches") is not None
 
 
 class _QuietRank:
@@ -103,3 +143,15 @@ def world():
     comm = Comm.world()
     blas_threads(comm.local_size)
     return comm
+
+
+@pytest.fixture
+def shared(world):
+    """A directory every rank sees (each rank's ``tmp_path`` is its own), removed afterwards."""
+    path = world.bcast(tempfile.mkdtemp(prefix="hpcnn-shared-") if world.is_root else None)
+    yield path
+    world.Barrier()
+    if world.is_root:
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)

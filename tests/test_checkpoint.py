@@ -9,19 +9,18 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from test_train import MPIEXEC, ROOT, launch_env, needs_mpiexec
+from launch import Job, run, start
 
 from hpcnn.config import Config, from_dict, parse_toml
 from hpcnn.errors import EXIT_IO, JobError
 from hpcnn.io import checkpoints as checkpoint
-from hpcnn.io.checkpoints import checkpoints, inspect, verify
+from hpcnn.io.checkpoints import checkpoints, inspect, verify, writers
 from hpcnn.parallel.comm import Comm
 from hpcnn.train import fit
 from hpcnn.training import engine
@@ -157,7 +156,7 @@ def test_a_signal_during_a_checkpoint_write_stops_training_soon_after_and_both_f
     comm, straight, tmp_path, monkeypatch
 ):
     result, _ = straight()
-    create, calls = checkpoint._create, []
+    create, calls = writers._create, []
 
     def signalling(f, key, shape, dtype):
         calls.append(key)
@@ -165,13 +164,13 @@ def test_a_signal_during_a_checkpoint_write_stops_training_soon_after_and_both_f
             os.kill(os.getpid(), signal.SIGUSR1)
         return create(f, key, shape, dtype)
 
-    monkeypatch.setattr(checkpoint, "_create", signalling)
+    monkeypatch.setattr(writers, "_create", signalling)
     stopped = fit(Config(**BASE, checkpoint_dir=str(tmp_path), checkpoint_every=7, keep=0), comm)
     # Noted during step 7's checkpoint, reduced after step 8 and seen after step 9 (as any signal).
     assert stopped.stopped == "SIGUSR1" and stopped.steps == 9
     assert [p.name for p in checkpoints(tmp_path)] == ["ckpt-000000009.h5", "ckpt-000000007.h5"]
     assert all(verify(p) for p in checkpoints(tmp_path))  # the interrupted write completed
-    monkeypatch.setattr(checkpoint, "_create", create)
+    monkeypatch.setattr(writers, "_create", create)
     resumed = fit(Config(**BASE, checkpoint_dir=str(tmp_path), resume="auto"), comm)
     np.testing.assert_array_equal(resumed.model.params.data, result.model.params.data)
 
@@ -192,13 +191,12 @@ CLI_BASE = ["--hidden", "32,16", "--epochs", "2", "--batch-size", "100", "--eval
 
 def test_a_signal_during_start_up_stops_after_the_first_steps_with_a_checkpoint(straight, tmp_path):
     _, d = straight()
-    run = [sys.executable, "-c", SIGNAL_AT_START_UP, *CLI_BASE, "--checkpoint-dir", str(tmp_path)]
-    proc = subprocess.run(run, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=120)
+    proc = run(SIGNAL_AT_START_UP, [*CLI_BASE, "--checkpoint-dir", tmp_path], timeout=120)
     assert proc.returncode == 75, proc.stderr
     # Caught before training, reduced after step 1 and seen after step 2 (as any signal).
     assert "hpcnn: stopped by SIGUSR1 after step 2;" in proc.stdout
     assert [p.name for p in checkpoints(tmp_path)] == ["ckpt-000000002.h5"]
-    resumed = run_tool("hpcnn.train", [*CLI_BASE, "--checkpoint-dir", str(tmp_path), "--resume", "auto"])
+    resumed = run("hpcnn.train", [*CLI_BASE, "--checkpoint-dir", str(tmp_path), "--resume", "auto"])
     assert resumed.returncode == 0, resumed.stderr
     a, b = tensors(d / f"ckpt-{STEPS:09d}.h5"), tensors(tmp_path / f"ckpt-{STEPS:09d}.h5")
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
@@ -206,8 +204,7 @@ def test_a_signal_during_start_up_stops_after_the_first_steps_with_a_checkpoint(
 
 def test_without_checkpoints_a_signal_during_start_up_acts_as_it_would_without_hpcnn(tmp_path):
     """Nowhere to save a stop: SIGUSR1's default action (end the process) is not swallowed."""
-    proc = subprocess.run([sys.executable, "-c", SIGNAL_AT_START_UP, *CLI_BASE, "--run-dir", ""], cwd=ROOT,
-                          env=launch_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = run(SIGNAL_AT_START_UP, [*CLI_BASE, "--run-dir", ""], timeout=120)
     assert proc.returncode == -signal.SIGUSR1 and "final" not in proc.stdout, proc.stdout + proc.stderr
 
 
@@ -356,7 +353,7 @@ def test_keep_prunes_the_oldest_and_epoch_checkpoints(comm, tmp_path):
 
 
 def test_a_failed_write_leaves_earlier_checkpoints_intact(comm, tmp_path, monkeypatch):
-    create, calls = checkpoint._create, []
+    create, calls = writers._create, []
 
     def failing(f, key, shape, dtype):
         calls.append(key)
@@ -364,7 +361,7 @@ def test_a_failed_write_leaves_earlier_checkpoints_intact(comm, tmp_path, monkey
             raise OSError(28, "No space left on device")
         return create(f, key, shape, dtype)
 
-    monkeypatch.setattr(checkpoint, "_create", failing)
+    monkeypatch.setattr(writers, "_create", failing)
     with pytest.raises(
         JobError, match=r"writing checkpoint .*ckpt-000000014.h5 failed: .*No space left"
     ) as exc:
@@ -380,9 +377,7 @@ def test_sigkill_at_any_moment_leaves_the_newest_checkpoint_loadable(tmp_path):
     d = tmp_path / "run"
     args = ["--hidden", "1024,1024", "--epochs", "50", "--checkpoint-dir", str(d), "--checkpoint-every", "1"]
     for delay in (0.05, 0.13, 0.29):
-        proc = subprocess.Popen([sys.executable, "-m", "hpcnn.train", *args, "--resume", "auto"], cwd=ROOT,
-                                env=launch_env(), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)  # fmt: skip
+        proc = start("hpcnn.train", [*args, "--resume", "auto"], stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         while not checkpoints(d) and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.01)
@@ -396,33 +391,27 @@ def test_sigkill_at_any_moment_leaves_the_newest_checkpoint_loadable(tmp_path):
         assert all(p.name.startswith((".ckpt-", "ckpt-")) or p.name == ".hpcnn.lock" for p in d.iterdir())
 
 
-def run_tool(module, args, ranks=None):
-    cmd = [sys.executable, "-m", module, *args]
-    cmd = [MPIEXEC, "-n", str(ranks), *cmd] if ranks else cmd
-    return subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=120)
-
-
 def test_checkpoint_info_and_list(straight, tmp_path):
     _, d = straight()
-    proc = run_tool("hpcnn.checkpoint", ["info", str(d / "ckpt-000000021.h5")])
+    proc = run("hpcnn.checkpoint", ["info", str(d / "ckpt-000000021.h5")])
     assert proc.returncode == 0, proc.stderr
     assert "Dense(64, 32) -> ReLU -> Dense(32, 16) -> ReLU -> Dense(16, 10)" in proc.stdout
     assert "adam, 21 steps taken" in proc.stdout and "step 21: 1 epoch(s) and 6 batch(es) done" in proc.stdout
     assert "every dataset verified" in proc.stdout
     copy_run(d, tmp_path / "r", (7, 14))
     corrupt(tmp_path / "r" / "ckpt-000000014.h5")
-    proc = run_tool("hpcnn.checkpoint", ["list", str(tmp_path / "r")])
+    proc = run("hpcnn.checkpoint", ["list", str(tmp_path / "r")])
     assert proc.returncode == 2 and "ckpt-000000014.h5: step 14, UNREADABLE" in proc.stdout
     assert "ckpt-000000007.h5: step 7, good" in proc.stdout
 
 
-@needs_mpiexec
+@pytest.mark.launches
 def test_evaluate_scores_and_predicts_at_any_layout(straight, tmp_path):
     result, d = straight()
     path = str(d / "ckpt-000000030.h5")
     expected = f"accuracy {100 * result.final['accuracy']:.2f}% (359 rows"
     for ranks, extra in ((None, []), (4, ["--pipeline-stages", "2", "--micro-batches", "3"])):
-        proc = run_tool("hpcnn.evaluate", ["--checkpoint", path, *extra], ranks)
+        proc = run("hpcnn.evaluate", ["--checkpoint", path, *extra], ranks=ranks)
         assert (
             proc.returncode == 0 and expected in proc.stdout and "held-out rows of digits" in proc.stdout
         ), proc
@@ -443,60 +432,40 @@ def test_evaluate_scores_and_predicts_at_any_layout(straight, tmp_path):
         "--predict",
         str(out),
     ]
-    proc = run_tool("hpcnn.evaluate", [*args, "--pipeline-stages", "3"], 3)
+    proc = run("hpcnn.evaluate", [*args, "--pipeline-stages", "3"], ranks=3)
     assert proc.returncode == 0, proc.stderr
     with h5py.File(out, "r") as f:
         assert (f["predictions"][...] == y).mean() == pytest.approx(result.final["accuracy"])
         np.testing.assert_allclose(f["probabilities"][...].sum(axis=1), 1, rtol=1e-5)
         assert f["outputs"].shape == (359, 10)
-    proc = run_tool("hpcnn.evaluate", ["--checkpoint", path, "--data", "xor"], 2)
+    proc = run("hpcnn.evaluate", ["--checkpoint", path, "--data", "xor"], ranks=2)
     assert proc.returncode == 2 and proc.stderr.count("hpcnn: error:") == 1
     assert "xor has 2 features; the checkpoint's model takes 64" in proc.stderr
 
 
-@needs_mpiexec
+@pytest.mark.launches
 def test_sigusr1_to_one_rank_stops_all_with_exit_75_and_resume_matches(tmp_path):
     """A real 4-rank run (2 replicas x 2 stages): SIGUSR1 to one rank; all ranks stop after the
     same step, write one checkpoint and exit 75; --resume auto then ends exactly where an
     uninterrupted run does."""
     common = ["--epochs", "12", "--pipeline-stages", "2", "--micro-batches", "2", "--eval-every", "0"]
-    straight = run_tool("hpcnn.train", [*common, "--checkpoint-dir", str(tmp_path / "a")], 4)
+    straight = run("hpcnn.train", [*common, "--checkpoint-dir", str(tmp_path / "a")], ranks=4)
     assert straight.returncode == 0, straight.stderr
     d = tmp_path / "b"
-    cmd = [MPIEXEC, "-n", "4", sys.executable, "-m", "hpcnn.train", *common, "--checkpoint-dir", str(d),
-           "--checkpoint-every-epochs", "1"]  # fmt: skip
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    job = Job("hpcnn.train", [*common, "--checkpoint-dir", d, "--checkpoint-every-epochs", "1"], 4)
     deadline = time.monotonic() + 60
     while not checkpoints(d) and time.monotonic() < deadline:
         time.sleep(0.02)
-    ranks = python_ranks(str(d))
+    ranks = job.processes()
     assert len(ranks) == 4, ranks
-    os.kill(ranks[2], signal.SIGUSR1)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 75, err
+    job.signal_rank(2, signal.SIGUSR1)
+    code, _ = job.finish(60)
+    out, err = job.stdout, job.stderr
+    assert code == 75, err
     assert "hpcnn: stopped by SIGUSR1 after step" in out and "continue with --resume auto" in out
     step = checkpoint.step_of(checkpoints(d)[0])
     assert f"after step {step};" in out and 23 < step < 12 * 23
-    resumed = run_tool("hpcnn.train", [*common, "--checkpoint-dir", str(d), "--resume", "auto"], 4)
+    resumed = run("hpcnn.train", [*common, "--checkpoint-dir", str(d), "--resume", "auto"], ranks=4)
     assert resumed.returncode == 0 and f"resumed from {d / checkpoint.file_name(step)}" in resumed.stdout
     a, b = tensors(tmp_path / "a" / "ckpt-000000276.h5"), tensors(d / "ckpt-000000276.h5")
     assert all(np.array_equal(a[k], b[k]) for k in a)
-
-
-def python_ranks(marker: str) -> list[int]:
-    """PIDs of the Python processes whose command line contains ``marker`` (a run's directory)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if (
-            entry.name.isdigit()
-            and Path(argv[0].decode()).name.startswith("python")
-            and marker.encode() in b" ".join(argv)
-        ):
-            pids.append(int(entry.name))
-    return sorted(pids)

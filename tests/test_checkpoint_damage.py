@@ -18,8 +18,6 @@ import pickle
 import random
 import select
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from types import SimpleNamespace
@@ -27,7 +25,7 @@ from types import SimpleNamespace
 import h5py
 import numpy as np
 import pytest
-from test_train import MPIEXEC, ROOT, launch_env, needs_mpiexec
+from launch import run
 
 from hpcnn.config import Config
 from hpcnn.core.layers import layer_from_spec
@@ -294,7 +292,7 @@ def test_the_bounded_verification_stops_a_file_that_never_answers(good, tmp_path
     assert verify_bounded(good) == verify(good)
     # The child runs beside MPI ranks: importing mpi4py.MPI there would initialise MPI.
     code = "import sys, hpcnn.checkpoint; print(sorted(m for m in sys.modules if m.startswith('mpi4py')))"
-    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    child = run(code, timeout=60)
     assert child.stdout == "[]\n", child
 
 
@@ -307,12 +305,10 @@ def flip_object_header(src, dst) -> None:
     dst.write_bytes(bytes(data))
 
 
-def run(module, args, ranks=None, timeout=120):
-    cmd = [sys.executable, "-m", module, *args]
-    cmd = [MPIEXEC, "-n", str(ranks), *cmd] if ranks else cmd
-    start = time.monotonic()
-    proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=timeout)
-    return proc, time.monotonic() - start
+def tool(module, args, ranks=None):
+    """``python -m MODULE ARGS``, under mpiexec with ``ranks``; (process, seconds)."""
+    proc = run(module, args, ranks=ranks, timeout=120)
+    return proc, proc.seconds
 
 
 def test_checkpoint_list_and_info_report_every_state_within_a_bound(good, tmp_path):
@@ -325,7 +321,7 @@ def test_checkpoint_list_and_info_report_every_state_within_a_bound(good, tmp_pa
     (d / "ckpt-000000013.h5").write_text("not HDF5 at all\n")
     spinning(d / "ckpt-000000009.h5", d / "ckpt-000000014.h5")
     os.mkfifo(d / "ckpt-000000015.h5")
-    proc, seconds = run("hpcnn.checkpoint", ["list", str(d), "--timeout", "2"])
+    proc, seconds = tool("hpcnn.checkpoint", ["list", str(d), "--timeout", "2"])
     lines = proc.stdout.splitlines()
     assert proc.returncode == 2 and len(lines) == 7 and "Traceback" not in proc.stderr, proc
     state = {int(line.split(": step ")[1].split(",")[0]): line.split(", ", 1)[1] for line in lines}
@@ -338,25 +334,25 @@ def test_checkpoint_list_and_info_report_every_state_within_a_bound(good, tmp_pa
                               "forever on damaged metadata)")  # fmt: skip
     assert seconds < 2 * 2 + 30, seconds  # two stopped verifications, five quick ones
     for step in (11, 14, 15):
-        proc, seconds = run("hpcnn.checkpoint", ["info", str(d / f"ckpt-{step:09d}.h5"), "--timeout", "2"])
+        proc, seconds = tool("hpcnn.checkpoint", ["info", str(d / f"ckpt-{step:09d}.h5"), "--timeout", "2"])
         assert proc.returncode == 2 and proc.stdout == "" and seconds < 2 + 20, proc
         assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("hpcnn: error: checkpoint "), proc
-    proc, _ = run("hpcnn.checkpoint", ["info", str(d / "ckpt-000000009.h5")])
+    proc, _ = tool("hpcnn.checkpoint", ["info", str(d / "ckpt-000000009.h5")])
     assert proc.returncode == 0 and "format_version 1" in proc.stdout, proc
     assert "checksums: every dataset verified (0.01 MiB of tensors), attributes carry none" in proc.stdout
 
 
-@needs_mpiexec
+@pytest.mark.launches
 def test_resume_auto_skips_a_newest_checkpoint_damaged_in_its_metadata(tmp_path):
     d = tmp_path / "run"
     common = ["--hidden", "16", "--epochs", "1", "--checkpoint-every", "2", "--keep", "0",
               "--eval-every", "0", "--checkpoint-dir", str(d), "--run-dir", ""]  # fmt: skip
-    proc, _ = run("hpcnn.train", [*common, "--max-steps", "4"], ranks=2)
+    proc, _ = tool("hpcnn.train", [*common, "--max-steps", "4"], ranks=2)
     assert proc.returncode == 0, proc.stderr
     damaged = tmp_path / "damaged.h5"
     flip_object_header(d / "ckpt-000000004.h5", damaged)
     (d / "ckpt-000000004.h5").write_bytes(damaged.read_bytes())
-    proc, _ = run("hpcnn.train", [*common, "--max-steps", "6", "--resume", "auto"], ranks=2)
+    proc, _ = tool("hpcnn.train", [*common, "--max-steps", "6", "--resume", "auto"], ranks=2)
     assert proc.returncode == 0, proc.stderr
     notes = [line for line in proc.stdout.splitlines() if "resume: skipping" in line]
     assert len(notes) == 1 and f"checkpoint {d / 'ckpt-000000004.h5'} is corrupt" in notes[0], proc.stdout
@@ -367,6 +363,6 @@ def test_resume_auto_skips_a_newest_checkpoint_damaged_in_its_metadata(tmp_path)
     assert "resume: kept ckpt-000000004.h5 as ckpt-000000004.h5.unreadable" in proc.stdout
     for module, args in (("hpcnn.train", ["--hidden", "16", "--run-dir", "", "--resume", str(damaged)]),
                          ("hpcnn.evaluate", ["--checkpoint", str(damaged)])):  # fmt: skip
-        proc, _ = run(module, args)
+        proc, _ = tool(module, args)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc
         assert proc.stderr.count("hpcnn: error:") == 1 and f"checkpoint {damaged} is corrupt" in proc.stderr

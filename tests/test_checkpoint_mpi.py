@@ -13,19 +13,16 @@ all ranks pass or fail together (no rank is left waiting in a collective of anot
 """
 
 import os
-import shutil
-import signal
-import tempfile
 
 import h5py
 import numpy as np
 import pytest
-from test_checkpoint import tensors
+from test_checkpoint import SignalAtStep, tensors
 
 from hpcnn.config import Config
 from hpcnn.errors import EXIT_IO, JobError
 from hpcnn.io import checkpoints as checkpoint
-from hpcnn.io.checkpoints import h5py_parallel
+from hpcnn.io.checkpoints import h5py_parallel, writing
 from hpcnn.parallel import faults
 from hpcnn.parallel.comm import Comm
 from hpcnn.train import fit
@@ -36,16 +33,6 @@ pytestmark = pytest.mark.mpi(min_size=2)
 # digits: 1438 rows / 100 = 15 steps per epoch, 30 in all; 2 micro-batches per step.
 BASE = dict(hidden=[32, 16], epochs=2, batch_size=100, eval_every=0, seed=5, micro_batches=2)
 STEPS = 30
-
-
-@pytest.fixture
-def shared(world):
-    """A directory every rank sees (the per-rank tmp_path differs by rank)."""
-    path = world.bcast(tempfile.mkdtemp(prefix="hpcnn-ckpt-") if world.is_root else None)
-    yield path
-    world.Barrier()
-    if world.is_root:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def stage_counts(size: int) -> list[int]:
@@ -127,28 +114,15 @@ def test_a_checkpoint_loads_exactly_into_every_layout_and_continues(world, share
             on_root(world, close)
 
 
-class SignalOnRank:
-    def __init__(self, opt, rank, at):
-        self.opt, self.rank, self.at = opt, rank, at
-
-    def __getattr__(self, name):
-        return getattr(self.opt, name)
-
-    def bind(self, params):
-        self.opt.bind(params)
-        return self
-
-    def step(self, lr):
-        self.opt.step(lr)
-        if self.opt.t == self.at and Comm.world().rank == self.rank:
-            os.kill(os.getpid(), signal.SIGUSR1)
-
-
 def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(world, shared, monkeypatch):
     layout = dict(BASE, pipeline_stages=2)
     straight = fit(Config(**layout), world)
     make = engine.make_optimizer
-    monkeypatch.setattr(engine, "make_optimizer", lambda cfg: SignalOnRank(make(cfg), 1, 10))
+    monkeypatch.setattr(
+        engine,
+        "make_optimizer",
+        lambda cfg: SignalAtStep(make(cfg), 10) if Comm.world().rank == 1 else make(cfg),
+    )
     d = os.path.join(shared, "run")
     stopped = fit(Config(**layout, checkpoint_dir=d), world)
     monkeypatch.setattr(engine, "make_optimizer", make)
@@ -240,8 +214,8 @@ def test_with_little_room_to_spare_auto_writes_with_the_gathering_writer(world, 
         estimate["bytes"] = real(*args, **kwargs)
         return estimate["bytes"]
 
-    monkeypatch.setattr(checkpoint, "estimate_bytes", remember)
-    monkeypatch.setattr(checkpoint, "free_bytes", free)
+    monkeypatch.setattr(writing, "estimate_bytes", remember)
+    monkeypatch.setattr(writing, "free_bytes", free)
     cfg = Config(**BASE, max_steps=3, checkpoint_dir=shared, checkpoint_io="auto")
     fit(cfg, world)
     expected = b"gather" if spare < checkpoint.MPIO_MARGIN else b"mpio"

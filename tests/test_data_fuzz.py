@@ -13,7 +13,6 @@ warning, within a bounded time.
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from test_train import MPIEXEC, ROOT, launch_env, needs_mpiexec
+from launch import run
 
 from hpcnn import evaluate as evaluate_command
 from hpcnn import train
@@ -295,23 +294,20 @@ def test_fuzzed_files_in_process(cases, capsys, no_abort):
     assert sum(c.expect is None for c in cases) >= 12 and sum(c.expect is not None for c in cases) >= 40
 
 
-def launch(args, ranks=1, as_nobody=False, timeout=LIMIT):
-    cmd = [sys.executable, "-m", "hpcnn.train", *args]
-    if ranks > 1:
-        cmd = [MPIEXEC, "-n", str(ranks), *cmd]
-    if as_nobody:
-        cmd = [SETPRIV, "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
-    t0 = time.monotonic()
-    proc = subprocess.run(cmd, cwd=ROOT, env=launch_env({"OMP_NUM_THREADS": "1"}), capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
-    return proc, time.monotonic() - t0
+def launch(args, ranks=1, as_nobody=False):
+    """``python -m hpcnn.train``: one process, or under mpiexec; return (process, seconds)."""
+    prefix = AS_NOBODY if as_nobody else []
+    proc = run(
+        "hpcnn.train", args, ranks=ranks if ranks > 1 else None, threads=1, prefix=prefix, timeout=LIMIT
+    )
+    return proc, proc.seconds
 
 
 AT_4 = ("nan_x_test", "overflow_x", "corrupt_x", "corrupt_y", "labels_huge", "nan_y_target", "valid")
 REAL = [("nan_x_test", 1), ("corrupt_x", 1), ("valid", 1)] + [(kind, 4) for kind in AT_4]
 
 
-@needs_mpiexec
+@pytest.mark.launches
 @pytest.mark.parametrize("kind,ranks", REAL)
 def test_fuzzed_files_as_real_jobs(cases, kind, ranks):
     """A subset as real processes: the output a user sees, from every rank."""
@@ -337,7 +333,7 @@ def _nan_held_out(tmp_path) -> str:
 PIPE, DET = ["--pipeline-stages", "2", "--hidden", "4,4"], ["--deterministic"]
 
 
-@needs_mpiexec
+@pytest.mark.launches
 @pytest.mark.parametrize("ranks,extra", [(1, []), (4, []), (4, PIPE), (1, DET), (4, DET)])
 def test_nan_in_held_out_rows_names_split_row_and_file(tmp_path, ranks, extra):
     path = _nan_held_out(tmp_path)
@@ -457,14 +453,13 @@ def _world_readable_dir() -> Path:
 
 
 SETPRIV = shutil.which("setpriv")
+AS_NOBODY = [SETPRIV, "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 
 def _nobody_can_run_hpcnn() -> bool:
     """Whether nobody can import this Python's hpcnn and its dependencies (not where they live in a
     private directory, such as a virtual environment under a 700 home or mktemp directory)."""
-    cmd = [SETPRIV, "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
-           "import numpy, h5py, mpi4py, hpcnn"]  # fmt: skip
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=LIMIT).returncode == 0
+    return run("import numpy, h5py, mpi4py, hpcnn", prefix=AS_NOBODY, timeout=LIMIT).returncode == 0
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or SETPRIV is None, reason="needs root and setpriv to run as nobody")

@@ -9,13 +9,10 @@
   and optimizer state of an uninterrupted one-rank run.
 """
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
+from launch import run
 from test_checkpoint import tensors
-from test_train import MPIEXEC, ROOT, launch_env, needs_mpiexec
 from threadpoolctl import threadpool_limits
 
 from hpcnn.config import Config
@@ -134,8 +131,7 @@ def test_the_shard_size_is_part_of_the_recipe():
 
 
 def launch(ranks: int, args) -> None:
-    cmd = [MPIEXEC, "-n", str(ranks), sys.executable, "-m", "hpcnn.train", "--quiet", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=300)
+    proc = run("hpcnn.train", ["--quiet", *args], ranks=ranks, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -158,7 +154,7 @@ def flags(settings: dict) -> list[str]:
     return out
 
 
-@needs_mpiexec
+@pytest.mark.launches
 def test_three_ranks_and_a_restart_from_eight_ranks_onto_two_match_one_rank(tmp_path):
     reference = tmp_path / "one"
     fit(Config(**DET, checkpoint_dir=str(reference)), Comm.serial())

@@ -7,18 +7,14 @@ checkpoints also check that no existing checkpoint changed.
 """
 
 import hashlib
-import os
 import re
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from launch import run, start
 from test_checkpoint import corrupt
-from test_train import MPIEXEC, ROOT, launch_env, needs_mpiexec
 
 from hpcnn.io.checkpoints import checkpoints, verify
 
@@ -26,16 +22,11 @@ RANKS = 8
 LIMIT = 30.0  # seconds until every rank has exited
 FAST = ["--hidden", "32", "--epochs", "2", "--eval-every", "0"]
 
-pytestmark = needs_mpiexec
 
-
-def launch(args, env=None, ranks=RANKS, timeout=90):
+def launch(args, env=None, ranks=RANKS):
     """Run ``python -m hpcnn.train`` under mpiexec; return (process, seconds)."""
-    cmd = [MPIEXEC, "-n", str(ranks), sys.executable, "-m", "hpcnn.train", *args]
-    t0 = time.monotonic()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env=launch_env(env))  # fmt: skip
-    return proc, time.monotonic() - t0
+    proc = run("hpcnn.train", args, ranks=ranks, env=env, timeout=90)
+    return proc, proc.seconds
 
 
 def ours(proc) -> list[str]:
@@ -52,6 +43,7 @@ def digest(directory) -> dict:
 # --- an exception on one rank, wherever it happens ----------------------------------------------
 
 
+@pytest.mark.launches
 @pytest.mark.parametrize("site", ["data", "forward", "backward", "allreduce", "optimizer", "evaluation"])
 def test_an_exception_on_one_rank_ends_the_job_with_one_message(site):
     args = [*FAST, "--eval-every", "1"] if site == "evaluation" else FAST
@@ -63,6 +55,7 @@ def test_an_exception_on_one_rank_ends_the_job_with_one_message(site):
     assert "final held-out" not in proc.stdout
 
 
+@pytest.mark.launches
 def test_debug_prints_the_failing_ranks_traceback_once():
     proc, seconds = launch([*FAST, "--debug"], {"HPCNN_FAULT": "raise@backward:rank=6,step=2"})
     assert proc.returncode != 0 and seconds < LIMIT
@@ -72,6 +65,7 @@ def test_debug_prints_the_failing_ranks_traceback_once():
     )
 
 
+@pytest.mark.launches
 def test_an_exception_inside_a_checkpoint_write_keeps_the_earlier_checkpoints(tmp_path):
     d = tmp_path / "ckpt"
     args = [*FAST, "--checkpoint-dir", str(d), "--checkpoint-every", "10", "--keep", "0"]
@@ -93,6 +87,7 @@ def test_an_exception_inside_a_checkpoint_write_keeps_the_earlier_checkpoints(tm
 # --- a rank that dies, a rank that hangs -------------------------------------------------------
 
 
+@pytest.mark.launches
 def test_a_killed_rank_ends_the_job_within_seconds():
     """SIGKILL (what the OOM killer sends): the launcher ends the job; MPICH's mpiexec says a
     process was killed (the PID it names is not always the dead one's: Open MPI's mpirun and
@@ -110,6 +105,7 @@ def test_a_killed_rank_ends_the_job_within_seconds():
     assert ranks == list(range(8)), line.group(0)
 
 
+@pytest.mark.launches
 def test_a_hung_rank_is_named_by_the_stall_inspector():
     proc, seconds = launch([*FAST, "--stall-timeout", "8"], {"HPCNN_FAULT": "hang@forward:rank=2,step=5"})
     assert proc.returncode == 4 and seconds < LIMIT, (proc.returncode, proc.stderr)
@@ -118,6 +114,7 @@ def test_a_hung_rank_is_named_by_the_stall_inspector():
     assert "not arrived: rank 2, in forward/backward at step 5" in proc.stderr
 
 
+@pytest.mark.launches
 def test_a_hung_pipeline_stage_shows_who_waits_for_whom():
     args = [*FAST, "--hidden", "32,32", "--pipeline-stages", "2", "--stall-timeout", "8"]
     proc, seconds = launch(args, {"HPCNN_FAULT": "hang@backward:rank=1,step=3"})
@@ -129,6 +126,7 @@ def test_a_hung_pipeline_stage_shows_who_waits_for_whom():
 # --- values that go bad ------------------------------------------------------------------------
 
 
+@pytest.mark.launches
 def test_a_nan_loss_stops_every_rank_at_once_and_never_reaches_a_checkpoint(tmp_path):
     d = tmp_path / "ckpt"
     args = [*FAST, "--checkpoint-dir", str(d), "--checkpoint-every", "1", "--keep", "0"]
@@ -145,6 +143,7 @@ def test_a_nan_loss_stops_every_rank_at_once_and_never_reaches_a_checkpoint(tmp_
             np.isfinite(o[...]).all(), True, err_msg=n))  # fmt: skip
 
 
+@pytest.mark.launches
 def test_a_diverged_replica_is_named(tmp_path):
     proc, seconds = launch(
         [*FAST, "--check-replicas", "2"], {"HPCNN_FAULT": "diverge@optimizer:rank=6,step=3"}
@@ -156,6 +155,7 @@ def test_a_diverged_replica_is_named(tmp_path):
     ], proc.stderr
 
 
+@pytest.mark.launches
 def test_two_disagreeing_replicas_are_both_named():
     """With two replicas a majority cannot tell which one is wrong: both are named."""
     proc, seconds = launch(
@@ -186,6 +186,7 @@ def test_a_nan_in_the_step_after_a_signal_is_reported_not_hidden_by_the_stop(tmp
     assert exc.value.exit_code == 2 and checkpoints(tmp_path) == []
 
 
+@pytest.mark.launches
 def test_rank_0_stuck_outside_mpi_still_hears_every_rank():
     """Rank 0 hangs in evaluation (no MPI calls in its main thread): its inspector must still hear
     all 7 others each second, so none is reported lost, and rank 0 is named."""
@@ -228,9 +229,11 @@ def files(tmp_path_factory):
     (d / "type.toml").write_text('lr = "fast"\n')
     (d / "a-file").write_text("")
     ckpt = d / "ckpt"
-    subprocess.run([sys.executable, "-m", "hpcnn.train", "--data", good, "--hidden", "8", "--epochs", "1",
-                    "--checkpoint-dir", str(ckpt)], cwd=ROOT, env=launch_env(), check=True,
-                   capture_output=True)  # fmt: skip
+    run(
+        "hpcnn.train",
+        ["--data", good, "--hidden", "8", "--epochs", "1", "--checkpoint-dir", ckpt],
+        check=True,
+    )
     (d / "corrupt.h5").write_bytes(checkpoints(ckpt)[0].read_bytes())
     corrupt(d / "corrupt.h5")
     return {
@@ -282,6 +285,7 @@ BAD_INPUT = [
 ]  # fmt: skip
 
 
+@pytest.mark.launches
 @pytest.mark.parametrize("name,args,message", BAD_INPUT, ids=[case[0] for case in BAD_INPUT])
 def test_bad_input_gets_one_message_and_exit_2_everywhere(files, name, args, message):
     before = {p: digest(p) for p in (files["dir"] / "ckpt", files["dir"])}
@@ -299,9 +303,8 @@ def test_mpi4py_for_another_mpi_than_the_launcher_is_explained_once():
     (mpi4py from pip's MPICH under another MPI's mpirun): one message, exit 2 from both."""
     procs = []
     for rank in (0, 1):
-        env = {**os.environ, "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": str(rank)}
-        procs.append(subprocess.Popen([sys.executable, "-m", "hpcnn.train", *FAST], cwd=ROOT, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))  # fmt: skip
+        env = {"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": str(rank)}
+        procs.append(start("hpcnn.train", FAST, env=env))
     outs = [p.communicate(timeout=LIMIT) for p in procs]
     assert [p.returncode for p in procs] == [2, 2]
     errors = [line for _, err in outs for line in err.splitlines() if line.startswith("hpcnn: error:")]

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from hpcnn.core.layers import GELU, Dense, Layer, ReLU, Sigmoid, Tanh
-from hpcnn.core.losses import MeanSquaredError, SoftmaxCrossEntropy
+from hpcnn.core.losses import MeanSquaredError, SoftmaxCrossEntropy, count_correct
 from hpcnn.core.model import Sequential, build_mlp
+from hpcnn.testing import central_differences
 
 H = 1e-6
 TOL = 1e-6
@@ -20,17 +21,7 @@ def rel_error(a, b) -> float:
 
 def numeric_grad(f, array):
     """Central differences of scalar ``f()`` with respect to every element of ``array`` (in place)."""
-    grad = np.zeros_like(array)
-    flat, gflat = array.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + H
-        up = f()
-        flat[i] = old - H
-        down = f()
-        flat[i] = old
-        gflat[i] = (up - down) / (2 * H)
-    return grad
+    return central_differences(f, array, H)
 
 
 def away_from_kinks(rng, shape):
@@ -109,6 +100,17 @@ def test_mse_gradient(integer_labels):
     d = loss.backward(0.5)
     num = numeric_grad(lambda: 0.5 * MeanSquaredError().forward(out, target), out)
     assert rel_error(d, num) < TOL
+
+
+def test_mse_of_one_output_against_labels_compares_the_label_itself():
+    rng = np.random.default_rng(7)
+    out, labels = rng.normal(size=(6, 1)), np.array([0, 1, 1, 0, 1, 0])
+    loss = MeanSquaredError()
+    assert loss.forward(out, labels) == pytest.approx(float(((out[:, 0] - labels) ** 2).sum()), rel=1e-15)
+    d = loss.backward(0.25)
+    num = numeric_grad(lambda: 0.25 * MeanSquaredError().forward(out, labels), out)
+    assert rel_error(d, num) < TOL
+    assert count_correct(np.array([[0.2], [0.7], [0.51], [0.9]]), np.array([0, 1, 0, 0])) == 2
 
 
 def test_mse_value():

@@ -14,12 +14,11 @@ import time
 import h5py
 import numpy as np
 import pytest
-from test_train import needs_mpiexec
+from launch import Job, forwards_ctrl_c
 
 from hpcnn.io.checkpoints import checkpoints, step_of, verify
-from jobs import Job
 
-pytestmark = needs_mpiexec
+pytestmark = pytest.mark.launches
 
 RANKS = 4
 GONE = 10.0  # seconds from the signal until every process of the job has exited
@@ -64,7 +63,7 @@ def test_ctrl_c_stops_every_rank_with_a_checkpoint_and_exit_130(tmp_path, moment
     extra, fault, cue = MOMENTS[moment]
     ckpt = tmp_path / "ckpt"
     args = [*LONG, "--run-dir", "", "--checkpoint-dir", ckpt, "--log-every", "10", *extra]
-    job = Job(args, RANKS, {"HPCNN_FAULT": fault} if fault else None)
+    job = Job("hpcnn.train", args, RANKS, {"HPCNN_FAULT": fault} if fault else None)
     job.wait_for(cue)
     job.ctrl_c()
     code, seconds = job.finish(GONE)
@@ -81,15 +80,17 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_runs_bits(tmp_path):
     ckpt = tmp_path / "ckpt"
     # a constant rate: the runs below end at --max-steps, which would rescale a decaying schedule
     long = [*LONG, "--lr-schedule", "constant"]
-    job = Job([*long, "--run-dir", "", "--checkpoint-dir", ckpt, "--log-every", "10"], RANKS)
+    job = Job("hpcnn.train", [*long, "--run-dir", "", "--checkpoint-dir", ckpt, "--log-every", "10"], RANKS)
     job.wait_for(r"^step \d+/")
     job.ctrl_c()
     code, _ = job.finish(GONE)
     step, _ = interrupted_step(job)
     assert code == 130
     end = ["--max-steps", str(step + 7)]
-    resumed = Job([*long, *end, "--run-dir", "", "--checkpoint-dir", ckpt, "--resume", "auto"], RANKS)
-    whole = Job([*long, *end, "--run-dir", "", "--checkpoint-dir", tmp_path / "whole"], RANKS)
+    resumed = Job(
+        "hpcnn.train", [*long, *end, "--run-dir", "", "--checkpoint-dir", ckpt, "--resume", "auto"], RANKS
+    )
+    whole = Job("hpcnn.train", [*long, *end, "--run-dir", "", "--checkpoint-dir", tmp_path / "whole"], RANKS)
     assert resumed.finish(60)[0] == 0 and whole.finish(60)[0] == 0, resumed.stderr + whole.stderr
     assert f"resumed from {ckpt}/ckpt-{step:09d}.h5" in resumed.stdout
     a, b = tensors(checkpoints(ckpt)[0]), tensors(checkpoints(tmp_path / "whole")[0])
@@ -98,7 +99,7 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_runs_bits(tmp_path):
 
 def test_ctrl_c_on_one_rank_stops_them_all(tmp_path):
     ckpt = tmp_path / "ckpt"
-    job = Job([*LONG, "--run-dir", "", "--checkpoint-dir", ckpt, "--log-every", "10"], RANKS)
+    job = Job("hpcnn.train", [*LONG, "--run-dir", "", "--checkpoint-dir", ckpt, "--log-every", "10"], RANKS)
     job.wait_for(r"^step \d+/")
     job.signal_rank(2, signal.SIGINT)
     code, seconds = job.finish(GONE)
@@ -108,7 +109,7 @@ def test_ctrl_c_on_one_rank_stops_them_all(tmp_path):
 
 
 def test_ctrl_c_without_a_checkpoint_directory_still_stops_cleanly():
-    job = Job([*LONG, "--run-dir", "", "--log-every", "10"], RANKS)
+    job = Job("hpcnn.train", [*LONG, "--run-dir", "", "--log-every", "10"], RANKS)
     job.wait_for(r"^step \d+/")
     job.ctrl_c()
     code, seconds = job.finish(GONE)
@@ -128,7 +129,7 @@ def test_a_second_ctrl_c_ends_a_stuck_job_at_once(tmp_path):
     runs. The first Ctrl-C cannot be honoured (no step completes); the second ends the job."""
     ckpt = tmp_path / "ckpt"
     args = [*LONG, "--run-dir", "", "--checkpoint-dir", ckpt, "--stall-timeout", "300"]
-    job = Job(args, RANKS, {"HPCNN_FAULT": "hang@forward:rank=1,step=3"})
+    job = Job("hpcnn.train", args, RANKS, {"HPCNN_FAULT": "hang@forward:rank=1,step=3"})
     ranks = job.wait_for_ranks()
     job.wait_for(r"^training: ")
     time.sleep(1.0)
@@ -154,7 +155,7 @@ def test_ctrl_c_to_the_launcher_ends_even_a_stuck_job_and_damages_nothing(tmp_pa
     hang = {"HPCNN_FAULT": "hang@forward:rank=1,step=40"}
     args = [*LONG, "--run-dir", "", "--checkpoint-dir", ckpt, "--checkpoint-every", "10",
             "--stall-timeout", "300"]  # fmt: skip
-    job = Job(args, RANKS, hang)
+    job = Job("hpcnn.train", args, RANKS, hang)
     job.wait_for(r"ckpt-000000040\.h5")
     time.sleep(1.0)
     before = {p.name: p.read_bytes() for p in checkpoints(ckpt)}
@@ -163,7 +164,12 @@ def test_ctrl_c_to_the_launcher_ends_even_a_stuck_job_and_damages_nothing(tmp_pa
     if job.proc.poll() is None:
         job.signal_launcher(signal.SIGINT)
     code, seconds = job.finish(GONE)
-    assert code != 0 and seconds < GONE, (code, seconds)
+    assert seconds < GONE, (code, seconds)
+    # The exit code is the launcher's own here (it kills the ranks): Open MPI's mpirun reports the
+    # signal; MPICH's mpiexec, on a second Ctrl-C, exits with 0, 1 or 255 at random (measured with
+    # MPICH 5.0.2 and four plain sleeping processes: 0, 255, 1, 255, 255, 1), so only Open MPI's is
+    # checked.
+    assert forwards_ctrl_c() or code != 0, code
     assert "Traceback" not in job.stderr and len(job.hpcnn_lines()) <= 1, job.stderr
     assert {p.name: p.read_bytes() for p in checkpoints(ckpt)} == before and "ckpt-000000040.h5" in before
     for path in checkpoints(ckpt):
@@ -194,7 +200,7 @@ def test_fit_raises_keyboard_interrupt_on_every_rank_after_the_agreed_stop(tmp_p
     """In set-up, rank 1 sleeps while the others wait for it in a collective: the Ctrl-C is held
     (not a KeyboardInterrupt on the ranks that run Python) and honoured after the first step."""
     fault = {"HPCNN_FAULT": "sleep@setup:rank=1,seconds=2"} if moment == "set-up" else None
-    job = Job([tmp_path / "ckpt"], RANKS, fault, script=SCRIPT)
+    job = Job(SCRIPT, [tmp_path / "ckpt"], RANKS, fault)
     job.wait_for(r"HPCNN_FAULT: sleeping" if fault else r"^step \d+/|^epoch ")
     job.ctrl_c()
     code, seconds = job.finish(GONE)
@@ -224,7 +230,7 @@ def frozen_jobs(timeout: str, roles) -> dict:
         # step 250: after the first heartbeats, so the inspector knows where the rank froze
         fault = {"HPCNN_FAULT": f"freeze@forward:rank={rank},step=250"}
         args = [*LONG, "--run-dir", "", *extra, *(["--stall-timeout", timeout] if timeout else [])]
-        jobs[role] = Job(args, RANKS, fault)
+        jobs[role] = Job("hpcnn.train", args, RANKS, fault)
     return jobs
 
 
@@ -262,7 +268,7 @@ def test_ctrl_c_stops_a_sweep_with_exit_130_and_no_task_recorded_done(tmp_path):
         '[sweep]\ngroup_size = 2\ndirectory = "out"\n[base]\nhidden = [32]\nepochs = 300\neval_every = 0\n'
         "[grid]\nlr = [0.001, 0.003, 0.01]\n"
     )
-    job = Job([tmp_path / "sweep.toml"], RANKS, module="hpcnn.sweep", cwd=tmp_path)
+    job = Job("hpcnn.sweep", [tmp_path / "sweep.toml"], RANKS, cwd=tmp_path)
     job.wait_for(r"^task \d .*: started")
     time.sleep(1.0)
     job.ctrl_c()

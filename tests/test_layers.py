@@ -2,44 +2,19 @@
 
 import numpy as np
 import pytest
+from user_layers import Scale
 
 from hpcnn.core.layers import LAYER_TYPES, Dense, Layer, ReLU, layer_from_spec
 from hpcnn.core.model import Sequential
-from hpcnn.core.params import ParamSpec
 from hpcnn.errors import UserError
 from hpcnn.io.checkpoints import architecture, architecture_difference
-
-
-class Scale(Layer):
-    """``y = x * w`` per feature: a user layer with a parameter and a constructor argument."""
-
-    def __init__(self, features: int, init: str = "ones"):
-        self.features, self.init = features, init
-
-    def param_specs(self):
-        return [ParamSpec("w", (self.features,), self.init)]
-
-    def bind(self, params, grads):
-        self.w, self.dw = params["w"], grads["w"]
-
-    def forward(self, x, saved, ws=None):
-        if saved is not None:
-            saved["x"] = x
-        return x * self.w
-
-    def backward(self, dy, saved, need_dx=True, accumulate=False, ws=None):
-        x = saved.pop("x")
-        if accumulate:
-            self.dw += (x * dy).sum(axis=0)
-        else:
-            self.dw[...] = (x * dy).sum(axis=0)
-        return dy * self.w if need_dx else None
 
 
 def test_a_user_layer_is_registered_and_rebuilt_from_its_spec():
     assert LAYER_TYPES["Scale"] is Scale
     layer = Scale(5)
-    assert layer.spec() == {"type": "Scale", "features": 5, "init": "ones"}  # the default spec()
+    default = {"type": "Scale", "features": 5, "init": "ones", "wrong": False}
+    assert layer.spec() == default  # the default spec(): each argument of __init__, by name
     again = layer_from_spec(layer.spec())
     assert type(again) is Scale and again.spec() == layer.spec()
 
@@ -58,7 +33,8 @@ def test_a_model_with_a_user_layer_round_trips_through_its_architecture():
     np.testing.assert_array_equal(rebuilt.forward(x, train=False), model.forward(x, train=False))
     changed = architecture([Dense(3, 4), Scale(4, init="zeros"), ReLU(), Dense(4, 2)], 3, "float64")
     assert architecture_difference(saved, changed) == (
-        "layer 1 is Scale(features=4, init=ones) in the checkpoint, Scale(features=4, init=zeros) in this run"
+        "layer 1 is Scale(features=4, init=ones, wrong=False) in the checkpoint, "
+        "Scale(features=4, init=zeros, wrong=False) in this run"
     )
 
 

@@ -13,12 +13,11 @@ import os
 import re
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from test_train import MPIEXEC, ROOT, launch_env, needs_mpiexec
+from launch import run, start
 
 from hpcnn.errors import UserError
 from hpcnn.io import dirlock
@@ -32,17 +31,14 @@ ADVICE = "wait for it to end, or choose another --checkpoint-dir"
 SINCE = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}"
 
 
-def command(args, ranks: int) -> list[str]:
+def under(ranks: int) -> int | None:
     """One rank runs without mpiexec (its PID is the one a lock names); more under mpiexec."""
-    cmd = [sys.executable, "-m", "hpcnn.train", *args]
-    return [MPIEXEC, "-n", str(ranks), *cmd] if ranks > 1 else cmd
+    return ranks if ranks > 1 else None
 
 
 def train(args, ranks: int = 1, timeout=120):
-    t0 = time.monotonic()
-    proc = subprocess.run(command(args, ranks), cwd=ROOT, env=launch_env(), capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
-    return proc, time.monotonic() - t0
+    proc = run("hpcnn.train", args, ranks=under(ranks), timeout=timeout)
+    return proc, proc.seconds
 
 
 def errors(stderr: str) -> list[str]:
@@ -80,7 +76,7 @@ def copy_of(finished: Path, where: Path) -> Path:
 # --- refused while another run holds the directory -----------------------------------------------
 
 
-@needs_mpiexec
+@pytest.mark.launches
 @pytest.mark.parametrize("ranks", [1, 2])
 @pytest.mark.parametrize("mode", ["fresh", "resume auto", "resume file"])
 def test_a_run_is_refused_while_another_holds_its_directory(finished, tmp_path, mode, ranks):
@@ -104,7 +100,7 @@ def test_a_run_is_refused_while_another_holds_its_directory(finished, tmp_path, 
     assert not (d / NAME).exists()
 
 
-@needs_mpiexec
+@pytest.mark.launches
 @pytest.mark.parametrize(
     "first, second, ranks",
     [("fresh", "fresh", (1, 1)), ("fresh", "resume", (2, 2)), ("resume", "resume", (1, 2))],
@@ -117,9 +113,7 @@ def test_of_two_runs_started_together_on_one_directory_exactly_one_runs(finished
     args = [[*LONG, "--checkpoint-dir", str(d)] + (["--resume", "auto"] if how == "resume" else [])
             for how in (first, second)]  # fmt: skip
     t0 = time.monotonic()
-    procs = [subprocess.Popen(command(a, n), cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
-             for a, n in zip(args, ranks, strict=True)]  # fmt: skip
+    procs = [start("hpcnn.train", a, ranks=under(n)) for a, n in zip(args, ranks, strict=True)]
     outs = [p.communicate(timeout=120) for p in procs]
     codes = [p.returncode for p in procs]
     assert sorted(codes) == [0, 2] and time.monotonic() - t0 < 60, (codes, outs)
@@ -143,7 +137,7 @@ def dead_pid() -> int:
     return proc.pid
 
 
-@needs_mpiexec
+@pytest.mark.launches
 def test_a_stale_lock_is_taken_over_and_stale_temporary_files_are_removed(tmp_path):
     d = tmp_path / "ckpt"
     d.mkdir()
@@ -167,8 +161,7 @@ def test_a_stale_lock_is_taken_over_and_stale_temporary_files_are_removed(tmp_pa
 
 def test_a_killed_run_leaves_a_lock_that_the_next_run_takes_over(tmp_path):
     d = tmp_path / "ckpt"
-    proc = subprocess.Popen(command([*LONG, "--checkpoint-dir", str(d)], 1), cwd=ROOT, env=launch_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = start("hpcnn.train", [*LONG, "--checkpoint-dir", d], stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while not (d / NAME).exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.02)
@@ -241,16 +234,14 @@ def test_a_second_sweep_on_one_directory_is_refused(tmp_path):
     out.mkdir()
     held = DirectoryLock.acquire(out, "sweep directory", "x")  # "another sweep": this test process
     try:
-        proc = subprocess.run([sys.executable, "-m", "hpcnn.sweep", str(path), "--dir", str(out)], cwd=ROOT,
-                              env=launch_env(), capture_output=True, text=True, timeout=60)  # fmt: skip
+        proc = run("hpcnn.sweep", [path, "--dir", out], timeout=60)
         assert proc.returncode == 2, proc.stderr
         pattern = in_use(out, os.getpid(), "sweep directory", "wait for it to end, or use another --dir")
         assert len(errors(proc.stderr)) == 1 and re.fullmatch(pattern, errors(proc.stderr)[0]), proc.stderr
         assert os.listdir(out) == [NAME]  # no task directory created
     finally:
         held.release()
-    proc = subprocess.run([sys.executable, "-m", "hpcnn.sweep", str(path), "--dir", str(out)], cwd=ROOT,
-                          env=launch_env(), capture_output=True, text=True, timeout=60)  # fmt: skip
+    proc = run("hpcnn.sweep", [path, "--dir", out], timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert not list(out.rglob(NAME))  # the sweep's lock and its task's are gone
     assert list(out.glob("tasks/task-000/checkpoints/ckpt-*.h5"))

@@ -1,9 +1,9 @@
 """``python -m hpcnn.plot``: run directories' metrics.jsonl become PNGs; bad input fails clearly."""
 
 import json
-import subprocess
 import sys
 
+import launch
 import pytest
 
 from hpcnn import plot
@@ -263,6 +263,6 @@ def test_command_needs_no_mpi(tmp_path):
         "import sys; from hpcnn import plot; rc = plot.main([sys.argv[1]]); "
         "assert 'mpi4py' not in sys.modules, 'mpi4py imported'; sys.exit(rc)"
     )
-    done = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True, timeout=120)
+    done = launch.run(code, [run], timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("wrote ") == len(ALL)

@@ -11,12 +11,10 @@ import os
 import pty
 import re
 import struct
-import subprocess
-import sys
 import termios
 
 import pytest
-from test_train import MPIEXEC, ROOT, launch_env, needs_mpiexec
+from launch import run, start
 
 from hpcnn.config import from_dict, parse_toml
 from hpcnn.io.runlog import STEP_TIMES, RunDir
@@ -26,10 +24,7 @@ ARGS = ["--hidden", "32,16", "--epochs", "2", "--seed", "3", "--log-every", "23"
 
 
 def train(args, ranks=None, timeout=120, **kw):
-    cmd = [sys.executable, "-m", "hpcnn.train", *args]
-    cmd = [MPIEXEC, "-n", str(ranks), *cmd] if ranks else cmd
-    return subprocess.run(cmd, cwd=ROOT, env=launch_env(kw.get("env")), capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+    return run("hpcnn.train", args, ranks=ranks, env=kw.get("env"), timeout=timeout)
 
 
 def records(run_dir) -> list[dict]:
@@ -68,17 +63,14 @@ def test_run_directory_holds_config_command_facts_metrics_and_checkpoints(tmp_pa
 
 def test_auto_run_directories_never_collide_and_an_empty_one_writes_nothing(tmp_path):
     for _ in range(2):
-        proc = subprocess.run([sys.executable, "-m", "hpcnn.train", *ARGS, "--epochs", "1"], cwd=tmp_path,
-                              env=launch_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+        proc = run("hpcnn.train", [*ARGS, "--epochs", "1"], cwd=tmp_path, timeout=120)
         assert proc.returncode == 0, proc.stderr
     made = sorted((tmp_path / "runs").iterdir())
     assert len(made) == 2 and all((d / "metrics.jsonl").stat().st_size > 0 for d in made)
     assert re.fullmatch(r"\d{8}-\d{6}(-\d+)?", made[0].name)
     empty = tmp_path / "none"
     empty.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "hpcnn.train", *ARGS, "--epochs", "1", "--run-dir", ""],
-                          cwd=empty, env=launch_env(), capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+    proc = run("hpcnn.train", [*ARGS, "--epochs", "1", "--run-dir", ""], cwd=empty, timeout=120)
     assert proc.returncode == 0 and list(empty.iterdir()) == []
 
 
@@ -119,11 +111,12 @@ def test_progress_lines_off_a_terminal_and_quiet(tmp_path):
     assert "final held-out loss" in quiet.stdout
 
 
-def on_a_terminal(cmd) -> str:
-    """Run ``cmd`` with a pseudo-terminal of 120 columns as its stdout and stderr; its output."""
+def on_a_terminal(args, ranks) -> str:
+    """Run ``python -m hpcnn.train ARGS`` with a pseudo-terminal of 120 columns as its stdout and
+    stderr; its output."""
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # tqdm needs a width
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=launch_env(), stdout=follower, stderr=follower)
+    proc = start("hpcnn.train", args, ranks=ranks, stdout=follower, stderr=follower, text=False)
     os.close(follower)
     out = b""
     while True:
@@ -139,20 +132,17 @@ def on_a_terminal(cmd) -> str:
     return out.decode(errors="replace")
 
 
-@pytest.mark.parametrize("ranks", [None, 2])
+@pytest.mark.parametrize("ranks", [None, pytest.param(2, marks=pytest.mark.launches)])
 def test_a_progress_bar_on_a_terminal_also_through_mpirun_and_no_plain_step_lines(ranks):
     pytest.importorskip("tqdm", reason="the bar needs tqdm (a dependency of hpcnn)")
-    if ranks and MPIEXEC is None:
-        pytest.skip("launches mpiexec, and there is none on PATH or beside Python")
-    cmd = [sys.executable, "-m", "hpcnn.train", *ARGS, "--run-dir", "", "--log-every", "5"]
-    text = on_a_terminal([MPIEXEC, "-n", str(ranks), *cmd] if ranks else cmd)
+    text = on_a_terminal([*ARGS, "--run-dir", "", "--log-every", "5"], ranks)
     assert re.search(r"epoch 1/2: +\d+%\|", text) and ("step/s" in text or "s/step" in text)
     assert "loss" in text and "ETA" in text and "final held-out loss" in text
     assert not re.search(r"^step \d+/46 ", text, re.M)
     assert text.count("final held-out loss") == 1
 
 
-@needs_mpiexec
+@pytest.mark.launches
 def test_four_ranks_two_stages_metrics_match_one_rank_and_only_rank_0_speaks(tmp_path):
     one, four = tmp_path / "one", tmp_path / "four"
     assert train([*ARGS, "--run-dir", str(one)]).returncode == 0
@@ -183,7 +173,7 @@ def spans_nest(events) -> bool:
     return True
 
 
-@needs_mpiexec
+@pytest.mark.launches
 def test_timeline_has_a_track_per_rank_with_nested_spans(tmp_path):
     path = tmp_path / "timeline.json"
     layout = ["--pipeline-stages", "2", "--micro-batches", "2", "--checkpoint-every", "20"]
@@ -211,7 +201,7 @@ def test_timeline_has_a_track_per_rank_with_nested_spans(tmp_path):
                    for e in inside)  # fmt: skip
 
 
-@needs_mpiexec
+@pytest.mark.launches
 def test_dry_run_prints_the_layout_and_trains_nothing(tmp_path):
     layout = ["--pipeline-stages", "2", "--hidden", "64,32", "--optimizer", "adam"]
     proc = train(["--dry-run", *layout, "--run-dir", str(tmp_path / "run")], ranks=4)

@@ -1,27 +1,21 @@
 """Task parallelism: sweeps over groups of ranks (``hpcnn.sweep``).
 
-The in-process test runs at every MPI world size CTest launches (groups of 2); the command-line
-tests launch ``mpiexec -n 4`` and kill or stop the sweep part-way, then run it again.
+The sweep file's checks and the summary, in-process at one rank; the command-line tests launch
+``mpiexec -n 4`` and kill or stop the sweep part-way, then run it again. The in-process test at
+every MPI world size CTest launches is in ``test_sweep_mpi.py``.
 """
 
-import csv
 import json
-import os
 import signal
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from test_checkpoint import python_ranks, tensors
-from test_train import MPIEXEC, ROOT, launch_env, needs_mpiexec
+from launch import Job, run
 
 from hpcnn.errors import UserError
-from hpcnn.io.checkpoints import checkpoints
 from hpcnn.sweep import load_sweep
 
 SWEEP = """
@@ -68,83 +62,32 @@ def test_the_sweep_file_is_checked_before_anything_runs(tmp_path):
             load_sweep(path)
 
 
-@pytest.mark.mpi(min_size=2)
-def test_every_task_runs_once_and_equals_the_same_training_alone():
-    """5 tasks in groups of 2: each ran exactly once, the failing one is recorded and the others
-    go on, and each finished task's final state is bitwise that of the task run alone on 2 ranks."""
-    from hpcnn.parallel.comm import Comm
-    from hpcnn.sweep import Sweep, task_config
-    from hpcnn.train import fit
-
-    world = Comm.world()
-    if world.size % 2:
-        pytest.skip("groups of 2 need an even number of ranks")
-    d = Path(world.bcast(tempfile.mkdtemp(prefix="hpcnn-sweep-") if world.is_root else None))
-    path = d / "s.toml"
-    if world.is_root:
-        path.write_text(SWEEP.format(epochs=2))
-    world.Barrier()
-    sweep = Sweep(world, path, directory=d / "out")
-    assert sweep.run(lambda *a: None) == 0
-    problems = []
-    pair = world.Split(0 if world.rank < 2 else 1, world.rank)
-    for i, settings in enumerate(sweep.tasks[:4]):
-        if world.rank < 2:  # the same task alone on a group of 2, into its own directory
-            cfg = task_config(sweep.base, settings, d / "alone" / str(i))
-            fit(cfg, pair)
-        world.Barrier()
-        if world.is_root:
-            a = tensors(checkpoints(sweep.task_dir(i) / "checkpoints")[0])
-            b = tensors(checkpoints(d / "alone" / str(i) / "checkpoints")[0])
-            problems += [f"task {i}: {k} differs" for k in a if not np.array_equal(a[k], b[k])]
-    pair.Free()
-    if world.is_root:
-        records = results(d / "out")
-        assert [r["task"] for r in records] == [0, 1, 2, 3, 4]
-        assert len({r["invocation"] for r in records}) == 1  # one run, each task once
-        assert [r["status"] for r in records] == ["done"] * 4 + ["failed"]
-        assert records[4]["message"] == "lr = -1.0: must be > 0"
-        with open(d / "out" / "summary.csv") as fh:
-            assert len(list(csv.reader(fh))) == 6
-    problems = world.bcast(problems)
-    world.Barrier()
-    if world.is_root:
-        import shutil
-
-        shutil.rmtree(d, ignore_errors=True)
-    assert not problems, problems
-
-
-def _sweep(args, **kw):
-    return subprocess.Popen([MPIEXEC, "-n", "4", sys.executable, "-m", "hpcnn.sweep", *args], cwd=ROOT,
-                            env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            **kw)  # fmt: skip
-
-
 def _wait_for_a_result(out: Path, timeout=60) -> None:
     deadline = time.monotonic() + timeout
     while not list(out.glob("tasks/task-*/result.json")) and time.monotonic() < deadline:
         time.sleep(0.05)
 
 
-@needs_mpiexec
+@pytest.mark.launches
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGUSR1"])
 def test_a_sweep_killed_or_stopped_part_way_completes_only_the_rest_when_rerun(tmp_path, how):
     path, out = tmp_path / "s.toml", tmp_path / "out"
     path.write_text(SWEEP.format(epochs=12))
-    first = _sweep([str(path), "--dir", str(out)])
+    first = Job("hpcnn.sweep", [path, "--dir", out], 4)
     _wait_for_a_result(out)
     before = {p: p.read_bytes() for p in out.glob("tasks/task-*/result.json")}
-    assert before, first.communicate(timeout=60)
-    for pid in python_ranks(str(out)):
-        os.kill(pid, getattr(signal, how))
-    stdout, stderr = first.communicate(timeout=60)
+    if not before:
+        first.kill()
+    assert before, first.stdout + first.stderr
+    first.signal_ranks(getattr(signal, how))
+    code, _ = first.finish(60)
+    stdout, stderr = first.stdout, first.stderr
     if how == "SIGUSR1":
-        assert first.returncode == 75 and "run the same command again to continue" in stdout, stderr
+        assert code == 75 and "run the same command again to continue" in stdout, stderr
     else:
-        assert first.returncode != 0
-    second = _sweep([str(path), "--dir", str(out)])
-    stdout, stderr = second.communicate(timeout=120)
+        assert code != 0
+    second = run("hpcnn.sweep", [path, "--dir", out], ranks=4, timeout=120)
+    stdout, stderr = second.stdout, second.stderr
     assert second.returncode == 0, stderr
     records = results(out)
     assert [r["task"] for r in records] == [0, 1, 2, 3, 4]

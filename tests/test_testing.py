@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
+from user_layers import Scale
 
 from hpcnn.core.layers import GELU, Dense, Layer, ReLU, Sigmoid, Tanh
 from hpcnn.core.model import Sequential, build_mlp
-from hpcnn.core.params import ParamSpec
 from hpcnn.testing import check_gradients
 
 
@@ -24,32 +24,6 @@ class Square(Layer):
         return dy * saved.pop("x") * (1 if self.wrong else 2)
 
 
-class Gain(Layer):
-    """``y = x * g`` per feature; ``wrong``: the parameter gradient has the wrong sign."""
-
-    def __init__(self, features: int, wrong: bool = False):
-        self.features, self.wrong = features, wrong
-
-    def param_specs(self):
-        return [ParamSpec("g", (self.features,), "ones")]
-
-    def bind(self, params, grads):
-        self.g, self.dg = params["g"], grads["g"]
-
-    def forward(self, x, saved, ws=None):
-        if saved is not None:
-            saved["x"] = x
-        return x * self.g
-
-    def backward(self, dy, saved, need_dx=True, accumulate=False, ws=None):
-        dg = (saved.pop("x") * dy).sum(axis=0) * (-1 if self.wrong else 1)
-        if accumulate:
-            self.dg += dg
-        else:
-            self.dg[...] = dg
-        return dy * self.g
-
-
 @pytest.mark.parametrize(
     "layer,features",
     [
@@ -61,7 +35,7 @@ class Gain(Layer):
         (GELU(approximate="tanh"), 4),
         (Layer(), 4),
         (Square(), 4),
-        (Gain(4), 4),
+        (Scale(4), 4),
     ],
 )
 def test_every_built_in_layer_passes(layer, features):
@@ -75,7 +49,7 @@ def test_models_and_layer_lists_pass_and_are_not_changed():
     assert check_gradients(model, np.random.default_rng(2).normal(size=(4, 3))) < 1e-6
     assert np.array_equal(model.params.data, before) and model.layers[0].W is W  # still its own buffer
     assert model.params.data.dtype == np.float32
-    assert check_gradients([Dense(3, 4), Gain(4), Tanh(), Dense(4, 2)], 3, rows=5, seed=3) < 1e-7
+    assert check_gradients([Dense(3, 4), Scale(4), Tanh(), Dense(4, 2)], 3, rows=5, seed=3) < 1e-7
 
 
 def test_a_missing_factor_two_fails_naming_the_input():
@@ -93,9 +67,9 @@ def test_a_missing_factor_two_fails_naming_the_input():
 
 def test_a_wrong_parameter_gradient_fails_naming_the_tensor():
     with pytest.raises(
-        AssertionError, match=r"gradient check failed: layer 1 Gain g: relative error 1 > rtol"
+        AssertionError, match=r"gradient check failed: layer 1 Scale w: relative error 1 > rtol"
     ):
-        check_gradients([Dense(3, 4), Gain(4, wrong=True)], 3)
-    model = Sequential([Dense(3, 4), Gain(4)], np.float64)
+        check_gradients([Dense(3, 4), Scale(4, wrong=True)], 3)
+    model = Sequential([Dense(3, 4), Scale(4)], np.float64)
     with pytest.raises(AssertionError, match="nothing was checked: every gradient is zero"):
         check_gradients(model, 3)  # its parameters are all zero: it was never initialised

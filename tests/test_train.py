@@ -1,33 +1,14 @@
 """Training end to end at one rank, and the command line's behaviour under mpiexec."""
 
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-
 import h5py
 import numpy as np
 import pytest
+from launch import run
 
 from hpcnn.config import Config
 from hpcnn.errors import JobError
 from hpcnn.parallel.comm import Comm
 from hpcnn.train import fit
-
-ROOT = Path(__file__).resolve().parents[1]
-MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
-needs_mpiexec = pytest.mark.skipif(
-    MPIEXEC is None, reason="these tests launch mpiexec, and there is none on PATH or beside Python"
-)
-
-
-def launch_env(extra=None) -> dict:
-    """The environment for a process a test starts: Python's view of it, passed explicitly. Open MPI
-    initialised in the test process (a singleton) adds PMIx variables to the C environment, which a
-    child would inherit by default; a child ``mpirun`` then takes itself for part of that job and
-    exits 1 without a word."""
-    return {**os.environ, **(extra or {})}
 
 
 @pytest.fixture(scope="module")
@@ -104,21 +85,14 @@ def test_labels_are_checked_before_training(comm, tmp_path, labels, test_labels,
         assert exc.value.exit_code == 2
 
 
-def run_cli(args, ranks=None, timeout=120):
-    cmd = [sys.executable, "-m", "hpcnn.train", *args]
-    if ranks:
-        cmd = [MPIEXEC, "-n", str(ranks), *cmd]
-    return subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=timeout)
-
-
 def test_cli_trains_and_reports(tmp_path):
-    proc = run_cli(["--epochs", "2", "--hidden", "32"])
+    proc = run("hpcnn.train", ["--epochs", "2", "--hidden", "32"])
     assert proc.returncode == 0, proc.stderr
     assert "epoch 2/2" in proc.stdout and "final held-out loss" in proc.stdout
     assert proc.stderr == ""
 
 
-@needs_mpiexec
+@pytest.mark.launches
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -133,28 +107,28 @@ def test_cli_trains_and_reports(tmp_path):
     ],
 )
 def test_cli_user_errors_print_one_message_and_fail_on_every_rank(args, message):
-    proc = run_cli(args, ranks=4, timeout=60)
+    proc = run("hpcnn.train", args, ranks=4, timeout=60)
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and errors[0].startswith(f"hpcnn: error: {message}"), proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout.count("hpcnn 0.") <= 1
 
 
-@needs_mpiexec
+@pytest.mark.launches
 def test_cli_help_prints_once_and_succeeds():
-    proc = run_cli(["--help"], ranks=4, timeout=60)
+    proc = run("hpcnn.train", ["--help"], ranks=4, timeout=60)
     assert proc.returncode == 0 and proc.stdout.count("usage:") == 1 and "--batch-size" in proc.stdout
 
 
-@needs_mpiexec
+@pytest.mark.launches
 def test_cli_unknown_config_key_names_the_valid_ones(tmp_path):
     (tmp_path / "c.toml").write_text("learning_rate = 0.1\n")
-    proc = run_cli(["--config", str(tmp_path / "c.toml")], ranks=2, timeout=60)
+    proc = run("hpcnn.train", ["--config", str(tmp_path / "c.toml")], ranks=2, timeout=60)
     assert proc.returncode == 2 and proc.stderr.count("hpcnn: error:") == 1
     assert "unknown key 'learning_rate'; valid keys: hidden," in proc.stderr and "lr," in proc.stderr
 
 
-@needs_mpiexec
+@pytest.mark.launches
 def test_a_rank_failing_alone_mid_training_ends_the_job_fast():
     """Rank 2 raises inside its 5th data read while the others wait in the Allreduce: no hang."""
     inject = (
@@ -171,14 +145,7 @@ def test_a_rank_failing_alone_mid_training_ends_the_job_fast():
         "from hpcnn.train import main\n"
         "sys.exit(main(['--epochs', '1']))\n"
     )
-    proc = subprocess.run(
-        [MPIEXEC, "-n", "4", sys.executable, "-c", inject],
-        cwd=ROOT,
-        env=launch_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = run(inject, ranks=4, timeout=60)
     assert proc.returncode != 0
     ours = [line for line in proc.stderr.splitlines() if line.startswith("hpcnn:")]
     assert ours == ["hpcnn: rank 2: internal error: injected fault"], proc.stderr

@@ -15,15 +15,13 @@ import hashlib
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from test_failures import launch
-from test_train import ROOT, launch_env, needs_mpiexec
+from launch import run
 
 from hpcnn.io import checkpoints as checkpoint
-from hpcnn.io.checkpoints import checkpoints, verify
+from hpcnn.io.checkpoints import checkpoints, verify, writers
 
 LIMIT = 30.0  # seconds until every process of a failed run is gone
 FAST = ["--epochs", "1", "--eval-every", "0", "--run-dir", "", "--batch-size", "100"]  # 15 steps
@@ -65,15 +63,15 @@ def small_disk(tmp_path):
 # --- a real full disk ----------------------------------------------------------------------------
 
 
-@needs_mpiexec
+@pytest.mark.launches
 @pytest.mark.parametrize("ranks", [1, 2, 4])
 def test_a_full_disk_ends_the_run_with_one_message_and_keeps_the_earlier_checkpoint(small_disk, ranks):
     d = small_disk / "ckpt"
     args = [*FAST, *BIG, "--checkpoint-dir", str(d), "--keep", "0"]
     # The first checkpoint fits, the second does not: refused before writing it.
-    proc, seconds = launch([*args, "--checkpoint-every", "5"], ranks=ranks, timeout=120)
+    proc = run("hpcnn.train", [*args, "--checkpoint-every", "5"], ranks=ranks, timeout=120)
     assert_one_clean_message(
-        proc, seconds,
+        proc, proc.seconds,
         rf"hpcnn: error: writing checkpoint {d}/ckpt-000000010.h5 failed: not enough space in {d}: a "
         rf"checkpoint needs about {AMOUNT}, {AMOUNT} are free; nothing was written, earlier checkpoints "
         r"are intact",
@@ -82,9 +80,9 @@ def test_a_full_disk_ends_the_run_with_one_message_and_keeps_the_earlier_checkpo
     verify(d / "ckpt-000000005.h5")
     # Resuming into the full directory: refused before training, not after it.
     before = digest(d)
-    proc, seconds = launch([*args, "--resume", "auto"], ranks=ranks, timeout=120)
+    proc = run("hpcnn.train", [*args, "--resume", "auto"], ranks=ranks, timeout=120)
     assert_one_clean_message(
-        proc, seconds,
+        proc, proc.seconds,
         rf"hpcnn: error: checkpoint_dir: not enough space in {d}: a checkpoint needs about {AMOUNT}, "
         rf"{AMOUNT} are free; free some space or choose another --checkpoint-dir",
     )  # fmt: skip
@@ -95,7 +93,7 @@ def test_a_full_disk_ends_the_run_with_one_message_and_keeps_the_earlier_checkpo
 SCRIPT = """
 import sys
 from hpcnn import train
-from hpcnn.io import checkpoints as checkpoint
+from hpcnn.io.checkpoints import writers, writing
 from hpcnn.training import setup
 from hpcnn.parallel.comm import Comm
 from hpcnn.config import Config
@@ -103,9 +101,9 @@ from hpcnn.errors import JobError
 
 directory, how = sys.argv[1], sys.argv[2]
 if how == "full":  # skip the free-space checks: the disk fills during the write itself
-    checkpoint.too_little_space = setup.too_little_space = lambda directory, needed: None
+    writing.too_little_space = setup.too_little_space = lambda directory, needed: None
 else:  # the directory is removed while the second checkpoint is written
-    create, calls = checkpoint._create, []
+    create, calls = writers._create, []
 
     def removing(f, key, shape, dtype):
         calls.append(key)
@@ -114,7 +112,7 @@ else:  # the directory is removed while the second checkpoint is written
             shutil.rmtree(directory)
         return create(f, key, shape, dtype)
 
-    checkpoint._create = removing
+    writers._create = removing
 cfg = Config(hidden=[200], epochs=1, batch_size=100, eval_every=0, checkpoint_dir=directory, keep=0,
              checkpoint_every=5, quiet=True, resume=sys.argv[3] if len(sys.argv) > 3 else "")
 try:
@@ -125,8 +123,7 @@ except JobError as exc:
 
 
 def run_script(*args):
-    return subprocess.run([sys.executable, "-c", SCRIPT, *map(str, args)], cwd=ROOT, env=launch_env(),
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    return run(SCRIPT, args, timeout=60)
 
 
 def test_a_disk_that_fills_during_the_write_is_reported_without_a_crash(small_disk):
@@ -146,10 +143,8 @@ def test_a_disk_that_fills_during_the_write_is_reported_without_a_crash(small_di
 
 def test_a_disk_that_fills_during_a_later_write_keeps_the_earlier_bytes(small_disk, tmp_path):
     d = small_disk / "ckpt"
-    made = subprocess.run(  # one checkpoint at step 5, on a disk with room for it
-        [sys.executable, "-m", "hpcnn.train", *FAST, *BIG, "--max-steps", "5", "--checkpoint-dir", str(d)],
-        cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    # one checkpoint at step 5, on a disk with room for it
+    made = run("hpcnn.train", [*FAST, *BIG, "--max-steps", "5", "--checkpoint-dir", d], timeout=60)
     assert made.returncode == 0, made.stderr
     before = digest(d)
     again = run_script(d, "full", "auto")  # continues from step 5; the write after step 10 fails
@@ -174,21 +169,21 @@ def test_a_directory_removed_during_the_write_is_named(tmp_path):
 # --- injected write errors, at every rank count ------------------------------------------------
 
 
-@needs_mpiexec
+@pytest.mark.launches
 @pytest.mark.parametrize("kind, text", [("enospc", r"\[Errno 28\] No space left on device"),
                                         ("eio", r"\[Errno 5\] Input/output error")])  # fmt: skip
 @pytest.mark.parametrize("ranks", [1, 2, 4])
 def test_a_write_error_ends_every_rank_with_one_message(tmp_path, ranks, kind, text):
     d = tmp_path / "ckpt"
     args = [*FAST, "--hidden", "16", "--checkpoint-dir", str(d), "--checkpoint-every", "5", "--keep", "0"]
-    made, _ = launch([*args, "--max-steps", "10"], ranks=ranks, timeout=120)  # checkpoints at steps 5 and 10
+    made = run("hpcnn.train", [*args, "--max-steps", "10"], ranks=ranks, timeout=120)  # checkpoints at 5, 10
     assert made.returncode == 0, made.stderr
     before = digest(d)
     # The write after step 15 (the fault's step counts from 0) fails part-way on rank 0, which writes.
     fault = {"HPCNN_FAULT": f"{kind}@checkpoint:rank=0,step=14"}
-    proc, seconds = launch([*args, "--resume", "auto"], fault, ranks=ranks, timeout=120)
+    proc = run("hpcnn.train", [*args, "--resume", "auto"], ranks=ranks, env=fault, timeout=120)
     assert_one_clean_message(
-        proc, seconds,
+        proc, proc.seconds,
         rf"hpcnn: error: writing checkpoint {d}/ckpt-000000015.h5 failed: {text}; a checkpoint needs "
         rf"about {AMOUNT}, {AMOUNT} are free in {d}; the temporary file was removed, earlier checkpoints "
         r"are intact",
@@ -200,7 +195,7 @@ def test_a_write_error_ends_every_rank_with_one_message(tmp_path, ranks, kind, t
 
 
 def test_the_spool_hides_a_failed_write_from_hdf5_and_reads_back_what_it_held(tmp_path):
-    spool = checkpoint._Spool(tmp_path / "f")
+    spool = writers._Spool(tmp_path / "f")
     spool.write(b"abcdef")
     spool.fail_next = errno.ENOSPC
     spool.seek(2)

@@ -45,13 +45,16 @@ class SoftmaxCrossEntropy:
 class MeanSquaredError:
     """Per-row mean over outputs of ``(out - target)**2``.
 
-    Integer labels of shape (batch,) are compared as one-hot vectors; float targets of shape
-    (batch, outputs) are used as they are (regression).
+    Integer labels of shape (batch,) are compared as one-hot vectors, or, with one output, as the
+    value itself (labels 0 and 1: a 2-class problem with one output unit, like the textbook XOR
+    network); float targets of shape (batch, outputs) are used as they are (regression).
     """
 
     def forward(self, out, target, ws=FRESH) -> float:
         diff = ws("diff", out.shape, out.dtype)  # (batch, outputs)
-        if target.ndim == 1:  # out - onehot(target)
+        if target.ndim == 1 and out.shape[1] == 1:  # out - label
+            xp.subtract(out[:, 0], target, out=diff[:, 0])
+        elif target.ndim == 1:  # out - onehot(target)
             diff[...] = out
             diff[xp.arange(len(target)), target] -= 1
         else:
@@ -79,5 +82,8 @@ LOSSES = {"cross_entropy": SoftmaxCrossEntropy, "mse": MeanSquaredError}
 
 
 def count_correct(out, labels) -> int:
-    """Rows whose largest output is at the label's index."""
+    """Rows whose largest output is at the label's index; with one output (labels 0 and 1), rows
+    whose output rounds to the label (is above 0.5 for label 1)."""
+    if out.shape[1] == 1:
+        return int(((out[:, 0] > 0.5) == labels).sum())
     return int((out.argmax(axis=1) == labels).sum())

@@ -8,6 +8,7 @@ the core types do not assume it.
 
 import math
 
+from hpcnn.core.backend import xp
 from hpcnn.core.layers import ACTIVATIONS, INIT_FOR, Dense
 from hpcnn.core.params import FlatParams
 from hpcnn.core.workspace import Workspace
@@ -19,10 +20,10 @@ class Sequential:
     Parameters
     ----------
     layers : list of Layer
-    dtype : dtype of parameters, gradients and activations
+    dtype : dtype of parameters, gradients and activations (a ``Trainer`` uses its ``dtype`` setting)
     """
 
-    def __init__(self, layers, dtype):
+    def __init__(self, layers, dtype=xp.float32):
         self.layers = list(layers)
         self.dtype = dtype
         self.params = FlatParams(self.layers, dtype)

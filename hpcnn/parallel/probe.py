@@ -97,6 +97,7 @@ PHASES = {
     "optimizer": Phase("optimizer step", "optimizer", "optimizer"),
     # between steps
     "stop check": Phase("stop check", span="stop check"),
+    "callbacks": Phase("stop check", span="callbacks"),  # on_step/on_epoch: the user's stop check
     "evaluation": Phase("evaluation", span="evaluation", site="evaluation", arg="rows"),
     "evaluation receive": Phase("evaluation receive", arg="stage", detailed=True, inner=True),
     "evaluation allreduce": Phase("evaluation allreduce", inner=True),

@@ -1,15 +1,17 @@
-"""The training loop on one rank: ``Training`` (state, steps, epoch summaries, checkpoints) and
-``fit``, the bracket that runs it with the run's guarantees.
+"""The training loop on one rank: ``Training`` holds one run's state (its stage of the model, the
+optimizer, the data, the position) and runs the steps, the epoch summaries, the evaluations and the
+checkpoints; ``Result`` is what a run returns. ``hpcnn.training.trainer.fit`` runs it inside the
+run's guarantees (directory lock, agreed Ctrl-C, stall inspector).
 
 One step: read my rows of the global batch -> forward -> loss -> backward (into the flat gradient
 buffer) -> the gradient reduction (``hpcnn.parallel.sync``) -> clip -> optimizer step on the flat
-parameter buffer; the step tells its probe (``hpcnn.parallel.probe``) each phase, which is how
-timers, the timeline, the stall inspector and fault injection see it. ``fit`` locks the
-checkpoint directory, holds Ctrl-C until every rank agrees to stop (``hpcnn.Interrupted`` on every
-rank), runs the stall inspector, and stops after the same step on every rank when a stop signal
-arrives (``preempt``), writing a checkpoint to resume from exactly.
+parameter buffer; the step tells its probe (``hpcnn.parallel.probe``) each phase, which is how the
+timers, the timeline, the stall inspector and fault injection see it. Every rank stops
+after the same step when a stop signal arrives (``preempt``), a step goes non-finite, a bad input
+row is read, or a callback (``on_step``/``on_epoch``) asks for it on rank 0.
 """
 
+import copy
 import hashlib
 import itertools
 import math
@@ -22,25 +24,31 @@ from hpcnn.config import Config
 from hpcnn.core.backend import dtype_of, to_host, xp
 from hpcnn.core.losses import LOSSES
 from hpcnn.core.optim import Schedule, make_optimizer
-from hpcnn.errors import EXIT_INTERNAL, EXIT_NONFINITE, EXIT_USAGE, JobError
+from hpcnn.errors import EXIT_INTERNAL, EXIT_NONFINITE, EXIT_USAGE, JobError, UserError
 from hpcnn.io.checkpoints import Position, estimate_bytes, prune, save
-from hpcnn.io.runlog import STEP_TIMES, Progress, RunDir
+from hpcnn.io.runlog import STEP_TIMES, Progress
 from hpcnn.parallel import faults
 from hpcnn.parallel.comm import IN_PLACE, SUM, Comm, Grid
 from hpcnn.parallel.data_parallel import DataParallel
 from hpcnn.parallel.deterministic import ShardReducer, shard_count, shard_rows
 from hpcnn.parallel.inspector import Inspector
 from hpcnn.parallel.pipeline import Pipeline
-from hpcnn.parallel.preempt import ALL, INTERRUPT, HeldInterrupts, Interrupted, StopRequest, watch_interrupts
+from hpcnn.parallel.preempt import ALL, INTERRUPT, StopRequest
 from hpcnn.parallel.probe import Probe
 from hpcnn.parallel.sync import GradientSync
 from hpcnn.parallel.timeline import Timeline
-from hpcnn.training.batches import bad_row, evaluate_split, micro_batches, problem_text, read_batch
+from hpcnn.training.batches import (
+    bad_row,
+    evaluate_split,
+    micro_batches,
+    problem_text,
+    read_batch,
+)
 from hpcnn.training.report import describe_run, epoch_line, report_stages
 from hpcnn.training.setup import (
+    Parts,
     check_checkpoint_dir,
     check_output_file,
-    lock_checkpoint_dir,
     prepare,
     resume_from,
     total_steps,
@@ -62,64 +70,10 @@ class Result:
     step_losses: list = field(default_factory=list)
     stopped: str | None = None  # the signal that stopped training early (a checkpoint was written)
     checkpoint: str | None = None  # the last checkpoint this run wrote
-
-
-def fit(cfg: Config, comm: Comm, log=None, run: RunDir | None = None, terminal: bool = False) -> Result:
-    """Train ``cfg``'s model on ``cfg``'s data over the ranks of ``comm``.
-
-    ``log`` receives rank 0's progress lines (``None``: silent); with ``terminal`` (``log`` prints
-    to the user's stdout) a progress bar may replace the step lines. ``run``: rank 0's run directory.
-    Returns this rank's stage of the model (identical across data-parallel replicas), the per-epoch
-    metrics and the final evaluation.
-    With ``cfg.resume`` training continues from a checkpoint; with ``cfg.checkpoint_dir``
-    checkpoints are written as configured, at the end, and when a stop signal arrives (then
-    ``Result.stopped`` names the signal and no final evaluation runs). Ctrl-C (SIGINT on any rank)
-    stops every rank at the same step, writes a checkpoint if a directory is set, and raises
-    ``Interrupted`` (a ``KeyboardInterrupt``) on every rank; a second Ctrl-C ends the job at once.
-    A stall inspector watches every rank throughout (``inspector``); non-finite values and bad input
-    rows stop every rank at the same step with a ``JobError``.
-    """
-    watch_interrupts(comm.end_job)
-    with HeldInterrupts():
-        return _fit(cfg, comm, log, run, terminal)
-
-
-def _fit(cfg: Config, comm: Comm, log, run: RunDir | None, terminal: bool) -> Result:
-    log = log if (log is not None and comm.is_root) else None
-    run = run if comm.is_root else None
-    inspector = Inspector(comm, cfg.stall_timeout)
-    training, lock = None, None
-    try:
-        lock = lock_checkpoint_dir(cfg, comm, log)  # one run per checkpoint directory
-        training = Training(cfg, comm, log, inspector, run, terminal)
-        try:
-            result = training.run()
-        finally:
-            training.close()
-        timeline = training.probe.timeline
-        if timeline is not None:
-            timeline.write(cfg.timeline)
-            training.log(f"timeline: {cfg.timeline} ({len(timeline.spans)} spans on rank 0)")
-    except JobError:
-        inspector.close()  # a JobError is raised on every rank of comm: the collective shutdown is safe
-        if training is not None:
-            training.grid.free()
-        raise
-    except BaseException:  # one rank's failure: it is about to end the job; no collective now
-        inspector.abandon()
-        raise
-    finally:
-        if lock is not None:
-            lock.release()
-    inspector.close(training.log)
-    if result.stopped == INTERRUPT.name:
-        saved = f"checkpoint {result.checkpoint}" if result.checkpoint else "no checkpoint"
-        if result.checkpoint:
-            saved += ": continue with --resume auto"
-        elif not cfg.checkpoint_dir:
-            saved += " (no checkpoint directory)"
-        raise Interrupted(f"interrupted (Ctrl-C) after step {result.steps}; {saved}", result)
-    return result
+    layers: list = field(default_factory=list)  # the whole model's layers (``model`` is this rank's run)
+    in_features: int = 0
+    optimizer: object = None  # this stage's optimizer, bound to ``model.params``
+    position: Position | None = None  # where training ended (what a checkpoint of this state records)
 
 
 def _time_parts(t) -> np.ndarray:
@@ -131,12 +85,16 @@ def _time_parts(t) -> np.ndarray:
 class Training:
     """One run's state on this rank: what the loop, its epoch summaries and its checkpoints share."""
 
-    def __init__(self, cfg: Config, comm: Comm, log, inspector: Inspector, run=None, terminal: bool = False):
+    def __init__(
+        self, cfg: Config, comm: Comm, log, inspector: Inspector, run=None, terminal: bool = False, parts=None
+    ):
         self.cfg, self.comm, self.inspector, self.run_dir = cfg, comm, inspector, run
+        parts = parts or Parts()
+        self.on_step, self.on_epoch = parts.on_step, parts.on_epoch
         # what watches this rank's phases: step timers, the stall inspector, the timeline, faults
         self.probe = probe = Probe(comm.wtime, inspector, faults=faults.armed(comm.world_rank))
         probe.fault("setup")
-        ds, layers, bounds, grid, pipe, sampler = prepare(cfg, comm, probe)
+        ds, layers, bounds, grid, pipe, sampler = prepare(cfg, comm, parts, probe)
         self.ds, self.layers, self.bounds, self.grid, self.pipe, self.sampler = (
             ds,
             layers,
@@ -147,13 +105,16 @@ class Training:
         )
         self.model = pipe.model
         self.dtype, self.classify = dtype_of(cfg.dtype), ds.num_classes is not None
-        self.loss_fn = LOSSES[cfg.loss]()
+        self.loss_fn = LOSSES[cfg.loss]() if parts.loss is None else parts.loss
         self.sync = self._gradient_sync()
         self.sync.broadcast_parameters()
         if cfg.timeline:  # an unwritable path is found out now, not after training
             comm.root_decides(lambda: check_output_file(cfg.timeline, "timeline"), cfg.debug)
             probe.timeline = Timeline(comm, comm.wtime)
-        self.opt = make_optimizer(cfg).bind(self.model.params)
+        # a copy: one optimizer object given to two trainers must not end up bound to the second's buffers
+        self.opt = (make_optimizer(cfg) if parts.optimizer is None else copy.copy(parts.optimizer)).bind(
+            self.model.params
+        )
         self.steps = total_steps(cfg, sampler)
         # Rank 0 with a log shows progress (bar, lines or nothing); every other rank is silent.
         if log is None:
@@ -166,7 +127,9 @@ class Training:
             cfg.lr_schedule, cfg.lr, self.steps, cfg.warmup_steps, cfg.step_size, cfg.gamma, cfg.min_lr
         )
         describe_run(log, cfg, ds, layers, bounds, grid, sampler, self.steps)
-        self.result = Result(self.model, grid, bounds, pipe)
+        self.result = Result(
+            self.model, grid, bounds, pipe, layers=layers, in_features=ds.features, optimizer=self.opt
+        )
         self.start, source = (
             resume_from(cfg, grid, layers, ds.features, bounds, self.model, self.opt, log)
             if cfg.resume
@@ -203,10 +166,8 @@ class Training:
         cfg, grid, pipe = self.cfg, self.grid, self.pipe
         stages = grid.pipe if grid.stages > 1 else None
         if not cfg.deterministic:
-            overlap = cfg.overlap == "on"
-            return DataParallel(
-                grid.dp, self.model.params, overlap, cfg.bucket_mb, self.probe, stages, pipe.is_last
-            )
+            params, overlap = self.model.params, cfg.overlap == "on"
+            return DataParallel(grid.dp, params, overlap, cfg.bucket_mb, self.probe, stages, pipe.is_last)
         rows = shard_rows(cfg)
         most = -(-shard_count(min(cfg.batch_size, len(self.ds.train)), rows) // grid.replicas)
         # the gradient norm is summed per tensor, in model order: this stage's first tensor's index
@@ -257,7 +218,7 @@ class Training:
             zip(STEP_TIMES, [*per_step[:4], max(0.0, per_step[4] - per_step[:4].sum())], strict=True)
         )
         self._new_interval()
-        return {
+        self.last_record = {
             "step": self.step,
             "epoch": self.epoch + 1,
             "loss": loss / max(rows, 1),
@@ -268,22 +229,25 @@ class Training:
             "time": split,
             "wall": self.comm.wtime() - self.t_start,
         }
+        return self.last_record
 
     def run(self) -> Result:
         cfg, result = self.cfg, self.result
-        sums = np.zeros(3)
+        sums = self.sums = np.zeros(3)
         # Ctrl-C is honoured without checkpoints too; SIGTERM/SIGUSR1 only where a stop can be saved.
         with StopRequest(self.comm, ALL if cfg.checkpoint_dir else (INTERRUPT,)) as self.stop:
             while self.epoch < cfg.epochs and not (self.step >= self.steps and self.batch == 0):
                 # Only rank 0 carries a resumed epoch's running sums: the epoch's reduction adds them once.
                 resumed = self.start is not None and self.epoch == self.start.epoch and self.comm.is_root
                 sums = np.array(self.start.epoch_sums) if resumed else np.zeros(3)  # loss, correct, rows
+                self.sums = sums
                 t0, rows = self.comm.wtime(), 0
                 for ids, global_rows in itertools.islice(self.sampler.epoch(self.epoch), self.batch, None):
                     if self.step >= self.steps:
                         break
                     # A step may overflow (a too large --lr): its loss and gradient are checked and the
                     # run stops with one message, which per-rank numpy warnings would only precede.
+                    self.last_record = None
                     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                         self._step(ids, global_rows, sums)
                     rows += global_rows
@@ -295,16 +259,35 @@ class Training:
                         self._check_replicas()
                     if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                         self.checkpoint(sums, f"every {cfg.checkpoint_every} steps")
+                    record = self.last_record
+                    if record is not None and self._asks_to_stop(self.on_step, record, "on_step"):
+                        self.steps = self.step  # as if max_steps ended here
                 if self.stop.drain():  # nothing noted in the epoch's last steps may reach its summary
                     return self._stopped(sums)
                 self._close_epoch(sums, rows, self.comm.wtime() - t0)
+                if self._asks_to_stop(self.on_epoch, self.result.history[-1], "on_epoch"):
+                    self.steps = self.step
                 if self.step >= self.steps:
                     break
             if self.stop.drain():
                 return self._stopped(sums)
             self.checkpoint(sums if self.batch else np.zeros(3), "end of training")
+            result.position = self.position(sums if self.batch else np.zeros(3))
             self._final()
         return result
+
+    def _asks_to_stop(self, callback, record: dict, name: str) -> bool:
+        """Run a user callback on every rank (its failure on any rank is one ``JobError`` on every
+        rank); rank 0's answer decides for all (one broadcast)."""
+        if callback is None:
+            return False
+        with self.probe.region("callbacks"):  # the callbacks are the user's stop check
+            with self.comm.agreed(self.cfg.debug):
+                try:
+                    answer = bool(callback(record))
+                except Exception as exc:  # the user's code: a UserError naming the callback
+                    raise UserError(f"the {name} callback raised {type(exc).__name__}: {exc}") from exc
+            return bool(self.comm.bcast(answer if self.comm.is_root else None))
 
     def _step(self, ids, global_rows: int, sums) -> None:
         """One optimizer step on the global batch whose rows ``ids`` are this replica's."""
@@ -406,9 +389,7 @@ class Training:
         if comm.max(int(self.stop.local_trouble)):
             return  # the next stop check ends the run and says why
         with self.probe.region("checkpoint", value=self.step):
-            total = sums.copy()
-            comm.Allreduce(IN_PLACE, total, op=SUM)  # the epoch's sums, whatever the layout that resumes them
-            position = Position(*here, total.tolist(), self.finished)
+            position = self.position(sums)
             t0 = comm.wtime()
             state = (self.layers, self.ds.features, self.bounds, self.grid, self.model, self.opt, position)
             path = save(cfg.checkpoint_dir, cfg, *state, cfg.checkpoint_io, self.probe.fault)
@@ -419,6 +400,13 @@ class Training:
                 prune(cfg.checkpoint_dir, cfg.keep, path)
             self.log(f"checkpoint ({why}): {path}, {path.stat().st_size / 2**20:.1f} MiB in {seconds:.3f} s")
         self.saved_at = here
+
+    def position(self, sums) -> Position:
+        """Where training stands (collective): ``sums``, this rank's running sums of the epoch in
+        progress, summed over the ranks, whatever the layout that resumes them."""
+        total = sums.copy()
+        self.comm.Allreduce(IN_PLACE, total, op=SUM)
+        return Position(self.step, self.epoch, self.batch, total.tolist(), self.finished)
 
     def _stopped(self, sums) -> Result:
         """Every rank agreed to stop: say why (or, for a signal, checkpoint and return)."""
@@ -450,6 +438,7 @@ class Training:
             )
         result.stopped = stop.agreed
         self.checkpoint(sums, f"stop requested: {result.stopped}")
+        result.position = self.position(sums)
         self.progress.close()
         if self.run_dir is not None:
             self.run_dir.record("stopped", {"step": self.step, "signal": result.stopped})

@@ -30,7 +30,7 @@ from hpcnn.io.checkpoints import (
     too_little_space,
     verify_bounded,
 )
-from hpcnn.io.datasets import EpochSampler, open_dataset, set_num_classes
+from hpcnn.io.datasets import Dataset, EpochSampler, open_dataset, set_num_classes
 from hpcnn.io.dirlock import DirectoryLock
 from hpcnn.io.runlog import RunDir
 from hpcnn.parallel.comm import Comm, Grid
@@ -38,8 +38,37 @@ from hpcnn.parallel.deterministic import shard_rows
 from hpcnn.parallel.pipeline import Pipeline, balanced_partition, explicit_partition
 
 
-def open_data(cfg: Config, comm: Comm):
-    """Open ``cfg``'s dataset on every rank and check its labels together; errors are agreed on."""
+@dataclasses.dataclass
+class Parts:
+    """What a run trains beyond its settings; ``None`` takes it from the ``Config`` (the command).
+
+    ``layers``: the whole model's layers, in order (every rank holds them all and builds its
+    pipeline stage from them); ``None``: an MLP of ``cfg.hidden`` sized to the data. ``data``: an
+    in-memory ``Dataset`` (``hpcnn.arrays``); ``None``: ``cfg.data`` opened. ``loss``: a loss object;
+    ``None``: ``cfg.loss``. ``optimizer``: an unbound optimizer, bound to each stage's parameters;
+    ``None``: ``cfg.optimizer``. ``on_step(record)`` / ``on_epoch(row)``: callbacks run on every
+    rank; rank 0's True stops training after that step or epoch.
+    """
+
+    layers: list | None = None
+    data: Dataset | None = None
+    loss: object = None
+    optimizer: object = None
+    on_step: object = None
+    on_epoch: object = None
+
+
+def open_data(cfg: Config, comm: Comm, data: Dataset | None = None) -> Dataset:
+    """Open ``cfg``'s dataset (or take the in-memory ``data``) on every rank and check its labels
+    together; errors are agreed on."""
+    if data is not None:
+        with comm.agreed(cfg.debug):
+            if data.num_classes is None and cfg.loss != "mse":
+                raise UserError(
+                    f"{data.name}: y holds regression targets; class labels for {cfg.loss} are 1-D "
+                    'integers (use loss="mse" for regression targets)'
+                )
+        return data
     with comm.agreed(cfg.debug):
         ds, label_range = open_dataset(cfg, comm.rank, comm.size)
     if label_range is not None:  # class labels from a file (the same on every rank): check them all
@@ -91,9 +120,10 @@ def build_stages(cfg: Config, comm: Comm, layers, in_features: int, probe=None):
     return bounds, grid, pipe
 
 
-def prepare(cfg: Config, comm: Comm, probe=None):
+def prepare(cfg: Config, comm: Comm, parts: Parts | None = None, probe=None):
     """Check the layout, open the data, build this rank's stage; setup errors are agreed on."""
-    ds = open_data(cfg, comm)
+    parts = parts or Parts()
+    ds = open_data(cfg, comm, parts.data)
     with comm.agreed(cfg.debug):
         replicas = comm.size // cfg.pipeline_stages
         if cfg.batch_size < replicas:
@@ -101,7 +131,8 @@ def prepare(cfg: Config, comm: Comm, probe=None):
                 f"batch_size = {cfg.batch_size} is smaller than the {replicas} data-parallel replicas: "
                 f"every replica needs at least one row of each global batch (use batch_size >= {replicas})"
             )
-        layers = mlp_layers([ds.features, *cfg.hidden, ds.outputs], cfg.activation, cfg.output_activation)
+        layers = command_layers(cfg, ds) if parts.layers is None else list(parts.layers)
+        check_model(layers, ds)
     bounds, grid, pipe = build_stages(cfg, comm, layers, ds.features, probe)
     with comm.agreed(cfg.debug):
         rows = shard_rows(cfg) if cfg.deterministic else 0
@@ -115,9 +146,41 @@ def prepare(cfg: Config, comm: Comm, probe=None):
     return ds, layers, bounds, grid, pipe, sampler
 
 
+def command_layers(cfg: Config, ds: Dataset) -> list:
+    """The command's model: an MLP of ``cfg.hidden`` from the data's features to its outputs."""
+    return mlp_layers([ds.features, *cfg.hidden, ds.outputs], cfg.activation, cfg.output_activation)
+
+
+def check_model(layers, ds: Dataset) -> None:
+    """``UserError`` unless ``layers`` take ``ds``'s features and give one value per output."""
+    if not layers:
+        raise UserError("the model has no layers")
+    width = model_width(layers, ds.features, ds.name)
+    if width != ds.outputs:
+        kind = (
+            f"{ds.num_classes} classes" if ds.num_classes is not None else f"{ds.outputs} regression outputs"
+        )
+        raise UserError(f"the model gives {width} values per row; {ds.name} has {kind}")
+
+
 def total_steps(cfg: Config, sampler) -> int:
     steps = len(sampler) * cfg.epochs
     return min(cfg.max_steps, steps) if cfg.max_steps else steps
+
+
+def model_width(layers, features: int, where: str) -> int:
+    """The width of ``layers``' output for rows of ``features`` values from ``where``; ``UserError``
+    naming the first layer that cannot take what reaches it."""
+    width = features
+    for i, layer in enumerate(layers):
+        try:
+            width = layer.out_features(width)
+        except AssertionError:  # Dense asserts its fan_in
+            raise UserError(
+                f"layer {i} ({layer!r}) cannot take the {width} features that reach it "
+                f"({where} has {features} features)"
+            ) from None
+    return width
 
 
 def resume_from(cfg, grid, layers, in_features, bounds, model, opt, log):

@@ -1,15 +1,28 @@
-"""Real jobs that tests watch from outside: start ``python -m hpcnn.<command>`` under mpiexec, find
-each rank's process, send signals to the launcher or to one rank, and check that every process is
-gone in time.
+"""Starting hpcnn as processes of its own, for the tests that watch it from outside: ``python -m
+hpcnn.<command>`` or ``python -c SCRIPT``, alone or as a job of ``mpiexec -n RANKS``.
 
-Not a test module. Each job's processes carry a unique ``HPCNN_TEST_JOB`` variable, which is how
-they are found (launchers start ranks in sessions of their own, so the launcher's process group
-does not reach them) and how leftovers are killed when a test fails.
+- ``run()``: start, wait, and return the completed process (with ``seconds``, launch included);
+- ``start()``: the same, not waited for (a ``subprocess.Popen``), for a test that kills it itself;
+- ``Job``: a job under mpiexec watched from outside: each rank's process found, signalled, and every
+  process of the job checked gone in time.
+
+All three take the same ``what`` (a module name such as ``hpcnn.train``, or Python source), ``args``,
+``ranks`` (``None``: one process without mpiexec) and environment (``env``, ``threads``).
+
+A test that starts mpiexec carries ``@pytest.mark.launches`` (tests/conftest.py skips it where there
+is no mpiexec; CTest runs those tests in an entry of their own, so that the ``serial`` entry is one
+process). ``command()`` refuses to start mpiexec for a test without the mark.
+
+Not a test module. Each ``Job``'s processes carry a unique ``HPCNN_TEST_JOB`` variable, which is how
+they are found (launchers start ranks in sessions of their own, so the launcher's process group does
+not reach them) and how leftovers are killed when a test fails.
 """
 
 import contextlib
+import functools
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,11 +31,77 @@ import time
 import uuid
 from pathlib import Path
 
-from test_train import MPIEXEC, ROOT, launch_env
-
+ROOT = Path(__file__).resolve().parents[1]
+# The mpiexec beside this Python (pip's MPICH in a virtual environment) first, then PATH's.
+MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
 MARK = "HPCNN_TEST_JOB"
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+# Set by tests/conftest.py before each test: whether it carries @pytest.mark.launches.
+may_launch = True
 
 
+def environment(extra=None, threads: int | None = None) -> dict:
+    """The environment of a process a test starts: Python's view of it, passed explicitly. Open MPI
+    initialised in the test process (a singleton) adds PMIx variables to the C environment, which a
+    child would inherit by default; a child ``mpirun`` then takes itself for part of that job and
+    exits 1 without a word.
+
+    MPICH's ranks busy-poll while they wait unless told to yield: with more ranks than cores (8-rank
+    jobs on a laptop) that starves the rank being waited on. ``threads``: BLAS threads per process
+    (else hpcnn gives each rank cores // ranks per node)."""
+    env = dict(os.environ)
+    env.setdefault("MPIR_CVAR_ENABLE_HEAVY_YIELD", "1")
+    if threads is not None:
+        env.update(dict.fromkeys(THREAD_VARS, str(threads)))
+    return {**env, **{k: str(v) for k, v in (extra or {}).items()}}
+
+
+def command(what: str, args=(), ranks: int | None = None, prefix=()) -> list[str]:
+    """The argv: ``what`` is a module (``hpcnn.train``: ``python -m``) or Python source (anything
+    else: ``python -c``); ``ranks``: under ``mpiexec -n RANKS`` (``None``: one process, no
+    mpiexec); ``prefix``: put before it all (e.g. ``setpriv ...``)."""
+    module = re.fullmatch(r"[A-Za-z_][\w.]*", what) is not None
+    cmd = [sys.executable, "-m" if module else "-c", what, *map(str, args)]
+    if ranks is not None:
+        if not may_launch:
+            raise RuntimeError("this test starts mpiexec: mark it @pytest.mark.launches (tests/conftest.py)")
+        if MPIEXEC is None:
+            raise RuntimeError("no mpiexec on PATH or beside Python")
+        cmd = [MPIEXEC, "-n", str(ranks), *cmd]
+    return [*map(str, prefix), *cmd]
+
+
+def run(
+    what: str, args=(), *, ranks=None, env=None, threads=None, cwd=ROOT, prefix=(), timeout=120, check=False
+) -> subprocess.CompletedProcess:
+    """Run to the end (``timeout`` seconds at most); the completed process, its output as text and
+    its wall time, launch included, as ``seconds``."""
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        command(what, args, ranks, prefix),
+        cwd=cwd,
+        env=environment(env, threads),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=check,
+    )
+    proc.seconds = time.monotonic() - t0
+    return proc
+
+
+def start(
+    what: str, args=(), *, ranks=None, env=None, threads=None, cwd=ROOT, prefix=(), **popen
+) -> subprocess.Popen:
+    """Start, and return at once; ``popen``: ``subprocess.Popen``'s own arguments (by default
+    stdout and stderr are pipes, as text)."""
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen}
+    return subprocess.Popen(
+        command(what, args, ranks, prefix), cwd=cwd, env=environment(env, threads), **popen
+    )
+
+
+@functools.cache
 def _launcher_version() -> str:
     try:
         proc = subprocess.run([MPIEXEC, "--version"], capture_output=True, text=True, timeout=30)
@@ -31,10 +110,13 @@ def _launcher_version() -> str:
     return proc.stdout + proc.stderr
 
 
-# MPICH's mpiexec (hydra) forwards a Ctrl-C to every rank. Open MPI's mpirun does not: it ends the
-# job (SIGCONT, SIGTERM, and SIGKILL a second later); Ctrl-C reaches Open MPI's ranks only when
-# they are signalled themselves (as srun forwards it, or `kill -INT` of the ranks).
-FORWARDS_CTRL_C = "HYDRA" in _launcher_version()
+def forwards_ctrl_c() -> bool:
+    """MPICH's mpiexec (hydra) forwards a Ctrl-C to every rank. Open MPI's mpirun does not: it ends
+    the job (SIGCONT, SIGTERM, and SIGKILL a second later); Ctrl-C reaches Open MPI's ranks only when
+    they are signalled themselves (as srun forwards it, or `kill -INT` of the ranks)."""
+    return "HYDRA" in _launcher_version()
+
+
 RANK_VARS = (b"PMI_RANK=", b"OMPI_COMM_WORLD_RANK=")
 
 
@@ -61,19 +143,16 @@ def _alive(pid: int) -> bool:
 
 
 class Job:
-    """One ``mpiexec -n RANKS python -m MODULE ARGS`` run, its output collected as it comes."""
+    """One ``mpiexec -n RANKS python -m MODULE ARGS`` (or ``-c SCRIPT``) run, its output collected as
+    it comes."""
 
-    def __init__(self, args, ranks: int = 4, env=None, module: str = "hpcnn.train", cwd=ROOT, script=None):
-        """``script``: run ``python -c SCRIPT ARGS`` instead of ``python -m MODULE ARGS``."""
+    def __init__(self, what: str, args=(), ranks: int = 4, env=None, cwd=ROOT):
         self.mark = uuid.uuid4().hex
-        what = ["-c", script] if script is not None else ["-m", module]
-        cmd = [MPIEXEC, "-n", str(ranks), sys.executable, *what, *map(str, args)]
         self.ranks = ranks
         self.t0 = time.monotonic()
-        self.proc = subprocess.Popen(
-            cmd, cwd=cwd, env=launch_env({**(env or {}), MARK: self.mark}), text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-        )  # fmt: skip
+        self.proc = start(
+            what, args, ranks=ranks, env={**(env or {}), MARK: self.mark}, cwd=cwd, start_new_session=True
+        )
         self.out, self.err = [], []
         self._readers = [
             threading.Thread(target=self._read, args=(stream, lines), daemon=True)
@@ -147,16 +226,23 @@ class Job:
     def ctrl_c(self) -> None:
         """A Ctrl-C as it reaches the ranks: through the launcher where it forwards one, else to
         every rank (what srun does)."""
-        if FORWARDS_CTRL_C:
+        if forwards_ctrl_c():
             self.signal_launcher(signal.SIGINT)
         else:
-            for rank in self.processes():
-                self.signal_rank(rank, signal.SIGINT)
+            self.signal_ranks(signal.SIGINT)
 
     def signal_rank(self, rank: int, sig) -> None:
         pid = self.processes()[rank]
         self.signalled_at = self.signalled_at or time.monotonic()
         os.kill(pid, sig)
+
+    def signal_ranks(self, sig) -> None:
+        """``sig`` to every rank's process alive now (one that ends meanwhile is skipped)."""
+        pids = list(self.processes().values())
+        self.signalled_at = self.signalled_at or time.monotonic()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
 
     def finish(self, timeout: float) -> tuple[int, float]:
         """Wait until every process of the job is gone; returns (exit code, seconds since the first

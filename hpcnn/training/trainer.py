@@ -1,0 +1,363 @@
+"""The ``Trainer``: a model, data, a loss and an optimizer, trained over the ranks of a communicator.
+
+Every rank of the job runs the same script and builds the same ``Trainer``; hpcnn splits the work
+(data-parallel replicas x pipeline stages, as ``Config`` says)::
+
+    model = Sequential([Dense(2, 4), Sigmoid(), Dense(4, 1), Sigmoid()])
+    trainer = Trainer(model, hpcnn.arrays(x, y), loss="mse", optimizer=SGD(), lr=0.5, epochs=2000)
+    result = trainer.fit()        # history, final, steps, stopped, checkpoint
+    trainer.predict(x)            # the same array on every rank
+
+Settings are ``Config`` fields by keyword (``Trainer.from_config`` takes a whole ``Config``: what
+``python -m hpcnn.train`` does). ``fit`` runs ``hpcnn.training.engine.Training`` inside the run's
+guarantees (``fit`` below): one run per checkpoint directory, Ctrl-C agreed by every rank
+(``Interrupted``), the stall inspector, stop signals with a checkpoint, exact resume. A failure
+inside the run is a ``JobError`` raised on every rank with the same message.
+"""
+
+import copy
+import dataclasses
+
+import numpy as np
+
+from hpcnn.config import Config, from_dict
+from hpcnn.core.backend import dtype_of, to_host, xp
+from hpcnn.core.layers import Layer, layer_from_spec
+from hpcnn.core.losses import LOSSES
+from hpcnn.core.model import Sequential
+from hpcnn.core.optim import make_optimizer
+from hpcnn.errors import JobError, UserError
+from hpcnn.io.checkpoints import Position, save
+from hpcnn.io.datasets import Dataset, split_units
+from hpcnn.io.runlog import RunDir
+from hpcnn.parallel.comm import IN_PLACE, SUM, Comm, blas_threads
+from hpcnn.parallel.inspector import Inspector
+from hpcnn.parallel.preempt import INTERRUPT, HeldInterrupts, Interrupted, watch_interrupts
+from hpcnn.training.batches import as_batch, evaluate_split, micro_batches
+from hpcnn.training.engine import Result, Training
+from hpcnn.training.setup import (
+    Parts,
+    build_stages,
+    check_model,
+    command_layers,
+    lock_checkpoint_dir,
+    model_width,
+    open_data,
+    resume_from,
+)
+
+
+def fit(
+    cfg: Config, comm: Comm, log=None, run: RunDir | None = None, terminal: bool = False, parts=None
+) -> Result:
+    """Train ``cfg``'s model on ``cfg``'s data over the ranks of ``comm`` (or ``parts``' layers,
+    data, loss and optimizer where given: ``hpcnn.training.setup.Parts``).
+
+    ``log`` receives rank 0's progress lines (``None``: silent); with ``terminal`` (``log`` prints
+    to the user's stdout) a progress bar may replace the step lines. ``run``: rank 0's run directory.
+    Returns this rank's stage of the model (identical across data-parallel replicas), the per-epoch
+    metrics and the final evaluation.
+    With ``cfg.resume`` training continues from a checkpoint; with ``cfg.checkpoint_dir``
+    checkpoints are written as configured, at the end, and when a stop signal arrives (then
+    ``Result.stopped`` names the signal and no final evaluation runs). Ctrl-C (SIGINT on any rank)
+    stops every rank at the same step, writes a checkpoint if a directory is set, and raises
+    ``Interrupted`` (a ``KeyboardInterrupt``) on every rank; a second Ctrl-C ends the job at once.
+    A stall inspector watches every rank throughout (``inspector``); non-finite values and bad input
+    rows stop every rank at the same step with a ``JobError``.
+    """
+    watch_interrupts(comm.end_job)
+    with HeldInterrupts():
+        return _fit(cfg, comm, log, run, terminal, parts)
+
+
+def _fit(cfg: Config, comm: Comm, log, run: RunDir | None, terminal: bool, parts) -> Result:
+    log = log if (log is not None and comm.is_root) else None
+    run = run if comm.is_root else None
+    inspector = Inspector(comm, cfg.stall_timeout)
+    training, lock = None, None
+    try:
+        lock = lock_checkpoint_dir(cfg, comm, log)  # one run per checkpoint directory
+        training = Training(cfg, comm, log, inspector, run, terminal, parts)
+        try:
+            result = training.run()
+        finally:
+            training.close()
+        timeline = training.probe.timeline
+        if timeline is not None:
+            timeline.write(cfg.timeline)
+            training.log(f"timeline: {cfg.timeline} ({len(timeline.spans)} spans on rank 0)")
+    except JobError:
+        inspector.close()  # a JobError is raised on every rank of comm: the collective shutdown is safe
+        if training is not None:
+            training.grid.free()
+        raise
+    except BaseException:  # one rank's failure: it is about to end the job; no collective now
+        inspector.abandon()
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+    inspector.close(training.log)
+    training.probe.inspector = None  # it has stopped: the stage's later evaluations run unwatched
+    if result.stopped == INTERRUPT.name:
+        saved = f"checkpoint {result.checkpoint}" if result.checkpoint else "no checkpoint"
+        if result.checkpoint:
+            saved += ": continue with --resume auto"
+        elif not cfg.checkpoint_dir:
+            saved += " (no checkpoint directory)"
+        raise Interrupted(f"interrupted (Ctrl-C) after step {result.steps}; {saved}", result)
+    return result
+
+
+@dataclasses.dataclass
+class _Stage:
+    """This rank's part of the model as it stands now, and what saving it needs."""
+
+    layers: list
+    in_features: int
+    bounds: list
+    grid: object
+    pipe: object
+    optimizer: object
+    position: Position | None = None
+    owned: bool = False  # built by the trainer (not a fit's): its communicators are the trainer's to free
+
+
+class Trainer:
+    """Train a model on data over the ranks of ``comm``.
+
+    Parameters
+    ----------
+    model : a ``Sequential``, a list of layers (``Layer`` objects or spec dicts, as checkpoints
+        store them), or ``None``: the command's MLP of ``hidden`` widths (``activation``,
+        ``output_activation``) from the data's features to its outputs.
+    data : ``hpcnn.arrays(...)`` (in-memory arrays), a built-in dataset's name (``"digits"``,
+        ``"xor"``, ``"synthetic"``), an HDF5 file's path, or ``None``: the ``data`` field.
+    loss : a name (``"cross_entropy"``, ``"mse"``) or a loss object (``forward``/``backward`` as in
+        ``hpcnn.core.losses``).
+    optimizer : a name (``"sgd"``, ``"adam"``, ``"adamw"``: its settings from the fields) or an
+        unbound optimizer object (``SGD(momentum=0.9)``); the trainer binds it to each stage's
+        parameters. A built-in one's settings become the config's (what checkpoints record).
+    comm : an ``hpcnn.Comm`` (default: a duplicate of the world communicator).
+    on_step, on_epoch : callbacks, run on every rank with the same reduced record: ``on_step`` at
+        each ``log_every`` step record, ``on_epoch`` after each epoch's summary (the row
+        ``Result.history`` gets). True returned by rank 0's call stops training after that step or
+        epoch on every rank, as ``max_steps`` would: a final checkpoint and evaluation follow.
+    log : rank 0's progress lines (``None``: silent).
+    **fields : any ``hpcnn.Config`` field (``lr=0.5``, ``epochs=20``, ``pipeline_stages=2``, ...);
+        an unknown name or a wrong value is a ``UserError`` naming it.
+    """
+
+    def __init__(
+        self, model=None, data=None, *, loss=None, optimizer=None, comm=None, on_step=None, on_epoch=None,
+        log=print, **fields,
+    ):  # fmt: skip
+        settings = dict(fields)
+        self._data = None
+        if isinstance(data, Dataset):
+            self._data = data
+            settings["data"] = data.name
+        elif data is not None:
+            settings["data"] = str(data)
+        self._loss = None
+        if isinstance(loss, str):
+            settings["loss"] = loss
+        elif loss is not None:
+            self._loss = loss
+            known = [name for name, cls in LOSSES.items() if type(loss) is cls]
+            if known:  # what checkpoints and the evaluation command read
+                settings["loss"] = known[0]
+        self._optimizer = None
+        if isinstance(optimizer, str):
+            settings["optimizer"] = optimizer
+        elif optimizer is not None:
+            self._optimizer = optimizer
+            chosen = _optimizer_fields(optimizer)
+            for key, value in chosen.items():
+                if key in fields and fields[key] != value:
+                    raise UserError(f"{key} = {fields[key]!r} contradicts the optimizer {optimizer!r}")
+                settings[key] = value
+        self.config = from_dict(settings, "Trainer").validate()
+        if self.config.resume == "auto" and not self.config.checkpoint_dir:  # a trainer makes no run_dir
+            raise UserError("resume = 'auto' looks in checkpoint_dir: name one (checkpoint_dir=...)")
+        self.layers = _layer_list(model)
+        self.comm = comm if comm is not None else Comm.world()
+        self.on_step, self.on_epoch, self.log = on_step, on_epoch, log
+        self.result = None  # the last fit's Result
+        self._run, self._terminal, self._stage = None, False, None
+
+    @classmethod
+    def from_config(
+        cls, cfg: Config, comm=None, *, model=None, data=None, loss=None, optimizer=None, on_step=None,
+        on_epoch=None, log=print, run: RunDir | None = None, terminal: bool = False,
+    ) -> "Trainer":  # fmt: skip
+        """A trainer of ``cfg``'s settings (``python -m hpcnn.train``'s: the model from ``hidden``,
+        the data from ``data``). ``run``: rank 0's run directory; ``terminal``: ``log`` prints to a
+        terminal (a progress bar may replace the step lines)."""
+        fields = dataclasses.asdict(cfg)
+        # data, loss and optimizer given as objects replace the config's
+        data = fields.pop("data") if data is None else data
+        loss = fields.pop("loss") if loss is None else loss
+        if optimizer is None:
+            optimizer = fields.pop("optimizer")
+        else:
+            for key in _optimizer_fields(optimizer):
+                fields.pop(key, None)
+        fields.pop("loss", None), fields.pop("data", None)
+        trainer = cls(
+            model, data, loss=loss, optimizer=optimizer, comm=comm, on_step=on_step, on_epoch=on_epoch,
+            log=log, **fields,
+        )  # fmt: skip
+        trainer._run, trainer._terminal = run, terminal
+        return trainer
+
+    @property
+    def model(self) -> Sequential:
+        """This rank's pipeline stage of the model (the whole model without stages): its ``params``."""
+        return self._current().pipe.model
+
+    @property
+    def optimizer(self):
+        """This rank's stage's optimizer, bound to ``model.params`` (its ``state``, ``t``)."""
+        return self._current().optimizer
+
+    def fit(self) -> Result:
+        """Train (from the initial parameters ``seed`` draws, or from the checkpoint ``resume`` or
+        ``load`` names) and return the ``Result``; ``Interrupted`` on every rank after Ctrl-C."""
+        cfg = self.config
+        blas_threads(self.comm.local_size, cfg.threads)  # as the command does
+        parts = Parts(self.layers, self._data, self._loss, self._optimizer, self.on_step, self.on_epoch)
+        self._release()
+        result = fit(cfg, self.comm, self.log, self._run, self._terminal, parts)
+        self.layers, self.result = result.layers, result
+        self._stage = _Stage(
+            result.layers, result.in_features, result.bounds, result.grid, result.pipeline,
+            result.optimizer, result.position,
+        )  # fmt: skip
+        return result
+
+    def evaluate(self, data=None) -> dict:
+        """``{"loss", "accuracy", "rows"}`` of the current parameters on ``data``'s held-out rows
+        (its training rows if it has none); ``data`` as in the constructor, default the trainer's.
+        Accuracy is ``None`` for regression targets."""
+        cfg, stage = self.config, self._current()
+        ds = self._open(data)
+        try:
+            with self.comm.agreed(cfg.debug):
+                check_model(stage.layers, ds)
+            split = ds.test if ds.test is not None else ds.train
+            loss_fn = LOSSES[cfg.loss]() if self._loss is None else self._loss
+            return evaluate_split(stage.pipe, loss_fn, split, stage.grid, cfg, ds.num_classes is not None)
+        finally:
+            ds.close()
+
+    def predict(self, x) -> np.ndarray:
+        """The model's outputs for rows ``x`` (rows, features), the same array on every rank: each
+        data-parallel replica runs a block of the rows through its pipeline; one sum over the ranks
+        (of each value and zeros: exact) gives every rank all of them."""
+        cfg, stage = self.config, self._current()
+        x = np.asarray(x)
+        if x.ndim != 2:
+            raise UserError(f"predict takes rows (rows, features); x has shape {x.shape}")
+        with self.comm.agreed(cfg.debug):
+            width = model_width(stage.layers, x.shape[1], "these rows")
+        pipe, grid, dtype = stage.pipe, stage.grid, dtype_of(cfg.dtype)
+        unit = pipe.shard_rows or 1  # deterministic mode: whole shards, as in training
+        start, count = split_units(len(x), unit, grid.replicas, grid.replica)
+        chunk = max(1, cfg.eval_batch_size // unit) * unit
+        kept = []
+        for i in range(start, start + count, chunk):
+            n = min(chunk, start + count - i)
+            inputs = as_batch(x[i : i + n], None, dtype, False)[0] if pipe.is_first else xp.empty((n, 0))
+            pieces, _, sizes = micro_batches(inputs, None, cfg.micro_batches, unit)
+            pipe.forward_only(pieces if pipe.is_first else None, None, sizes, None, kept)
+        out = np.zeros((len(x), width), dtype)  # (rows, outputs)
+        if pipe.is_last and kept:
+            out[start : start + count] = to_host(xp.concatenate(kept))
+        self.comm.Allreduce(IN_PLACE, out, op=SUM)
+        return out
+
+    def save(self, directory) -> str:
+        """Write a checkpoint of the current state (parameters, optimizer state, position) into
+        ``directory`` (created if missing); returns its path. Collective: every rank calls it."""
+        cfg, stage = self.config, self._current()
+        position = stage.position or Position()
+        args = (cfg, stage.layers, stage.in_features, stage.bounds, stage.grid, stage.pipe.model)
+        return str(save(directory, *args, stage.optimizer, position, cfg.checkpoint_io))
+
+    def load(self, path) -> None:
+        """Restore the checkpoint ``path`` (of this model and optimizer: the layouts may differ) into
+        the current state; a later ``fit`` continues from it, as ``resume`` would."""
+        cfg, stage = self.config, self._current()
+        resumed = dataclasses.replace(cfg, resume=str(path))
+        say = self.log if (self.log is not None and self.comm.is_root) else (lambda text: None)
+        args = (stage.grid, stage.layers, stage.in_features, stage.bounds, stage.pipe.model, stage.optimizer)
+        stage.position, _ = resume_from(resumed, *args, say)
+        self.config = resumed
+
+    def _current(self) -> _Stage:
+        """This rank's stage as it stands: the last fit's, else one built from the initial values."""
+        if self._stage is None:
+            cfg = self.config
+            ds = self._open(None)
+            try:
+                with self.comm.agreed(cfg.debug):
+                    layers = command_layers(cfg, ds) if self.layers is None else self.layers
+                    check_model(layers, ds)
+                bounds, grid, pipe = build_stages(cfg, self.comm, layers, ds.features)
+            finally:
+                ds.close()
+            opt = make_optimizer(cfg) if self._optimizer is None else copy.copy(self._optimizer)
+            self.layers = layers
+            opt = opt.bind(pipe.model.params)
+            self._stage = _Stage(layers, ds.features, bounds, grid, pipe, opt, owned=True)
+        return self._stage
+
+    def _open(self, data) -> Dataset:
+        """``data`` (or the trainer's own) opened on every rank."""
+        if data is None:
+            return open_data(self.config, self.comm, self._data)
+        if isinstance(data, Dataset):
+            return open_data(self.config, self.comm, data)
+        return open_data(dataclasses.replace(self.config, data=str(data)), self.comm)
+
+    def _release(self) -> None:
+        """Let go of the current stage (a fit builds its own), freeing its communicators if the
+        trainer built it (a fit's belong to its ``Result``)."""
+        if self._stage is not None and self._stage.owned:
+            self._stage.grid.free()
+        self._stage = None
+
+
+def _optimizer_fields(optimizer) -> dict:
+    """The ``Config`` fields a built-in optimizer object stands for (none for one of the user's)."""
+    try:
+        return dict(optimizer.config_fields())
+    except (AttributeError, NotImplementedError):
+        return {}
+
+
+def _layer_list(model) -> list | None:
+    """``model`` as a list of layer objects (``None``: the command's MLP, built once the data's
+    widths are known)."""
+    if model is None:
+        return None
+    items = model.layers if isinstance(model, Sequential) else [model] if isinstance(model, Layer) else model
+    try:
+        items = list(items)
+    except TypeError:
+        raise UserError(
+            f"model {model!r}: expected a Sequential, a list of layers or of spec dicts"
+        ) from None
+    layers = []
+    for i, item in enumerate(items):
+        if isinstance(item, dict):
+            layers.append(layer_from_spec(item))
+        elif isinstance(item, Layer):
+            layers.append(item)
+        else:
+            raise UserError(f"model item {i} is {item!r}: expected a Layer or a spec dict")
+    owners = [layer for layer in layers if layer.param_specs()]
+    if len({id(layer) for layer in owners}) < len(owners):  # one object bound to two places in the buffer
+        raise UserError("a layer with parameters appears twice in the model; make one object per place")
+    return layers
