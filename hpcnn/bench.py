@@ -40,11 +40,12 @@ from pathlib import Path
 import numpy as np
 
 from hpcnn import __version__
+from hpcnn.command import run_command
 from hpcnn.config import build_parser, from_dict, load_toml
 from hpcnn.core.backend import xp
 from hpcnn.core.layers import Dense
 from hpcnn.errors import EXIT_OK, EXIT_USAGE, JobError, UserError
-from hpcnn.parallel.comm import IN_PLACE, SUM, Comm, run_command
+from hpcnn.parallel.comm import IN_PLACE, SUM, Comm
 from hpcnn.parallel.inspector import Inspector
 from hpcnn.parallel.preempt import StopRequest
 from hpcnn.parallel.probe import StageTimes

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hpcnn.command import run_command
 from hpcnn.config import Config, Parser, from_dict, int_list, parse_toml
 from hpcnn.core.backend import dtype_of, to_host, xp
 from hpcnn.core.layers import layer_from_spec
@@ -36,7 +37,7 @@ from hpcnn.io.datasets import (
     read_rows,
     split_counts,
 )
-from hpcnn.parallel.comm import Comm, blas_threads, run_command
+from hpcnn.parallel.comm import Comm, blas_threads
 from hpcnn.parallel.deterministic import shard_rows, shard_stage
 from hpcnn.training.batches import as_batch, bad_row, evaluate_split, micro_batches, problem_text
 from hpcnn.training.setup import build_stages, open_data

@@ -57,10 +57,11 @@ from pathlib import Path
 
 import numpy as np
 
+from hpcnn.command import run_command
 from hpcnn.config import Config, Parser, from_dict, load_toml, parse_toml
 from hpcnn.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PREEMPTED, JobError, UserError
 from hpcnn.io.dirlock import DirectoryLock
-from hpcnn.parallel.comm import Comm, run_command
+from hpcnn.parallel.comm import Comm
 from hpcnn.parallel.comm import say as comm_say
 from hpcnn.parallel.preempt import INTERRUPT, EarlySignals, Interrupted, StopRequest
 

@@ -19,9 +19,10 @@ if __name__ == "__main__":
 import dataclasses  # noqa: E402  (the imports below follow the signal catcher above)
 import time
 
+from hpcnn.command import run_command
 from hpcnn.config import resolve
 from hpcnn.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PREEMPTED
-from hpcnn.parallel.comm import Comm, blas_threads, run_command
+from hpcnn.parallel.comm import Comm, blas_threads
 from hpcnn.parallel.preempt import EarlySignals, Interrupted
 from hpcnn.training.dryrun import dry_run
 from hpcnn.training.engine import Result

@@ -53,7 +53,6 @@ import numpy as np  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
 from hpcnn.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, JobError, UserError  # noqa: E402
-from hpcnn.parallel.preempt import watch_interrupts  # noqa: E402
 
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 _ENDING = threading.Lock()  # held by the thread that is ending the job (end_job): one message
@@ -284,37 +283,6 @@ def launch_mismatch(size: int) -> LaunchMismatch | None:
         if text.isdigit() and int(text) != size:
             return _mismatch(text, size_var, rank_var, f"MPI reports a world of {size}")
     return None
-
-
-def run_command(body, argv) -> int:
-    """The face of every ``python -m hpcnn.<command>``: ``body(comm, argv)`` on every rank.
-
-    Returns ``body``'s exit code. A ``JobError`` (the ranks agreed that something failed) is printed
-    once, by rank 0, and its code returned on every rank; any other exception comes from a rank
-    failing alone while others may wait in a collective, and ends the job with ``abort``.
-    ``body`` may set ``comm.debug`` (``--debug`` in ``argv`` sets it from the start).
-    """
-    try:
-        comm = Comm.world()
-        mismatch = launch_mismatch(comm.size)
-        if mismatch is not None:
-            raise mismatch
-    except LaunchMismatch as exc:
-        if os.environ.get(exc.rank_var, "0") == "0":  # each process may think it is rank 0: ask the launcher
-            print(f"hpcnn: error: {exc}", file=sys.stderr, flush=True)
-        return EXIT_USAGE
-    comm.debug = "--debug" in argv
-    watch_interrupts(comm.end_job, command=True)
-    try:
-        return body(comm, argv)
-    except JobError as exc:
-        if comm.is_root:
-            print(f"hpcnn: error: {exc.message}", file=sys.stderr, flush=True)
-        return exc.exit_code
-    except KeyboardInterrupt:  # Ctrl-C where no training stops for it (a training raises Interrupted)
-        comm.end_job("interrupted (Ctrl-C): ending the job")
-    except Exception as exc:  # noqa: BLE001  (a rank failing alone must take the job down, not hang it)
-        comm.abort(exc, comm.debug)
 
 
 class SharedCounter:

@@ -110,7 +110,9 @@ class StopRequest(_Catcher):
         super().__init__(signals)
         import numpy as np  # here, not at the top: commands import this module before numpy
 
-        from hpcnn.parallel.comm import MAX  # (hpcnn.parallel.comm imports this module)
+        from hpcnn.parallel.comm import (
+            MAX,  # here: importing mpi4py initialises nothing before a command needs it
+        )
 
         self.comm, self._max = comm.Dup(), MAX
         self._notes = np.array([0, NONE, NONE, 0, NONE, NONE], np.int64)
