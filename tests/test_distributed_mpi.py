@@ -8,7 +8,6 @@ Every test compares the distributed result with a serial run of the same setting
 import dataclasses
 import hashlib
 import os
-import tempfile
 from types import SimpleNamespace
 
 import h5py
@@ -41,14 +40,6 @@ def serial(world):
         return world.bcast(ref)
 
     return run
-
-
-@pytest.fixture
-def shared_dir(world):
-    """A directory all ranks see (rank 0 makes it, everybody learns its name)."""
-    path = world.bcast(tempfile.mkdtemp(prefix="hpcnn-mpi-") if world.is_root else None)
-    yield path
-    world.Barrier()
 
 
 def assert_replicas_identical(world, params):
@@ -95,13 +86,13 @@ def test_full_default_run_matches_serial(world, serial):
     assert_replicas_identical(world, dist.model.params)
 
 
-def test_ranks_with_empty_slices_still_match_serial(world, serial, shared_dir):
+def test_ranks_with_empty_slices_still_match_serial(world, serial, shared):
     """Fewer rows than ranks in a batch (xor: 4 rows), and regression with a 1-row last batch."""
     xor = Config(data="xor", batch_size=max(4, world.size), hidden=[8], activation="tanh", lr=0.05,
                  epochs=30, lr_schedule="constant", dtype="float64")  # fmt: skip
     dist, ref = fit(xor, world), serial(xor)
     assert np.abs(dist.model.params.data - ref.params).max() < 1e-10
-    path = os.path.join(shared_dir, "reg.h5")
+    path = os.path.join(shared, "reg.h5")
     if world.is_root:
         rng = np.random.default_rng(1)
         x = rng.normal(size=(257, 3)).astype(np.float32)
@@ -130,8 +121,8 @@ def test_sampler_covers_every_row_once_across_real_ranks(world):
         assert np.array_equal(whole, serial_batch)
 
 
-def test_each_rank_reads_its_own_rows_from_hdf5(world, shared_dir):
-    path = os.path.join(shared_dir, "rows.h5")
+def test_each_rank_reads_its_own_rows_from_hdf5(world, shared):
+    path = os.path.join(shared, "rows.h5")
     x = np.arange(333 * 2, dtype=np.float32).reshape(333, 2)
     if world.is_root:
         write_h5(path, x, np.arange(333) % 3, num_classes=3)
@@ -148,8 +139,8 @@ def test_each_rank_reads_its_own_rows_from_hdf5(world, shared_dir):
     ds.close()
 
 
-def test_class_count_found_by_all_ranks_together(world, serial, shared_dir):
-    path = os.path.join(shared_dir, "noattr.h5")
+def test_class_count_found_by_all_ranks_together(world, serial, shared):
+    path = os.path.join(shared, "noattr.h5")
     if world.is_root:
         rng = np.random.default_rng(0)
         with h5py.File(path, "w") as f:
