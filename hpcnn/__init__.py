@@ -7,7 +7,10 @@ fields. The parts: ``hpcnn.core`` (numerical: plain numpy, no MPI, files or argv
 (communicator, data-parallel reduction, pipeline, preemption, stall inspector), ``hpcnn.io``
 (datasets, checkpoints, run directories), ``hpcnn.training`` (the loop and the ``Trainer``), and the
 commands (``python -m hpcnn.train``, ``evaluate``, ``bench``, ``sweep``, ``plot``, ``data``,
-``checkpoint``), the only code that reads argv, prints for the user and picks exit codes.
+``checkpoint``), the only code that reads argv, prints for the user and picks exit codes. The
+library raises instead (a ``JobError`` carries the exit code a command would use), except where no
+exception can end a hang: the stall inspector and a second Ctrl-C end the job themselves, with one
+message and ``MPI_Abort``.
 
 The names below are imported on first use: ``import hpcnn`` loads neither numpy nor mpi4py, so
 ``python -m hpcnn.train`` catches signals before anything heavy is imported.
