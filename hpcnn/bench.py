@@ -49,6 +49,7 @@ from hpcnn.parallel.comm import IN_PLACE, SUM, Comm
 from hpcnn.parallel.inspector import Inspector
 from hpcnn.parallel.preempt import StopRequest
 from hpcnn.parallel.probe import StageTimes
+from hpcnn.plot import draw_scaling
 
 BENCH_DEFAULTS = {
     "data": "synthetic",
@@ -406,36 +407,9 @@ def scaling(directory: str, plot: bool = True) -> dict:
         )
     print(f"wrote {d / 'scaling.json'}")
     if plot:
-        _plot_scaling(rows, d / "scaling.png", out["network"], out["batch"])
+        draw_scaling(rows, d / "scaling.png", out["network"], out["batch"])
         print(f"wrote {d / 'scaling.png'}")
     return out
-
-
-def _plot_scaling(rows, path: Path, network: str, batch: int) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError(
-            f"{path} needs matplotlib: pip install 'hpcnn[plots]' (scaling.json is written)"
-        ) from None
-    ranks = [r["ranks"] for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(ranks, [r["samples_per_s"] for r in rows], "o-", label="measured")
-    left.plot(ranks, [rows[0]["samples_per_s"] * n / ranks[0] for n in ranks], "--", label="ideal")
-    left.set(xlabel="ranks", ylabel="samples/s", title=f"throughput ({network}, batch {batch})")
-    left.legend()
-    right.plot(ranks, [100 * r["efficiency"] for r in rows], "o-")
-    right.set(xlabel="ranks", ylabel="%", title="parallel efficiency", ylim=(0, 110))
-    for ax in (left, right):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(ranks, [str(n) for n in ranks])
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def _main(comm: Comm, argv) -> int:

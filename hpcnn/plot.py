@@ -298,16 +298,41 @@ def plot_scaling(source, out) -> Path:
             "write it with python -m hpcnn.bench scaling DIR)"
         )
     _pyplot()  # our message, not bench's "scaling.json is written"
-    # bench imports hpcnn.parallel.comm (and so mpi4py) at import time: only a scaling report pays for that.
-    from hpcnn.bench import _plot_scaling
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     target = out / "scaling.png"
-    _plot_scaling(
+    draw_scaling(
         sorted(rows, key=lambda r: r["ranks"]), target, data.get("network", "?"), data.get("batch", "?")
     )
     return target
+
+
+def draw_scaling(rows, path: Path, network: str, batch: int) -> None:
+    """Throughput and parallel efficiency against the rank count (``bench scaling``'s picture)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError(
+            f"{path} needs matplotlib: pip install 'hpcnn[plots]' (scaling.json is written)"
+        ) from None
+    ranks = [r["ranks"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(ranks, [r["samples_per_s"] for r in rows], "o-", label="measured")
+    left.plot(ranks, [rows[0]["samples_per_s"] * n / ranks[0] for n in ranks], "--", label="ideal")
+    left.set(xlabel="ranks", ylabel="samples/s", title=f"throughput ({network}, batch {batch})")
+    left.legend()
+    right.plot(ranks, [100 * r["efficiency"] for r in rows], "o-")
+    right.set(xlabel="ranks", ylabel="%", title="parallel efficiency", ylim=(0, 110))
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ranks, [str(n) for n in ranks])
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _is_scaling(arg: Path) -> bool:

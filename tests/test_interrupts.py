@@ -227,8 +227,10 @@ def frozen_jobs(timeout: str, roles) -> dict:
     jobs = {}
     for role in roles:
         extra, rank, _ = ROLES[role]
-        # step 250: after the first heartbeats, so the inspector knows where the rank froze
-        fault = {"HPCNN_FAULT": f"freeze@forward:rank={rank},step=250"}
+        # step 2500: after the first heartbeats (one a second), so the inspector knows where the rank
+        # froze. At 250 (0.4 s of 700 steps/s) a rank could freeze before its first one; the job then
+        # still ends in time, naming the rank as "not arrived ... in setup".
+        fault = {"HPCNN_FAULT": f"freeze@forward:rank={rank},step=2500"}
         args = [*LONG, "--run-dir", "", *extra, *(["--stall-timeout", timeout] if timeout else [])]
         jobs[role] = Job("hpcnn.train", args, RANKS, fault)
     return jobs
