@@ -40,6 +40,7 @@ from hpcnn.io.datasets import (
 from hpcnn.parallel.comm import Comm, blas_threads
 from hpcnn.parallel.deterministic import shard_rows, shard_stage
 from hpcnn.training.batches import as_batch, bad_row, evaluate_split, micro_batches, problem_text
+from hpcnn.training.report import scores_text
 from hpcnn.training.setup import build_stages, open_data
 
 # Flags that may override the checkpoint's own settings (data and parallel layout only: the
@@ -268,9 +269,7 @@ def _main(comm: Comm, argv) -> int:
         comm.print0(f"predictions for {rows} rows written to {out}")
         return EXIT_OK
     m = score(path, split, args, comm)
-    text = f"{path} (step {m['step']}): {m['split']} rows of {m['data']}: loss {m['loss']:.4f}"
-    if m["accuracy"] is not None:
-        text += f", accuracy {100 * m['accuracy']:.2f}%"
+    text = f"{path} (step {m['step']}): {m['split']} rows of {m['data']}: {scores_text(m)}"
     comm.print0(f"{text} ({m['rows']} rows, {comm.size} rank(s))")
     return EXIT_OK
 

@@ -26,7 +26,7 @@ from hpcnn.parallel.comm import Comm, blas_threads
 from hpcnn.parallel.preempt import EarlySignals, Interrupted
 from hpcnn.training.dryrun import dry_run
 from hpcnn.training.engine import Result
-from hpcnn.training.report import announce_layout, facts
+from hpcnn.training.report import announce_layout, facts, scores_text
 from hpcnn.training.setup import open_run_dir
 from hpcnn.training.trainer import Trainer, fit
 
@@ -73,9 +73,9 @@ def _main(comm: Comm, argv, early: EarlySignals) -> int:
         )
         return EXIT_PREEMPTED
     final = result.final
-    text = f"final {final['split']} loss {final['loss']:.4f}"
+    text = f"final {final['split']} {scores_text(final)}"
     if final["accuracy"] is not None:
-        text += f", accuracy {100 * final['accuracy']:.2f}% ({final['rows']} rows)"
+        text += f" ({final['rows']} rows)"
     comm.print0(f"{text}; {result.steps} steps in {time.perf_counter() - t0:.1f} s")
     return EXIT_OK
 

@@ -143,23 +143,11 @@ class Probe:
         phase = PHASES[name]
         now = self.clock()
         frame = self._top
-        timer = frame.phase.timer
-        if timer is not None:
-            times = self.times
-            setattr(times, timer, getattr(times, timer) + now - frame.since)
+        self._charge(frame, now)
         if self.timeline is not None:
             self._span(frame, now)
         frame.phase, frame.index, frame.value, frame.start, frame.since = phase, index, value, now, now
-        inspector = self.inspector
-        # only changes reach the inspector (and receives: which stage they wait for)
-        if (
-            inspector is not None
-            and phase.op_index >= 0
-            and (inspector.op != phase.op_index or phase.detailed)
-        ):
-            inspector.mark(phase.op, value if phase.detailed else 0)
-        if phase.site is not None and self.faults is not None:
-            self.faults.point(phase.site, self.step)
+        self._entered(phase, value)
 
     def fault(self, site: str) -> str | None:
         """A site where the caller acts on an armed fault: its kind if it fires here (see
@@ -204,10 +192,7 @@ class Probe:
         """The step's last phase ends, and the step: returns its seconds."""
         now = self.clock()
         frame = self._top
-        timer = frame.phase.timer
-        if timer is not None:
-            times = self.times
-            setattr(times, timer, getattr(times, timer) + now - frame.since)
+        self._charge(frame, now)
         step = self._step
         if self.timeline is not None:
             self._span(frame, now)
@@ -220,35 +205,41 @@ class Probe:
 
     def _push(self, frame: _Frame) -> None:
         """``frame`` begins inside the current phase, whose timer stops until it ends."""
-        outer, now = self._top, frame.start
-        timer = outer.phase.timer
-        if timer is not None:
-            times = self.times
-            setattr(times, timer, getattr(times, timer) + now - outer.since)
+        outer = self._top
+        self._charge(outer, frame.start)
         self._outer.append(outer)
         self._top = frame
-        phase, inspector = frame.phase, self.inspector
-        if (
-            inspector is not None
-            and phase.op_index >= 0
-            and (inspector.op != phase.op_index or phase.detailed)
-        ):
-            inspector.mark(phase.op, frame.value if phase.detailed else 0)
-        if phase.site is not None and self.faults is not None:
-            self.faults.point(phase.site, self.step)
+        self._entered(frame.phase, frame.value)
 
     def _pop(self, now: float) -> _Frame:
         """The current phase ends; the one it was nested in resumes. Returns the one that ended."""
         frame = self._top
-        timer = frame.phase.timer
-        if timer is not None:
-            times = self.times
-            setattr(times, timer, getattr(times, timer) + now - frame.since)
+        self._charge(frame, now)
         if self.timeline is not None:
             self._span(frame, now)
         self._top = self._outer.pop()
         self._top.since = now
         return frame
+
+    def _charge(self, frame: _Frame, now: float) -> None:
+        """The time since ``frame`` last (re)started goes to its phase's timer, if it has one."""
+        timer = frame.phase.timer
+        if timer is not None:
+            times = self.times
+            setattr(times, timer, getattr(times, timer) + now - frame.since)
+
+    def _entered(self, phase, value) -> None:
+        """``phase`` has begun: the inspector hears of a change of operation (and of a receive, which
+        stage it waits for); a fault armed at its site fires."""
+        inspector = self.inspector
+        if (
+            inspector is not None
+            and phase.op_index >= 0
+            and (inspector.op != phase.op_index or phase.detailed)
+        ):
+            inspector.mark(phase.op, value if phase.detailed else 0)
+        if phase.site is not None and self.faults is not None:
+            self.faults.point(phase.site, self.step)
 
     def _span(self, frame: _Frame, now: float) -> None:
         phase = frame.phase

@@ -63,6 +63,14 @@ def report_stages(log, cfg, grid, pipe) -> None:
         )
 
 
+def scores_text(scores: dict) -> str:
+    """``loss 0.0751, accuracy 98.61%`` (no accuracy for a regression)."""
+    text = f"loss {scores['loss']:.4f}"
+    if scores["accuracy"] is not None:
+        text += f", accuracy {100 * scores['accuracy']:.2f}%"
+    return text
+
+
 def _pct(v) -> str:
     return f"{100 * v:6.2f}%"
 
