@@ -189,7 +189,7 @@ def main(directory=None):
         resumed = Trainer(make_model(), data, checkpoint_dir=directory, resume="auto", **layout)
         resumed.fit()
     finally:
-        comm.barrier()
+        comm.Barrier()
         if made_here and comm.is_root:
             shutil.rmtree(directory, ignore_errors=True)
     same = comm.min(int(np.array_equal(whole.model.params.data, resumed.model.params.data)))
