@@ -39,7 +39,7 @@ from hpcnn.io.datasets import (
 )
 from hpcnn.parallel.comm import Comm, blas_threads
 from hpcnn.parallel.deterministic import shard_rows, shard_stage
-from hpcnn.training.batches import as_batch, bad_row, evaluate_split, micro_batches, problem_text
+from hpcnn.training.batches import as_batch, bad_row, evaluate_split, forward_rows, problem_text
 from hpcnn.training.report import scores_text
 from hpcnn.training.setup import build_stages, open_data
 
@@ -165,24 +165,25 @@ def predict(path, out_path, overrides: dict, comm: Comm) -> int:
     start, count = split_counts(rows, grid.replicas, grid.replica)
     dtype = dtype_of(cfg.dtype)
     width = _last_width(info)
-    kept, problem = [], None
-    for i in range(start, start + count, cfg.eval_batch_size):
-        n = min(cfg.eval_batch_size, start + count - i)
-        inputs = xp.empty((n, 0))
-        if pipe.is_first:
-            try:
-                inputs = as_batch(read_rows(x, slice(i, i + n), i, i + n), None, dtype, False)[0]
-                bad = first_nonfinite(inputs)
-                if bad is not None:
-                    stored = read_rows(x, i + bad, i + bad, i + bad + 1)
-                    headline, detail = describe_nonfinite(cfg.x_key, i + bad, stored, inputs[bad])
-                    problem = problem or f"{source}: row {i + bad} {headline}: {detail}"
-            except UnreadableRows as exc:
-                problem, inputs = problem or str(exc), xp.zeros((n, x.shape[1]), dtype)
-            if problem is not None:  # carry on with zeros until every rank knows (below)
-                inputs[...] = 0
-        pieces, _, sizes = micro_batches(inputs, None, cfg.micro_batches)
-        pipe.forward_only(pieces if pipe.is_first else None, None, sizes, None, kept)
+    problem = None
+
+    def inputs_of(i, n):
+        """Rows ``i .. i + n`` of the file; zeros, once a row is bad, until every rank knows (below)."""
+        nonlocal problem
+        try:
+            inputs = as_batch(read_rows(x, slice(i, i + n), i, i + n), None, dtype, False)[0]
+            bad = first_nonfinite(inputs)
+            if bad is not None:
+                stored = read_rows(x, i + bad, i + bad, i + bad + 1)
+                headline, detail = describe_nonfinite(cfg.x_key, i + bad, stored, inputs[bad])
+                problem = problem or f"{source}: row {i + bad} {headline}: {detail}"
+        except UnreadableRows as exc:
+            problem, inputs = problem or str(exc), xp.zeros((n, x.shape[1]), dtype)
+        if problem is not None:
+            inputs[...] = 0
+        return inputs
+
+    kept = forward_rows(pipe, inputs_of, start, count, cfg)
     f.close()
     problems = [p for p in grid.world.allgather(problem) if p is not None]
     world, last = grid.world, grid.stages - 1

@@ -92,6 +92,22 @@ def problem_text(split, problem, step: int | None = None) -> str:
     return f"{split.source.path}: {split.name} row {row} {headline}{when}: {detail}"
 
 
+def forward_rows(pipe: Pipeline, inputs_of, start: int, count: int, cfg) -> list:
+    """Rows ``[start, start + count)`` through this rank's stage, in chunks of ``eval_batch_size``
+    rows (whole shards in deterministic mode), each cut into ``micro_batches`` micro-batches.
+    ``inputs_of(i, n)``: the model's inputs for rows ``i .. i + n`` (asked on the first stage only).
+    Returns the last stage's outputs, chunk by chunk (empty elsewhere)."""
+    unit = pipe.shard_rows or 1
+    chunk = max(1, cfg.eval_batch_size // unit) * unit
+    kept = []
+    for i in range(start, start + count, chunk):
+        n = min(chunk, start + count - i)
+        inputs = inputs_of(i, n) if pipe.is_first else xp.empty((n, 0))
+        pieces, _, sizes = micro_batches(inputs, None, cfg.micro_batches, unit)
+        pipe.forward_only(pieces if pipe.is_first else None, None, sizes, None, kept)
+    return kept
+
+
 def evaluate_split(pipe: Pipeline, loss_fn, split, grid: Grid, cfg, classify: bool) -> dict:
     """Loss and accuracy over ``split``: each replica takes a contiguous block (each row counted
     once) and runs it through its pipeline in chunks of ``eval_batch_size`` rows, each chunk cut
