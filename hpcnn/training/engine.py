@@ -168,20 +168,23 @@ class Training:
         if not cfg.deterministic:
             params, overlap = self.model.params, cfg.overlap == "on"
             return DataParallel(grid.dp, params, overlap, cfg.bucket_mb, self.probe, stages, pipe.is_last)
-        rows = shard_rows(cfg)
-        most = -(-shard_count(min(cfg.batch_size, len(self.ds.train)), rows) // grid.replicas)
+        rows, _, most = self._shard_counts()
         # the gradient norm is summed per tensor, in model order: this stage's first tensor's index
         base = sum(len(layer.param_specs()) for layer in self.layers[: self.bounds[grid.stage]])
         tensors = (base, sum(len(layer.param_specs()) for layer in self.layers))
         with self.comm.agreed(cfg.debug):  # one gradient per shard: a large allocation, maybe too large
             return ShardReducer(grid.dp, self.model, most, rows, grid.world, stages, pipe.is_last, tensors)
 
+    def _shard_counts(self) -> tuple[int, int, int]:
+        """Deterministic mode: rows per shard, shards in a full batch, and at most per replica."""
+        rows = shard_rows(self.cfg)
+        full = shard_count(min(self.cfg.batch_size, len(self.ds.train)), rows)
+        return rows, full, -(-full // self.grid.replicas)
+
     def _shard(self) -> None:
         """Deterministic mode: shard threads in place of BLAS's own (``hpcnn.parallel.deterministic``)."""
         cfg, grid = self.cfg, self.grid
-        rows = shard_rows(cfg)
-        full = shard_count(min(cfg.batch_size, len(self.ds.train)), rows)
-        most = -(-full // grid.replicas)
+        rows, full, most = self._shard_counts()
         workers = self.sync.start().workers
         self.log(
             f"deterministic: shards of {rows} rows ({full} per full batch, at most {most} per replica); "
@@ -233,14 +236,13 @@ class Training:
 
     def run(self) -> Result:
         cfg, result = self.cfg, self.result
-        sums = self.sums = np.zeros(3)
+        sums = np.zeros(3)
         # Ctrl-C is honoured without checkpoints too; SIGTERM/SIGUSR1 only where a stop can be saved.
         with StopRequest(self.comm, ALL if cfg.checkpoint_dir else (INTERRUPT,)) as self.stop:
             while self.epoch < cfg.epochs and not (self.step >= self.steps and self.batch == 0):
                 # Only rank 0 carries a resumed epoch's running sums: the epoch's reduction adds them once.
                 resumed = self.start is not None and self.epoch == self.start.epoch and self.comm.is_root
                 sums = np.array(self.start.epoch_sums) if resumed else np.zeros(3)  # loss, correct, rows
-                self.sums = sums
                 t0, rows = self.comm.wtime(), 0
                 for ids, global_rows in itertools.islice(self.sampler.epoch(self.epoch), self.batch, None):
                     if self.step >= self.steps:
@@ -271,8 +273,8 @@ class Training:
                     break
             if self.stop.drain():
                 return self._stopped(sums)
-            self.checkpoint(sums if self.batch else np.zeros(3), "end of training")
             result.position = self.position(sums if self.batch else np.zeros(3))
+            self.checkpoint(None, "end of training", result.position)
             self._final()
         return result
 
@@ -379,9 +381,10 @@ class Training:
         with self.probe.region("evaluation", value=len(split), step=self.step):
             return evaluate_split(self.pipe, self.loss_fn, split, self.grid, self.cfg, self.classify)
 
-    def checkpoint(self, sums, why: str) -> None:
+    def checkpoint(self, sums, why: str, position: Position | None = None) -> None:
         """Write the state after ``self.step`` (collective); ``sums``: this rank's running sums of
-        the epoch in progress. Never writes a state some rank found non-finite."""
+        the epoch in progress (or the ``position`` they make, where the caller has it already).
+        Never writes a state some rank found non-finite."""
         cfg, comm = self.cfg, self.comm
         here = (self.step, self.epoch, self.batch)
         if not cfg.checkpoint_dir or self.saved_at == here:
@@ -389,7 +392,7 @@ class Training:
         if comm.max(int(self.stop.local_trouble)):
             return  # the next stop check ends the run and says why
         with self.probe.region("checkpoint", value=self.step):
-            position = self.position(sums)
+            position = position or self.position(sums)
             t0 = comm.wtime()
             state = (self.layers, self.ds.features, self.bounds, self.grid, self.model, self.opt, position)
             path = save(cfg.checkpoint_dir, cfg, *state, cfg.checkpoint_io, self.probe.fault)
@@ -437,8 +440,8 @@ class Training:
                 EXIT_NONFINITE,
             )
         result.stopped = stop.agreed
-        self.checkpoint(sums, f"stop requested: {result.stopped}")
         result.position = self.position(sums)
+        self.checkpoint(None, f"stop requested: {result.stopped}", result.position)
         self.progress.close()
         if self.run_dir is not None:
             self.run_dir.record("stopped", {"step": self.step, "signal": result.stopped})
