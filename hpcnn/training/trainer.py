@@ -33,7 +33,7 @@ from hpcnn.io.runlog import RunDir
 from hpcnn.parallel.comm import IN_PLACE, SUM, Comm, blas_threads
 from hpcnn.parallel.inspector import Inspector
 from hpcnn.parallel.preempt import INTERRUPT, HeldInterrupts, Interrupted, watch_interrupts
-from hpcnn.training.batches import as_batch, evaluate_split, micro_batches
+from hpcnn.training.batches import as_batch, evaluate_split, forward_rows
 from hpcnn.training.engine import Result, Training
 from hpcnn.training.setup import (
     Parts,
@@ -200,10 +200,8 @@ class Trainer:
         loss = fields.pop("loss") if loss is None else loss
         if optimizer is None:
             optimizer = fields.pop("optimizer")
-        else:
-            for key in _optimizer_fields(optimizer):
-                fields.pop(key, None)
-        fields.pop("loss", None), fields.pop("data", None)
+        for key in ("data", "loss", *_optimizer_fields(optimizer)):
+            fields.pop(key, None)
         trainer = cls(
             model, data, loss=loss, optimizer=optimizer, comm=comm, on_step=on_step, on_epoch=on_epoch,
             log=log, **fields,
@@ -264,13 +262,9 @@ class Trainer:
         pipe, grid, dtype = stage.pipe, stage.grid, dtype_of(cfg.dtype)
         unit = pipe.shard_rows or 1  # deterministic mode: whole shards, as in training
         start, count = split_units(len(x), unit, grid.replicas, grid.replica)
-        chunk = max(1, cfg.eval_batch_size // unit) * unit
-        kept = []
-        for i in range(start, start + count, chunk):
-            n = min(chunk, start + count - i)
-            inputs = as_batch(x[i : i + n], None, dtype, False)[0] if pipe.is_first else xp.empty((n, 0))
-            pieces, _, sizes = micro_batches(inputs, None, cfg.micro_batches, unit)
-            pipe.forward_only(pieces if pipe.is_first else None, None, sizes, None, kept)
+        kept = forward_rows(
+            pipe, lambda i, n: as_batch(x[i : i + n], None, dtype, False)[0], start, count, cfg
+        )
         out = np.zeros((len(x), width), dtype)  # (rows, outputs)
         if pipe.is_last and kept:
             out[start : start + count] = to_host(xp.concatenate(kept))
