@@ -10,7 +10,7 @@ import os
 import sys
 
 from hpcnn.errors import EXIT_USAGE, JobError
-from hpcnn.parallel.comm import Comm, LaunchMismatch, launch_mismatch
+from hpcnn.parallel.comm import Comm, LaunchMismatch, launch_mismatch, say
 from hpcnn.parallel.preempt import watch_interrupts
 
 
@@ -29,7 +29,7 @@ def run_command(body, argv) -> int:
             raise mismatch
     except LaunchMismatch as exc:
         if os.environ.get(exc.rank_var, "0") == "0":  # each process may think it is rank 0: ask the launcher
-            print(f"hpcnn: error: {exc}", file=sys.stderr, flush=True)
+            say(f"hpcnn: error: {exc}", sys.stderr)
         return EXIT_USAGE
     comm.debug = "--debug" in argv
     watch_interrupts(comm.end_job, command=True)
@@ -37,7 +37,7 @@ def run_command(body, argv) -> int:
         return body(comm, argv)
     except JobError as exc:
         if comm.is_root:
-            print(f"hpcnn: error: {exc.message}", file=sys.stderr, flush=True)
+            say(f"hpcnn: error: {exc.message}", sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:  # Ctrl-C where no training stops for it (a training raises Interrupted)
         comm.end_job("interrupted (Ctrl-C): ending the job")

@@ -108,20 +108,17 @@ class Comm(MPI.Intracomm):
         """The sub-communicator of the ranks that pass the same ``color``, ordered by ``key``."""
         return Comm(super().Split(color, key))
 
-    def print0(self, *args, **kwargs) -> None:
-        """Print on rank 0 only (and flush: SLURM output files should show progress live)."""
+    def print0(self, text, file=None) -> None:
+        """Say ``text`` on rank 0 only (``say``: one write, flushed, so SLURM output files show
+        progress live)."""
         if self.is_root:
             try:
-                sep, end = kwargs.get("sep") or " ", kwargs.get("end")
-                text = sep.join(map(str, args)) + ("\n" if end is None else end)
-                stream = kwargs.get("file") or sys.stdout
-                stream.write(text)  # one write: see say()
-                stream.flush()
+                say(str(text), file)
             except BrokenPipeError:
                 # `mpirun ... | head`: the reader is gone, the training is not. Send the rest of
                 # the output nowhere instead of failing (other ranks would be left waiting).
                 devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, (kwargs.get("file") or sys.stdout).fileno())
+                os.dup2(devnull, (file or sys.stdout).fileno())
 
     def sum(self, value):
         """Sum a small Python value (scalar metadata, not a hot-path buffer) over all ranks."""
