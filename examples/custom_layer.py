@@ -125,15 +125,16 @@ class LayerNorm(Layer):
         xp.einsum("ij,ij->j", dy, xhat, out=self.dg)
         xp.sum(dy, axis=0, out=self.db)
 
-    def deferred_width(self, in_features):
+    def deferred_width(self, in_shape):
         return 2 * self.features
 
-    def out_features(self, in_features):
-        assert in_features == self.features, (in_features, self.features)
-        return self.features
+    def out_shape(self, in_shape):
+        if in_shape != (self.features,):
+            raise ValueError(f"LayerNorm({self.features}) takes rows of {self.features} values, not {in_shape}")
+        return in_shape
 
-    def flops(self, in_features):
-        return 20.0 * in_features  # a few elementwise passes and row sums, forward and backward
+    def flops(self, in_shape):
+        return 20.0 * self.features  # a few elementwise passes and row sums, forward and backward
 
 
 def make_data(rows=768, test_rows=256, features=16, classes=4, seed=0):

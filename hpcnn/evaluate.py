@@ -26,7 +26,7 @@ from hpcnn.core.backend import dtype_of, to_host, xp
 from hpcnn.core.layers import layer_from_spec
 from hpcnn.core.losses import LOSSES
 from hpcnn.errors import EXIT_OK, UserError
-from hpcnn.io.checkpoints import inspect, read_stage, verify_bounded
+from hpcnn.io.checkpoints import in_shape_of, inspect, read_stage, verify_bounded
 from hpcnn.io.datasets import (
     BUILTIN,
     UnreadableRows,
@@ -112,8 +112,7 @@ def load(path, overrides: dict, comm: Comm):
         cfg.checkpoint_dir, cfg.resume = "", ""
         cfg.validate()
         layers = [layer_from_spec(spec) for spec in info.architecture["layers"]]
-    in_features = info.architecture["in_features"]
-    bounds, grid, pipe = build_stages(cfg, comm, layers, in_features)
+    bounds, grid, pipe = build_stages(cfg, comm, layers, in_shape_of(info.architecture))
     with comm.agreed(cfg.debug):
         read_stage(path, layers, bounds[grid.stage], bounds[grid.stage + 1], pipe.model.params, {})
     return cfg, info, layers, grid, pipe

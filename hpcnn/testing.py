@@ -1,7 +1,7 @@
 """Tools for testing layers and models: ``check_gradients`` compares backward with finite differences.
 
 A layer of your own (``hpcnn.Layer`` subclass) is right when its backward is the derivative of its
-forward. ``check_gradients(MyLayer(...), in_features)`` checks exactly that, in float64::
+forward. ``check_gradients(MyLayer(...), in_shape)`` checks exactly that, in float64::
 
     from hpcnn.testing import check_gradients
     check_gradients(MyLayer(8), 8)              # raises AssertionError if backward is wrong
@@ -19,10 +19,10 @@ import copy
 import numpy as np
 
 from hpcnn.core.layers import Layer
-from hpcnn.core.model import Sequential
+from hpcnn.core.model import Sequential, as_shape
 
 
-def check_gradients(layer_or_model, x_or_in_features, *, rows: int = 3, h: float = 1e-6, rtol: float = 1e-6,
+def check_gradients(layer_or_model, x_or_in_shape, *, rows: int = 3, h: float = 1e-6, rtol: float = 1e-6,
                     seed: int = 0) -> float:  # fmt: skip
     """Check the backward of ``layer_or_model`` against central finite differences in float64.
 
@@ -31,8 +31,9 @@ def check_gradients(layer_or_model, x_or_in_features, *, rows: int = 3, h: float
     layer_or_model : a ``Layer``, a list of layers, or a ``Sequential``. It is copied (in float64),
         never changed. A ``Sequential``'s current parameters are used; layers on their own get
         parameters drawn from ``seed`` (their initialisation plus noise, so that no tensor is zero).
-    x_or_in_features : input rows (copied to float64), or the number of input features: then
-        ``rows`` rows are drawn from ``seed`` with ``0.1 <= |x| <= 2`` (off ReLU's kink).
+    x_or_in_shape : input rows (copied to float64), or the shape of one input row (a number of
+        features, or ``(H, W, C)`` for images): then ``rows`` rows are drawn from ``seed`` with
+        ``0.1 <= |x| <= 2`` (off ReLU's kink).
     h : the finite-difference step.
     rtol : the largest relative error (per tensor, see the module docstring) that passes.
 
@@ -53,11 +54,11 @@ def check_gradients(layer_or_model, x_or_in_features, *, rows: int = 3, h: float
     else:
         model.params.initialize(rng)
         model.params.data += 0.1 * rng.normal(size=model.params.size)
-    if isinstance(x_or_in_features, (int, np.integer)):
-        shape = (rows, int(x_or_in_features))
+    if isinstance(x_or_in_shape, (int, np.integer, tuple)):
+        shape = (rows, *as_shape(x_or_in_shape))
         x = rng.uniform(0.1, 2.0, shape) * rng.choice([-1.0, 1.0], shape)
     else:
-        x = np.array(x_or_in_features, dtype=np.float64)
+        x = np.array(x_or_in_shape, dtype=np.float64)
     out = model.forward(x, train=False)
     r = rng.normal(size=out.shape)
 

@@ -78,7 +78,8 @@ def test_stages_compose_to_the_whole_model():
 
 def test_a_model_is_any_list_of_layers():
     model = Sequential([Dense(2, 3), ReLU(), Dense(3, 3), ReLU(), Dense(3, 1)], np.float32)
-    assert model.out_features(2) == 1
+    assert Sequential.shape_after(model.layers, 2) == (1,)
+    assert Sequential(model.layers, np.float32, in_shape=(2,)).out_shape == (1,)
     assert "Dense(2, 3) -> ReLU" in model.describe()
 
 

@@ -50,8 +50,8 @@ class TrainerTestGain(Layer):
             self.dg[...], self.dc[...] = dg, dc
         return dy * (1 + self.g) if need_dx else None
 
-    def flops(self, in_features):
-        return 6.0 * in_features
+    def flops(self, in_shape):
+        return 6.0 * in_shape[0]
 
 
 def data(rows=240, features=12, classes=4, seed=3):
@@ -190,7 +190,7 @@ def test_models_from_specs_and_wrong_settings_are_clear(comm):
         Trainer(mlp(), hpcnn.arrays(x, y), comm=comm, lrate=0.1)
     with pytest.raises(UserError, match="momentum = 0.5 contradicts the optimizer SGD"):
         Trainer(mlp(), hpcnn.arrays(x, y), comm=comm, optimizer=SGD(momentum=0.9), momentum=0.5)
-    with pytest.raises(JobError, match=r"layer 0 \(Dense\(10, 16\)\) cannot take the 12 features"):
+    with pytest.raises(JobError, match=r"layer 0 \(Dense\(10, 16\)\) cannot take the rows .* 10 values, not of shape \(12,\)"):
         Trainer([Dense(10, 16), ReLU(), Dense(16, 4)], hpcnn.arrays(x, y), comm=comm, log=None).fit()
     with pytest.raises(JobError, match="the model gives 3 values per row; arrays has 4 classes"):
         Trainer([Dense(12, 3)], hpcnn.arrays(x, y), comm=comm, log=None).fit()

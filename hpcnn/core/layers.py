@@ -2,7 +2,9 @@
 
 A layer declares the tensors it needs (``param_specs``), receives views of them (``bind``), and
 implements ``forward(x, saved, ws)`` and ``backward(dy, saved, need_dx, accumulate, ws)``. Arrays are
-``(batch, features)``. What backward needs from forward goes into ``saved``, a dict the caller owns
+``(batch, *shape)``: ``(batch, features)`` for flat rows, ``(batch, H, W, C)`` for images (channels
+last: docs/architecture.md says why); a layer declares the shape of its output rows from that of its
+input rows (``out_shape``). What backward needs from forward goes into ``saved``, a dict the caller owns
 (``None`` for inference: nothing is kept). Keeping that state outside the layer is what lets a
 pipeline stage hold several micro-batches in flight through the same layers.
 
@@ -46,8 +48,10 @@ class Layer:
     - ``backward(dy, saved, need_dx, accumulate, ws)``: writes the parameter gradients into the
       bound gradient views (adds to them with ``accumulate``) and returns the input gradient
       (``None`` may be returned when not ``need_dx``).
-    - ``out_features(in_features)`` when it changes the width, ``flops(in_features)`` (balances
-      pipeline stages).
+    - ``out_shape(in_shape)`` when it changes the shape of a row (``in_shape``: ``(features,)`` or
+      ``(H, W, C)``; raise ``ValueError`` for a shape it cannot take), ``flops(in_shape)`` (balances
+      pipeline stages), ``workspace_width(in_shape)`` (values per row of its temporaries, for
+      ``--dry-run``'s memory estimate).
 
     Every subclass is registered by its class name when it is defined, and a checkpoint stores
     each layer as ``spec()``: ``{"type": class name, **the constructor's keyword arguments}``, from
@@ -56,7 +60,7 @@ class Layer:
     the same name, so a layer that keeps its arguments as ``self.<argument>`` needs no ``spec`` of
     its own; the values must be JSON (numbers, strings, booleans, lists, dicts). Two different
     classes with one name are an error when the second is defined. Check a new layer's backward
-    with ``hpcnn.testing.check_gradients(layer, in_features)``.
+    with ``hpcnn.testing.check_gradients(layer, in_shape)``.
     """
 
     def __init_subclass__(cls, **kwargs):
@@ -98,16 +102,23 @@ class Layer:
                 "in deterministic mode"
             )
 
-    def deferred_width(self, in_features: int) -> int:
+    def deferred_width(self, in_shape: tuple) -> int:
         """Values per row that a deferred backward keeps until ``weight_grads``."""
         return 0
 
-    def out_features(self, in_features: int) -> int:
-        return in_features
+    def out_shape(self, in_shape: tuple) -> tuple:
+        """The shape of one output row for input rows of shape ``in_shape``; ``ValueError`` naming
+        the problem if the layer cannot take such rows."""
+        return tuple(in_shape)
 
-    def flops(self, in_features: int) -> float:
+    def flops(self, in_shape: tuple) -> float:
         """Floating-point operations per row, forward and backward (for balancing stages)."""
-        return 4.0 * in_features  # elementwise: a few passes over the row
+        return 4.0 * math.prod(in_shape)  # elementwise: a few passes over the row
+
+    def workspace_width(self, in_shape: tuple) -> int:
+        """Values per row of the temporaries a training step keeps besides the output and the input
+        gradient (``--dry-run``'s memory estimate): an elementwise layer keeps about one more."""
+        return math.prod(in_shape)
 
     def spec(self) -> dict:
         """What rebuilds this layer (``layer_from_spec``): checkpoints store the architecture as data.
@@ -159,6 +170,10 @@ class Dense(Layer):
         self._dW_part = self._db_part = None
 
     def forward(self, x, saved, ws=FRESH):
+        if x.ndim != 2:  # image rows (after a convolution or pooling): flattened, a view
+            if saved is not None:
+                saved["shape"] = x.shape
+            x = x.reshape(len(x), -1)
         if saved is not None:
             saved["x"] = x  # (batch, fan_in), kept for dW
         y = ws("y", (len(x), self.fan_out), x.dtype)
@@ -170,9 +185,10 @@ class Dense(Layer):
         return y
 
     def backward(self, dy, saved, need_dx=True, accumulate=False, ws=FRESH):
-        x = saved.pop("x")
+        x, shape = saved.pop("x"), saved.pop("shape", None)
         if self._shards is not None:
-            return self._backward_shards(x, dy, saved.get("shard", 0), need_dx, ws)
+            dx = self._backward_shards(x, dy, saved.get("shard", 0), need_dx, ws)
+            return dx if dx is None or shape is None else dx.reshape(shape)
         if "defer" in saved:  # (first row, step rows, stack scope): weight gradients come later
             first, rows, stack = saved["defer"]
             stack("x", (rows, self.fan_in), x.dtype)[first : first + len(x)] = x
@@ -189,8 +205,8 @@ class Dense(Layer):
             xp.sum(dy, axis=0, out=self.db)
         if not need_dx:
             return None
-        dx = ws("dx", (len(dy), self.fan_in), dy.dtype)
-        return xp.matmul(dy, self.W.T, out=dx)  # (batch, fan_in)
+        dx = xp.matmul(dy, self.W.T, out=ws("dx", (len(dy), self.fan_in), dy.dtype))  # (batch, fan_in)
+        return dx if shape is None else dx.reshape(shape)
 
     def weight_grads(self, stack, rows):
         dt = self.dW.dtype
@@ -198,7 +214,7 @@ class Dense(Layer):
         xp.matmul(x.T, dy, out=self.dW)  # one product over the whole step: K = rows, not a micro-batch
         xp.sum(dy, axis=0, out=self.db)
 
-    def deferred_width(self, in_features):
+    def deferred_width(self, in_shape):
         return self.fan_in + self.fan_out
 
     def shard(self, sharding, grads):
@@ -221,12 +237,19 @@ class Dense(Layer):
         sh.workers.run(one, sh.blocks(n))
         return dx
 
-    def out_features(self, in_features):
-        assert in_features == self.fan_in, (in_features, self.fan_in)
-        return self.fan_out
+    def out_shape(self, in_shape):
+        # Rows of any shape with fan_in values are taken as flat rows (images after a convolution).
+        if math.prod(in_shape) != self.fan_in:
+            raise ValueError(
+                f"it takes rows of {self.fan_in} values, not of shape {tuple(in_shape)}"
+            )
+        return (self.fan_out,)
 
-    def flops(self, in_features):
+    def flops(self, in_shape):
         return 6.0 * self.fan_in * self.fan_out  # forward x@W, backward dy@W.T and x.T@dy
+
+    def workspace_width(self, in_shape):
+        return 0
 
     def __repr__(self):
         return f"Dense({self.fan_in}, {self.fan_out})"
@@ -400,10 +423,13 @@ class GELU(Layer):
         a += b
         return xp.multiply(dy, a, out=ws("dx", dy.shape, dy.dtype))
 
-    def flops(self, in_features):
+    def flops(self, in_shape):
         if self.approximate == "none":
-            return (3.0 * len(_GELU_SERIES) + 30.0) * in_features
-        return 20.0 * in_features
+            return (3.0 * len(_GELU_SERIES) + 30.0) * math.prod(in_shape)
+        return 20.0 * math.prod(in_shape)
+
+    def workspace_width(self, in_shape):
+        return (8 if self.approximate == "none" else 3) * math.prod(in_shape)
 
     def __repr__(self):
         return "GELU" if self.approximate == "none" else f"GELU(approximate={self.approximate!r})"

@@ -14,6 +14,11 @@ from hpcnn.core.params import FlatParams
 from hpcnn.core.workspace import Workspace
 
 
+def as_shape(shape) -> tuple:
+    """A row shape as a tuple: ``5`` (features) is ``(5,)``."""
+    return (int(shape),) if isinstance(shape, (int, xp.integer)) else tuple(int(n) for n in shape)
+
+
 class Sequential:
     """Layers applied in order, parameters in one ``FlatParams``.
 
@@ -21,11 +26,17 @@ class Sequential:
     ----------
     layers : list of Layer
     dtype : dtype of parameters, gradients and activations (a ``Trainer`` uses its ``dtype`` setting)
+    in_shape : the shape of one input row, ``(features,)`` or ``(H, W, C)``; when given, flat rows
+        ``(batch, prod(in_shape))`` (what data sources and pipeline transfers carry) are viewed as
+        ``(batch, *in_shape)`` on the way in, and output gradients as the output's shape on the way
+        back. ``None``: inputs arrive in the shape the first layer takes.
     """
 
-    def __init__(self, layers, dtype=xp.float32):
+    def __init__(self, layers, dtype=xp.float32, in_shape=None):
         self.layers = list(layers)
         self.dtype = dtype
+        self.in_shape = None if in_shape is None else as_shape(in_shape)
+        self.out_shape = None if in_shape is None else self.shape_after(self.layers, self.in_shape)
         self.params = FlatParams(self.layers, dtype)
         self.workspace = Workspace()
         self._tape = None
@@ -42,6 +53,8 @@ class Sequential:
         if train and tape is None:
             tape = self._tape = [{} for _ in self.layers]
         slot = ("train" if train else "infer", slot)
+        if self.in_shape is not None and x.shape[1:] != self.in_shape:
+            x = x.reshape(len(x), *self.in_shape)  # flat rows as images: a view
         for i, layer in enumerate(self.layers):
             x = layer.forward(x, tape[i] if train else None, self.workspace.scope(i, slot))
             if on_layer_done is not None:  # a pipeline stage moves its pending transfers on
@@ -59,6 +72,8 @@ class Sequential:
         """
         tape = self._tape if tape is None else tape
         slot = ("train", slot)
+        if self.out_shape is not None and dout.shape[1:] != self.out_shape:
+            dout = dout.reshape(len(dout), *self.out_shape)  # flat rows from a pipeline transfer
         for i in range(len(self.layers) - 1, -1, -1):
             scope = self.workspace.scope(i, slot)
             dout = self.layers[i].backward(dout, tape[i], need_input_grad or i > 0, accumulate, scope)
@@ -96,23 +111,26 @@ class Sequential:
         ``weight_grads``."""
         return self.workspace.rows_scope(i)
 
-    def out_features(self, in_features: int) -> int:
-        return self.features_after(self.layers, in_features)
-
     @staticmethod
-    def layer_flops(layers, in_features: int) -> list[float]:
+    def layer_flops(layers, in_shape) -> list[float]:
         """Per-layer floating-point operations per row (forward + backward)."""
-        costs = []
+        costs, shape = [], as_shape(in_shape)
         for layer in layers:
-            costs.append(layer.flops(in_features))
-            in_features = layer.out_features(in_features)
+            costs.append(layer.flops(shape))
+            shape = as_shape(layer.out_shape(shape))
         return costs
 
     @staticmethod
-    def features_after(layers, in_features: int) -> int:
+    def shapes(layers, in_shape) -> list[tuple]:
+        """The row shape entering each layer and, last, the one leaving the last layer."""
+        out = [as_shape(in_shape)]
         for layer in layers:
-            in_features = layer.out_features(in_features)
-        return in_features
+            out.append(as_shape(layer.out_shape(out[-1])))
+        return out
+
+    @staticmethod
+    def shape_after(layers, in_shape) -> tuple:
+        return Sequential.shapes(layers, in_shape)[-1]
 
     def describe(self) -> str:
         return describe(self.layers)

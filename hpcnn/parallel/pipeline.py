@@ -30,6 +30,8 @@ sees few shapes (full micro-batches, the last partial batch's, evaluation chunks
 keeps one buffer per shape and micro-batch in flight.
 """
 
+import math
+
 import numpy as np
 
 from hpcnn.core.backend import xp
@@ -103,7 +105,9 @@ class Pipeline:
         self, model, pipe, stage: int, stages: int, in_features: int, schedule: str, clock, probe=None
     ):
         self.model, self.pipe, self.stage, self.stages = model, pipe, stage, stages
-        self.in_features, self.out_features = in_features, model.out_features(in_features)
+        # Transfers are flat rows (rows, width); the stage's model views them in its row shape.
+        self.in_features = in_features
+        self.out_features = math.prod(model.out_shape) if model.out_shape is not None else in_features
         self.schedule = schedule
         self.is_first, self.is_last = stage == 0, stage == stages - 1
         self.probe = probe if probe is not None else Probe(clock)

@@ -1,11 +1,13 @@
 """``--dry-run``: the resolved config and what every rank would hold (parameters, an estimate of its
 memory, rows per step), computed from the real setup without training."""
 
+import math
 import socket
 
 import numpy as np
 
 from hpcnn.config import Config
+from hpcnn.core.model import Sequential
 from hpcnn.errors import EXIT_OK
 from hpcnn.io.datasets import split_units
 from hpcnn.parallel.comm import Comm
@@ -29,13 +31,13 @@ def dry_run(cfg: Config, comm: Comm) -> int:
     unit = shard_rows(cfg) if cfg.deterministic else 1  # whole shards in deterministic mode
     _, rows = split_units(cfg.batch_size, unit, grid.replicas, grid.replica)  # this replica's rows per step
     micro_rows = -(-rows // cfg.micro_batches)
-    widths, stacked, features = 0, 0, ds.features
+    widths, stacked, shapes = 0, 0, Sequential.shapes(layers, ds.in_shape)
     for i, layer in enumerate(layers):
-        mine = bounds[grid.stage] <= i < bounds[grid.stage + 1]
-        stacked += layer.deferred_width(features) if mine else 0
-        features = layer.out_features(features)
-        widths += features if mine else 0
-    activation_bytes = 2 * cfg.micro_batches * micro_rows * widths * itemsize
+        if bounds[grid.stage] <= i < bounds[grid.stage + 1]:
+            stacked += layer.deferred_width(shapes[i])
+            # its output, its input gradient and its temporaries (a convolution's unfolded input)
+            widths += 2 * math.prod(shapes[i + 1]) + layer.workspace_width(shapes[i])
+    activation_bytes = cfg.micro_batches * micro_rows * widths * itemsize
     # A pipeline stage keeps its layers' inputs and output gradients for the whole step's rows
     # until the weight-gradient products.
     if defers_weight_grads(grid.stages, cfg.micro_batches, cfg.deterministic):

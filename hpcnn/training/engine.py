@@ -71,7 +71,7 @@ class Result:
     stopped: str | None = None  # the signal that stopped training early (a checkpoint was written)
     checkpoint: str | None = None  # the last checkpoint this run wrote
     layers: list = field(default_factory=list)  # the whole model's layers (``model`` is this rank's run)
-    in_features: int = 0
+    in_shape: tuple = ()
     optimizer: object = None  # this stage's optimizer, bound to ``model.params``
     position: Position | None = None  # where training ended (what a checkpoint of this state records)
 
@@ -128,10 +128,10 @@ class Training:
         )
         describe_run(log, cfg, ds, layers, bounds, grid, sampler, self.steps)
         self.result = Result(
-            self.model, grid, bounds, pipe, layers=layers, in_features=ds.features, optimizer=self.opt
+            self.model, grid, bounds, pipe, layers=layers, in_shape=ds.in_shape, optimizer=self.opt
         )
         self.start, source = (
-            resume_from(cfg, grid, layers, ds.features, bounds, self.model, self.opt, log)
+            resume_from(cfg, grid, layers, ds.in_shape, bounds, self.model, self.opt, log)
             if cfg.resume
             else (None, None)
         )
@@ -394,7 +394,7 @@ class Training:
         with self.probe.region("checkpoint", value=self.step):
             position = position or self.position(sums)
             t0 = comm.wtime()
-            state = (self.layers, self.ds.features, self.bounds, self.grid, self.model, self.opt, position)
+            state = (self.layers, self.ds.in_shape, self.bounds, self.grid, self.model, self.opt, position)
             path = save(cfg.checkpoint_dir, cfg, *state, cfg.checkpoint_io, self.probe.fault)
             seconds = comm.wtime() - t0
         self.result.checkpoint = str(path)

@@ -25,7 +25,7 @@ def describe_run(log, cfg, ds, layers, bounds, grid, sampler, steps) -> None:
     )
     log(f"model: {describe(layers)}, {cfg.dtype}")
     if grid.stages > 1:
-        costs = Sequential.layer_flops(layers, ds.features)
+        costs = Sequential.layer_flops(layers, ds.in_shape)
         log(
             f"pipeline: {grid.replicas} data-parallel replica(s) x {grid.stages} stages, "
             f"schedule {cfg.schedule}, {cfg.micro_batches} micro-batch(es) per step"

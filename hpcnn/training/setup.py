@@ -8,6 +8,7 @@ error is agreed on: raised on every rank with one message.
 """
 
 import dataclasses
+import math
 import tempfile
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from hpcnn.config import Config, config_changes
 from hpcnn.core.backend import dtype_of
-from hpcnn.core.model import Sequential, mlp_layers
+from hpcnn.core.model import Sequential, as_shape, mlp_layers
 from hpcnn.errors import EXIT_IO, JobError, UserError
 from hpcnn.io.checkpoints import (
     Position,
@@ -87,7 +88,7 @@ def open_data(cfg: Config, comm: Comm, data: Dataset | None = None) -> Dataset:
     return ds
 
 
-def build_stages(cfg: Config, comm: Comm, layers, in_features: int, probe=None):
+def build_stages(cfg: Config, comm: Comm, layers, in_shape, probe=None):
     """Cut ``layers`` into ``cfg.pipeline_stages`` stages over the ranks of ``comm`` and build this
     rank's stage, initialised as the whole model would be. Returns ``(bounds, grid, pipeline)``;
     ``probe``: the training's (``hpcnn.parallel.probe``), which the pipeline tells its phases."""
@@ -103,19 +104,21 @@ def build_stages(cfg: Config, comm: Comm, layers, in_features: int, probe=None):
         if cfg.stage_layers:
             bounds = explicit_partition(cfg.stage_layers, len(layers), stages)
         else:
-            bounds = balanced_partition(Sequential.layer_flops(layers, in_features), stages)
+            bounds = balanced_partition(Sequential.layer_flops(layers, in_shape), stages)
     grid = Grid(comm, stages)
     with comm.agreed(cfg.debug):
         first, stop = bounds[grid.stage], bounds[grid.stage + 1]
         try:
-            model = Sequential(layers[first:stop], dtype_of(cfg.dtype))
+            stage_in = Sequential.shape_after(layers[:first], in_shape)
+            model = Sequential(layers[first:stop], dtype_of(cfg.dtype), stage_in)
         except MemoryError as exc:  # --hidden 100000000000, or a dataset with 10**9 features
             raise UserError(f"the model does not fit in memory ({exc}); use narrower layers") from None
         # Draw every earlier stage's initial values too, so each stage starts as the whole model would.
         skip = [spec for layer in layers[:first] for spec in layer.param_specs()]
         model.params.initialize(np.random.default_rng(cfg.seed), skip=skip)
-        stage_in = Sequential.features_after(layers[:first], in_features)
-        pipe = Pipeline(model, grid.pipe, grid.stage, stages, stage_in, cfg.schedule, comm.wtime, probe)
+        pipe = Pipeline(
+            model, grid.pipe, grid.stage, stages, math.prod(stage_in), cfg.schedule, comm.wtime, probe
+        )
     pipe.handshake()
     return bounds, grid, pipe
 
@@ -133,7 +136,7 @@ def prepare(cfg: Config, comm: Comm, parts: Parts | None = None, probe=None):
             )
         layers = command_layers(cfg, ds) if parts.layers is None else list(parts.layers)
         check_model(layers, ds)
-    bounds, grid, pipe = build_stages(cfg, comm, layers, ds.features, probe)
+    bounds, grid, pipe = build_stages(cfg, comm, layers, ds.in_shape, probe)
     with comm.agreed(cfg.debug):
         rows = shard_rows(cfg) if cfg.deterministic else 0
         sampler = EpochSampler(
@@ -155,7 +158,7 @@ def check_model(layers, ds: Dataset) -> None:
     """``UserError`` unless ``layers`` take ``ds``'s features and give one value per output."""
     if not layers:
         raise UserError("the model has no layers")
-    width = model_width(layers, ds.features, ds.name)
+    width = math.prod(model_shape(layers, ds.in_shape, ds.name))
     if width != ds.outputs:
         kind = (
             f"{ds.num_classes} classes" if ds.num_classes is not None else f"{ds.outputs} regression outputs"
@@ -168,22 +171,22 @@ def total_steps(cfg: Config, sampler) -> int:
     return min(cfg.max_steps, steps) if cfg.max_steps else steps
 
 
-def model_width(layers, features: int, where: str) -> int:
-    """The width of ``layers``' output for rows of ``features`` values from ``where``; ``UserError``
-    naming the first layer that cannot take what reaches it."""
-    width = features
+def model_shape(layers, in_shape, where: str) -> tuple:
+    """The shape of ``layers``' output rows for input rows of shape ``in_shape`` from ``where``;
+    ``UserError`` naming the first layer that cannot take what reaches it."""
+    shape = as_shape(in_shape)
     for i, layer in enumerate(layers):
         try:
-            width = layer.out_features(width)
-        except AssertionError:  # Dense asserts its fan_in
+            shape = as_shape(layer.out_shape(shape))
+        except (ValueError, AssertionError) as exc:
             raise UserError(
-                f"layer {i} ({layer!r}) cannot take the {width} features that reach it "
-                f"({where} has {features} features)"
+                f"layer {i} ({layer!r}) cannot take the rows that reach it: {exc} ({where} has rows "
+                f"of shape {as_shape(in_shape)})"
             ) from None
-    return width
+    return shape
 
 
-def resume_from(cfg, grid, layers, in_features, bounds, model, opt, log):
+def resume_from(cfg, grid, layers, in_shape, bounds, model, opt, log):
     """Load the checkpoint ``cfg.resume`` names into this rank's stage; returns its position and
     path, or ``(None, None)`` when ``resume = auto`` finds no checkpoint (a requeued job's first run)."""
     world = grid.world
@@ -195,7 +198,7 @@ def resume_from(cfg, grid, layers, in_features, bounds, model, opt, log):
         return None, None
     with world.agreed(cfg.debug):
         info = inspect(chosen)
-        diff = architecture_difference(info.architecture, architecture(layers, in_features, cfg.dtype))
+        diff = architecture_difference(info.architecture, architecture(layers, in_shape, cfg.dtype))
         if diff:
             raise UserError(f"cannot resume from {chosen}: {diff}")
         if info.optimizer != cfg.optimizer or info.state_names != sorted(opt.state):

@@ -17,6 +17,7 @@ inside the run is a ``JobError`` raised on every rank with the same message.
 
 import copy
 import dataclasses
+import math
 
 import numpy as np
 
@@ -41,7 +42,7 @@ from hpcnn.training.setup import (
     check_model,
     command_layers,
     lock_checkpoint_dir,
-    model_width,
+    model_shape,
     open_data,
     resume_from,
 )
@@ -114,7 +115,7 @@ class _Stage:
     """This rank's part of the model as it stands now, and what saving it needs."""
 
     layers: list
-    in_features: int
+    in_shape: tuple
     bounds: list
     grid: object
     pipe: object
@@ -229,7 +230,7 @@ class Trainer:
         result = fit(cfg, self.comm, self.log, self._run, self._terminal, parts)
         self.layers, self.result = result.layers, result
         self._stage = _Stage(
-            result.layers, result.in_features, result.bounds, result.grid, result.pipeline,
+            result.layers, result.in_shape, result.bounds, result.grid, result.pipeline,
             result.optimizer, result.position,
         )  # fmt: skip
         return result
@@ -258,7 +259,7 @@ class Trainer:
         if x.ndim != 2:
             raise UserError(f"predict takes rows (rows, features); x has shape {x.shape}")
         with self.comm.agreed(cfg.debug):
-            width = model_width(stage.layers, x.shape[1], "these rows")
+            width = math.prod(model_shape(stage.layers, (x.shape[1],), "these rows"))
         pipe, grid, dtype = stage.pipe, stage.grid, dtype_of(cfg.dtype)
         unit = pipe.shard_rows or 1  # deterministic mode: whole shards, as in training
         start, count = split_units(len(x), unit, grid.replicas, grid.replica)
@@ -276,7 +277,7 @@ class Trainer:
         ``directory`` (created if missing); returns its path. Collective: every rank calls it."""
         cfg, stage = self.config, self._current()
         position = stage.position or Position()
-        args = (cfg, stage.layers, stage.in_features, stage.bounds, stage.grid, stage.pipe.model)
+        args = (cfg, stage.layers, stage.in_shape, stage.bounds, stage.grid, stage.pipe.model)
         return str(save(directory, *args, stage.optimizer, position, cfg.checkpoint_io))
 
     def load(self, path) -> None:
@@ -285,7 +286,7 @@ class Trainer:
         cfg, stage = self.config, self._current()
         resumed = dataclasses.replace(cfg, resume=str(path))
         say = self.log if (self.log is not None and self.comm.is_root) else (lambda text: None)
-        args = (stage.grid, stage.layers, stage.in_features, stage.bounds, stage.pipe.model, stage.optimizer)
+        args = (stage.grid, stage.layers, stage.in_shape, stage.bounds, stage.pipe.model, stage.optimizer)
         stage.position, _ = resume_from(resumed, *args, say)
         self.config = resumed
 
@@ -298,13 +299,13 @@ class Trainer:
                 with self.comm.agreed(cfg.debug):
                     layers = command_layers(cfg, ds) if self.layers is None else self.layers
                     check_model(layers, ds)
-                bounds, grid, pipe = build_stages(cfg, self.comm, layers, ds.features)
+                bounds, grid, pipe = build_stages(cfg, self.comm, layers, ds.in_shape)
             finally:
                 ds.close()
             opt = make_optimizer(cfg) if self._optimizer is None else copy.copy(self._optimizer)
             self.layers = layers
             opt = opt.bind(pipe.model.params)
-            self._stage = _Stage(layers, ds.features, bounds, grid, pipe, opt, owned=True)
+            self._stage = _Stage(layers, ds.in_shape, bounds, grid, pipe, opt, owned=True)
         return self._stage
 
     def _open(self, data) -> Dataset:

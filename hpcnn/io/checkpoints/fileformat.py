@@ -6,7 +6,7 @@ Layout of ``ckpt-<step>.h5`` (``format_version`` 2)::
                                   config (the resolved config as TOML),
                                   tensor_digests (JSON: dataset name -> sha256 of its dtype, shape, bytes),
                                   content_digest (sha256 of every other attribute, canonical JSON)
-    /model                 attrs: architecture (JSON: in_features, dtype, one spec per layer),
+    /model                 attrs: architecture (JSON: in_features, in_shape, dtype, one spec per layer),
                                   description, parameters
     /model/<LLL>_<type>/<name>          parameters of layer LLL (model order), e.g. 000_dense/W
     /optimizer             attrs: kind, t (optimizer steps taken), state (JSON list of names)
@@ -49,7 +49,7 @@ import numpy as np
 
 from hpcnn import __version__
 from hpcnn.core.layers import current_spec
-from hpcnn.core.model import describe
+from hpcnn.core.model import as_shape, describe
 from hpcnn.core.params import layout
 
 FORMAT_VERSION = 2
@@ -130,18 +130,28 @@ def stage_tensors(layers, first: int, stop: int):
     ]
 
 
-def architecture(layers, in_features: int, dtype: str) -> dict:
-    return {"in_features": int(in_features), "dtype": dtype, "layers": [layer.spec() for layer in layers]}
+def architecture(layers, in_shape, dtype: str) -> dict:
+    """The model as data: input row shape (``in_features`` = its size), dtype and layer specs."""
+    shape = as_shape(in_shape)
+    return {
+        "in_features": math.prod(shape), "in_shape": list(shape), "dtype": dtype,
+        "layers": [layer.spec() for layer in layers],
+    }  # fmt: skip
+
+
+def in_shape_of(arch: dict) -> tuple:
+    """The input row shape of a stored architecture (before images: ``(in_features,)``)."""
+    return tuple(arch.get("in_shape") or (arch["in_features"],))
 
 
 def architecture_difference(saved: dict, current: dict) -> str | None:
     """A sentence naming the first difference between two architectures, or ``None``."""
     if saved["dtype"] != current["dtype"]:
         return f"the checkpoint's dtype is {saved['dtype']}, this run's is {current['dtype']}"
-    if saved["in_features"] != current["in_features"]:
+    if in_shape_of(saved) != in_shape_of(current):
         return (
-            f"the checkpoint's model takes {saved['in_features']} input features, "
-            f"this run's data has {current['in_features']}"
+            f"the checkpoint's model takes rows of shape {in_shape_of(saved)}, "
+            f"this run's data has {in_shape_of(current)}"
         )
     # (a checkpoint's specs as this hpcnn writes them: one from before a layer argument existed
     # gets the value that computes what it computed then)
@@ -203,10 +213,10 @@ def _plain(value):
     raise TypeError(f"an attribute value of type {type(value).__name__}")
 
 
-def metadata(cfg, layers, in_features, bounds, grid, opt, position: Position, io: str, digests: dict) -> dict:
+def metadata(cfg, layers, in_shape, bounds, grid, opt, position: Position, io: str, digests: dict) -> dict:
     """The attributes of a checkpoint, grouped by HDF5 group (identical on every rank), sealed by
     ``content_digest``; ``digests`` are the tensors' (``tensor_digest``) by dataset name."""
-    arch = architecture(layers, in_features, cfg.dtype)
+    arch = architecture(layers, in_shape, cfg.dtype)
     meta = {
         "/": {
             "format_version": FORMAT_VERSION,

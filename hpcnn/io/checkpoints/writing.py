@@ -117,7 +117,7 @@ def _buffers(model, opt) -> list[tuple[str, object]]:
 
 
 def save(
-    directory, cfg, layers, in_features, bounds, grid, model, opt, position: Position, io="auto", fault=None
+    directory, cfg, layers, in_shape, bounds, grid, model, opt, position: Position, io="auto", fault=None
 ):
     """Write a checkpoint of ``position.step`` into ``directory`` (collective over ``grid.world``).
 
@@ -136,7 +136,7 @@ def save(
     failure, tmp, meta, needed = None, None, None, 0
     if world.is_root:  # the file's attributes, and a refusal before writing anything if it cannot fit
         tmp = directory / temporary_name(final.name)
-        meta = metadata(cfg, layers, in_features, bounds, grid, opt, position, io, digests)
+        meta = metadata(cfg, layers, in_shape, bounds, grid, opt, position, io, digests)
         needed = estimate_bytes(layers, len(buffers), to_host(buffers[0][1]).dtype.itemsize, meta)
         try:
             directory.mkdir(parents=True, exist_ok=True)
@@ -150,7 +150,7 @@ def save(
                 # different collectives: a hang or a crash); with little room to spare, the
                 # gathering writer, whose failures are plain errors on rank 0, writes this one.
                 io = "gather"
-                meta = metadata(cfg, layers, in_features, bounds, grid, opt, position, io, digests)
+                meta = metadata(cfg, layers, in_shape, bounds, grid, opt, position, io, digests)
         except OSError as exc:
             failure = f"writing checkpoint {final} failed: cannot create the directory: {exc}"
     failure, tmp, meta = world.bcast((failure, tmp, meta))

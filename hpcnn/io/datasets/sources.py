@@ -175,6 +175,12 @@ class Dataset:
     num_classes: int | None  # None: regression targets
     outputs: int
     unreadable: str | None = None  # why this rank's block of labels cannot be read (open_dataset)
+    shape: tuple | None = None  # one input row as an image (H, W, C); None: flat rows of ``features``
+
+    @property
+    def in_shape(self) -> tuple:
+        """The shape the model takes one input row in: ``(H, W, C)`` for images, else ``(features,)``."""
+        return tuple(self.shape) if self.shape else (self.features,)
 
     def close(self) -> None:
         self.train.source.close()
