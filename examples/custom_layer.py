@@ -130,7 +130,9 @@ class LayerNorm(Layer):
 
     def out_shape(self, in_shape):
         if in_shape != (self.features,):
-            raise ValueError(f"LayerNorm({self.features}) takes rows of {self.features} values, not {in_shape}")
+            raise ValueError(
+                f"LayerNorm({self.features}) takes rows of {self.features} values, not {in_shape}"
+            )
         return in_shape
 
     def flops(self, in_shape):

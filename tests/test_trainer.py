@@ -190,7 +190,9 @@ def test_models_from_specs_and_wrong_settings_are_clear(comm):
         Trainer(mlp(), hpcnn.arrays(x, y), comm=comm, lrate=0.1)
     with pytest.raises(UserError, match="momentum = 0.5 contradicts the optimizer SGD"):
         Trainer(mlp(), hpcnn.arrays(x, y), comm=comm, optimizer=SGD(momentum=0.9), momentum=0.5)
-    with pytest.raises(JobError, match=r"layer 0 \(Dense\(10, 16\)\) cannot take the rows .* 10 values, not of shape \(12,\)"):
+    with pytest.raises(
+        JobError, match=r"layer 0 \(Dense\(10, 16\)\) cannot take the rows .* 10 values, not of shape \(12,\)"
+    ):
         Trainer([Dense(10, 16), ReLU(), Dense(16, 4)], hpcnn.arrays(x, y), comm=comm, log=None).fit()
     with pytest.raises(JobError, match="the model gives 3 values per row; arrays has 4 classes"):
         Trainer([Dense(12, 3)], hpcnn.arrays(x, y), comm=comm, log=None).fit()
