@@ -43,7 +43,7 @@ from hpcnn import __version__
 from hpcnn.command import run_command
 from hpcnn.config import build_parser, from_dict, load_toml
 from hpcnn.core.backend import xp
-from hpcnn.core.layers import Dense
+from hpcnn.core.model import Sequential
 from hpcnn.errors import EXIT_OK, EXIT_USAGE, JobError, UserError
 from hpcnn.parallel.comm import IN_PLACE, SUM, Comm
 from hpcnn.parallel.inspector import Inspector
@@ -100,15 +100,23 @@ def bench_config(argv, is_root: bool = True):
     return cfg.validate(), argparse.Namespace(**opts)
 
 
-def step_flops(layers, rows: int) -> float:
+def layer_products(layers, in_shape=None) -> list[tuple[int, int, int, int]]:
+    """``(layer index, m, k, n)`` of every matrix product the layers' forward passes perform per
+    row (``Layer.products``); ``in_shape`` defaults to the first layer's input width."""
+    shape = in_shape if in_shape is not None else (layers[0].fan_in,)
+    out = []
+    for i, (layer, s) in enumerate(zip(layers, Sequential.shapes(layers, shape), strict=False)):
+        out += [(i, m, k, n) for m, k, n in layer.products(s)]
+    return out
+
+
+def step_flops(layers, rows: int, in_shape=None) -> float:
     """Floating-point operations of the matrix products of one step over ``rows`` rows of the whole
-    model: forward and weight gradient for every Dense layer, input gradient for all but the first."""
-    flops, first = 0.0, True
-    for layer in layers:
-        if isinstance(layer, Dense):
-            products = 2 if first else 3
-            flops += products * 2.0 * rows * layer.fan_in * layer.fan_out
-            first = False
+    model: forward and weight gradient for every product (Dense, Conv2D), input gradient for all
+    but the first layer's."""
+    flops = 0.0
+    for i, m, k, n in layer_products(layers, in_shape):
+        flops += (2 if i == 0 else 3) * 2.0 * rows * m * k * n
     return flops
 
 
@@ -117,19 +125,16 @@ def gemm_seconds(model, rows: int, first_stage: bool, micro: int = 1, deferred: 
     this stage (``deferred``: the weight gradients as one product over all the step's rows, as a
     pipeline stage forms them)."""
     dtype, per_micro, once = model.dtype, [], []
-    for i, layer in enumerate(model.layers):
-        if not isinstance(layer, Dense):
-            continue
-        x = xp.ones((rows, layer.fan_in), dtype)
-        dy = xp.ones((rows, layer.fan_out), dtype)
-        W, dW = xp.ones_like(layer.W), xp.empty_like(layer.W)
+    for i, m, k, n in layer_products(model.layers, model.in_shape):
+        x, dy = xp.ones((rows * m, k), dtype), xp.ones((rows * m, n), dtype)
+        W, dW = xp.ones((k, n), dtype), xp.empty((k, n), dtype)
         y, dx = xp.empty_like(dy), xp.empty_like(x)
         per_micro.append((x, W, y))
         if not (first_stage and i == 0):
             per_micro.append((dy, W.T, dx))
         if deferred:
-            n = rows * micro
-            once.append((xp.ones((n, layer.fan_in), dtype).T, xp.ones((n, layer.fan_out), dtype), dW))
+            total = rows * m * micro
+            once.append((xp.ones((total, k), dtype).T, xp.ones((total, n), dtype), dW))
         else:
             per_micro.append((x.T, dy, dW))
     times = []
@@ -221,8 +226,8 @@ def run(cfg, opts, comm: Comm, log=None) -> dict | None:
     rates = [n / s for n, s in zip(samples, seconds, strict=True)]
     samples_per_s = statistics.median(rates)
     step = statistics.median(seconds) / opts.steps
-    flops_per_row = step_flops(training.layers, 1)
-    flops = step_flops(training.layers, cfg.batch_size)  # a full batch (the ceiling's unit)
+    flops_per_row = step_flops(training.layers, 1, training.ds.in_shape)
+    flops = step_flops(training.layers, cfg.batch_size, training.ds.in_shape)  # the ceiling's unit
     ceiling_step = max(r["gemm_s"] for r in per_rank)
     mine = per_rank[0]["breakdown_ms"]
     exposed = max(r["breakdown_ms"]["reduce_exposed"] for r in per_rank)

@@ -120,6 +120,13 @@ class Layer:
         gradient (``--dry-run``'s memory estimate): an elementwise layer keeps about one more."""
         return math.prod(in_shape)
 
+    def products(self, in_shape: tuple) -> list[tuple[int, int, int]]:
+        """The matrix products of its forward pass as ``(m, k, n)`` per input row: ``(rows * m, k) @
+        (k, n)``; backward then costs ``(rows * m, n) @ (n, k)`` (input gradient) and ``(k, rows *
+        m) @ (rows * m, n)`` (weight gradient). What ``python -m hpcnn.bench`` times as the GEMM
+        ceiling; none for a layer without products."""
+        return []
+
     def spec(self) -> dict:
         """What rebuilds this layer (``layer_from_spec``): checkpoints store the architecture as data.
 
@@ -250,6 +257,9 @@ class Dense(Layer):
 
     def workspace_width(self, in_shape):
         return 0
+
+    def products(self, in_shape):
+        return [(1, self.fan_in, self.fan_out)]
 
     def __repr__(self):
         return f"Dense({self.fan_in}, {self.fan_out})"
