@@ -114,6 +114,8 @@ class Sequential:
         for i in range(len(self.layers) - 1, -1, -1):
             scope = self.workspace.scope(i, slot)
             dout = self.layers[i].backward(dout, tape[i], need_input_grad or i > 0, accumulate, scope)
+            tape[i].pop("key", None)  # the training forward's context: nothing is kept past backward
+            tape[i].pop("stats", None)
             if on_layer_done is not None:
                 on_layer_done(i)
         return dout
