@@ -1,6 +1,8 @@
-"""A layer of your own: layer normalisation with a learned gain and bias, in every mode hpcnn runs.
+"""A layer of your own: root-mean-square normalisation with a learned gain, in every mode hpcnn runs.
 
-hpcnn ships Dense and activations; ``LayerNorm`` below is a layer it does not ship, written as a
+hpcnn ships Dense, activations, ``BatchNorm``, ``LayerNorm`` and ``Dropout``; ``RMSNorm`` below
+(``y = g * x / sqrt(mean(x^2) + eps)`` over each row: ``LayerNorm`` without centring or bias) is a
+layer it does not ship, written as a
 user would: a subclass of ``hpcnn.Layer``. This script checks its gradients against finite
 differences, then trains a model containing it data parallel, in a 2-stage pipeline (at an even
 number of ranks), through a checkpoint and a resume, and in deterministic mode::
@@ -9,7 +11,7 @@ number of ranks), through a checkpoint and a resume, and in deterministic mode::
     mpirun -n 2 python examples/custom_layer.py    # 2 pipeline stages; 4 ranks: 2 stages x 2 replicas
 
 What a layer with parameters must do in each mode (``hpcnn/core/layers.py``'s ``Dense`` is the
-reference); ``LayerNorm`` does all of it, so it is correct everywhere:
+reference); ``RMSNorm`` does all of it, so it is correct everywhere:
 
 - plain step: ``backward`` writes its weight gradients into the views ``bind`` gave it;
 - micro-batches (``micro_batches`` > 1): the second and later backwards of a step *add*
@@ -22,9 +24,9 @@ reference); ``LayerNorm`` does all of it, so it is correct everywhere:
   everything else is row by row here, so a row's output does not depend on which rows share its
   batch.
 
-The checkpoint stores the layer as ``spec()``, ``{"type": "LayerNorm", "features": ..., "eps": ...}``
+The checkpoint stores the layer as ``spec()``, ``{"type": "RMSNorm", "features": ..., "eps": ...}``
 (read from the attributes named like ``__init__``'s arguments), and rebuilds it by class name: a
-script that loads the checkpoint (``Trainer.load``, ``resume=``) must define or import ``LayerNorm``
+script that loads the checkpoint (``Trainer.load``, ``resume=``) must define or import ``RMSNorm``
 first. (``python -m hpcnn.evaluate`` has no way to import it: it knows hpcnn's own layers only.)
 """
 
@@ -43,8 +45,8 @@ from hpcnn.core.workspace import FRESH
 from hpcnn.testing import check_gradients
 
 
-class LayerNorm(Layer):
-    """``y = g * (x - mean(x)) / sqrt(var(x) + eps) + b`` over each row's ``features`` values."""
+class RMSNorm(Layer):
+    """``y = g * x / sqrt(mean(x^2) + eps)`` over each row's ``features`` values."""
 
     def __init__(self, features: int, eps: float = 1e-5):
         self.features, self.eps = features, eps
@@ -52,27 +54,24 @@ class LayerNorm(Layer):
         self.shards = self.shard_grads = None  # deterministic mode (``shard``)
 
     def param_specs(self):
-        return [ParamSpec("g", (self.features,), "ones"), ParamSpec("b", (self.features,), "zeros")]
+        return [ParamSpec("g", (self.features,), "ones")]
 
     def shard(self, sharding, grads):
         self.shards, self.shard_grads = sharding, grads  # {name: (shards, *shape)}; None: inference
 
     def bind(self, params, grads):
-        self.g, self.b, self.dg, self.db = params["g"], params["b"], grads["g"], grads["b"]
+        self.g, self.dg = params["g"], grads["g"]
         self._part = None
 
     def forward(self, x, saved, ws=FRESH):
         n, dt = len(x), x.dtype
-        mean = xp.mean(x, axis=1, out=ws("mean", (n,), dt))
-        xhat = xp.subtract(x, mean[:, None], out=ws("xhat", x.shape, dt))
-        inv = xp.einsum("ij,ij->i", xhat, xhat, out=ws("inv", (n,), dt))  # 1 / std, per row
+        inv = xp.einsum("ij,ij->i", x, x, out=ws("inv", (n,), dt))  # 1 / rms, per row
         inv /= self.features
         inv += self.eps
         xp.sqrt(inv, out=inv)
         xp.divide(1, inv, out=inv)
-        xhat *= inv[:, None]
+        xhat = xp.multiply(x, inv[:, None], out=ws("xhat", x.shape, dt))
         y = xp.multiply(xhat, self.g, out=ws("y", x.shape, dt))
-        y += self.b
         if saved is not None:
             saved["xhat"], saved["inv"] = xhat, inv
         return y
@@ -82,28 +81,25 @@ class LayerNorm(Layer):
         self._weight_grads(dy, xhat, saved, accumulate)
         if not need_dx:
             return None
-        # dx = inv * (d - mean(d) - xhat * mean(d * xhat)), d = dy * g: the gradient through xhat
+        # dx = inv * (d - xhat * mean(d * xhat)), d = dy * g: the gradient through xhat
         n, dt = len(dy), dy.dtype
         d = xp.multiply(dy, self.g, out=ws("d", dy.shape, dt))
-        m1 = xp.mean(d, axis=1, out=ws("m1", (n,), dt))
-        m2 = xp.einsum("ij,ij->i", d, xhat, out=ws("m2", (n,), dt))
-        m2 /= self.features
-        dx = xp.multiply(xhat, m2[:, None], out=ws("dx", dy.shape, dt))
+        m = xp.einsum("ij,ij->i", d, xhat, out=ws("m", (n,), dt))
+        m /= self.features
+        dx = xp.multiply(xhat, m[:, None], out=ws("dx", dy.shape, dt))
         xp.subtract(d, dx, out=dx)
-        dx -= m1[:, None]
         dx *= inv[:, None]
         return dx
 
     def _weight_grads(self, dy, xhat, saved, accumulate):
-        """dg = sum over rows of dy * xhat, db = sum of dy: written, added, deferred or per shard."""
-        if self.shards is not None:  # deterministic mode: each shard's sums into its own row
+        """dg = sum over rows of dy * xhat: written, added, deferred or per shard."""
+        if self.shards is not None:  # deterministic mode: each shard's sum into its own row
             first, sh = saved.get("shard", 0), self.shards
-            dg, db = self.shard_grads["g"], self.shard_grads["b"]
+            dg = self.shard_grads["g"]
 
             def one(k):
                 r = sh.rows_of(k, len(dy))
                 xp.einsum("ij,ij->j", dy[r], xhat[r], out=dg[first + k])
-                xp.sum(dy[r], axis=0, out=db[first + k])
 
             sh.workers.run(one, sh.blocks(len(dy)))
         elif "defer" in saved:  # a pipeline stage: keep this micro-batch's rows for weight_grads
@@ -112,35 +108,30 @@ class LayerNorm(Layer):
             stack("dy", (rows, self.features), dy.dtype)[first : first + len(dy)] = dy
         elif accumulate:
             if self._part is None:
-                self._part = (xp.empty_like(self.dg), xp.empty_like(self.db))
-            self.dg += xp.einsum("ij,ij->j", dy, xhat, out=self._part[0])
-            self.db += xp.sum(dy, axis=0, out=self._part[1])
+                self._part = xp.empty_like(self.dg)
+            self.dg += xp.einsum("ij,ij->j", dy, xhat, out=self._part)
         else:
             xp.einsum("ij,ij->j", dy, xhat, out=self.dg)
-            xp.sum(dy, axis=0, out=self.db)
 
     def weight_grads(self, stack, rows):
         xhat = stack("xhat", (rows, self.features), self.dg.dtype)
         dy = stack("dy", (rows, self.features), self.dg.dtype)
         xp.einsum("ij,ij->j", dy, xhat, out=self.dg)
-        xp.sum(dy, axis=0, out=self.db)
 
     def deferred_width(self, in_shape):
         return 2 * self.features
 
     def out_shape(self, in_shape):
         if in_shape != (self.features,):
-            raise ValueError(
-                f"LayerNorm({self.features}) takes rows of {self.features} values, not {in_shape}"
-            )
+            raise ValueError(f"RMSNorm({self.features}) takes rows of {self.features} values, not {in_shape}")
         return in_shape
 
     def flops(self, in_shape):
-        return 20.0 * self.features  # a few elementwise passes and row sums, forward and backward
+        return 14.0 * self.features  # a few elementwise passes and row sums, forward and backward
 
 
 def make_data(rows=768, test_rows=256, features=16, classes=4, seed=0):
-    """Labels from a random linear teacher, on features of very different scales (what LayerNorm
+    """Labels from a random linear teacher, on features of very different scales (what RMSNorm
     evens out)."""
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(rows + test_rows, features)) * rng.uniform(0.1, 10.0, features)
@@ -149,7 +140,7 @@ def make_data(rows=768, test_rows=256, features=16, classes=4, seed=0):
 
 
 def make_model(features=16, hidden=32, classes=4):
-    return [Dense(features, hidden), LayerNorm(hidden), ReLU(), Dense(hidden, classes)]
+    return [Dense(features, hidden), RMSNorm(hidden), ReLU(), Dense(hidden, classes)]
 
 
 def fingerprint(a) -> str:
@@ -160,7 +151,7 @@ def main(directory=None):
     comm = hpcnn.Comm.world()
 
     # 1. The backward is the derivative of the forward (float64 finite differences; raises if not).
-    error = max(check_gradients(LayerNorm(6), 6), check_gradients(make_model(5, 6, 3), 5))
+    error = max(check_gradients(RMSNorm(6), 6), check_gradients(make_model(5, 6, 3), 5))
     comm.print0(f"gradient check: largest relative error {error:.1e} (rtol 1e-6): passed")
 
     x, y, x_test, y_test = make_data()

@@ -28,6 +28,11 @@ def describe_info(info: Info, verified_bytes: int | None) -> str:
         f"model: {info.description}, {arch['dtype']}, {arch['in_features']} input features",
         f"optimizer: {info.optimizer}, {info.optimizer_t} steps taken, "
         f"state {', '.join(info.state_names) or '-'}",
+        *(
+            [f"layer state: {info.layer_state} values (running statistics; not trained)"]
+            if info.layer_state
+            else []
+        ),
         f"position: step {at.step}: {at.epoch} epoch(s) and {at.batch} batch(es) done; "
         f"data order from seed {info.seed}",
         f"written by {layout['ranks']} rank(s): {layout['replicas']} replica(s) x {layout['stages']} "

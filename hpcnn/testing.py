@@ -61,9 +61,12 @@ def check_gradients(layer_or_model, x_or_in_shape, *, rows: int = 3, h: float = 
         x = np.array(x_or_in_shape, dtype=np.float64)
     out = model.forward(x, train=False)
     r = rng.normal(size=out.shape)
+    scratch = [{} for _ in model.layers]
 
     def objective() -> float:
-        return float(np.sum(model.forward(x, train=False) * r))
+        # the training forward, which backward differentiates (BatchNorm's batch statistics,
+        # Dropout's mask: the same every call, as nothing in the model's context changes)
+        return float(np.sum(model.forward(x, tape=[d.clear() or d for d in scratch]) * r))
 
     model.forward(x)
     dx = model.backward(r.copy(), need_input_grad=True)

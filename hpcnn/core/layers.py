@@ -48,6 +48,15 @@ class Layer:
     - ``backward(dy, saved, need_dx, accumulate, ws)``: writes the parameter gradients into the
       bound gradient views (adds to them with ``accumulate``) and returns the input gradient
       (``None`` may be returned when not ``need_dx``).
+    - ``state_specs()`` / ``bind_state(views)``: tensors the layer changes in training that are no
+      parameters (``BatchNorm``'s running statistics): kept in ``FlatParams.state``, untouched by
+      the optimizer and the gradient reduction, stored in checkpoints.
+    - In a training forward, ``saved`` already holds ``saved["key"]``, a ``hpcnn.core.model.Key``
+      ``(seed, step, layer, row, batch_rows)``: the run's seed, the optimizer step, this layer's
+      index in the whole model, the index in the global batch of ``x``'s first row, and the global
+      batch's rows. Random numbers drawn from it (``Dropout``) are the same for a row whatever the
+      layout. ``saved["stats"]`` sums float64 statistics in place over the stage's data-parallel
+      replicas (``stats.sum(values)``; ``BatchNorm``), every replica calling it in the same order.
     - ``out_shape(in_shape)`` when it changes the shape of a row (``in_shape``: ``(features,)`` or
       ``(H, W, C)``; raise ``ValueError`` for a shape it cannot take), ``flops(in_shape)`` (balances
       pipeline stages), ``workspace_width(in_shape)`` (values per row of its temporaries, for
@@ -81,6 +90,13 @@ class Layer:
 
     def bind(self, params: dict, grads: dict) -> None:
         assert not params and not grads
+
+    def state_specs(self) -> list[ParamSpec]:
+        """Tensors this layer changes in training that are no parameters (``init`` zeros or ones)."""
+        return []
+
+    def bind_state(self, views: dict) -> None:
+        """Views of the ``state_specs`` tensors in the model's state buffer, by name."""
 
     def forward(self, x, saved: dict | None, ws=FRESH):
         return x
@@ -247,9 +263,7 @@ class Dense(Layer):
     def out_shape(self, in_shape):
         # Rows of any shape with fan_in values are taken as flat rows (images after a convolution).
         if math.prod(in_shape) != self.fan_in:
-            raise ValueError(
-                f"it takes rows of {self.fan_in} values, not of shape {tuple(in_shape)}"
-            )
+            raise ValueError(f"it takes rows of {self.fan_in} values, not of shape {tuple(in_shape)}")
         return (self.fan_out,)
 
     def flops(self, in_shape):
@@ -481,10 +495,20 @@ def current_spec(spec: dict) -> dict:
     return spec
 
 
+# hpcnn's layers defined outside this module (they import it): loaded when a spec names a type
+# not registered yet
+BUILTIN_MODULES = ("hpcnn.core.norm", "hpcnn.core.dropout")
+
+
 def layer_from_spec(spec: dict) -> Layer:
     """The layer ``spec`` describes (the inverse of ``Layer.spec``)."""
     kwargs = dict(current_spec(spec))
     kind = kwargs.pop("type")
+    if kind not in LAYER_TYPES:
+        import importlib
+
+        for module in BUILTIN_MODULES:
+            importlib.import_module(module)
     cls = LAYER_TYPES.get(kind)
     if cls is None:
         raise UserError(

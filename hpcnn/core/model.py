@@ -4,9 +4,17 @@
 of a consecutive run of the layers (with buffers of its own), initialised as the whole model would
 be (``FlatParams.initialize(rng, skip=...)``). ``build_mlp`` is one way to make the layer list;
 the core types do not assume it.
+
+A training forward tells each layer where it stands (``Key``, in ``saved["key"]``): the run's
+seed and step and the layer's global index come from the model's ``context`` (set by the training
+loop), the first row's index in the global batch from ``forward(row=...)``. ``context.stats`` sums
+per-channel statistics over the stage's data-parallel replicas (``saved["stats"]``;
+``hpcnn.parallel.batchstats``); ``None`` sums over this forward's rows only.
 """
 
 import math
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from hpcnn.core.backend import xp
 from hpcnn.core.layers import ACTIVATIONS, INIT_FOR, Dense
@@ -17,6 +25,27 @@ from hpcnn.core.workspace import Workspace
 def as_shape(shape) -> tuple:
     """A row shape as a tuple: ``5`` (features) is ``(5,)``."""
     return (int(shape),) if isinstance(shape, (int, xp.integer)) else tuple(int(n) for n in shape)
+
+
+class Key(NamedTuple):
+    """Where a training forward stands, for layers whose forward depends on more than its rows."""
+
+    seed: int  # the run's seed
+    step: int  # optimizer steps taken before this one
+    layer: int  # the layer's index in the whole model (not in its pipeline stage)
+    row: int  # the index in the global batch of the forward's first row
+    batch_rows: int  # rows of the global batch
+
+
+@dataclass
+class Context:
+    """What a training forward of a ``Sequential`` passes to its layers (``Key``, ``stats``)."""
+
+    seed: int = 0
+    step: int = 0
+    first_layer: int = 0  # the index of the model's first layer in the whole model (pipeline stages)
+    batch_rows: int = 0  # rows of the global batch (0: the forward's own rows)
+    stats: object = None  # ``sum(values)`` over the stage's replicas in place; None: these rows only
 
 
 class Sequential:
@@ -41,21 +70,29 @@ class Sequential:
         self.workspace = Workspace()
         self._tape = None
         self.sharding = None  # how the layers compute in deterministic mode (``shard``)
+        self.context = Context()  # seed, step, ...: what a training forward tells the layers
 
-    def forward(self, x, train: bool = True, tape: list | None = None, slot: int = 0, on_layer_done=None):
+    def forward(
+        self, x, train: bool = True, tape: list | None = None, slot: int = 0, on_layer_done=None, row: int = 0
+    ):
         """Run the layers; with ``train``, what backward needs is kept on ``tape``.
 
         ``tape`` is one dict per layer; by default the model keeps one for the latest forward.
         A pipeline stage passes one tape per micro-batch in flight, and the micro-batch as
-        ``slot``. The result is a workspace array, overwritten by the next forward of the same
-        slot and mode: copy it to keep it.
+        ``slot``. ``row``: the index of ``x``'s first row in the global batch (each tape entry
+        gets the ``Key`` of its layer). The result is a workspace array, overwritten by the next
+        forward of the same slot and mode: copy it to keep it.
         """
         if train and tape is None:
             tape = self._tape = [{} for _ in self.layers]
         slot = ("train" if train else "infer", slot)
         if self.in_shape is not None and x.shape[1:] != self.in_shape:
             x = x.reshape(len(x), *self.in_shape)  # flat rows as images: a view
+        c = self.context
         for i, layer in enumerate(self.layers):
+            if train:
+                tape[i]["key"] = Key(c.seed, c.step, c.first_layer + i, row, c.batch_rows or len(x))
+                tape[i]["stats"] = c.stats
             x = layer.forward(x, tape[i] if train else None, self.workspace.scope(i, slot))
             if on_layer_done is not None:  # a pipeline stage moves its pending transfers on
                 on_layer_done(i)
@@ -77,6 +114,8 @@ class Sequential:
         for i in range(len(self.layers) - 1, -1, -1):
             scope = self.workspace.scope(i, slot)
             dout = self.layers[i].backward(dout, tape[i], need_input_grad or i > 0, accumulate, scope)
+            tape[i].pop("key", None)  # the training forward's context: nothing is kept past backward
+            tape[i].pop("stats", None)
             if on_layer_done is not None:
                 on_layer_done(i)
         return dout

@@ -10,6 +10,13 @@ layer's last (within a layer, the order it declares). A bucket of consecutive la
 contiguous range, complete as soon as backward has passed its first layer, and its reduction can
 start while backward goes on (``data_parallel``). Everything else (initialisation, checkpoints)
 works per tensor in model order and does not see the layout.
+
+Layers may also keep **state**: tensors that training changes but that are no parameters (a
+``BatchNorm``'s running mean and variance). They live in a third flat buffer, ``FlatParams.state``,
+laid out the same way (``Layer.state_specs()``, bound by ``Layer.bind_state(views)``), which the
+optimizer and the gradient reduction never see (no weight decay, no gradient) and checkpoints store
+under a group of their own. State starts at its ``init`` (``"zeros"`` or ``"ones"``), draws nothing
+from the parameters' random generator, and is the same on every replica.
 """
 
 import math
@@ -69,6 +76,15 @@ class FlatParams:
                 {s.name: self.view(self.data, s) for s in mine},
                 {s.name: self.view(self.grad, s) for s in mine},
             )
+        # layer state (running statistics): not parameters, never seen by the optimizer
+        self.state_slots: list[Slot] = layout(layers, state=True)
+        self.state = xp.zeros(sum(s.size for s in self.state_slots), dtype=dtype)  # (n_state,)
+        for slot in self.state_slots:
+            self.view(self.state, slot)[...] = _draw(None, slot.spec)
+        for i, layer in enumerate(layers):
+            mine = [s for s in self.state_slots if s.layer == i]
+            if mine:
+                layer.bind_state({s.name: self.view(self.state, s) for s in mine})
 
     @staticmethod
     def view(buffer, slot: Slot):
@@ -93,16 +109,18 @@ class FlatParams:
             view[...] = _draw(rng, spec)
 
 
-def layout(layers) -> list[Slot]:
+def layout(layers, state: bool = False) -> list[Slot]:
     """Where each tensor of ``layers`` lives in a flat buffer: slots listed in model order (layer,
-    then declared order), offsets assigned in backward order (last layer first)."""
+    then declared order), offsets assigned in backward order (last layer first). ``state``: the
+    layers' state tensors (``state_specs``) instead of their parameters."""
+    specs = (lambda layer: layer.state_specs()) if state else (lambda layer: layer.param_specs())
     slots, offset = {}, 0
     for i in range(len(layers) - 1, -1, -1):
-        for spec in layers[i].param_specs():
+        for spec in specs(layers[i]):
             size = math.prod(spec.shape)
             slots[i, spec.name] = Slot(i, spec, offset, size)
             offset += size
-    return [slots[i, spec.name] for i, layer in enumerate(layers) for spec in layer.param_specs()]
+    return [slots[i, spec.name] for i, layer in enumerate(layers) for spec in specs(layer)]
 
 
 def layer_ranges(slots: list[Slot]) -> dict[int, tuple[int, int]]:

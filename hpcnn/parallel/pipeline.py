@@ -192,11 +192,14 @@ class Pipeline:
             return [{"defer": (*rows, self.model.stack(i))} for i in range(len(layers))]
         return [{} for _ in layers]
 
-    def train_step(self, inputs, targets, sizes, scale: float, loss_fn, on_layer_done=None):
+    def train_step(self, inputs, targets, sizes, scale: float, loss_fn, on_layer_done=None, first_row=0):
         """Forward and backward all micro-batches of one step; fill ``model.params.grad``.
 
         ``inputs``/``targets`` are lists of per-micro-batch arrays on the first/last stage (else
-        ``None``); ``sizes`` the micro-batches' row counts, known to every stage. Returns the last
+        ``None``); ``sizes`` the micro-batches' row counts, known to every stage; ``first_row``:
+        the index in the global batch of this replica's first row (each micro-batch's forward is
+        told its own first row: ``Sequential.forward(row=...)``, what ``Dropout`` masks and
+        ``BatchNorm``'s deterministic shards are placed by). Returns the last
         stage's ``(loss_sum, correct)`` (zeros elsewhere). ``on_layer_done(i)`` is called once layer
         ``i``'s gradient is final: during the last micro-batch's backward (backwards run in
         micro-batch order, so the last one completes each layer), or, where the stage defers weight
@@ -235,7 +238,8 @@ class Pipeline:
                 held[m] = x
                 probe("forward", m, sizes[m])
                 tapes[m] = self._tapes(m, offsets, defer)
-                out = self.model.forward(x, tape=tapes[m], slot=m, on_layer_done=progress)
+                row = first_row + int(offsets[m])
+                out = self.model.forward(x, tape=tapes[m], slot=m, on_layer_done=progress, row=row)
                 if probe.fault("forward") == "nan":
                     out = out * xp.nan
                 if self.is_last:

@@ -26,8 +26,10 @@ from hpcnn.core.losses import LOSSES
 from hpcnn.core.optim import Schedule, make_optimizer
 from hpcnn.errors import EXIT_INTERNAL, EXIT_NONFINITE, EXIT_USAGE, JobError, UserError
 from hpcnn.io.checkpoints import Position, estimate_bytes, prune, save
+from hpcnn.io.datasets import split_units
 from hpcnn.io.runlog import STEP_TIMES, Progress
 from hpcnn.parallel import faults
+from hpcnn.parallel.batchstats import batch_stats
 from hpcnn.parallel.comm import IN_PLACE, SUM, Comm, Grid
 from hpcnn.parallel.data_parallel import DataParallel
 from hpcnn.parallel.deterministic import ShardReducer, shard_count, shard_rows
@@ -104,6 +106,8 @@ class Training:
             sampler,
         )
         self.model = pipe.model
+        # BatchNorm's statistics over the stage's replicas (a communicator of their own)
+        self.model.context.stats = batch_stats(grid.dp)
         self.dtype, self.classify = dtype_of(cfg.dtype), ds.num_classes is not None
         self.loss_fn = LOSSES[cfg.loss]() if parts.loss is None else parts.loss
         self.sync = self._gradient_sync()
@@ -198,8 +202,12 @@ class Training:
             )
 
     def close(self) -> None:
-        """Stop the shard threads and give BLAS its threads back (deterministic mode)."""
+        """Stop the shard threads and give BLAS its threads back (deterministic mode); free the
+        batch statistics' communicator."""
         self.sync.close()
+        stats, self.model.context.stats = self.model.context.stats, None
+        if stats is not None:
+            stats.close()
 
     def _new_interval(self) -> None:
         """Start summing the metrics of the next ``log_every`` steps."""
@@ -306,7 +314,13 @@ class Training:
         inputs, targets, sizes = micro_batches(x, y, cfg.micro_batches, pipe.shard_rows or 1)
         probe("forward/backward")
         hook = sync.on_layer_done
-        loss_sum, correct = pipe.train_step(inputs, targets, sizes, 1.0 / global_rows, self.loss_fn, hook)
+        # what the layers' training forwards see: the step, the global batch, where my rows start
+        context = self.model.context
+        context.step, context.batch_rows = self.step, global_rows
+        first_row = split_units(global_rows, pipe.shard_rows or 1, self.grid.replicas, self.grid.replica)[0]
+        loss_sum, correct = pipe.train_step(
+            inputs, targets, sizes, 1.0 / global_rows, self.loss_fn, hook, first_row
+        )
         probe("metrics")
         counted, loss_sum = sync.metrics(global_rows, loss_sum, correct, len(ids), pipe.shard_losses)
         if counted is not None:

@@ -116,6 +116,7 @@ def build_stages(cfg: Config, comm: Comm, layers, in_shape, probe=None):
         # Draw every earlier stage's initial values too, so each stage starts as the whole model would.
         skip = [spec for layer in layers[:first] for spec in layer.param_specs()]
         model.params.initialize(np.random.default_rng(cfg.seed), skip=skip)
+        model.context.seed, model.context.first_layer = cfg.seed, first  # what training forwards see
         pipe = Pipeline(
             model, grid.pipe, grid.stage, stages, math.prod(stage_in), cfg.schedule, comm.wtime, probe
         )

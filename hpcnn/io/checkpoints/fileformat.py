@@ -7,10 +7,13 @@ Layout of ``ckpt-<step>.h5`` (``format_version`` 2)::
                                   tensor_digests (JSON: dataset name -> sha256 of its dtype, shape, bytes),
                                   content_digest (sha256 of every other attribute, canonical JSON)
     /model                 attrs: architecture (JSON: in_features, in_shape, dtype, one spec per layer),
-                                  description, parameters
+                                  description, parameters, state (values of layer state; only
+                                  where layers keep state)
     /model/<LLL>_<type>/<name>          parameters of layer LLL (model order), e.g. 000_dense/W
     /optimizer             attrs: kind, t (optimizer steps taken), state (JSON list of names)
     /optimizer/<state>/<LLL>_<type>/<name>   e.g. optimizer/m/000_dense/W (Adam), velocity (SGD)
+    /state/<LLL>_<type>/<name>          layer state (not parameters), e.g. state/001_batchnorm/mean;
+                                        only in checkpoints of models whose layers keep state
     /position              attrs: step, epoch, batch (global batches of ``epoch`` done),
                                   epoch_sums (loss sum, correct, rows of that epoch so far),
                                   history (JSON: one row per finished epoch)
@@ -19,7 +22,10 @@ Layout of ``ckpt-<step>.h5`` (``format_version`` 2)::
                                   io ("mpio" or "gather"); for information only
 
 Tensors are stored whole (layout-free): a rank reads the tensors of its own stage, whatever
-layout wrote them (``stage_tensors`` names them and places them in a stage's flat buffer).
+layout wrote them (``stage_tensors`` names them and places them in a stage's flat buffer). Layer
+state (``Layer.state_specs``: ``BatchNorm``'s running statistics) is stored and read the same way
+from the stage's state buffer (``FlatParams.state``); a checkpoint without a ``state`` group (one
+written before layers kept state) loads into a model whose layers keep none.
 
 Integrity. Every byte of content is covered by a checksum: each dataset by HDF5's Fletcher32
 filter (per chunk, checked on every read) and by its sha256 in ``tensor_digests``; every attribute,
@@ -32,9 +38,11 @@ whose damage HDF5 can loop forever (2 of 5,000 random bit flips in a format 1 fi
 did). Format 1 files (hpcnn before the digests) still load: their tensors are checked by
 Fletcher32, their attributes only decoded.
 
-Training draws no random numbers after initialisation: the data order of epoch ``e`` is the
-permutation drawn from ``(seed, e)`` (``hpcnn.io.datasets.EpochSampler``), so ``(seed, epoch, batch)`` is the
-whole random state, and resuming continues on exactly the global batches of an uninterrupted run.
+Training draws no random numbers from a generator with state: the data order of epoch ``e`` is the
+permutation drawn from ``(seed, e)`` (``hpcnn.io.datasets.EpochSampler``) and ``Dropout``'s masks
+are drawn from ``(seed, step, layer, row)`` (``hpcnn.core.dropout``), so ``(seed, epoch, batch)``
+and the step are the whole random state, and resuming continues on exactly the global batches
+(and masks) of an uninterrupted run.
 """
 
 import hashlib
@@ -112,6 +120,7 @@ class Info:
     position: Position
     seed: int
     layout: dict
+    layer_state: int = 0  # values of layer state (``state`` group); 0: none
 
 
 # --- tensors and the architecture -------------------------------------------------------------
@@ -121,13 +130,27 @@ def layer_key(index: int, layer) -> str:
     return f"{index:03d}_{type(layer).__name__.lower()}"
 
 
-def stage_tensors(layers, first: int, stop: int):
+STATE = "state"  # the group of the layers' state tensors
+
+
+def stage_tensors(layers, first: int, stop: int, state: bool = False):
     """``(key, offset, shape)`` of each tensor of layers ``[first, stop)`` in model order, with its
-    offset in the stage's flat buffer (``params.layout``) and keys named by global layer index."""
+    offset in the stage's flat buffer (``params.layout``) and keys named by global layer index;
+    ``state``: the layers' state tensors (``FlatParams.state``) instead of their parameters."""
     return [
         (f"{layer_key(first + s.layer, layers[first + s.layer])}/{s.name}", s.offset, tuple(s.shape))
-        for s in layout(layers[first:stop])
+        for s in layout(layers[first:stop], state)
     ]
+
+
+def group_tensors(group: str, layers, first: int, stop: int):
+    """``stage_tensors`` of the buffer stored under ``group`` (``state``, or parameter-shaped)."""
+    return stage_tensors(layers, first, stop, state=group == STATE)
+
+
+def keeps_state(layers) -> bool:
+    """Whether any layer keeps state (then checkpoints have a ``state`` group)."""
+    return any(layer.state_specs() for layer in layers)
 
 
 def architecture(layers, in_shape, dtype: str) -> dict:
@@ -250,5 +273,7 @@ def metadata(cfg, layers, in_shape, bounds, grid, opt, position: Position, io: s
             "io": io,
         },
     }
+    if keeps_state(layers):
+        meta["model"]["state"] = sum(math.prod(s.shape) for layer in layers for s in layer.state_specs())
     meta["/"]["content_digest"] = content_digest(meta)
     return meta

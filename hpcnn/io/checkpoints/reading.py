@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 from hpcnn import __version__
 from hpcnn.errors import UserError
-from hpcnn.io.checkpoints.fileformat import KIND, READS, Info, Position, stage_tensors
+from hpcnn.io.checkpoints.fileformat import KIND, READS, STATE, Info, Position, group_tensors
 from hpcnn.io.datasets.layout import open_h5
 
 # What reading a damaged file can raise from h5py, numpy and json (UnicodeDecodeError and
@@ -88,6 +88,7 @@ def info_of(path, f, version: int) -> Info:
         ),
         seed=int(f["rng"].attrs["seed"]),
         layout={k: attr_text(v) if isinstance(v, (bytes, str)) else v.tolist() for k, v in layout.items()},
+        layer_state=int(m.get("state", 0)),
     )
 
 
@@ -105,12 +106,13 @@ def checked_version(path, f) -> int:
 
 
 def read_stage(path, layers, first: int, stop: int, params, state: dict) -> None:
-    """Fill this stage's flat parameter and optimizer-state buffers from ``path``."""
-    tensors = stage_tensors(layers, first, stop)
-    targets = [("model", params.data)] + [(f"optimizer/{n}", state[n]) for n in sorted(state)]
+    """Fill this stage's flat parameter, layer-state (``params.state``) and optimizer-state buffers
+    from ``path``."""
+    targets = [("model", params.data), (STATE, params.state)]
+    targets += [(f"optimizer/{n}", state[n]) for n in sorted(state)]
     with open_checkpoint(path) as f:
         for group, flat in targets:
-            for key, offset, shape in tensors:
+            for key, offset, shape in group_tensors(group, layers, first, stop):
                 name = f"{group}/{key}"
                 if name not in f:
                     raise UserError(f"checkpoint {path} has no dataset {name}")

@@ -20,7 +20,7 @@ import os
 import numpy as np
 
 from hpcnn.core.backend import to_host
-from hpcnn.io.checkpoints.fileformat import LIBVER, stage_tensors
+from hpcnn.io.checkpoints.fileformat import LIBVER, group_tensors
 from hpcnn.io.datasets.sampler import split_counts
 from hpcnn.parallel import faults
 
@@ -170,9 +170,9 @@ def write_gathered(tmp, meta, grid, layers, bounds, buffers, fault) -> str | Non
         failure = str(exc)
     dtype = to_host(buffers[0][1]).dtype
     for stage in range(grid.stages):
-        tensors = stage_tensors(layers, bounds[stage], bounds[stage + 1])
-        size = sum(math.prod(shape) for _, _, shape in tensors)
         for tag, (group, buf) in enumerate(buffers):
+            tensors = group_tensors(group, layers, bounds[stage], bounds[stage + 1])
+            size = sum(math.prod(shape) for _, _, shape in tensors)
             if stage == 0:
                 flat = to_host(buf)
             else:  # always receive, even after a failure: the sender must not be left waiting
@@ -230,8 +230,8 @@ def write_mpio(tmp, meta, grid, layers, bounds, buffers, fault) -> str | None:
             _write_attrs(f, meta)
             dtype = to_host(buffers[0][1]).dtype
             for stage in range(grid.stages):
-                tensors = stage_tensors(layers, bounds[stage], bounds[stage + 1])
                 for group, buf in buffers:
+                    tensors = group_tensors(group, layers, bounds[stage], bounds[stage + 1])
                     flat = to_host(buf)
                     for key, offset, shape in tensors:
                         dset = _create(f, f"{group}/{key}", shape, dtype)  # collective: all ranks

@@ -26,9 +26,12 @@ import numpy as np
 from hpcnn.core.backend import to_host
 from hpcnn.errors import EXIT_IO, JobError, UserError
 from hpcnn.io.checkpoints.fileformat import (
+    STATE,
     Position,
     checkpoints,
     file_name,
+    group_tensors,
+    keeps_state,
     metadata,
     stage_tensors,
     step_of,
@@ -72,16 +75,21 @@ def h5py_parallel() -> bool:
 
 def estimate_bytes(layers, buffers: int, itemsize: int, meta: dict | None = None) -> int:
     """About how large a checkpoint of ``layers`` is (a little more, not less): the values of every
-    tensor ``buffers`` times (parameters and each optimizer state), their checksums, HDF5's
-    structures per dataset, and the attributes of ``meta`` (16 KiB when not known yet)."""
-    tensors = stage_tensors(layers, 0, len(layers))
-    values = sum(math.prod(shape) for _, _, shape in tensors) * itemsize
-    chunks = sum(-(-shape[0] // chunk_shape(shape, itemsize)[0]) for _, _, shape in tensors)
+    parameter tensor ``buffers`` times (parameters and each optimizer state) and of every state
+    tensor once, their checksums, HDF5's structures per dataset, and the attributes of ``meta``
+    (16 KiB when not known yet)."""
+
+    def size(tensors) -> int:
+        values = sum(math.prod(shape) for _, _, shape in tensors) * itemsize
+        chunks = sum(-(-shape[0] // chunk_shape(shape, itemsize)[0]) for _, _, shape in tensors)
+        return values + 4 * chunks + DATASET_OVERHEAD * len(tensors)
+
     attrs = 16384
     if meta is not None:
         found = [v for group in meta.values() for v in group.values()]
         attrs = sum(v.nbytes if isinstance(v, np.ndarray) else len(str(v)) for v in found) + 4096
-    return buffers * (values + 4 * chunks + DATASET_OVERHEAD * len(tensors)) + attrs
+    params = size(stage_tensors(layers, 0, len(layers)))
+    return buffers * params + size(stage_tensors(layers, 0, len(layers), state=True)) + attrs
 
 
 def free_bytes(directory) -> int | None:
@@ -111,9 +119,13 @@ def _amount(n: int) -> str:
     return f"{n:,} bytes ({n / 2**20:.2f} MiB)"
 
 
-def _buffers(model, opt) -> list[tuple[str, object]]:
-    """This stage's flat buffers and the HDF5 group each one's tensors go under."""
-    return [("model", model.params.data)] + [(f"optimizer/{n}", opt.state[n]) for n in sorted(opt.state)]
+def _buffers(layers, model, opt) -> list[tuple[str, object]]:
+    """This stage's flat buffers and the HDF5 group each one's tensors go under (the layer state's
+    where any layer of the whole model keeps state: the same list on every rank)."""
+    state = [(STATE, model.params.state)] if keeps_state(layers) else []
+    return (
+        [("model", model.params.data)] + [(f"optimizer/{n}", opt.state[n]) for n in sorted(opt.state)] + state
+    )
 
 
 def save(
@@ -129,7 +141,7 @@ def save(
     world = grid.world
     auto = io == "auto"
     io = ("mpio" if h5py_parallel() and world.size > 1 else "gather") if auto else io
-    buffers = _buffers(model, opt)
+    buffers = _buffers(layers, model, opt)
     digests = _tensor_digests(grid, layers, bounds, buffers)
     directory = Path(directory)
     final = directory / file_name(position.step)
@@ -137,7 +149,8 @@ def save(
     if world.is_root:  # the file's attributes, and a refusal before writing anything if it cannot fit
         tmp = directory / temporary_name(final.name)
         meta = metadata(cfg, layers, in_shape, bounds, grid, opt, position, io, digests)
-        needed = estimate_bytes(layers, len(buffers), to_host(buffers[0][1]).dtype.itemsize, meta)
+        params = len(buffers) - (buffers[-1][0] == STATE)  # parameter-shaped buffers
+        needed = estimate_bytes(layers, params, to_host(buffers[0][1]).dtype.itemsize, meta)
         try:
             directory.mkdir(parents=True, exist_ok=True)
             short = too_little_space(directory, needed)
@@ -198,9 +211,10 @@ def _write_failure(final: Path, tmp: Path, reason: str, needed: int) -> str:
 def _tensor_digests(grid, layers, bounds, buffers) -> dict | None:
     """``tensor_digest`` of every tensor by dataset name, on world rank 0 (``None`` elsewhere).
     The replicas of a stage hold identical copies of its tensors and share the hashing out."""
-    tensors = stage_tensors(layers, bounds[grid.stage], bounds[grid.stage + 1])
+    first, stop = bounds[grid.stage], bounds[grid.stage + 1]
+    every = [(b, t) for b in buffers for t in group_tensors(b[0], layers, first, stop)]
     mine = {}
-    for i, ((group, buf), (key, offset, shape)) in enumerate((b, t) for b in buffers for t in tensors):
+    for i, ((group, buf), (key, offset, shape)) in enumerate(every):
         if i % grid.replicas == grid.replica:
             values = to_host(buf)[offset : offset + math.prod(shape)].reshape(shape)
             mine[f"{group}/{key}"] = tensor_digest(values)
