@@ -85,7 +85,7 @@ def checked(path, layers) -> dict:
     verification passed."""
     tensors = stage_tensors(layers, 0, len(layers))
     size = sum(int(np.prod(shape)) for _, _, shape in tensors)
-    params = SimpleNamespace(data=np.empty(size, np.float32))
+    params = SimpleNamespace(data=np.empty(size, np.float32), state=np.empty(0, np.float32))  # no layer state
     state = {n: np.empty(size, np.float32) for n in ("m", "v")}
     result = {
         "verify": outcome(lambda: verify(path)),
