@@ -171,11 +171,11 @@ def architecture_difference(saved: dict, current: dict) -> str | None:
     """A sentence naming the first difference between two architectures, or ``None``."""
     if saved["dtype"] != current["dtype"]:
         return f"the checkpoint's dtype is {saved['dtype']}, this run's is {current['dtype']}"
-    if in_shape_of(saved) != in_shape_of(current):
-        return (
-            f"the checkpoint's model takes rows of shape {in_shape_of(saved)}, "
-            f"this run's data has {in_shape_of(current)}"
-        )
+    was, now = in_shape_of(saved), in_shape_of(current)
+    if was != now:
+        if len(was) == len(now) == 1:
+            return f"the checkpoint's model takes {was[0]} input features, this run's data has {now[0]}"
+        return f"the checkpoint's model takes rows of shape {was}, this run's data has rows of shape {now}"
     # (a checkpoint's specs as this hpcnn writes them: one from before a layer argument existed
     # gets the value that computes what it computed then)
     a, b = [current_spec(s) for s in saved["layers"]], current["layers"]
