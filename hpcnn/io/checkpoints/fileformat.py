@@ -171,7 +171,10 @@ def architecture_difference(saved: dict, current: dict) -> str | None:
     """A sentence naming the first difference between two architectures, or ``None``."""
     if saved["dtype"] != current["dtype"]:
         return f"the checkpoint's dtype is {saved['dtype']}, this run's is {current['dtype']}"
-    if in_shape_of(saved) != in_shape_of(current):
+    was, now = in_shape_of(saved), in_shape_of(current)
+    # Flat rows and images of as many values are the same rows to a model that takes flat rows
+    # (Dense flattens): a checkpoint from before digits were images resumes on them.
+    if was != now and not (1 in (len(was), len(now)) and math.prod(was) == math.prod(now)):
         return (
             f"the checkpoint's model takes rows of shape {in_shape_of(saved)}, "
             f"this run's data has {in_shape_of(current)}"
