@@ -186,12 +186,12 @@ def predict(path, out_path, overrides: dict, comm: Comm) -> int:
         """Rows ``i .. i + n`` of the file; zeros, once a row is bad, until every rank knows (below)."""
         nonlocal problem
         try:
-            block = as_rows(read_rows(x, slice(i, i + n), i, i + n), cfg.image_layout)  # (n, features)
-            inputs = as_batch(block, None, dtype, False)[0]
+            block = read_rows(x, slice(i, i + n), i, i + n)  # (n, *row as stored)
+            inputs = as_batch(as_rows(block, cfg.image_layout), None, dtype, False)[0]  # (n, features)
             bad = first_nonfinite(inputs)
-            if bad is not None:
-                stored = block[bad]
-                headline, detail = describe_nonfinite(cfg.x_key, i + bad, stored, inputs[bad])
+            if bad is not None:  # named by its index in the file: the row as stored, cast
+                seen = as_batch(block[bad : bad + 1], None, dtype, False)[0][0]
+                headline, detail = describe_nonfinite(cfg.x_key, i + bad, block[bad], seen)
                 problem = problem or f"{source}: row {i + bad} {headline}: {detail}"
         except UnreadableRows as exc:
             problem, inputs = problem or str(exc), xp.zeros((n, features), dtype)

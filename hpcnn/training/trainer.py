@@ -276,8 +276,10 @@ class Trainer:
                 )
             shape = image_shape(x.shape[1:], layout) or x.shape[1:]
             model_in = stage.in_shape
-            # flat rows of the model's size are its rows; images must be its images
-            if shape != model_in and not (len(shape) == 1 and (shape[0],) == (math.prod(model_in),)):
+            # flat rows and images of as many values are the same rows (hpcnn's are flat, channels last)
+            if shape != model_in and not (
+                1 in (len(shape), len(model_in)) and math.prod(shape) == math.prod(model_in)
+            ):
                 raise UserError(f"predict: x has rows of shape {shape}; the model takes rows of {model_in}")
             width = math.prod(model_shape(stage.layers, model_in, "these rows"))
         x = as_rows(x, layout) if x.ndim > 2 else x  # (rows, features)

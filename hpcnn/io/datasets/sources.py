@@ -163,10 +163,13 @@ def describe_nonfinite(key: str, row: int, stored, seen, what: str = "input") ->
     """Why row ``row`` of dataset ``key`` holds NaN/Inf as cast for the model (``seen``, that row
     after the cast): ``(headline, detail)``. ``stored`` is the row as the file holds it (``(columns,)``
     or, for 1-D targets, a scalar), so that a value that is finite in the file but beyond the
-    model's dtype is told apart from a NaN or Inf in the file. ``what``: ``input`` or ``target``."""
+    model's dtype is told apart from a NaN or Inf in the file (an image row as stored, ``(C, H, W)``
+    say, and ``seen`` in the same order: the value is named by its index in the file).
+    ``what``: ``input`` or ``target``."""
     seen, stored = np.asarray(seen), np.asarray(stored)
     col = int(np.flatnonzero(~np.isfinite(seen.reshape(-1)))[0])
-    where = f"{key!r}[{row}, {col}]" if stored.ndim > 0 else f"{key!r}[{row}]"
+    index = ", ".join(str(int(i)) for i in np.unravel_index(col, stored.shape)) if stored.ndim else ""
+    where = f"{key!r}[{row}, {index}]" if stored.ndim > 0 else f"{key!r}[{row}]"
     value = stored.reshape(-1)[col]
     with np.errstate(over="ignore"):  # the overflow is what is looked for
         overflows = bool(np.isfinite(value)) and not np.isfinite(value.astype(seen.dtype))
