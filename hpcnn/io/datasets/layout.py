@@ -139,11 +139,12 @@ def _h5_pair(f, x_key: str, y_key: str, required: bool, layout: str = "nchw"):
         _dataset(f, x_key if x is None else y_key, True)
     _numbers(f, x_key, x, "inputs")
     _numbers(f, y_key, y, "labels or targets")
-    bad_x = x.shape is None or x.ndim not in (2, 3, 4)
-    if bad_x or y.shape is None or y.ndim not in (1, 2) or x.shape[0] != y.shape[0]:
+    if x.shape is None or x.ndim not in (2, 3, 4):
+        raise UserError(f"{f.filename}: {x_key!r} must be (rows, features) or images {IMAGES}; got {x.shape}")
+    if y.shape is None or y.ndim not in (1, 2) or x.shape[0] != y.shape[0]:
         raise UserError(
-            f"{f.filename}: {x_key!r} must be (rows, features) or images {IMAGES} and {y_key!r} (rows,) "
-            f"or (rows, outputs) with the same rows; got {x.shape} and {y.shape}"
+            f"{f.filename}: {x_key!r} must be (rows, features) and {y_key!r} (rows,) or "
+            f"(rows, outputs) with the same rows; got {x.shape} and {y.shape}"
         )
     if 0 in x.shape[1:]:
         raise UserError(f"{f.filename}: {x_key!r} has 0 features per row {x.shape}")
