@@ -332,3 +332,44 @@ def test_evaluate_names_a_non_finite_value_of_an_image_row(tmp_path):
         f["x"] = x
     with pytest.raises(JobError, match=r"row 4 has a non-finite input value .*'x'\[4, 0, 1, 2\] = nan"):
         predict(ckpt, tmp_path / "p.h5", {"data": str(data)}, Comm.serial())
+
+
+@needs_conv
+def test_a_trainer_takes_a_builtin_model_by_name():
+    trainer = hpcnn.Trainer("cnn-digits", "digits", comm=Comm.serial(), max_steps=2, eval_every=0, log=None)
+    result = trainer.fit()
+    assert trainer.config.model == "cnn-digits" and result.in_shape == (8, 8, 1)
+    assert [x.spec()["type"] for x in result.layers][:2] == ["Conv2D", "ReLU"]
+
+
+@pytest.mark.launches
+def test_an_image_file_read_by_rows_at_two_ranks_trains_as_the_flat_file_at_one(tmp_path):
+    """Each rank reads its rows of an (N, C, H, W) file and makes them channels-last rows: at 2
+    ranks the deterministic training gives the bits one rank gives on the same rows stored flat."""
+    from launch import run
+
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(40, 2, 3, 3)).astype(np.float32), np.arange(40) % 4
+    with h5py.File(tmp_path / "img.h5", "w") as f:
+        f["x"], f["y"], f["x_test"], f["y_test"] = x[:32], y[:32], x[32:], y[32:]
+    flat = x.transpose(0, 2, 3, 1).reshape(40, 18)
+    with h5py.File(tmp_path / "flat.h5", "w") as f:
+        f["x"], f["y"], f["x_test"], f["y_test"] = flat[:32], y[:32], flat[32:], y[32:]
+    common = [
+        "--hidden",
+        "8",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--deterministic",
+        "--run-dir",
+        "",
+        "--quiet",
+    ]
+    finals = []
+    for name, ranks in (("img.h5", 2), ("flat.h5", None)):
+        proc = run("hpcnn.train", ["--data", str(tmp_path / name), *common], ranks=ranks)
+        assert proc.returncode == 0, proc.stderr
+        finals.append([line.split("; ")[0] for line in proc.stdout.splitlines() if line.startswith("final ")])
+    assert finals[0] == finals[1] and finals[0], finals
