@@ -40,8 +40,16 @@ fan_in = 64
 fan_out = 32
 
 [[layers]]
+type = "BatchNorm"
+channels = 32
+
+[[layers]]
 type = "GELU"
 approximate = "tanh"
+
+[[layers]]
+type = "Dropout"
+p = 0.1
 
 [[layers]]
 type = "Dense"
@@ -86,7 +94,9 @@ def test_a_model_file_reads_back_as_its_layers_and_their_specs_write_it_again(tm
     assert shape == (8, 8, 1)
     assert [layer.spec() for layer in layers] == [
         {"type": "Dense", "fan_in": 64, "fan_out": 32, "init": "he"},
+        {"type": "BatchNorm", "channels": 32, "eps": 1e-05, "momentum": 0.1},
         {"type": "GELU", "approximate": "tanh"},
+        {"type": "Dropout", "p": 0.1},
         {"type": "Dense", "fan_in": 32, "fan_out": 10, "init": "xavier"},
     ]
     again = tmp_path / "again.toml"
@@ -239,7 +249,7 @@ def test_a_trainer_takes_a_model_file_and_trains_it(tmp_path):
     trainer = hpcnn.Trainer(str(path), "digits", comm=Comm.serial(), max_steps=3, eval_every=0, log=None)
     assert trainer.config.model == str(path)
     result = trainer.fit()
-    assert [x.spec()["type"] for x in result.layers] == ["Dense", "GELU", "Dense"]
+    assert [x.spec()["type"] for x in result.layers] == ["Dense", "BatchNorm", "GELU", "Dropout", "Dense"]
     assert result.steps == 3 and math.isfinite(result.final["loss"])
 
 
