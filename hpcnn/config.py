@@ -30,8 +30,16 @@ def _f(default, help: str, choices=None, group: str = "training"):
 @dataclass
 class Config:
     # --- model
+    model: str = _f(
+        "mlp",
+        "the network: mlp (Dense layers of --hidden widths), lenet (1x28x28 images), cnn-digits (small "
+        "images such as digits' 1x8x8), or a model file FILE.toml (docs/data.md)",
+        group="model",
+    )
     hidden: list = _f(
-        [256, 128], "hidden layer widths, comma-separated (empty: no hidden layer)", group="model"
+        [256, 128],
+        "hidden layer widths of --model mlp, comma-separated (empty: no hidden layer)",
+        group="model",
     )
     activation: str = _f(
         "relu",
@@ -60,8 +68,20 @@ class Config:
     test_fraction: float = _f(
         0.0, "hold out this fraction of the rows when the file has no held-out datasets", group="data"
     )
+    image_layout: str = _f(
+        "nchw",
+        "how a data file's 4-D inputs are stored: (rows, C, H, W) or (rows, H, W, C); 3-D inputs are "
+        "(rows, H, W), one channel",
+        ["nchw", "nhwc"],
+        "data",
+    )
     synthetic_rows: int = _f(10000, "rows of the synthetic dataset", group="data")
     synthetic_features: int = _f(32, "features of the synthetic dataset", group="data")
+    synthetic_image: str = _f(
+        "",
+        "make the synthetic rows images of this shape, CxHxW such as 3x32x32 (replaces synthetic_features)",
+        group="data",
+    )
     synthetic_classes: int = _f(10, "classes of the synthetic dataset", group="data")
     synthetic_seed: int = _f(0, "seed of the synthetic dataset", group="data")
     # --- training
@@ -238,6 +258,10 @@ class Config:
             raise UserError(f"test_fraction = {self.test_fraction}: must be in [0, 1)")
         if self.synthetic_classes < 2:
             raise UserError(f"synthetic_classes = {self.synthetic_classes}: must be >= 2")
+        if not (self.model in MODELS or self.model.endswith(".toml")):
+            raise UserError(f"model = {self.model!r}: expected one of {', '.join(MODELS)} or a FILE.toml")
+        if self.synthetic_image:
+            chw_shape(self.synthetic_image, "synthetic_image")
         if any(w <= 0 for w in self.hidden):
             raise UserError(f"hidden = {self.hidden}: widths must be positive integers")
         if self.nesterov and self.momentum == 0:
@@ -264,6 +288,19 @@ class Config:
                 text = repr(v)
             lines.append(f"{f.name} = {text}")
         return "\n".join(lines) + "\n"
+
+
+# The built-in models (``hpcnn.models``, which builds them: config parsing imports no numpy).
+MODELS = ("mlp", "lenet", "cnn-digits")
+
+
+def chw_shape(text: str, key: str) -> tuple[int, int, int]:
+    """``CxHxW`` (such as ``3x32x32``) as hpcnn's row shape ``(H, W, C)``; ``UserError`` naming ``key``."""
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise UserError(f"{key} = {text!r}: expected CxHxW with positive integers, such as 3x32x32")
+    c, h, w = map(int, parts)
+    return (h, w, c)
 
 
 def _coerce(key: str, value, kind, where: str):
@@ -336,20 +373,21 @@ def build_parser(prog: str = "python -m hpcnn.train", is_root: bool = True) -> a
     return p
 
 
-def load_toml(path: str) -> dict:
+def load_toml(path: str, what: str = "config file") -> dict:
+    """The TOML file ``path`` as a dict; ``UserError`` naming ``what`` if it cannot be read."""
     try:
         with open(path, "rb") as fh:
             return tomllib.load(fh)
     except FileNotFoundError:
-        raise UserError(f"config file {path} does not exist") from None
+        raise UserError(f"{what} {path} does not exist") from None
     except IsADirectoryError:
-        raise UserError(f"config file {path} is a directory; name a TOML file") from None
+        raise UserError(f"{what} {path} is a directory; name a TOML file") from None
     except OSError as exc:  # permissions, a file that fails to read
-        raise UserError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
+        raise UserError(f"{what} {path} cannot be read: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:  # TOML is UTF-8 (tomllib decodes before parsing)
-        raise UserError(f"config file {path} is not UTF-8 text (byte {exc.start}), as TOML must be") from None
+        raise UserError(f"{what} {path} is not UTF-8 text (byte {exc.start}), as TOML must be") from None
     except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"config file {path} is not valid TOML: {exc}") from None
+        raise UserError(f"{what} {path} is not valid TOML: {exc}") from None
 
 
 def resolve(argv=None, is_root: bool = True) -> Config:

@@ -13,6 +13,7 @@ the file under a temporary name and renames it when complete.
 
 import argparse
 import importlib
+import math
 import os
 import sys
 from dataclasses import fields
@@ -20,18 +21,22 @@ from pathlib import Path
 
 import numpy as np
 
+import hpcnn.models  # noqa: F401  (registers the convolution, normalisation and dropout layers checkpoints name)
 from hpcnn.command import run_command
 from hpcnn.config import Config, Parser, from_dict, int_list, parse_toml
 from hpcnn.core.backend import dtype_of, to_host, xp
 from hpcnn.core.layers import layer_from_spec
 from hpcnn.core.losses import LOSSES
+from hpcnn.core.model import Sequential
 from hpcnn.errors import EXIT_OK, UserError
 from hpcnn.io.checkpoints import in_shape_of, inspect, read_stage, verify_bounded
 from hpcnn.io.datasets import (
     BUILTIN,
     UnreadableRows,
+    as_rows,
     describe_nonfinite,
     first_nonfinite,
+    image_shape,
     input_dataset,
     open_h5,
     read_rows,
@@ -52,6 +57,7 @@ OVERRIDES = {
     "test_x_key": str,
     "test_y_key": str,
     "test_fraction": float,
+    "image_layout": str,
     "eval_batch_size": int,
     "pipeline_stages": int,
     "stage_layers": int_list,
@@ -122,7 +128,7 @@ def score(path, split_name, overrides: dict, comm: Comm) -> dict:
     cfg, info, layers, grid, pipe = load(path, overrides, comm)
     ds = open_data(cfg, comm)
     with comm.agreed(cfg.debug):
-        _check_widths(ds.name, ds.features, ds.outputs, info, layers)
+        _check_widths(ds.name, ds.in_shape, ds.outputs, info, layers)
         split = ds.train if split_name == "training" or ds.test is None else ds.test
         if split_name == "held-out" and ds.test is None:
             raise UserError(f"{ds.name} has no held-out rows (use --split training)")
@@ -141,10 +147,19 @@ def score(path, split_name, overrides: dict, comm: Comm) -> dict:
     return metrics
 
 
-def _check_widths(name, features, outputs, info, layers) -> None:
-    want_in, want_out = info.architecture["in_features"], _last_width(info)
-    if features != want_in:
-        raise UserError(f"{name} has {features} features; the checkpoint's model takes {want_in}")
+def _check_widths(name, shape, outputs, info, layers) -> None:
+    """The data's rows (of ``shape``) must be the checkpoint's model's: as many features, and the
+    same images (flat rows of an image's size are taken as that image, in hpcnn's order)."""
+    want_in, want_out = in_shape_of(info.architecture), _last_width(info, layers)
+    features, want_features = math.prod(shape), math.prod(want_in)
+    if features != want_features:
+        raise UserError(f"{name} has {features} features; the checkpoint's model takes {want_features}")
+    if len(shape) > 1 and len(want_in) > 1 and tuple(shape) != tuple(want_in):
+        h, w, c = want_in
+        raise UserError(
+            f"{name} has images of shape {tuple(shape)} (H, W, C); the checkpoint's model takes {c}x{h}x{w} "
+            "images (check --image-layout)"
+        )
     if outputs is not None and outputs != want_out:
         raise UserError(f"{name} has {outputs} classes/outputs; the checkpoint's model gives {want_out}")
 
@@ -159,25 +174,27 @@ def predict(path, out_path, overrides: dict, comm: Comm) -> int:
             raise UserError(f"--predict reads inputs from an HDF5 file; --data {cfg.data!r} is not one")
         f = open_h5(source, "--data file")
         x = input_dataset(f, cfg.x_key)
-        _check_widths(str(source), x.shape[1], None, info, layers)
-    rows = x.shape[0]
+        shape = image_shape(x.shape[1:], cfg.image_layout) or x.shape[1:]
+        _check_widths(str(source), shape, None, info, layers)
+    rows, features = x.shape[0], math.prod(shape)
     start, count = split_counts(rows, grid.replicas, grid.replica)
     dtype = dtype_of(cfg.dtype)
-    width = _last_width(info)
+    width = _last_width(info, layers)
     problem = None
 
     def inputs_of(i, n):
         """Rows ``i .. i + n`` of the file; zeros, once a row is bad, until every rank knows (below)."""
         nonlocal problem
         try:
-            inputs = as_batch(read_rows(x, slice(i, i + n), i, i + n), None, dtype, False)[0]
+            block = read_rows(x, slice(i, i + n), i, i + n)  # (n, *row as stored)
+            inputs = as_batch(as_rows(block, cfg.image_layout), None, dtype, False)[0]  # (n, features)
             bad = first_nonfinite(inputs)
-            if bad is not None:
-                stored = read_rows(x, i + bad, i + bad, i + bad + 1)
-                headline, detail = describe_nonfinite(cfg.x_key, i + bad, stored, inputs[bad])
+            if bad is not None:  # named by its index in the file: the row as stored, cast
+                seen = as_batch(block[bad : bad + 1], None, dtype, False)[0][0]
+                headline, detail = describe_nonfinite(cfg.x_key, i + bad, block[bad], seen)
                 problem = problem or f"{source}: row {i + bad} {headline}: {detail}"
         except UnreadableRows as exc:
-            problem, inputs = problem or str(exc), xp.zeros((n, x.shape[1]), dtype)
+            problem, inputs = problem or str(exc), xp.zeros((n, features), dtype)
         if problem is not None:
             inputs[...] = 0
         return inputs
@@ -236,8 +253,9 @@ def _softmax(logits):
     return e / e.sum(axis=1, keepdims=True)
 
 
-def _last_width(info) -> int:
-    return [spec for spec in info.architecture["layers"] if spec["type"] == "Dense"][-1]["fan_out"]
+def _last_width(info, layers) -> int:
+    """Values per output row of the checkpoint's model."""
+    return math.prod(Sequential.shape_after(layers, in_shape_of(info.architecture)))
 
 
 def _write_predictions(out: Path, outputs, classify: bool, checkpoint) -> None:

@@ -45,7 +45,7 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
 @pytest.mark.parametrize(
     "text,message",
     [
-        ("epoch = 3\n", "unknown key 'epoch'; valid keys: hidden, activation"),
+        ("epoch = 3\n", "unknown key 'epoch'; valid keys: model, hidden, activation"),
         ('epochs = "3"\n', "epochs = '3': expected int"),
         ("hidden = [1.5]\n", "expected a list of integers"),
         ("nesterov = 1\n", "expected bool"),

@@ -265,7 +265,8 @@ X4, Y4 = np.zeros((4, 2), np.float32), np.arange(4) % 2
         (dict(x=h5py.ExternalLink("gone.h5", "/x"), y=Y4), r"'x' is an external link to '/x' in gone.h5"),
         (dict(x=np.zeros((4, 0)), y=Y4), r"'x' has 0 features per row \(4, 0\)"),
         (dict(x=np.zeros(4), y=Y4), r"'x' must be \(rows, features\)"),
-        (dict(x=np.zeros((4, 2, 2)), y=Y4), r"'x' must be \(rows, features\)"),
+        (dict(x=np.zeros((4, 2, 2, 2, 2)), y=Y4), r"'x' must be \(rows, features\) or images"),
+        (dict(x=np.zeros((4, 2, 0, 2)), y=Y4), r"'x' has 0 features per row \(4, 2, 0, 2\)"),
         (dict(x=np.zeros((4, 2), bool), y=Y4), r"'x' holds booleans"),
         (dict(x=np.zeros((4, 2), complex), y=Y4), r"'x' holds complex numbers"),
         (dict(x=np.array([[b"a", b"b"]] * 4), y=Y4), r"'x' holds strings"),
@@ -336,3 +337,124 @@ def test_describe_nonfinite_tells_overflow_in_the_cast_from_nan_in_the_file():
         "'y'[2] = nan",
     )
     assert first_nonfinite(np.ones((3, 2))) is None and first_nonfinite(np.array([[1, 2], [np.inf, 0]])) == 1
+
+
+def _images(path, x, y, **extra):
+    with h5py.File(path, "w") as f:
+        f["x"], f["y"] = x, y
+        for key, value in extra.items():
+            f[key] = value
+    return str(path)
+
+
+def test_image_files_in_either_layout_give_the_same_channels_last_rows(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(9, 3, 4, 5)).astype(np.float32)  # (rows, C, H, W)
+    y = np.arange(9) % 3
+    nchw = _images(tmp_path / "nchw.h5", x, y, x_test=x[:2], y_test=y[:2])
+    nhwc = _images(tmp_path / "nhwc.h5", x.transpose(0, 2, 3, 1), y)
+    a, _ = open_dataset(Config(data=nchw), 0, 1)
+    b, _ = open_dataset(Config(data=nhwc, image_layout="nhwc"), 0, 1)
+    assert a.shape == b.shape == (4, 5, 3) and a.features == b.features == 60 and a.num_classes is None
+    ids = np.array([7, 0, 3])  # any order, as the sampler asks
+    rows_a, rows_b = a.train.source.read(ids)[0], b.train.source.read(ids)[0]
+    np.testing.assert_array_equal(rows_a, x[ids].transpose(0, 2, 3, 1).reshape(3, 60))
+    np.testing.assert_array_equal(rows_b, rows_a)
+    np.testing.assert_array_equal(
+        a.test.source.read(np.array([1]))[0], x[[1]].transpose(0, 2, 3, 1).reshape(1, 60)
+    )
+    # read as nhwc, the nchw file's rows are images of another shape: what --image-layout decides
+    c, _ = open_dataset(Config(data=nchw, image_layout="nhwc"), 0, 1)
+    assert c.shape == (3, 4, 5)
+    for ds in (a, b, c):
+        ds.close()
+
+
+def test_three_dimensional_inputs_are_one_channel_images(tmp_path):
+    x = np.arange(4 * 2 * 3, dtype=np.float32).reshape(4, 2, 3)
+    ds, _ = open_dataset(Config(data=_images(tmp_path / "gray.h5", x, np.arange(4) % 2)), 0, 1)
+    assert ds.shape == (2, 3, 1) and ds.in_shape == (2, 3, 1) and ds.features == 6
+    np.testing.assert_array_equal(ds.train.source.read(np.arange(4))[0], x.reshape(4, 6))
+    ds.close()
+
+
+def test_digits_are_one_channel_8x8_images_of_the_flat_rows():
+    ds, _ = open_dataset(Config(), 0, 1)
+    assert ds.shape == (8, 8, 1) and ds.features == 64
+    rows = ds.train.source.read(np.arange(5))[0]
+    flat = ds.train.source.x[:5]  # the file's dataset: (rows, 64)
+    # one channel: the 8x8 image (H, W, 1), channels last, is the stored row, pixel by pixel
+    np.testing.assert_array_equal(rows.reshape(5, 8, 8, 1)[..., 0], flat.reshape(5, 8, 8))
+    np.testing.assert_array_equal(rows, flat)
+    ds.close()
+
+
+def test_a_non_finite_value_in_an_image_row_stops_training_naming_the_row(tmp_path):
+    from hpcnn import Trainer
+    from hpcnn.errors import JobError
+    from hpcnn.parallel.comm import Comm
+
+    x = np.ones((8, 2, 2, 2), np.float32)
+    x[5, 1, 0, 1] = np.inf
+    path = _images(tmp_path / "inf.h5", x, np.arange(8) % 2)
+    trainer = Trainer(None, path, comm=Comm.serial(), hidden=[4], batch_size=8, log=None, epochs=1)
+    with pytest.raises(JobError, match=r"training row 5 has a non-finite input value .*'x'\[5, 3\] = inf"):
+        trainer.fit()
+
+
+def test_convert_keeps_images_and_they_read_back_as_images(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(6, 1, 3, 4)).astype(np.float32), np.arange(6) % 2
+    np.savez(tmp_path / "img.npz", x=x, y=y, x_test=x[:2], y_test=y[:2])
+    assert main(["convert", str(tmp_path / "img.npz"), str(tmp_path / "img.h5")]) == 0
+    assert "6 rows x images of 1 x 3 x 4" in capsys.readouterr().out
+    with h5py.File(tmp_path / "img.h5") as f:
+        assert f["x"].shape == (6, 1, 3, 4) and f["x_test"].shape == (2, 1, 3, 4)
+    ds, _ = open_dataset(Config(data=str(tmp_path / "img.h5")), 0, 1)
+    assert ds.shape == (3, 4, 1)
+    np.testing.assert_array_equal(ds.train.source.read(np.arange(6))[0], x.reshape(6, 12))
+    ds.close()
+    np.savez(tmp_path / "bad.npz", x=x, y=y, x_test=x[:2, :, :2], y_test=y[:2])
+    assert main(["convert", str(tmp_path / "bad.npz"), str(tmp_path / "bad.h5")]) == 2
+    assert "held-out inputs have rows of shape (1, 2, 4), inputs (1, 3, 4)" in capsys.readouterr().err
+
+
+def test_synthetic_images_are_the_synthetic_rows_in_memory_and_in_a_file(tmp_path, capsys):
+    flat, _ = open_dataset(Config(data="synthetic", synthetic_rows=50, synthetic_features=48), 0, 1)
+    img, _ = open_dataset(Config(data="synthetic", synthetic_rows=50, synthetic_image="3x4x4"), 0, 1)
+    assert img.shape == (4, 4, 3) and img.features == 48 and flat.shape is None
+    ids = np.arange(50)
+    np.testing.assert_array_equal(img.train.source.read(ids)[0], flat.train.source.read(ids)[0])
+    out = tmp_path / "syn.h5"
+    assert main(["synthetic", str(out), "--rows", "50", "--test-rows", "10", "--image", "3x4x4"]) == 0
+    assert "50 rows x 3x4x4 images" in capsys.readouterr().out
+    with h5py.File(out) as f:
+        assert f["x"].shape == (50, 3, 4, 4)
+    disk, _ = open_dataset(Config(data=str(out)), 0, 1)
+    assert disk.shape == (4, 4, 3)
+    np.testing.assert_array_equal(disk.train.source.read(ids)[0], img.train.source.read(ids)[0])
+    np.testing.assert_array_equal(
+        disk.test.source.read(np.arange(10))[0], img.test.source.read(np.arange(10))[0]
+    )
+    disk.close()
+    assert main(["synthetic", str(out), "--image", "3x4"]) == 2
+    assert "--image = '3x4': expected CxHxW" in capsys.readouterr().err
+
+
+def test_arrays_take_images_in_either_layout():
+    from hpcnn.io.datasets import arrays
+
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(5, 2, 3, 3)), np.arange(5) % 2
+    a = arrays(x, y, x[:2], y[:2])
+    b = arrays(x.transpose(0, 2, 3, 1), y, image_layout="nhwc")
+    c = arrays(x[:, 0], y)
+    assert a.shape == b.shape == (3, 3, 2) and c.shape == (3, 3, 1)
+    np.testing.assert_array_equal(a.train.source.x, b.train.source.x)
+    np.testing.assert_array_equal(a.test.source.x, a.train.source.x[:2])
+    with pytest.raises(UserError, match=r"x_test has rows of shape \(3, 3\), x \(2, 3, 3\)"):
+        arrays(x, y, x[:2, 0], y[:2])
+    with pytest.raises(UserError, match=r"image_layout = 'chw': expected nchw or nhwc"):
+        arrays(x, y, image_layout="chw")
+    with pytest.raises(UserError, match=r"inputs are \(rows, features\) or images"):
+        arrays(x[..., None], y)

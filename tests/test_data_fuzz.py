@@ -76,7 +76,7 @@ def _write(path: Path, datasets: dict, attrs: dict, compress: bool) -> None:
 
 DEFECTS = [
     None, None, None, None,  # valid files, a quarter of the cases
-    "nan_x", "inf_x", "nan_x_test", "nan_y_target", "nan_y_test_target", "overflow_x", "x_1d", "x_3d",
+    "nan_x", "inf_x", "nan_x_test", "nan_y_target", "nan_y_test_target", "overflow_x", "x_1d", "x_5d",
     "x_0_features", "x_null", "y_rows", "x_bool", "x_complex", "x_strings", "x_records", "y_strings",
     "labels_negative", "labels_float", "labels_huge", "attr_float", "attr_string", "attr_one",
     "attr_small", "attr_huge", "x_group", "x_soft_dangling", "x_external_dangling", "corrupt_x",
@@ -141,8 +141,8 @@ def make_case(rng, i: int, d: Path) -> Case:
     elif defect == "x_1d":
         datasets["x"] = x[:, 0]
         expect = r"'x' must be \(rows, features\)"
-    elif defect == "x_3d":
-        datasets["x"] = x.reshape(rows, features, 1)
+    elif defect == "x_5d":  # 3-D and 4-D x are images
+        datasets["x"] = x.reshape(rows, features, 1, 1, 1)
         expect = r"'x' must be \(rows, features\)"
     elif defect == "x_0_features":
         datasets["x"] = np.zeros((rows, 0), np.float32)

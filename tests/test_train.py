@@ -125,7 +125,7 @@ def test_cli_unknown_config_key_names_the_valid_ones(tmp_path):
     (tmp_path / "c.toml").write_text("learning_rate = 0.1\n")
     proc = run("hpcnn.train", ["--config", str(tmp_path / "c.toml")], ranks=2, timeout=60)
     assert proc.returncode == 2 and proc.stderr.count("hpcnn: error:") == 1
-    assert "unknown key 'learning_rate'; valid keys: hidden," in proc.stderr and "lr," in proc.stderr
+    assert "unknown key 'learning_rate'; valid keys: model, hidden," in proc.stderr and "lr," in proc.stderr
 
 
 @pytest.mark.launches

@@ -151,8 +151,13 @@ def prepare(cfg: Config, comm: Comm, parts: Parts | None = None, probe=None):
 
 
 def command_layers(cfg: Config, ds: Dataset) -> list:
-    """The command's model: an MLP of ``cfg.hidden`` from the data's features to its outputs."""
-    return mlp_layers([ds.features, *cfg.hidden, ds.outputs], cfg.activation, cfg.output_activation)
+    """The command's model (``cfg.model``): by default an MLP of ``cfg.hidden`` from the data's
+    features to its outputs; else a built-in network or a model file's (``hpcnn.models``)."""
+    if cfg.model == "mlp":
+        return mlp_layers([ds.features, *cfg.hidden, ds.outputs], cfg.activation, cfg.output_activation)
+    from hpcnn.models import model_layers  # imports the convolution layers: only for such models
+
+    return model_layers(cfg.model, ds.in_shape, ds.outputs, ds.name)
 
 
 def check_model(layers, ds: Dataset) -> None:

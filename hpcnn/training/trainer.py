@@ -29,7 +29,7 @@ from hpcnn.core.model import Sequential
 from hpcnn.core.optim import make_optimizer
 from hpcnn.errors import JobError, UserError
 from hpcnn.io.checkpoints import Position, save
-from hpcnn.io.datasets import Dataset, split_units
+from hpcnn.io.datasets import Dataset, as_rows, image_shape, split_units
 from hpcnn.io.runlog import RunDir
 from hpcnn.parallel.comm import IN_PLACE, SUM, Comm, blas_threads
 from hpcnn.parallel.inspector import Inspector
@@ -130,8 +130,10 @@ class Trainer:
     Parameters
     ----------
     model : a ``Sequential``, a list of layers (``Layer`` objects or spec dicts, as checkpoints
-        store them), or ``None``: the command's MLP of ``hidden`` widths (``activation``,
-        ``output_activation``) from the data's features to its outputs.
+        store them), a built-in model's name or a model file (``"lenet"``, ``"cnn-digits"``,
+        ``"net.toml"``: ``hpcnn.models``), or ``None``: the ``model`` field, by default the
+        command's MLP of ``hidden`` widths (``activation``, ``output_activation``) from the data's
+        features to its outputs.
     data : ``hpcnn.arrays(...)`` (in-memory arrays), a built-in dataset's name (``"digits"``,
         ``"xor"``, ``"synthetic"``), an HDF5 file's path, or ``None``: the ``data`` field.
     loss : a name (``"cross_entropy"``, ``"mse"``) or a loss object (``forward``/``backward`` as in
@@ -154,6 +156,8 @@ class Trainer:
         log=print, **fields,
     ):  # fmt: skip
         settings = dict(fields)
+        if isinstance(model, str):  # a built-in model's name or a model file: built once the data is known
+            settings["model"], model = model, None
         self._data = None
         if isinstance(data, Dataset):
             self._data = data
@@ -196,12 +200,13 @@ class Trainer:
         the data from ``data``). ``run``: rank 0's run directory; ``terminal``: ``log`` prints to a
         terminal (a progress bar may replace the step lines)."""
         fields = dataclasses.asdict(cfg)
-        # data, loss and optimizer given as objects replace the config's
+        # model, data, loss and optimizer given as objects replace the config's
+        model = fields.pop("model") if model is None else model
         data = fields.pop("data") if data is None else data
         loss = fields.pop("loss") if loss is None else loss
         if optimizer is None:
             optimizer = fields.pop("optimizer")
-        for key in ("data", "loss", *_optimizer_fields(optimizer)):
+        for key in ("model", "data", "loss", *_optimizer_fields(optimizer)):
             fields.pop(key, None)
         trainer = cls(
             model, data, loss=loss, optimizer=optimizer, comm=comm, on_step=on_step, on_epoch=on_epoch,
@@ -250,16 +255,34 @@ class Trainer:
         finally:
             ds.close()
 
-    def predict(self, x) -> np.ndarray:
-        """The model's outputs for rows ``x`` (rows, features), the same array on every rank: each
-        data-parallel replica runs a block of the rows through its pipeline; one sum over the ranks
-        (of each value and zeros: exact) gives every rank all of them."""
+    def predict(self, x, image_layout: str | None = None) -> np.ndarray:
+        """The model's outputs for rows ``x``, the same array on every rank: each data-parallel
+        replica runs a block of the rows through its pipeline; one sum over the ranks (of each
+        value and zeros: exact) gives every rank all of them.
+
+        ``x``: (rows, features), or images as ``hpcnn.arrays`` takes them: (rows, C, H, W) or
+        (rows, H, W, C) as ``image_layout`` says (default: the ``image_layout`` field), or (rows, H, W).
+        """
         cfg, stage = self.config, self._current()
+        layout = cfg.image_layout if image_layout is None else image_layout
         x = np.asarray(x)
-        if x.ndim != 2:
-            raise UserError(f"predict takes rows (rows, features); x has shape {x.shape}")
         with self.comm.agreed(cfg.debug):
-            width = math.prod(model_shape(stage.layers, (x.shape[1],), "these rows"))
+            if layout not in ("nchw", "nhwc"):
+                raise UserError(f"predict: image_layout = {layout!r}: expected nchw or nhwc")
+            if x.ndim not in (2, 3, 4):
+                raise UserError(
+                    f"predict takes rows (rows, features) or images (rows, C, H, W), (rows, H, W, C) or "
+                    f"(rows, H, W); x has shape {x.shape}"
+                )
+            shape = image_shape(x.shape[1:], layout) or x.shape[1:]
+            model_in = stage.in_shape
+            # flat rows and images of as many values are the same rows (hpcnn's are flat, channels last)
+            if shape != model_in and not (
+                1 in (len(shape), len(model_in)) and math.prod(shape) == math.prod(model_in)
+            ):
+                raise UserError(f"predict: x has rows of shape {shape}; the model takes rows of {model_in}")
+            width = math.prod(model_shape(stage.layers, model_in, "these rows"))
+        x = as_rows(x, layout) if x.ndim > 2 else x  # (rows, features)
         pipe, grid, dtype = stage.pipe, stage.grid, dtype_of(cfg.dtype)
         unit = pipe.shard_rows or 1  # deterministic mode: whole shards, as in training
         start, count = split_units(len(x), unit, grid.replicas, grid.replica)

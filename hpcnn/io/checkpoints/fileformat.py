@@ -172,10 +172,12 @@ def architecture_difference(saved: dict, current: dict) -> str | None:
     if saved["dtype"] != current["dtype"]:
         return f"the checkpoint's dtype is {saved['dtype']}, this run's is {current['dtype']}"
     was, now = in_shape_of(saved), in_shape_of(current)
-    if was != now:
+    # Flat rows and images of as many values are the same rows to a model that takes flat rows
+    # (Dense flattens): a checkpoint from before digits were images resumes on them.
+    if was != now and not (1 in (len(was), len(now)) and math.prod(was) == math.prod(now)):
         if len(was) == len(now) == 1:
             return f"the checkpoint's model takes {was[0]} input features, this run's data has {now[0]}"
-        return f"the checkpoint's model takes rows of shape {was}, this run's data has rows of shape {now}"
+        return f"the checkpoint's model takes rows of shape {was}, this run's data has {now}"
     # (a checkpoint's specs as this hpcnn writes them: one from before a layer argument existed
     # gets the value that computes what it computed then)
     a, b = [current_spec(s) for s in saved["layers"]], current["layers"]

@@ -9,7 +9,7 @@ file's datasets are, for a ``Trainer``.
 import numpy as np
 
 from hpcnn.errors import UserError
-from hpcnn.io.datasets.sources import ArraySource, Dataset, Split, set_num_classes
+from hpcnn.io.datasets.sources import ArraySource, Dataset, Split, as_rows, image_shape, set_num_classes
 
 
 def xor_arrays():
@@ -47,26 +47,37 @@ def synthetic_arrays(rows: int, features: int, classes: int, seed: int, stream: 
     return x, y
 
 
-def arrays(x, y, x_test=None, y_test=None, num_classes: int | None = None, name: str = "arrays") -> Dataset:
-    """In-memory data for a ``Trainer``: numpy arrays, used where they are (not copied).
+def arrays(
+    x, y, x_test=None, y_test=None, num_classes: int | None = None, name: str = "arrays",
+    image_layout: str = "nchw",
+) -> Dataset:  # fmt: skip
+    """In-memory data for a ``Trainer``: numpy arrays, used where they are (not copied, but for
+    images in (rows, C, H, W), copied once into hpcnn's channels-last rows).
 
-    ``x``: inputs (rows, features); ``y``: integer class labels (rows,), or float targets (rows,) or
-    (rows, outputs) for regression (``loss="mse"``). ``x_test``/``y_test``: an optional held-out pair
-    of the same kinds, what evaluation scores. ``num_classes``: the class count (default: the largest
-    label + 1). Every rank of a job passes the same arrays; the sampler hands each rank the row ids of
-    its slices, and only those rows are read at each step. NaN/Inf values are found where rows are
-    read, as for files. Raises ``UserError`` naming what does not fit.
+    ``x``: inputs (rows, features), or images: (rows, C, H, W) (``image_layout="nchw"``, the
+    default) or (rows, H, W, C) (``"nhwc"``), or (rows, H, W) of one channel; the dataset's
+    ``shape`` is then the images' ``(H, W, C)``. ``y``: integer class labels (rows,), or float
+    targets (rows,) or (rows, outputs) for regression (``loss="mse"``). ``x_test``/``y_test``: an
+    optional held-out pair of the same kinds, what evaluation scores. ``num_classes``: the class
+    count (default: the largest label + 1). Every rank of a job passes the same arrays; the sampler
+    hands each rank the row ids of its slices, and only those rows are read at each step. NaN/Inf
+    values are found where rows are read, as for files. Raises ``UserError`` naming what does not fit.
     """
+    if image_layout not in ("nchw", "nhwc"):
+        raise UserError(f"{name}: image_layout = {image_layout!r}: expected nchw or nhwc")
     x, y = np.asarray(x), np.asarray(y)
     _check_pair(x, y, name, "x", "y")
+    stored, shape = x.shape[1:], image_shape(x.shape[1:], image_layout)
+    x = as_rows(x, image_layout) if x.ndim > 2 else x  # (rows, features)
     test = None
     if (x_test is None) != (y_test is None):
         raise UserError(f"{name}: give both x_test and y_test, or neither")
     if x_test is not None:
         x_test, y_test = np.asarray(x_test), np.asarray(y_test)
         _check_pair(x_test, y_test, name, "x_test", "y_test")
-        if x_test.shape[1:] != x.shape[1:]:
-            raise UserError(f"{name}: x_test has rows of shape {x_test.shape[1:]}, x {x.shape[1:]}")
+        if x_test.shape[1:] != stored:
+            raise UserError(f"{name}: x_test has rows of shape {x_test.shape[1:]}, x {stored}")
+        x_test = as_rows(x_test, image_layout) if x_test.ndim > 2 else x_test
         if (_labels(y_test), y_test.shape[1:]) != (_labels(y), y.shape[1:]):
             raise UserError(
                 f"{name}: y_test is {y_test.dtype} {y_test.shape}, y is {y.dtype} {y.shape}: both must be "
@@ -77,8 +88,9 @@ def arrays(x, y, x_test=None, y_test=None, num_classes: int | None = None, name:
     if not _labels(y):  # regression targets
         if num_classes is not None:
             raise UserError(f"{name}: num_classes = {num_classes} needs integer class labels; y is {y.dtype}")
-        return Dataset(name, train, test, int(x.shape[1]), None, int(y.shape[1]) if y.ndim == 2 else 1)
-    ds = Dataset(name, train, test, int(x.shape[1]), None, 0)
+        outputs = int(y.shape[1]) if y.ndim == 2 else 1
+        return Dataset(name, train, test, int(x.shape[1]), None, outputs, shape=shape)
+    ds = Dataset(name, train, test, int(x.shape[1]), None, 0, shape=shape)
     ys = [a for a in (y, y_test) if a is not None and len(a)]
     lo, hi = min(int(a.min()) for a in ys), max(int(a.max()) for a in ys)
     if lo < 0:
@@ -95,8 +107,11 @@ def _labels(y) -> bool:
 
 
 def _check_pair(x, y, name: str, x_key: str, y_key: str) -> None:
-    if x.ndim != 2 or x.shape[1] == 0:
-        raise UserError(f"{name}: {x_key} has shape {x.shape}; inputs are (rows, features)")
+    if x.ndim not in (2, 3, 4) or 0 in x.shape[1:]:
+        raise UserError(
+            f"{name}: {x_key} has shape {x.shape}; inputs are (rows, features) or images (rows, C, H, W), "
+            "(rows, H, W, C) or (rows, H, W)"
+        )
     if y.ndim not in (1, 2):
         raise UserError(f"{name}: {y_key} has shape {y.shape}; labels are (rows,), targets (rows, outputs)")
     for key, a in ((x_key, x), (y_key, y)):

@@ -2,8 +2,11 @@
 
 The HDF5 layout hpcnn reads (and ``python -m hpcnn.data`` writes, ``writing``):
 
-- ``x``: float array (rows, features); ``y``: integer class labels (rows,), or floats
-  (rows, outputs) for regression with ``--loss mse``;
+- ``x``: float array (rows, features), or images: (rows, C, H, W) or (rows, H, W, C) as
+  ``--image-layout`` says (nchw or nhwc), or (rows, H, W) of one channel; each rank reads its rows
+  and turns them into hpcnn's flat rows, images channels last (``sources.as_rows``; the dataset's
+  ``shape`` is then ``(H, W, C)``); ``y``: integer class labels (rows,), or floats (rows, outputs)
+  for regression with ``--loss mse``;
 - optional held-out pair ``x_test`` / ``y_test`` of the same kinds;
 - optional attribute ``num_classes`` on the file (otherwise the labels' maximum + 1, found by the
   ranks together, each reading one block of labels), at most ``MAX_CLASSES``.
@@ -11,10 +14,12 @@ The HDF5 layout hpcnn reads (and ``python -m hpcnn.data`` writes, ``writing``):
 Names are configurable (``--x-key`` and friends). Anything else (a group or a dangling link where a
 dataset is expected, strings, booleans, complex numbers, no features, a wrong ``num_classes``, a
 chunk HDF5 cannot read) is a ``UserError`` naming the file, the dataset and what to change.
-``open_dataset`` also opens the built-in datasets: ``digits`` (a file shipped with hpcnn), ``xor``
-and ``synthetic`` (arrays in memory, ``inmemory``).
+``open_dataset`` also opens the built-in datasets: ``digits`` (a file shipped with hpcnn, 8x8
+images of one channel), ``xor`` and ``synthetic`` (arrays in memory, ``inmemory``; images with
+``--synthetic-image``).
 """
 
+import math
 import os
 from importlib import resources
 from pathlib import Path
@@ -31,6 +36,7 @@ from hpcnn.io.datasets.sources import (
     H5Source,
     Split,
     UnreadableRows,
+    image_shape,
     read_rows,
     set_num_classes,
 )
@@ -125,7 +131,7 @@ def _numbers(f, key: str, d, what: str) -> None:
         raise UserError(f"{f.filename}: {key!r} holds {kind}; {what} must be integers or floats")
 
 
-def _h5_pair(f, x_key: str, y_key: str, required: bool):
+def _h5_pair(f, x_key: str, y_key: str, required: bool, layout: str = "nchw"):
     x, y = _dataset(f, x_key, required), _dataset(f, y_key, required)
     if x is None and y is None:
         return None
@@ -133,24 +139,33 @@ def _h5_pair(f, x_key: str, y_key: str, required: bool):
         _dataset(f, x_key if x is None else y_key, True)
     _numbers(f, x_key, x, "inputs")
     _numbers(f, y_key, y, "labels or targets")
-    if x.shape is None or y.shape is None or x.ndim != 2 or y.ndim not in (1, 2) or x.shape[0] != y.shape[0]:
+    if x.shape is None or x.ndim not in (2, 3, 4):
+        raise UserError(f"{f.filename}: {x_key!r} must be (rows, features) or images {IMAGES}; got {x.shape}")
+    if y.shape is None or y.ndim not in (1, 2) or x.shape[0] != y.shape[0]:
         raise UserError(
             f"{f.filename}: {x_key!r} must be (rows, features) and {y_key!r} (rows,) or "
             f"(rows, outputs) with the same rows; got {x.shape} and {y.shape}"
         )
-    if x.shape[1] == 0:
+    if 0 in x.shape[1:]:
         raise UserError(f"{f.filename}: {x_key!r} has 0 features per row {x.shape}")
     if y.ndim == 2 and y.shape[1] == 0:
         raise UserError(f"{f.filename}: {y_key!r} has 0 outputs per row {y.shape}")
-    return H5Source(f, x_key, y_key)
+    return H5Source(f, x_key, y_key, layout)
+
+
+IMAGES = "(rows, C, H, W), (rows, H, W, C) or (rows, H, W)"
 
 
 def input_dataset(f, key: str):
-    """The dataset ``key`` of ``f``, checked to be ``(rows, features)`` numbers (inputs alone)."""
+    """The dataset ``key`` of ``f``, checked to be numbers, ``(rows, features)`` or images
+    (inputs alone; ``as_rows`` makes a block of them hpcnn's rows)."""
     d = _dataset(f, key, True)
     _numbers(f, key, d, "inputs")
-    if d.shape is None or d.ndim != 2 or d.shape[1] == 0:
-        raise UserError(f"{f.filename}: {key!r} must be (rows, features) with features > 0; got {d.shape}")
+    if d.shape is None or d.ndim not in (2, 3, 4) or 0 in d.shape[1:]:
+        raise UserError(
+            f"{f.filename}: {key!r} must be (rows, features) with features > 0, or images {IMAGES}; "
+            f"got {d.shape}"
+        )
     return d
 
 
@@ -198,7 +213,11 @@ def open_dataset(cfg, rank: int, size: int) -> tuple[Dataset, tuple[int, int] | 
         return Dataset("xor", Split(src, np.arange(4)), None, 2, 2, outputs), None
     if cfg.data == "synthetic":
         rows, feats, classes = cfg.synthetic_rows, cfg.synthetic_features, cfg.synthetic_classes
-        seed = cfg.synthetic_seed
+        seed, shape = cfg.synthetic_seed, None
+        if cfg.synthetic_image:  # images: the same clusters, each row read as (H, W, C)
+            c, h, w = (int(n) for n in cfg.synthetic_image.lower().split("x"))  # checked by Config
+            shape = (h, w, c)
+            feats = math.prod(shape)
         if classes > MAX_CLASSES:
             raise UserError(f"synthetic_classes = {classes}: at most {MAX_CLASSES:,} classes")
         n_test = max(1, rows // 5)
@@ -212,7 +231,7 @@ def open_dataset(cfg, rank: int, size: int) -> tuple[Dataset, tuple[int, int] | 
             ) from None
         train_split = Split(train, np.arange(rows))
         test_split = Split(test, np.arange(n_test), "held-out")
-        return Dataset("synthetic", train_split, test_split, feats, classes, classes), None
+        return Dataset("synthetic", train_split, test_split, feats, classes, classes, shape=shape), None
     if cfg.data == "digits":
         if cfg.test_fraction:
             raise UserError("--test-fraction applies to data files; the built-in digits has a fixed split")
@@ -238,8 +257,8 @@ def open_dataset(cfg, rank: int, size: int) -> tuple[Dataset, tuple[int, int] | 
 
 def _open_file(f, cfg, path, name: str, rank: int, size: int):
     """``open_dataset`` for the open HDF5 file ``f``."""
-    train = _h5_pair(f, cfg.x_key, cfg.y_key, required=True)
-    test = _h5_pair(f, cfg.test_x_key, cfg.test_y_key, required=False)
+    train = _h5_pair(f, cfg.x_key, cfg.y_key, True, cfg.image_layout)
+    test = _h5_pair(f, cfg.test_x_key, cfg.test_y_key, False, cfg.image_layout)
     if test is not None and test.x.shape[1:] != train.x.shape[1:]:
         raise UserError(
             f"{path}: held-out rows have shape {test.x.shape[1:]}, training rows {train.x.shape[1:]}"
@@ -270,7 +289,9 @@ def _open_file(f, cfg, path, name: str, rank: int, size: int):
             )
         test_split = Split(train, np.sort(perm[:n_test]), "held-out")
         train_ids = np.sort(perm[n_test:])
-    features = int(train.x.shape[1])
+    features = math.prod(train.x.shape[1:])
+    # digits' 64 pixels are stored flat, row by row: as images they are 8x8, one channel
+    shape = (8, 8, 1) if cfg.data == "digits" else image_shape(train.x.shape[1:], cfg.image_layout)
     if train.y.ndim == 2 or not np.issubdtype(train.y.dtype, np.integer):
         if cfg.loss != "mse":
             kind = f"2-D targets {train.y.shape}" if train.y.ndim == 2 else f"{train.y.dtype} targets"
@@ -279,8 +300,8 @@ def _open_file(f, cfg, path, name: str, rank: int, size: int):
                 "(use --loss mse for regression targets)"
             )
         outputs = int(train.y.shape[1]) if train.y.ndim == 2 else 1
-        return Dataset(name, Split(train, train_ids), test_split, features, None, outputs), None
-    ds = Dataset(name, Split(train, train_ids), test_split, features, None, 0)
+        return Dataset(name, Split(train, train_ids), test_split, features, None, outputs, shape=shape), None
+    ds = Dataset(name, Split(train, train_ids), test_split, features, None, 0, shape=shape)
     if "num_classes" in f.attrs:
         set_num_classes(ds, _num_classes_attribute(f), "attribute num_classes")
     try:

@@ -50,14 +50,36 @@ class ArraySource:
         pass
 
 
-class H5Source:
-    """Rows of two datasets in an HDF5 file, read on demand, one selection per call."""
+def image_shape(stored: tuple, layout: str) -> tuple | None:
+    """hpcnn's shape of one input row, ``(H, W, C)``, for inputs stored with rows of shape
+    ``stored``: ``(C, H, W)`` (``layout`` nchw) or ``(H, W, C)`` (nhwc), or ``(H, W)`` (one
+    channel); ``None`` for flat rows ``(features,)``."""
+    if len(stored) == 1:
+        return None
+    if len(stored) == 2:
+        return (*stored, 1)
+    assert len(stored) == 3 and layout in ("nchw", "nhwc"), (stored, layout)
+    return (stored[1], stored[2], stored[0]) if layout == "nchw" else tuple(stored)
 
-    def __init__(self, f, x_key: str, y_key: str):
+
+def as_rows(block, layout: str):
+    """Inputs as stored (rows, ...) as hpcnn's flat rows (rows, features): an image's values in
+    (H, W, C) order, channels last (a copy for ``nchw`` images, else a view where numpy can)."""
+    if block.ndim == 4 and layout == "nchw":
+        block = block.transpose(0, 2, 3, 1)  # (rows, H, W, C)
+    return block.reshape(len(block), -1)
+
+
+class H5Source:
+    """Rows of two datasets in an HDF5 file, read on demand, one selection per call; inputs
+    stored as images (3-D or 4-D, ``layout``) come out as flat rows in hpcnn's order (``as_rows``)."""
+
+    def __init__(self, f, x_key: str, y_key: str, layout: str = "nchw"):
         self.file, self.x, self.y = f, f[x_key], f[y_key]
         self.name = f"{f.filename}:{x_key}/{y_key}"
         self.path, self.x_key, self.y_key = f.filename, x_key, y_key
         self.rows, self.rows_read = self.x.shape[0], 0
+        self.layout = layout
 
     def read(self, ids, inputs: bool = True, labels: bool = True, out=None):
         """Rows ``ids`` (any order, no repeats) of the inputs and/or labels, in that order.
@@ -66,7 +88,11 @@ class H5Source:
         returns new arrays (h5py's); ``out`` is accepted for the in-memory sources' interface.
         """
         self.rows_read += len(ids)
-        return (self._rows(self.x, ids) if inputs else None), (self._rows(self.y, ids) if labels else None)
+        x = None
+        if inputs:
+            x = self._rows(self.x, ids)
+            x = as_rows(x, self.layout) if x.ndim > 2 else x
+        return x, (self._rows(self.y, ids) if labels else None)
 
     @staticmethod
     def _rows(dset, ids):
@@ -137,10 +163,13 @@ def describe_nonfinite(key: str, row: int, stored, seen, what: str = "input") ->
     """Why row ``row`` of dataset ``key`` holds NaN/Inf as cast for the model (``seen``, that row
     after the cast): ``(headline, detail)``. ``stored`` is the row as the file holds it (``(columns,)``
     or, for 1-D targets, a scalar), so that a value that is finite in the file but beyond the
-    model's dtype is told apart from a NaN or Inf in the file. ``what``: ``input`` or ``target``."""
+    model's dtype is told apart from a NaN or Inf in the file (an image row as stored, ``(C, H, W)``
+    say, and ``seen`` in the same order: the value is named by its index in the file).
+    ``what``: ``input`` or ``target``."""
     seen, stored = np.asarray(seen), np.asarray(stored)
     col = int(np.flatnonzero(~np.isfinite(seen.reshape(-1)))[0])
-    where = f"{key!r}[{row}, {col}]" if stored.ndim > 0 else f"{key!r}[{row}]"
+    index = ", ".join(str(int(i)) for i in np.unravel_index(col, stored.shape)) if stored.ndim else ""
+    where = f"{key!r}[{row}, {index}]" if stored.ndim > 0 else f"{key!r}[{row}]"
     value = stored.reshape(-1)[col]
     with np.errstate(over="ignore"):  # the overflow is what is looked for
         overflows = bool(np.isfinite(value)) and not np.isfinite(value.astype(seen.dtype))

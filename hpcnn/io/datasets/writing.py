@@ -1,9 +1,11 @@
 """Writing datasets in hpcnn's HDF5 layout (``layout``): what ``python -m hpcnn.data`` does.
 
 ``write_h5`` writes arrays (gzip-compressed, chunked by rows), ``write_synthetic`` the synthetic set
-block by block (any size in bounded memory), and ``convert`` turns ``.npz`` or ``.npy`` files into
-such a file.
+block by block (any size in bounded memory; as images with ``image``), and ``convert`` turns
+``.npz`` or ``.npy`` files into such a file (3-D and 4-D inputs stay images, in their layout).
 """
+
+import math
 
 import numpy as np
 
@@ -30,19 +32,27 @@ def write_h5(path, x, y, x_test=None, y_test=None, num_classes=None, attrs=None)
             f.create_dataset(key, data=arr, compression="gzip", shuffle=True)
 
 
-def write_synthetic(path, rows, test_rows, features, classes, seed) -> None:
-    """Write the synthetic dataset block by block, so any size fits in bounded memory."""
+def write_synthetic(path, rows, test_rows, features, classes, seed, image=None) -> None:
+    """Write the synthetic dataset block by block, so any size fits in bounded memory.
+
+    ``image``: ``(H, W, C)``: write the rows as images (rows, C, H, W), which ``--image-layout
+    nchw`` (the default) reads back as the rows of ``--synthetic-image CxHxW`` (``features`` is then
+    H * W * C)."""
     import h5py
 
+    stored = (features,) if image is None else (image[2], image[0], image[1])  # (C, H, W)
+    assert math.prod(stored) == features, (image, features)
     with h5py.File(path, "w") as f:
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["num_classes"] = int(classes)
         f.attrs["source"] = f"hpcnn synthetic: seed {seed}, {classes} Gaussian clusters"
         for suffix, n, stream in (("", rows, 0), ("_test", test_rows, 1)):
-            chunk = (min(max(n, 1), 1024), features)
-            x = f.create_dataset("x" + suffix, (n, features), np.float32, chunks=chunk)
+            chunk = (min(max(n, 1), 1024), *stored)
+            x = f.create_dataset("x" + suffix, (n, *stored), np.float32, chunks=chunk)
             y = f.create_dataset("y" + suffix, (n,), np.int64, chunks=(chunk[0],))
             for start, xb, yb in synthetic_blocks(n, features, classes, seed, stream):
+                if image is not None:  # hpcnn's rows are (H, W, C) images: stored channels first
+                    xb = xb.reshape(len(xb), *image).transpose(0, 3, 1, 2)
                 x[start : start + len(xb)], y[start : start + len(yb)] = xb, yb
 
 
@@ -71,12 +81,15 @@ def convert(inputs: list[str], out: str, x_key: str, y_key: str) -> str:
         xt = yt = None
     else:
         raise UserError("convert takes one .npz file or two .npy files (inputs, then labels)")
-    if x.ndim == 1 or x.ndim > 2:
-        x = x.reshape(len(x), -1)  # images and such become (rows, features)
+    if x.ndim == 1 or x.ndim > 4:
+        x = x.reshape(len(x), -1)  # (rows, features)
         xt = None if xt is None else xt.reshape(len(xt), -1)
+    if xt is not None and xt.shape[1:] != x.shape[1:]:
+        raise UserError(f"held-out inputs have rows of shape {xt.shape[1:]}, inputs {x.shape[1:]}")
     if len(x) != len(y):
         raise UserError(f"inputs have {len(x)} rows but labels have {len(y)}")
-    write_h5(out, x, y, xt, yt, _classes_of(y, yt))
-    return f"wrote {out}: {len(x)} rows x {x.shape[1]} features" + (
-        f", {len(xt)} held-out rows" if xt is not None else ""
-    )
+    write_h5(out, x, y, xt, yt, _classes_of(y, yt))  # images as they are: --image-layout reads them
+    rows = " x ".join(map(str, x.shape[1:]))
+    kind = f"images of {rows} ((C, H, W) or (H, W, C): see --image-layout)" if x.ndim == 4 else None
+    kind = kind or (f"images of {rows} (H, W, one channel)" if x.ndim == 3 else f"{x.shape[1]} features")
+    return f"wrote {out}: {len(x)} rows x {kind}" + (f", {len(xt)} held-out rows" if xt is not None else "")
