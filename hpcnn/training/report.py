@@ -20,9 +20,10 @@ def describe_run(log, cfg, ds, layers, bounds, grid, sampler, steps) -> None:
     classify = ds.num_classes is not None
     kind = f"{ds.num_classes} classes" if classify else f"{ds.outputs} regression outputs"
     held_out = len(ds.test) if ds.test else 0
-    log(
-        f"data: {ds.name}: {len(ds.train)} training rows, {held_out} held-out, {ds.features} features, {kind}"
-    )
+    rows = f"{ds.features} features"
+    if ds.shape:  # (H, W, C)
+        rows = f"{ds.shape[0]}x{ds.shape[1]} images with {ds.shape[2]} channel(s)"
+    log(f"data: {ds.name}: {len(ds.train)} training rows, {held_out} held-out, {rows}, {kind}")
     log(f"model: {describe(layers)}, {cfg.dtype}")
     if grid.stages > 1:
         costs = Sequential.layer_flops(layers, ds.in_shape)
