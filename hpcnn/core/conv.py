@@ -79,6 +79,7 @@ class Conv2D(Layer):
         self._dW_part = self._db_part = None  # scratch for accumulated micro-batch gradients
         self._shards = self._shard_grads = None  # deterministic mode (``shard``)
         self._deferred_shape = None  # input row shape of the deferred backwards (``weight_grads``)
+        self._Wt = None  # the transposed convolution's kernel (``_flipped``)
 
     def param_specs(self):
         kh, kw = self._k
@@ -112,8 +113,14 @@ class Conv2D(Layer):
         return 3 * 2.0 * ho * wo * self.fan_in * self.out_channels  # y = cols W, dW = cols.T dy, dcols = dy W.T
 
     def workspace_width(self, in_shape):
-        ho, wo, _ = self.out_shape(in_shape)
-        return ho * wo * self.fan_in  # cols (and, in backward, dcols in the same array)
+        (h, w, c), (ho, wo) = in_shape, self._sizes(in_shape)
+        width = self._cols_width(in_shape) + ho * wo  # cols (the columns of dy in backward), ones
+        if self._p != (0, 0):
+            width += (h + 2 * self._p[0]) * (w + 2 * self._p[1]) * c
+        if self._transposed():
+            q = self._q()
+            width += (ho + 2 * q[0]) * (wo + 2 * q[1]) * self.out_channels
+        return width
 
     def deferred_width(self, in_shape):
         ho, wo, c = self.out_shape(in_shape)
@@ -122,75 +129,128 @@ class Conv2D(Layer):
 
     # -- im2col / col2im ----------------------------------------------------------------------------
 
-    def _im2col(self, x, cols) -> None:
-        """Receptive fields of ``x`` (n, H, W, C) into ``cols`` (n, Ho, Wo, KH, KW, C); zeros where
-        a field overlaps the padding."""
-        (kh_, kw_), (sh, sw), (ph, pw) = self._k, self._s, self._p
-        _, h, w, _ = x.shape
-        _, ho, wo = cols.shape[:3]
-        for kh in range(kh_):
-            i0, i1, hs = _valid(h, ho, kh, sh, ph)
-            for kw in range(kw_):
-                j0, j1, ws = _valid(w, wo, kw, sw, pw)
-                dst = cols[:, :, :, kh, kw, :]
-                if i0 > 0 or i1 < ho or j0 > 0 or j1 < wo:  # the padding's columns
-                    dst[:, :i0] = 0
-                    dst[:, i1:] = 0
-                    dst[:, i0:i1, :j0] = 0
-                    dst[:, i0:i1, j1:] = 0
-                if i1 > i0 and j1 > j0:
-                    dst[:, i0:i1, j0:j1] = x[:, hs : hs + (i1 - i0 - 1) * sh + 1 : sh,
-                                             ws : ws + (j1 - j0 - 1) * sw + 1 : sw]  # fmt: skip
+    def _sizes(self, in_shape) -> tuple[int, int]:
+        ho, wo, _ = self.out_shape(in_shape)
+        return ho, wo
+
+    def _transposed(self) -> bool:
+        """Whether the input gradient is computed as a stride-1 convolution (of the output gradient
+        padded by ``kernel - 1 - padding``, with the flipped, transposed kernel): im2col of ``dy``
+        and one product, no scatter-add. Only for "same" padding: with less, the padded ``dy`` is
+        larger than ``dy`` and the product multiplies mostly zeros (col2im is then cheaper)."""
+        return self._s == (1, 1) and all(2 * p == k - 1 for p, k in zip(self._p, self._k, strict=True))
+
+    def _cols_width(self, in_shape) -> int:
+        """Values per row of the ``cols`` workspace: the forward's columns, and in backward those of
+        ``dy`` for the transposed convolution (the same array: cols is dead by then)."""
+        (h, w, _), (ho, wo) = in_shape, self._sizes(in_shape)
+        width = ho * wo * self.fan_in
+        if self._transposed():
+            width = max(width, h * w * self._k[0] * self._k[1] * self.out_channels)
+        return width
+
+    def _cols(self, ws, name: str, n: int, in_shape, dtype):
+        """The ``cols`` workspace of ``n`` rows (flat: its views below are contiguous)."""
+        return ws(name, (n * self._cols_width(in_shape),), dtype)
+
+    def _fields(self, x, pad, cols) -> None:
+        """Receptive fields of ``x`` (n, H, W, C) into ``cols`` (n, Ho, Wo, KH, KW * C) through
+        ``pad`` (the padded image, or ``None`` without padding)."""
+        _fields(x, pad, self._p, self._k, self._s, cols)
 
     def _col2im(self, dcols, dx) -> None:
         """Add each column of ``dcols`` (n, Ho, Wo, KH, KW, C) back onto its input pixel in ``dx``
-        (n, H, W, C), which this fills."""
+        (n, H, W, C), which this fills: a few images at a time, so that their ``dx`` stays in
+        cache through the ``KH * KW`` additions."""
         (kh_, kw_), (sh, sw), (ph, pw) = self._k, self._s, self._p
-        _, h, w, _ = dx.shape
+        n, h, w, c = dx.shape
         _, ho, wo = dcols.shape[:3]
+        step = max(1, _CACHE_VALUES // (h * w * c))
         dx[...] = 0
-        for kh in range(kh_):
-            i0, i1, hs = _valid(h, ho, kh, sh, ph)
-            for kw in range(kw_):
-                j0, j1, ws = _valid(w, wo, kw, sw, pw)
-                if i1 > i0 and j1 > j0:
-                    dx[:, hs : hs + (i1 - i0 - 1) * sh + 1 : sh, ws : ws + (j1 - j0 - 1) * sw + 1 : sw] += (
-                        dcols[:, i0:i1, j0:j1, kh, kw]
-                    )
+        for a in range(0, n, step):
+            part, src = dx[a : a + step], dcols[a : a + step]
+            for kh in range(kh_):
+                i0, i1, hs = _valid(h, ho, kh, sh, ph)
+                for kw in range(kw_):
+                    j0, j1, ws = _valid(w, wo, kw, sw, pw)
+                    if i1 > i0 and j1 > j0:
+                        part[:, hs : hs + (i1 - i0 - 1) * sh + 1 : sh, ws : ws + (j1 - j0 - 1) * sw + 1 : sw] += (
+                            src[:, i0:i1, j0:j1, kh, kw]
+                        )
+
+    def _pad_ws(self, ws, name, n, shape, pad, dtype):
+        if pad == (0, 0):
+            return None
+        h, w, c = shape
+        return ws(name, (n, h + 2 * pad[0], w + 2 * pad[1], c), dtype)
+
+    def _flipped(self):
+        """``W`` as the kernel of the transposed convolution, ``(KH, KW, Cout, Cin)`` flipped in
+        space (a small scratch array, made once)."""
+        kh, kw = self._k
+        if self._Wt is None or self._Wt.dtype != self.W.dtype:
+            self._Wt = xp.empty((kh, kw, self.out_channels, self.in_channels), self.W.dtype)
+        w4 = self.W.reshape(kh, kw, self.in_channels, self.out_channels)
+        xp.copyto(self._Wt, w4[::-1, ::-1].transpose(0, 1, 3, 2))
+        return self._Wt.reshape(-1, self.in_channels)
+
+    def _input_grad(self, dy, dx, cols, dypad, Wt) -> None:
+        """``dx`` (n, H, W, C) from ``dy`` (n, Ho, Wo, Cout), through the flat ``cols`` scratch."""
+        n, h, w, c = dx.shape
+        (kh, kw), cout = self._k, self.out_channels
+        if Wt is not None:  # the transposed convolution: im2col of dy, one product
+            tcols = cols[: n * h * w * kh * kw * cout].reshape(n, h, w, kh, kw * cout)
+            q = (kh - 1 - self._p[0], kw - 1 - self._p[1])
+            _fields(dy, dypad, q, self._k, (1, 1), tcols)
+            xp.matmul(tcols.reshape(-1, kh * kw * cout), Wt, out=dx.reshape(-1, c))
+            return
+        ho, wo = dy.shape[1:3]
+        dcols = cols[: n * ho * wo * self.fan_in].reshape(-1, self.fan_in)
+        xp.matmul(dy.reshape(-1, cout), self.W.T, out=dcols)
+        self._col2im(dcols.reshape(n, ho, wo, kh, kw, c), dx)
 
     # -- forward / backward -------------------------------------------------------------------------
 
     def forward(self, x, saved, ws=FRESH):
-        n = len(x)
-        ho, wo, cout = self.out_shape(x.shape[1:])
+        n, shape = len(x), x.shape[1:]
+        ho, wo, cout = self.out_shape(shape)
         (kh, kw), c = self._k, self.in_channels
-        cols = ws("cols", (n, ho, wo, kh, kw, c), x.dtype)
+        flat = self._cols(ws, "cols", n, shape, x.dtype)
+        cols = flat[: n * ho * wo * self.fan_in].reshape(n, ho, wo, kh, kw * c)
+        pad = self._pad_ws(ws, "pad", n, shape, self._p, x.dtype)
         y = ws("y", (n, ho, wo, cout), x.dtype)
         if self._shards is None:
-            self._im2col(x, cols)
+            self._fields(x, pad, cols)
             xp.matmul(cols.reshape(-1, self.fan_in), self.W, out=y.reshape(-1, cout))
         else:
             sh = self._shards
 
             def one(k):
                 r = sh.rows_of(k, n)
-                self._im2col(x[r], cols[r])
+                self._fields(x[r], None if pad is None else pad[r], cols[r])
                 xp.matmul(cols[r].reshape(-1, self.fan_in), self.W, out=y[r].reshape(-1, cout))
 
             sh.workers.run(one, sh.blocks(n))
         if self.bias:
             y += self.b
         if saved is not None:
-            saved["x"], saved["cols"] = x, cols
+            saved["x"], saved["cols"], saved["flat"] = x, cols, flat
         return y
 
+    def _bias_grad(self, dy2, out, ws) -> None:
+        """``out = sum(dy2, axis=0)`` as a product with ones (numpy's column sum of a narrow
+        matrix is several times slower)."""
+        ones = ws("ones", (len(dy2),), dy2.dtype)
+        ones.fill(1)
+        xp.matmul(ones, dy2, out=out)
+
     def backward(self, dy, saved, need_dx=True, accumulate=False, ws=FRESH):
-        x, cols = saved.pop("x"), saved.pop("cols")
+        x, cols, flat = saved.pop("x"), saved.pop("cols"), saved.pop("flat")
         n, cout = len(dy), self.out_channels
+        if self._shards is not None:
+            return self._backward_shards(x, dy, cols, flat, saved.get("shard", 0), need_dx, ws)
         dy2 = dy.reshape(-1, cout)  # (n * Ho * Wo, Cout)
         cols2 = cols.reshape(-1, self.fan_in)  # (n * Ho * Wo, KH * KW * C)
-        if self._shards is not None:
-            return self._backward_shards(x, dy, cols, saved.get("shard", 0), need_dx, ws)
         if "defer" in saved:  # (first row, step rows, stack scope): weight gradients come later
             first, rows, stack = saved["defer"]
             self._deferred_shape = x.shape[1:]
@@ -203,18 +263,22 @@ class Conv2D(Layer):
             xp.matmul(cols2.T, dy2, out=self._dW_part)
             self.dW += self._dW_part
             if self.bias:
-                xp.sum(dy2, axis=0, out=self._db_part)
+                self._bias_grad(dy2, self._db_part, ws)
                 self.db += self._db_part
         else:
             xp.matmul(cols2.T, dy2, out=self.dW)
             if self.bias:
-                xp.sum(dy2, axis=0, out=self.db)
+                self._bias_grad(dy2, self.db, ws)
         if not need_dx:
             return None
-        xp.matmul(dy2, self.W.T, out=cols2)  # dcols, over cols: the weight gradient is formed
         dx = ws("dx", x.shape, dy.dtype)
-        self._col2im(cols, dx)
+        transposed = self._transposed()
+        dypad = self._pad_ws(ws, "dypad", n, dy.shape[1:], self._q(), dy.dtype) if transposed else None
+        self._input_grad(dy, dx, flat, dypad, self._flipped() if transposed else None)
         return dx
+
+    def _q(self) -> tuple[int, int]:
+        return self._k[0] - 1 - self._p[0], self._k[1] - 1 - self._p[1]
 
     def weight_grads(self, stack, rows):
         if self._deferred_shape is None:  # no deferred backward ran (no rows this step)
@@ -222,32 +286,38 @@ class Conv2D(Layer):
         dt, shape = self.dW.dtype, self._deferred_shape
         ho, wo, cout = self.out_shape(shape)
         x, dy = stack("x", (rows, *shape), dt), stack("dy", (rows, ho, wo, cout), dt)
-        cols = stack("cols", (rows, ho, wo, *self._k, self.in_channels), dt)
-        self._im2col(x, cols)
+        cols = stack("cols", (rows, ho, wo, self._k[0], self._k[1] * self.in_channels), dt)
+        self._fields(x, self._pad_ws(stack, "pad", rows, shape, self._p, dt), cols)
         dy2 = dy.reshape(-1, cout)
         xp.matmul(cols.reshape(-1, self.fan_in).T, dy2, out=self.dW)  # one product over the step's rows
         if self.bias:
-            xp.sum(dy2, axis=0, out=self.db)
+            self._bias_grad(dy2, self.db, stack)
 
     def shard(self, sharding, grads):
         self._shards, self._shard_grads = sharding, grads
 
-    def _backward_shards(self, x, dy, cols, first: int, need_dx: bool, ws):
+    def _backward_shards(self, x, dy, cols, flat, first: int, need_dx: bool, ws):
         """Each shard's weight gradients into its own row of the per-shard buffers (``first``: the
         local index of the input's first shard), and the input gradient shard by shard."""
         n, sh, cout = len(dy), self._shards, self.out_channels
         dW, db = self._shard_grads["W"], self._shard_grads.get("b")
         dx = ws("dx", x.shape, dy.dtype) if need_dx else None
+        transposed = need_dx and self._transposed()
+        dypad = self._pad_ws(ws, "dypad", n, dy.shape[1:], self._q(), dy.dtype) if transposed else None
+        Wt = self._flipped() if transposed else None
+        ones = ws("ones", (len(dy) * dy.shape[1] * dy.shape[2],), dy.dtype)
+        ones.fill(1)
+        width = len(flat) // n
 
         def one(k):
             r = sh.rows_of(k, n)
             dy2, cols2 = dy[r].reshape(-1, cout), cols[r].reshape(-1, self.fan_in)
             xp.matmul(cols2.T, dy2, out=dW[first + k].reshape(self.fan_in, cout))
             if db is not None:
-                xp.sum(dy2, axis=0, out=db[first + k])
+                xp.matmul(ones[: len(dy2)], dy2, out=db[first + k])
             if need_dx:
-                xp.matmul(dy2, self.W.T, out=cols2)
-                self._col2im(cols[r], dx[r])
+                part = flat[r.start * width : r.stop * width]
+                self._input_grad(dy[r], dx[r], part, None if dypad is None else dypad[r], Wt)
 
         sh.workers.run(one, sh.blocks(n))
         return dx
@@ -259,6 +329,29 @@ class Conv2D(Layer):
             if pair(value) != pair(default)
         )
         return f"Conv2D({self.in_channels}, {self.out_channels}, {self.kernel}{extra})"
+
+
+_CACHE_VALUES = 1 << 17  # input-gradient values col2im keeps in cache at a time (512 KiB in float32)
+
+
+def _fields(x, pad, padding, kernel, stride, cols) -> None:
+    """im2col: the receptive fields of ``x`` (n, H, W, C) into ``cols`` (n, Ho, Wo, KH, KW * C), one
+    strided copy (a field's rows are runs of ``KW * C`` contiguous values of the padded image).
+    ``pad``: an array of the padded image's shape (its border is zeroed here), ``None`` when
+    ``padding`` is zero."""
+    if pad is not None:
+        (ph, pw), h, w = padding, x.shape[1], x.shape[2]
+        pad[:, :ph], pad[:, ph + h :], pad[:, ph : ph + h, :pw], pad[:, ph : ph + h, pw + w :] = 0, 0, 0, 0
+        pad[:, ph : ph + h, pw : pw + w] = x
+        x = pad
+    elif not x.flags.c_contiguous:  # a field's runs must be contiguous
+        x = xp.ascontiguousarray(x)
+    n, ho, wo, kh, row = cols.shape
+    s0, s1, s2, s3 = x.strides
+    fields = xp.lib.stride_tricks.as_strided(
+        x, (n, ho, wo, kh, row), (s0, stride[0] * s1, stride[1] * s2, s1, s3), writeable=False
+    )
+    xp.copyto(cols, fields)
 
 
 class _Pool2D(Layer):
@@ -306,7 +399,8 @@ class _Pool2D(Layer):
 
 
 class MaxPool2D(_Pool2D):
-    """The largest value of each window; the gradient goes to the window's first largest value."""
+    """The largest value of each window; the gradient goes to the window's first largest value
+    (in row-major order of the window)."""
 
     def forward(self, x, saved, ws=FRESH):
         n = len(x)
@@ -314,39 +408,40 @@ class MaxPool2D(_Pool2D):
         y = ws("y", (n, ho, wo, c), x.dtype)
         windows = self._windows(x, ho, wo)
         xp.copyto(y, next(windows)[1])
-        if saved is None:
-            for _, v in windows:
-                xp.maximum(y, v, out=y)
-            return y
-        arg = ws("arg", y.shape, xp.uint8)  # which offset holds the window's (first) maximum
-        arg[...] = 0
-        larger = ws("larger", y.shape, bool)
-        for p, v in windows:
-            xp.greater(v, y, out=larger)  # strictly: a tie keeps the earlier offset
-            xp.copyto(y, v, where=larger)
-            xp.copyto(arg, p, where=larger)
-        saved["shape"], saved["arg"] = x.shape, arg
+        for _, v in windows:
+            xp.maximum(y, v, out=y)
+        if saved is not None:
+            saved["x"], saved["y"] = x, y
         return y
 
     def backward(self, dy, saved, need_dx=True, accumulate=False, ws=FRESH):
-        shape, arg = saved.pop("shape"), saved.pop("arg")
-        dx = ws("dx", shape, dy.dtype)
-        tiles = self._tiles(shape[1:])
+        # Where each window's first maximum is, found again from the input and the output: cheaper
+        # than tracking it in forward (masked copies are slow), and no state kept between the two.
+        x, y = saved.pop("x"), saved.pop("y")
+        dx = ws("dx", x.shape, dy.dtype)
+        tiles = self._tiles(x.shape[1:])
         if not tiles:
             dx[...] = 0
-        mask = ws("mask", dy.shape, bool)
+        found, mask = ws("found", dy.shape, bool), ws("mask", dy.shape, bool)
         part = None if tiles else ws("part", dy.shape, dy.dtype)
-        for p, v in self._windows(dx, *dy.shape[1:3]):
-            xp.equal(arg, p, out=mask)
-            if tiles:
-                xp.multiply(dy, mask, out=v)
+        ho, wo = dy.shape[1:3]
+        for (p, v), (_, d) in zip(self._windows(x, ho, wo), self._windows(dx, ho, wo), strict=True):
+            if p == 0:
+                xp.equal(v, y, out=found)
+                mask[...] = found
             else:
-                v += xp.multiply(dy, mask, out=part)
+                xp.equal(v, y, out=mask)
+                xp.greater(mask, found, out=mask)  # a maximum, and none at an earlier offset
+                xp.logical_or(found, mask, out=found)
+            if tiles:
+                xp.multiply(dy, mask, out=d)
+            else:
+                d += xp.multiply(dy, mask, out=part)
         return dx
 
     def workspace_width(self, in_shape):
         ho, wo, c = self.out_shape(in_shape)
-        return 2 * ho * wo * c  # offsets and masks (bytes, counted as values: an upper bound)
+        return 2 * ho * wo * c  # two masks (bytes, counted as values: an upper bound)
 
 
 class AvgPool2D(_Pool2D):
