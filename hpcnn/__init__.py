@@ -1,8 +1,8 @@
 """hpcnn: data- and model-parallel neural-network training with numpy and MPI.
 
-The library: a ``Trainer`` fits a model (``Sequential`` of ``Dense``, activations and layers of your
-own, ``Layer`` subclasses) on data (``arrays``, a built-in dataset, an HDF5 file) with a loss and an
-optimizer (``SGD``, ``Adam``, ``AdamW``), over the ranks of an MPI job, with settings as ``Config``
+The library: a ``Trainer`` fits a model (``Sequential`` of ``Dense``, activations, convolution and
+pooling layers (``Conv2D``, ``MaxPool2D``, ...) and layers of your own, ``Layer`` subclasses) on
+data (``arrays``, a built-in dataset, an HDF5 file) with a loss and an optimizer (``SGD``, ``Adam``, ``AdamW``), over the ranks of an MPI job, with settings as ``Config``
 fields. The parts: ``hpcnn.core`` (numerical: plain numpy, no MPI, files or argv), ``hpcnn.parallel``
 (communicator, data-parallel reduction, pipeline, preemption, stall inspector), ``hpcnn.io``
 (datasets, checkpoints, run directories), ``hpcnn.training`` (the loop and the ``Trainer``), and the
@@ -33,6 +33,11 @@ _EXPORTS = {
     "BatchNorm": "hpcnn.core.norm",
     "LayerNorm": "hpcnn.core.norm",
     "Dropout": "hpcnn.core.dropout",
+    "Conv2D": "hpcnn.core.conv",
+    "MaxPool2D": "hpcnn.core.conv",
+    "AvgPool2D": "hpcnn.core.conv",
+    "GlobalAvgPool": "hpcnn.core.conv",
+    "Flatten": "hpcnn.core.conv",
     "SoftmaxCrossEntropy": "hpcnn.core.losses",
     "MeanSquaredError": "hpcnn.core.losses",
     "SGD": "hpcnn.core.optim",

@@ -6,14 +6,18 @@ from types import SimpleNamespace
 import numpy as np
 
 from hpcnn.config import Config
+from hpcnn.core.conv import Conv2D, GlobalAvgPool, MaxPool2D
+from hpcnn.core.layers import Dense, ReLU
 from hpcnn.core.losses import SoftmaxCrossEntropy
 from hpcnn.core.model import Sequential, mlp_layers
+from hpcnn.io.datasets import arrays
 from hpcnn.parallel import data_parallel
 from hpcnn.parallel.comm import Comm
 from hpcnn.parallel.data_parallel import DataParallel, buckets
 from hpcnn.parallel.inspector import Inspector
 from hpcnn.parallel.preempt import StopRequest
 from hpcnn.training.engine import Training
+from hpcnn.training.setup import Parts
 
 
 def test_buckets_are_whole_layers_covering_the_buffer_in_backward_order():
@@ -104,17 +108,11 @@ def test_each_bucket_starts_as_soon_as_backward_completes_it(monkeypatch):
     assert events == [("allreduce", model.params.size)]
 
 
-def test_a_training_step_allocates_no_activation_sized_array():
-    """After the first steps, a step (read, forward, loss, backward, reduction, optimizer) allocates
-    less than one activation array: everything comes from the workspace and preallocated state.
-    (numpy's ufuncs may take a fixed iteration buffer of ``np.getbufsize()`` elements, 32 KiB.)"""
-    cfg = Config(
-        data="synthetic", synthetic_features=256, synthetic_rows=1024, hidden=[512, 512], batch_size=256,
-        micro_batches=2, optimizer="adam", eval_every=0,
-    )  # fmt: skip
+def steady_step_peak(cfg, parts=None) -> int:
+    """The bytes a training step allocates at its peak after two warm-up steps."""
     comm = Comm.serial()
     inspector = Inspector(comm, 0)
-    training = Training(cfg, comm, lambda *a: None, inspector)
+    training = Training(cfg, comm, lambda *a: None, inspector, parts=parts)
     batches = list(training.sampler.epoch(0))
     sums = np.zeros(3)
     with StopRequest(comm, ()) as training.stop:
@@ -126,5 +124,33 @@ def test_a_training_step_allocates_no_activation_sized_array():
         tracemalloc.stop()
     inspector.close()
     training.grid.free()
+    return peak
+
+
+def test_a_training_step_allocates_no_activation_sized_array():
+    """After the first steps, a step (read, forward, loss, backward, reduction, optimizer) allocates
+    less than one activation array: everything comes from the workspace and preallocated state.
+    (numpy's ufuncs may take a fixed iteration buffer of ``np.getbufsize()`` elements, 32 KiB.)"""
+    cfg = Config(
+        data="synthetic", synthetic_features=256, synthetic_rows=1024, hidden=[512, 512], batch_size=256,
+        micro_batches=2, optimizer="adam", eval_every=0,
+    )  # fmt: skip
+    peak = steady_step_peak(cfg)
     smallest_activation = 128 * 256 * 4  # a micro-batch of 128 rows x the input width, float32
+    assert peak < smallest_activation, f"a step allocated {peak} bytes"
+
+
+def test_a_conv_net_training_step_allocates_no_activation_sized_array():
+    """The same for a convolutional network: im2col columns, padded images, pooling masks and input
+    gradients all come from the workspace."""
+    rng = np.random.default_rng(0)
+    ds = arrays(rng.normal(size=(512, 16 * 16 * 2)).astype(np.float32), rng.integers(0, 4, 512))
+    ds.shape = (16, 16, 2)
+    layers = [
+        Conv2D(2, 8, 3, padding=1), ReLU(), MaxPool2D(2), Conv2D(8, 8, 3, stride=2), ReLU(), MaxPool2D(2, 1),
+        Conv2D(8, 16, 1), GlobalAvgPool(), Dense(16, 4),
+    ]  # fmt: skip
+    cfg = Config(batch_size=128, micro_batches=2, optimizer="adam", eval_every=0)
+    peak = steady_step_peak(cfg, Parts(layers=layers, data=ds))
+    smallest_activation = 64 * 16 * 16 * 2 * 4  # a micro-batch's input, float32
     assert peak < smallest_activation, f"a step allocated {peak} bytes"

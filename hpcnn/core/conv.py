@@ -101,7 +101,9 @@ class Conv2D(Layer):
     def out_shape(self, in_shape):
         h, w, c = _image(in_shape, repr(self))
         if c != self.in_channels:
-            raise ValueError(f"{self!r} takes {self.in_channels} channels, not {c} (rows of shape {in_shape})")
+            raise ValueError(
+                f"{self!r} takes {self.in_channels} channels, not {c} (rows of shape {in_shape})"
+            )
         ho, wo = (_out_size(n, k, s, p) for n, k, s, p in zip((h, w), self._k, self._s, self._p, strict=True))
         if ho < 1 or wo < 1:
             raise ValueError(f"{self!r} on {h}x{w} images leaves no output pixel (kernel larger than the "
@@ -110,7 +112,9 @@ class Conv2D(Layer):
 
     def flops(self, in_shape):
         ho, wo, _ = self.out_shape(in_shape)
-        return 3 * 2.0 * ho * wo * self.fan_in * self.out_channels  # y = cols W, dW = cols.T dy, dcols = dy W.T
+        return (
+            3 * 2.0 * ho * wo * self.fan_in * self.out_channels
+        )  # y = cols W, dW = cols.T dy, dcols = dy W.T
 
     def workspace_width(self, in_shape):
         (h, w, c), (ho, wo) = in_shape, self._sizes(in_shape)
@@ -174,9 +178,9 @@ class Conv2D(Layer):
                 for kw in range(kw_):
                     j0, j1, ws = _valid(w, wo, kw, sw, pw)
                     if i1 > i0 and j1 > j0:
-                        part[:, hs : hs + (i1 - i0 - 1) * sh + 1 : sh, ws : ws + (j1 - j0 - 1) * sw + 1 : sw] += (
-                            src[:, i0:i1, j0:j1, kh, kw]
-                        )
+                        part[
+                            :, hs : hs + (i1 - i0 - 1) * sh + 1 : sh, ws : ws + (j1 - j0 - 1) * sw + 1 : sw
+                        ] += src[:, i0:i1, j0:j1, kh, kw]
 
     def _pad_ws(self, ws, name, n, shape, pad, dtype):
         if pad == (0, 0):
@@ -309,17 +313,21 @@ class Conv2D(Layer):
         ones.fill(1)
         width = len(flat) // n
 
-        def one(k):
+        def weights(k):
             r = sh.rows_of(k, n)
             dy2, cols2 = dy[r].reshape(-1, cout), cols[r].reshape(-1, self.fan_in)
             xp.matmul(cols2.T, dy2, out=dW[first + k].reshape(self.fan_in, cout))
             if db is not None:
                 xp.matmul(ones[: len(dy2)], dy2, out=db[first + k])
-            if need_dx:
-                part = flat[r.start * width : r.stop * width]
-                self._input_grad(dy[r], dx[r], part, None if dypad is None else dypad[r], Wt)
 
-        sh.workers.run(one, sh.blocks(n))
+        def inputs(k):  # after every shard's weights: its scratch may cover other shards' columns
+            r = sh.rows_of(k, n)
+            part = flat[r.start * width : r.stop * width]
+            self._input_grad(dy[r], dx[r], part, None if dypad is None else dypad[r], Wt)
+
+        sh.workers.run(weights, sh.blocks(n))
+        if need_dx:
+            sh.workers.run(inputs, sh.blocks(n))
         return dx
 
     def __repr__(self):
@@ -363,7 +371,9 @@ class _Pool2D(Layer):
         self._k = pair(kernel)
         self._s = self._k if stride is None else pair(stride)
         if min(self._k) < 1 or min(self._s) < 1:
-            raise ValueError(f"{type(self).__name__}(kernel={kernel}, stride={stride}): sizes must be positive")
+            raise ValueError(
+                f"{type(self).__name__}(kernel={kernel}, stride={stride}): sizes must be positive"
+            )
 
     def out_shape(self, in_shape):
         h, w, c = _image(in_shape, repr(self))
