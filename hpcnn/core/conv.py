@@ -164,23 +164,38 @@ class Conv2D(Layer):
 
     def _col2im(self, dcols, dx) -> None:
         """Add each column of ``dcols`` (n, Ho, Wo, KH, KW, C) back onto its input pixel in ``dx``
-        (n, H, W, C), which this fills: a few images at a time, so that their ``dx`` stays in
-        cache through the ``KH * KW`` additions."""
+        (n, H, W, C), which this fills. One addition per kernel row ``kh`` and output column ``j``:
+        the ``KW * C`` values of a field's row are one contiguous run in both arrays (numpy's loops
+        then run over runs that long, not over ``C`` values), a few images at a time, so that their
+        ``dx`` stays in cache through the ``KH * Wo`` additions."""
         (kh_, kw_), (sh, sw), (ph, pw) = self._k, self._s, self._p
         n, h, w, c = dx.shape
         _, ho, wo = dcols.shape[:3]
         step = max(1, _CACHE_VALUES // (h * w * c))
         dx[...] = 0
-        for a in range(0, n, step):
-            part, src = dx[a : a + step], dcols[a : a + step]
-            for kh in range(kh_):
-                i0, i1, hs = _valid(h, ho, kh, sh, ph)
+        runs = []  # (rows of dx, columns of dx, rows of dcols, columns of dcols, kh, offsets kw)
+        for kh in range(kh_):
+            i0, i1, hs = _valid(h, ho, kh, sh, ph)
+            if i1 == i0:
+                continue
+            rows = slice(hs, hs + (i1 - i0 - 1) * sh + 1, sh)
+            if c == 1:  # runs of one value: an addition per (kh, kw) over strided columns is faster
                 for kw in range(kw_):
                     j0, j1, ws = _valid(w, wo, kw, sw, pw)
-                    if i1 > i0 and j1 > j0:
-                        part[
-                            :, hs : hs + (i1 - i0 - 1) * sh + 1 : sh, ws : ws + (j1 - j0 - 1) * sw + 1 : sw
-                        ] += src[:, i0:i1, j0:j1, kh, kw]
+                    if j1 > j0:
+                        runs.append(
+                            (rows, slice(ws, ws + (j1 - j0 - 1) * sw + 1, sw), i0, i1, slice(j0, j1), kh, kw)
+                        )
+                continue
+            for j in range(wo):
+                kw0, kw1 = max(0, pw - j * sw), min(kw_, w + pw - j * sw)
+                if kw1 > kw0:
+                    ws = j * sw + kw0 - pw
+                    runs.append((rows, slice(ws, ws + kw1 - kw0), i0, i1, j, kh, slice(kw0, kw1)))
+        for a in range(0, n, step):
+            part, src = dx[a : a + step], dcols[a : a + step]
+            for rows, cols, i0, i1, j, kh, kw in runs:
+                part[:, rows, cols] += src[:, i0:i1, j, kh, kw]
 
     def _pad_ws(self, ws, name, n, shape, pad, dtype):
         if pad == (0, 0):
@@ -235,8 +250,10 @@ class Conv2D(Layer):
                 xp.matmul(cols[r].reshape(-1, self.fan_in), self.W, out=y[r].reshape(-1, cout))
 
             sh.workers.run(one, sh.blocks(n))
-        if self.bias:
-            y += self.b
+        if self.bias:  # as one row of Ho * Wo * Cout values: numpy's loops would otherwise run over Cout
+            row = ws("bias", (ho * wo, cout), x.dtype)
+            xp.copyto(row, self.b)
+            y.reshape(n, -1)[...] += row.reshape(-1)
         if saved is not None:
             saved["x"], saved["cols"], saved["flat"] = x, cols, flat
         return y
@@ -410,16 +427,29 @@ class _Pool2D(Layer):
 
 class MaxPool2D(_Pool2D):
     """The largest value of each window; the gradient goes to the window's first largest value
-    (in row-major order of the window)."""
+    (in row-major order of the window).
+
+    Windows that tile the image (stride = kernel, sizes divisible) take the maximum in two passes:
+    along each row of a window (views whose innermost runs are ``C`` values), then down the rows
+    (runs of ``Wo * C`` contiguous values): fewer operations on short runs than one pass per
+    window offset, and backward routes the gradient through the same two steps, which picks the
+    same first maximum (the first row holding the window's maximum, then its first column there).
+    """
 
     def forward(self, x, saved, ws=FRESH):
-        n = len(x)
-        ho, wo, c = self.out_shape(x.shape[1:])
+        n, h, w, c = x.shape
+        ho, wo, _ = self.out_shape(x.shape[1:])
         y = ws("y", (n, ho, wo, c), x.dtype)
-        windows = self._windows(x, ho, wo)
-        xp.copyto(y, next(windows)[1])
-        for _, v in windows:
-            xp.maximum(y, v, out=y)
+        if self._tiles(x.shape[1:]):
+            (kh, kw), rows = self._k, x
+            if kw > 1:  # the maximum along each window row: (n, H, Wo, C)
+                rows = ws("rows", (n, h, wo, c), x.dtype)
+                _maximum(_offsets(x.reshape(n, h, wo, kw, c), 3), rows)
+            _maximum(_offsets(rows.reshape(n, ho, kh, wo * c), 2), y.reshape(n, ho, wo * c))
+            if saved is not None:
+                saved["x"], saved["rows"], saved["y"] = x, rows, y
+            return y
+        _maximum([v for _, v in self._windows(x, ho, wo)], y)
         if saved is not None:
             saved["x"], saved["y"] = x, y
         return y
@@ -428,30 +458,63 @@ class MaxPool2D(_Pool2D):
         # Where each window's first maximum is, found again from the input and the output: cheaper
         # than tracking it in forward (masked copies are slow), and no state kept between the two.
         x, y = saved.pop("x"), saved.pop("y")
-        dx = ws("dx", x.shape, dy.dtype)
-        tiles = self._tiles(x.shape[1:])
-        if not tiles:
-            dx[...] = 0
-        found, mask = ws("found", dy.shape, bool), ws("mask", dy.shape, bool)
-        part = None if tiles else ws("part", dy.shape, dy.dtype)
+        n, h, w, c = x.shape
         ho, wo = dy.shape[1:3]
-        for (p, v), (_, d) in zip(self._windows(x, ho, wo), self._windows(dx, ho, wo), strict=True):
-            if p == 0:
-                xp.equal(v, y, out=found)
-                mask[...] = found
-            else:
-                xp.equal(v, y, out=mask)
-                xp.greater(mask, found, out=mask)  # a maximum, and none at an earlier offset
-                xp.logical_or(found, mask, out=found)
-            if tiles:
-                xp.multiply(dy, mask, out=d)
-            else:
-                d += xp.multiply(dy, mask, out=part)
+        dx = ws("dx", x.shape, dy.dtype)
+        if "rows" in saved:
+            rows, (kh, kw) = saved.pop("rows"), self._k
+            drows = ws("drows", rows.shape, dy.dtype) if kw > 1 else dx
+            shape = (n, ho, wo * c)
+            _route(_offsets(rows.reshape(n, ho, kh, wo * c), 2), y.reshape(shape), dy.reshape(shape),
+                   _offsets(drows.reshape(n, ho, kh, wo * c), 2), ws, "down")  # fmt: skip
+            if kw > 1:
+                _route(_offsets(x.reshape(n, h, wo, kw, c), 3), rows, drows,
+                       _offsets(dx.reshape(n, h, wo, kw, c), 3), ws, "along")  # fmt: skip
+            return dx
+        dx[...] = 0  # windows overlap (added) or leave pixels out (zero)
+        _route([v for _, v in self._windows(x, ho, wo)], y, dy, [d for _, d in self._windows(dx, ho, wo)],
+               ws, "windows", add=True)  # fmt: skip
         return dx
 
     def workspace_width(self, in_shape):
         ho, wo, c = self.out_shape(in_shape)
-        return 2 * ho * wo * c  # two masks (bytes, counted as values: an upper bound)
+        h = in_shape[0]
+        return 2 * h * wo * c + 2 * ho * wo * c  # row maxima and their gradient, two masks (bytes)
+
+
+def _offsets(a, axis: int) -> list:
+    """The views of ``a`` at each index of ``axis`` (one window offset each)."""
+    return [a[(slice(None),) * axis + (i,)] for i in range(a.shape[axis])]
+
+
+def _maximum(values, out) -> None:
+    xp.copyto(out, values[0])
+    for v in values[1:]:
+        xp.maximum(out, v, out=out)
+
+
+def _route(values, best, grad, outs, ws, name: str, add: bool = False) -> None:
+    """``grad`` into ``outs[p]`` where ``values[p]`` is the first of ``values`` to equal ``best`` (their
+    maximum), zeros elsewhere (added to ``outs`` with ``add``: overlapping windows)."""
+    if len(values) == 1:
+        xp.copyto(outs[0], grad) if not add else xp.add(outs[0], grad, out=outs[0])
+        return
+    found, mask = ws(name + "-found", best.shape, bool), ws(name + "-mask", best.shape, bool)
+    part = ws(name + "-part", grad.shape, grad.dtype) if add else None
+    last = len(values) - 1
+    for p, (v, d) in enumerate(zip(values, outs, strict=True)):
+        if p == 0:
+            m = xp.equal(v, best, out=found)
+        elif p == last:  # the maximum is here when at no earlier offset
+            m = xp.logical_not(found, out=mask)
+        else:
+            m = xp.equal(v, best, out=mask)
+            xp.greater(m, found, out=m)  # a maximum, and none at an earlier offset
+            xp.logical_or(found, m, out=found)
+        if add:
+            d += xp.multiply(grad, m, out=part)
+        else:
+            xp.multiply(grad, m, out=d)
 
 
 class AvgPool2D(_Pool2D):
