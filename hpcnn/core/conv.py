@@ -3,18 +3,17 @@
 ``Conv2D`` is im2col plus one matrix product: every output pixel's receptive field is copied into
 a row of a workspace array ``cols`` ``(batch * Ho * Wo, KH * KW * C)`` (the ``(kh, kw, c)`` order of
 the weight's rows), and ``cols @ W`` is the output ``(batch, Ho, Wo, Cout)`` directly, with no
-transposition: in NHWC a pixel's channels are contiguous, so the copies move whole channel vectors
-and the product's result is already in the layout the next layer reads. Backward forms the weight
-gradient as ``cols.T @ dy`` (one product over all pixels of the micro-batch) and the input gradient
-as ``dy @ W.T`` into the same ``cols`` array (dead once the weight gradient is formed), which
-col2im then adds back onto the input pixels, one kernel offset ``(kh, kw)`` at a time. Padding is
-never materialised: each offset copies (and adds back) only the output pixels whose input pixel is
-inside the image, and the padded pixels' columns are zeros.
+transposition. In NHWC one row of a receptive field is ``KW * C`` contiguous values of the (padded)
+image, so im2col is a single strided copy of such runs, and the product's result is already in the
+layout the next layer reads (docs/architecture.md). Backward forms the weight gradient as
+``cols.T @ dy``, one product over all pixels of the micro-batch. The input gradient is, for
+"same" padding at stride 1, itself a convolution: im2col of the padded ``dy`` and one product with
+the flipped kernel, into the ``cols`` array (dead once the weight gradient is formed). Otherwise it
+is ``dy @ W.T`` there, added back onto the input pixels by col2im.
 
-Pooling works on the ``KH * KW`` strided views of the input that one window offset picks out of
-every window: a handful of whole-array operations, no index arrays. ``MaxPool2D`` keeps, per
-output value, the offset of its window's first maximum (one byte), and backward routes the whole
-gradient there.
+Pooling works on strided views of the input, one per window offset: whole-array operations, no
+index arrays. ``MaxPool2D`` finds the window's first maximum again in backward, by comparing the
+input with the output it kept.
 """
 
 import math
@@ -65,8 +64,16 @@ class Conv2D(Layer):
     ``W`` has shape ``(KH, KW, in_channels, out_channels)``, ``b`` ``(out_channels,)``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel, stride=1, padding=0, bias: bool = True,
-                 init: str = "he"):  # fmt: skip
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel,
+        stride=1,
+        padding=0,
+        bias: bool = True,
+        init: str = "he",
+    ):
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.kernel, self.stride, self.padding, self.bias, self.init = kernel, stride, padding, bias, init
         self._k, self._s, self._p = pair(kernel), pair(stride), pair(padding)
@@ -83,8 +90,15 @@ class Conv2D(Layer):
 
     def param_specs(self):
         kh, kw = self._k
-        specs = [ParamSpec("W", (kh, kw, self.in_channels, self.out_channels), self.init, self.fan_in,
-                           kh * kw * self.out_channels)]  # fmt: skip
+        specs = [
+            ParamSpec(
+                "W",
+                (kh, kw, self.in_channels, self.out_channels),
+                self.init,
+                self.fan_in,
+                kh * kw * self.out_channels,
+            )
+        ]
         if self.bias:
             specs.append(ParamSpec("b", (self.out_channels,), "zeros"))
         return specs
@@ -106,15 +120,15 @@ class Conv2D(Layer):
             )
         ho, wo = (_out_size(n, k, s, p) for n, k, s, p in zip((h, w), self._k, self._s, self._p, strict=True))
         if ho < 1 or wo < 1:
-            raise ValueError(f"{self!r} on {h}x{w} images leaves no output pixel (kernel larger than the "
-                             "padded image)")  # fmt: skip
+            raise ValueError(
+                f"{self!r} on {h}x{w} images leaves no output pixel (kernel larger than the padded image)"
+            )
         return ho, wo, self.out_channels
 
     def flops(self, in_shape):
         ho, wo, _ = self.out_shape(in_shape)
-        return (
-            3 * 2.0 * ho * wo * self.fan_in * self.out_channels
-        )  # y = cols W, dW = cols.T dy, dcols = dy W.T
+        # three products of one size: y = cols W, dW = cols.T dy, and the input gradient's
+        return 3 * 2.0 * ho * wo * self.fan_in * self.out_channels
 
     def workspace_width(self, in_shape):
         (h, w, c), (ho, wo) = in_shape, self._sizes(in_shape)
@@ -166,8 +180,9 @@ class Conv2D(Layer):
         """Add each column of ``dcols`` (n, Ho, Wo, KH, KW, C) back onto its input pixel in ``dx``
         (n, H, W, C), which this fills. One addition per kernel row ``kh`` and output column ``j``:
         the ``KW * C`` values of a field's row are one contiguous run in both arrays (numpy's loops
-        then run over runs that long, not over ``C`` values), a few images at a time, so that their
-        ``dx`` stays in cache through the ``KH * Wo`` additions."""
+        then run over runs that long, not over ``C`` values; with one channel, one addition per
+        kernel offset is faster). A few images at a time, so that their ``dx`` stays in cache
+        through the additions."""
         (kh_, kw_), (sh, sw), (ph, pw) = self._k, self._s, self._p
         n, h, w, c = dx.shape
         _, ho, wo = dcols.shape[:3]
@@ -465,15 +480,34 @@ class MaxPool2D(_Pool2D):
             rows, (kh, kw) = saved.pop("rows"), self._k
             drows = ws("drows", rows.shape, dy.dtype) if kw > 1 else dx
             shape = (n, ho, wo * c)
-            _route(_offsets(rows.reshape(n, ho, kh, wo * c), 2), y.reshape(shape), dy.reshape(shape),
-                   _offsets(drows.reshape(n, ho, kh, wo * c), 2), ws, "down")  # fmt: skip
+            _route(
+                _offsets(rows.reshape(n, ho, kh, wo * c), 2),
+                y.reshape(shape),
+                dy.reshape(shape),
+                _offsets(drows.reshape(n, ho, kh, wo * c), 2),
+                ws,
+                "down",
+            )
             if kw > 1:
-                _route(_offsets(x.reshape(n, h, wo, kw, c), 3), rows, drows,
-                       _offsets(dx.reshape(n, h, wo, kw, c), 3), ws, "along")  # fmt: skip
+                _route(
+                    _offsets(x.reshape(n, h, wo, kw, c), 3),
+                    rows,
+                    drows,
+                    _offsets(dx.reshape(n, h, wo, kw, c), 3),
+                    ws,
+                    "along",
+                )
             return dx
         dx[...] = 0  # windows overlap (added) or leave pixels out (zero)
-        _route([v for _, v in self._windows(x, ho, wo)], y, dy, [d for _, d in self._windows(dx, ho, wo)],
-               ws, "windows", add=True)  # fmt: skip
+        _route(
+            [v for _, v in self._windows(x, ho, wo)],
+            y,
+            dy,
+            [d for _, d in self._windows(dx, ho, wo)],
+            ws,
+            "windows",
+            add=True,
+        )
         return dx
 
     def workspace_width(self, in_shape):
