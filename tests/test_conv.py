@@ -123,11 +123,12 @@ def test_float32_forward_is_close_to_float64():
 
 
 def small_net():
+    # "same" padding (the input gradient as a transposed convolution), then stride 2 with padding (col2im)
     return [
         Conv2D(1, 4, 3, padding=1),
         ReLU(),
         MaxPool2D(2),
-        Conv2D(4, 6, 3),
+        Conv2D(4, 6, 3, 2, 1),
         ReLU(),
         Flatten(),
         Dense(24, 5),
