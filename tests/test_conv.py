@@ -268,3 +268,97 @@ def test_shapes_flops_and_errors():
     assert MaxPool2D(2).out_shape((7, 6, 3)) == (3, 3, 3)
     x = np.ones((2, 3, 4, 5))
     assert np.shares_memory(Flatten().forward(x, {}), x)  # a view
+
+
+# -- the per-layer time split of docs/performance.md ----------------------------------------------------
+
+NETS = {  # the benchmark networks of docs/performance.md (ReLU after every convolution and hidden Dense)
+    "lenet": ((28, 28, 1), [(1, 6, 5, 1, 0), "pool", (6, 16, 5, 1, 0), "pool", 256, 120, 84, 10]),
+    "cifar": ((32, 32, 3), [(3, 32, 3, 1, 1), (32, 32, 3, 1, 1), "pool", (32, 64, 3, 1, 1), (64, 64, 3, 1, 1),
+                            "pool", 4096, 256, 10]),
+}  # fmt: skip
+
+
+def net_layers(name: str) -> tuple[tuple, list]:
+    shape, plan = NETS[name]
+    layers, dense = [], [n for n in plan if isinstance(n, int)]
+    for item in plan:
+        if isinstance(item, tuple):
+            layers += [Conv2D(*item), ReLU()]
+        elif item == "pool":
+            layers.append(MaxPool2D(2))
+    for i, (a, b) in enumerate(zip(dense[:-1], dense[1:], strict=True)):
+        layers += [Dense(a, b)] + ([ReLU()] if i < len(dense) - 2 else [])
+    return shape, layers
+
+
+def layer_split(name: str, batch: int = 256, steps: int = 10, dtype=np.float32) -> tuple[float, list]:
+    """Seconds per training step (forward, softmax cross-entropy, backward, SGD with momentum) of
+    network ``name`` and, per layer, ``(layer, forward s, backward s, im2col s, col2im s)``: the
+    time in im2col copies (of ``x`` in forward, of ``dy`` for a transposed-convolution input
+    gradient) and in col2im; the rest of a convolution's time is its products (and bias)."""
+    import time
+
+    import hpcnn.core.conv as conv
+    from hpcnn.core.losses import SoftmaxCrossEntropy
+    from hpcnn.core.optim import SGD
+
+    shape, layers = net_layers(name)
+    model = Sequential(layers, dtype, in_shape=shape)
+    model.params.initialize(np.random.default_rng(0))
+    opt, loss = SGD(momentum=0.9).bind(model.params), SoftmaxCrossEntropy()
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(batch, int(np.prod(shape)))).astype(dtype), rng.integers(0, 10, batch)
+    spent = np.zeros((len(layers), 4))
+    where = [0, 2]  # (layer, column) the wrapped copies charge their time to
+
+    def timed(fn, column):
+        def run(*args, **kwargs):
+            t = time.perf_counter()
+            fn(*args, **kwargs)
+            spent[where[0], column] += time.perf_counter() - t
+
+        return run
+
+    fields, col2im = conv._fields, conv.Conv2D._col2im
+    conv._fields, conv.Conv2D._col2im = timed(fields, 2), timed(col2im, 3)
+    try:
+        for step in range(steps + 2):  # two warm-up steps: the workspace is filled
+            if step == 2:
+                spent[:] = 0
+                start = time.perf_counter()
+            tape, h = [{} for _ in layers], x.reshape(batch, *shape)
+            for i, layer in enumerate(layers):
+                where[0], t = i, time.perf_counter()
+                h = layer.forward(h, tape[i], model.workspace.scope(i, ("train", 0)))
+                spent[i, 0] += time.perf_counter() - t
+            loss.forward(h, y)
+            d = loss.backward(1.0 / batch)
+            for i in range(len(layers) - 1, -1, -1):
+                where[0], t = i, time.perf_counter()
+                d = layers[i].backward(d, tape[i], i > 0, False, model.workspace.scope(i, ("train", 0)))
+                spent[i, 1] += time.perf_counter() - t
+            opt.step(0.01)
+        total = (time.perf_counter() - start) / steps
+    finally:
+        conv._fields, conv.Conv2D._col2im = fields, col2im
+    return total, [(layer, *(spent[i] / steps)) for i, layer in enumerate(layers)]
+
+
+def print_layer_split(name: str, batch: int = 256, steps: int = 10) -> None:
+    """``layer_split`` as the table of docs/performance.md (milliseconds)."""
+    total, rows = layer_split(name, batch, steps)
+    print(f"{name}, batch {batch}: {total * 1e3:.1f} ms/step, {batch / total:.0f} samples/s")
+    print("| layer | forward | backward | of which im2col | col2im |\n|---|---|---|---|---|")
+    for layer, fwd, bwd, im2col, col2im in rows:
+        print(
+            f"| `{layer!r}` | {fwd * 1e3:.2f} | {bwd * 1e3:.2f} | {im2col * 1e3:.2f} | {col2im * 1e3:.2f} |"
+        )
+
+
+def test_the_layer_split_adds_up():
+    total, rows = layer_split("lenet", batch=4, steps=1, dtype=np.float64)
+    assert [repr(r[0]) for r in rows[:3]] == ["Conv2D(1, 6, 5)", "ReLU", "MaxPool2D(2)"]
+    assert sum(f + b for _, f, b, _, _ in rows) <= total
+    assert all(i + c <= f + b for _, f, b, i, c in rows)
+    assert rows[0][3] > 0 and rows[3][4] > 0  # im2col in the first convolution, col2im in the second
