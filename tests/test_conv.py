@@ -19,6 +19,7 @@ CONVS = [  # (Conv2D arguments, input row shape)
     ((3, 2, 3, (1, 2), (2, 0)), (5, 7, 3)),  # padding larger than "same"
     ((2, 2, 4, 3, 3), (5, 5, 2)),  # stride 3, kernel 4, padding 3
     ((1, 3, 5), (5, 5, 1)),  # kernel as large as the image: one output pixel
+    ((1, 3, (3, 2), 2, 1), (7, 6, 1)),  # one channel (columns by kernel offset), strided and padded
 ]
 
 
@@ -320,8 +321,10 @@ def layer_split(name: str, batch: int = 256, steps: int = 10, dtype=np.float32) 
 
         return run
 
-    fields, col2im = conv._fields, conv.Conv2D._col2im
-    conv._fields, conv.Conv2D._col2im = timed(fields, 2), timed(col2im, 3)
+    Conv = conv.Conv2D
+    kept = conv._fields, Conv._offset_cols, Conv._col2im, Conv._offset_col2im
+    conv._fields, Conv._offset_cols = timed(kept[0], 2), timed(kept[1], 2)
+    Conv._col2im, Conv._offset_col2im = timed(kept[2], 3), timed(kept[3], 3)
     try:
         for step in range(steps + 2):  # two warm-up steps: the workspace is filled
             if step == 2:
@@ -341,7 +344,7 @@ def layer_split(name: str, batch: int = 256, steps: int = 10, dtype=np.float32) 
             opt.step(0.01)
         total = (time.perf_counter() - start) / steps
     finally:
-        conv._fields, conv.Conv2D._col2im = fields, col2im
+        conv._fields, Conv._offset_cols, Conv._col2im, Conv._offset_col2im = kept
     return total, [(layer, *(spent[i] / steps)) for i, layer in enumerate(layers)]
 
 

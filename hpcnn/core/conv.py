@@ -176,6 +176,37 @@ class Conv2D(Layer):
         ``pad`` (the padded image, or ``None`` without padding)."""
         _fields(x, pad, self._p, self._k, self._s, cols)
 
+    def _offset_cols(self, x, pad, cols) -> None:
+        """One-channel im2col, kernel offset by kernel offset: ``cols[kh * KW + kw]`` (n, Ho, Wo)
+        is the image shifted by that offset. With one channel the usual columns' runs are only
+        ``KW`` values long, and the per-run cost of numpy's copy dominates; these copies run
+        along image rows, and the products take the columns transposed (``W.T @ cols``)."""
+        (kh_, kw_), (sh, sw) = self._k, self._s
+        _, ho, wo = cols.shape[1:]
+        src = _padded(x, pad, self._p)
+        for kh in range(kh_):
+            for kw in range(kw_):
+                xp.copyto(
+                    cols[kh * kw_ + kw],
+                    src[:, kh : kh + (ho - 1) * sh + 1 : sh, kw : kw + (wo - 1) * sw + 1 : sw, 0],
+                )
+
+    def _offset_col2im(self, dcols, dx) -> None:
+        """The inverse of ``_offset_cols``: each offset's ``dcols[kh * KW + kw]`` (n, Ho, Wo) added
+        back onto the pixels it was copied from, in ``dx`` (n, H, W, 1), which this fills."""
+        (kh_, kw_), (sh, sw), (ph, pw) = self._k, self._s, self._p
+        _, h, w, _ = dx.shape
+        _, _, ho, wo = dcols.shape
+        dx[...] = 0
+        for kh in range(kh_):
+            i0, i1, hs = _valid(h, ho, kh, sh, ph)
+            for kw in range(kw_):
+                j0, j1, ws = _valid(w, wo, kw, sw, pw)
+                if i1 > i0 and j1 > j0:
+                    dx[
+                        :, hs : hs + (i1 - i0 - 1) * sh + 1 : sh, ws : ws + (j1 - j0 - 1) * sw + 1 : sw, 0
+                    ] += dcols[kh * kw_ + kw, :, i0:i1, j0:j1]
+
     def _col2im(self, dcols, dx) -> None:
         """Add each column of ``dcols`` (n, Ho, Wo, KH, KW, C) back onto its input pixel in ``dx``
         (n, H, W, C), which this fills. One addition per kernel row ``kh`` and output column ``j``:
@@ -253,7 +284,13 @@ class Conv2D(Layer):
         cols = flat[: n * ho * wo * self.fan_in].reshape(n, ho, wo, kh, kw * c)
         pad = self._pad_ws(ws, "pad", n, shape, self._p, x.dtype)
         y = ws("y", (n, ho, wo, cout), x.dtype)
-        if self._shards is None:
+        by_offset = c == 1 and self._shards is None
+        if by_offset:  # one channel: the columns kernel offset by kernel offset (see _offset_cols)
+            cols = flat[: n * ho * wo * self.fan_in].reshape(self.fan_in, n * ho * wo)
+            self._offset_cols(x, pad, cols.reshape(self.fan_in, n, ho, wo))
+            yt = xp.matmul(self.W.T, cols, out=ws("yt", (cout, n * ho * wo), x.dtype))
+            xp.copyto(y.reshape(-1, cout), yt.T)
+        elif self._shards is None:
             self._fields(x, pad, cols)
             xp.matmul(cols.reshape(-1, self.fan_in), self.W, out=y.reshape(-1, cout))
         else:
@@ -270,7 +307,7 @@ class Conv2D(Layer):
             xp.copyto(row, self.b)
             y.reshape(n, -1)[...] += row.reshape(-1)
         if saved is not None:
-            saved["x"], saved["cols"], saved["flat"] = x, cols, flat
+            saved["x"], saved["cols"], saved["flat"], saved["by_offset"] = x, cols, flat, by_offset
         return y
 
     def _bias_grad(self, dy2, out, ws) -> None:
@@ -282,11 +319,13 @@ class Conv2D(Layer):
 
     def backward(self, dy, saved, need_dx=True, accumulate=False, ws=FRESH):
         x, cols, flat = saved.pop("x"), saved.pop("cols"), saved.pop("flat")
+        by_offset = saved.pop("by_offset")
         n, cout = len(dy), self.out_channels
         if self._shards is not None:
             return self._backward_shards(x, dy, cols, flat, saved.get("shard", 0), need_dx, ws)
         dy2 = dy.reshape(-1, cout)  # (n * Ho * Wo, Cout)
-        cols2 = cols.reshape(-1, self.fan_in)  # (n * Ho * Wo, KH * KW * C)
+        # (n * Ho * Wo, KH * KW * C), a transposed view of the (KH * KW, n * Ho * Wo) columns by offset
+        cols2 = cols.T if by_offset else cols.reshape(-1, self.fan_in)
         if "defer" in saved:  # (first row, step rows, stack scope): weight gradients come later
             first, rows, stack = saved["defer"]
             self._deferred_shape = x.shape[1:]
@@ -308,6 +347,10 @@ class Conv2D(Layer):
         if not need_dx:
             return None
         dx = ws("dx", x.shape, dy.dtype)
+        if by_offset:
+            xp.matmul(self.W, dy2.T, out=cols)  # (KH * KW, n * Ho * Wo), over the columns
+            self._offset_col2im(cols.reshape(self.fan_in, *dy.shape[:3]), dx)
+            return dx
         transposed = self._transposed()
         dypad = self._pad_ws(ws, "dypad", n, dy.shape[1:], self._q(), dy.dtype) if transposed else None
         self._input_grad(dy, dx, flat, dypad, self._flipped() if transposed else None)
@@ -374,17 +417,24 @@ class Conv2D(Layer):
 _CACHE_VALUES = 1 << 17  # input-gradient values col2im keeps in cache at a time (512 KiB in float32)
 
 
+def _padded(x, pad, padding):
+    """``x`` (n, H, W, C) with ``padding`` zeros around each image, in ``pad`` (``None``: no padding,
+    ``x`` itself)."""
+    if pad is None:
+        return x
+    (ph, pw), h, w = padding, x.shape[1], x.shape[2]
+    pad[:, :ph], pad[:, ph + h :], pad[:, ph : ph + h, :pw], pad[:, ph : ph + h, pw + w :] = 0, 0, 0, 0
+    pad[:, ph : ph + h, pw : pw + w] = x
+    return pad
+
+
 def _fields(x, pad, padding, kernel, stride, cols) -> None:
     """im2col: the receptive fields of ``x`` (n, H, W, C) into ``cols`` (n, Ho, Wo, KH, KW * C), one
     strided copy (a field's rows are runs of ``KW * C`` contiguous values of the padded image).
     ``pad``: an array of the padded image's shape (its border is zeroed here), ``None`` when
     ``padding`` is zero."""
-    if pad is not None:
-        (ph, pw), h, w = padding, x.shape[1], x.shape[2]
-        pad[:, :ph], pad[:, ph + h :], pad[:, ph : ph + h, :pw], pad[:, ph : ph + h, pw + w :] = 0, 0, 0, 0
-        pad[:, ph : ph + h, pw : pw + w] = x
-        x = pad
-    elif not x.flags.c_contiguous:  # a field's runs must be contiguous
+    x = _padded(x, pad, padding)
+    if not x.flags.c_contiguous:  # a field's runs must be contiguous
         x = xp.ascontiguousarray(x)
     n, ho, wo, kh, row = cols.shape
     s0, s1, s2, s3 = x.strides
