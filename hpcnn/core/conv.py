@@ -180,7 +180,7 @@ class Conv2D(Layer):
         """One-channel im2col, kernel offset by kernel offset: ``cols[kh * KW + kw]`` (n, Ho, Wo)
         is the image shifted by that offset. With one channel the usual columns' runs are only
         ``KW`` values long, and the per-run cost of numpy's copy dominates; these copies run
-        along image rows, and the products take the columns transposed (``W.T @ cols``)."""
+        along image rows, and the products take the columns transposed (``cols.T @ W``)."""
         (kh_, kw_), (sh, sw) = self._k, self._s
         _, ho, wo = cols.shape[1:]
         src = _padded(x, pad, self._p)
@@ -288,8 +288,7 @@ class Conv2D(Layer):
         if by_offset:  # one channel: the columns kernel offset by kernel offset (see _offset_cols)
             cols = flat[: n * ho * wo * self.fan_in].reshape(self.fan_in, n * ho * wo)
             self._offset_cols(x, pad, cols.reshape(self.fan_in, n, ho, wo))
-            yt = xp.matmul(self.W.T, cols, out=ws("yt", (cout, n * ho * wo), x.dtype))
-            xp.copyto(y.reshape(-1, cout), yt.T)
+            xp.matmul(cols.T, self.W, out=y.reshape(-1, cout))
         elif self._shards is None:
             self._fields(x, pad, cols)
             xp.matmul(cols.reshape(-1, self.fan_in), self.W, out=y.reshape(-1, cout))
