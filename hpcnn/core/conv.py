@@ -32,6 +32,14 @@ def pair(value) -> tuple[int, int]:
     return int(h), int(w)
 
 
+def _spec_value(value):
+    """A size as its spec stores it: an int as it is, a pair as a list (what JSON gives back, so
+    that a checkpoint's spec and the rebuilt layer's are equal)."""
+    return (
+        None if value is None else int(value) if isinstance(value, (int, xp.integer)) else list(pair(value))
+    )
+
+
 def _image(in_shape, who: str) -> tuple[int, int, int]:
     if len(in_shape) != 3:
         raise ValueError(f"{who} takes image rows (H, W, C), not rows of shape {tuple(in_shape)}")
@@ -75,7 +83,12 @@ class Conv2D(Layer):
         init: str = "he",
     ):
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        self.kernel, self.stride, self.padding, self.bias, self.init = kernel, stride, padding, bias, init
+        self.kernel, self.stride, self.padding = (
+            _spec_value(kernel),
+            _spec_value(stride),
+            _spec_value(padding),
+        )
+        self.bias, self.init = bias, init
         self._k, self._s, self._p = pair(kernel), pair(stride), pair(padding)
         if min(self._k) < 1 or min(self._s) < 1 or min(self._p) < 0 or min(in_channels, out_channels) < 1:
             raise ValueError(
@@ -448,7 +461,7 @@ class _Pool2D(Layer):
     side), each channel on its own; no padding: rows and columns no window reaches are left out."""
 
     def __init__(self, kernel, stride=None):
-        self.kernel, self.stride = kernel, stride
+        self.kernel, self.stride = _spec_value(kernel), _spec_value(stride)
         self._k = pair(kernel)
         self._s = self._k if stride is None else pair(stride)
         if min(self._k) < 1 or min(self._s) < 1:
