@@ -1,16 +1,17 @@
 """hpcnn: data- and model-parallel neural-network training with numpy and MPI.
 
-The library: a ``Trainer`` fits a model (``Sequential`` of ``Dense``, activations, convolution and pooling
-layers (``Conv2D``, ``MaxPool2D``, ...) and layers of your own, ``Layer`` subclasses) on data (``arrays``, a
-built-in dataset, an HDF5 file) with a loss and an optimizer (``SGD``, ``Adam``, ``AdamW``), over the ranks of
-an MPI job, with settings as ``Config`` fields. The parts: ``hpcnn.core`` (numerical: plain numpy, no MPI,
-files or argv), ``hpcnn.parallel`` (communicator, data-parallel reduction, pipeline, preemption, stall
-inspector), ``hpcnn.io`` (datasets, checkpoints, run directories), ``hpcnn.training`` (the loop and the
-``Trainer``), and the commands (``python -m hpcnn.train``, ``evaluate``, ``bench``, ``sweep``, ``plot``,
-``data``, ``checkpoint``), the only code that reads argv, prints for the user and picks exit codes. The
-library raises instead (a ``JobError`` carries the exit code a command would use), except where no exception
-can end a hang: the stall inspector and a second Ctrl-C end the job themselves, with one message and
-``MPI_Abort``.
+The library: a ``Trainer`` fits a model (``Sequential`` of ``Dense``, activations, convolution and
+pooling (``Conv2D``, ``MaxPool2D``, ...) and layers of your own, ``Layer`` subclasses) on data
+(``arrays``, a built-in dataset, an HDF5 file) with a loss and an optimizer (``SGD``, ``Adam``,
+``AdamW``), over the ranks of an MPI job, with settings as ``Config``
+fields. The parts: ``hpcnn.core`` (numerical: plain numpy, no MPI, files or argv), ``hpcnn.parallel``
+(communicator, data-parallel reduction, pipeline, preemption, stall inspector), ``hpcnn.io``
+(datasets, checkpoints, run directories), ``hpcnn.training`` (the loop and the ``Trainer``), and the
+commands (``python -m hpcnn.train``, ``evaluate``, ``bench``, ``sweep``, ``plot``, ``data``,
+``checkpoint``), the only code that reads argv, prints for the user and picks exit codes. The
+library raises instead (a ``JobError`` carries the exit code a command would use), except where no
+exception can end a hang: the stall inspector and a second Ctrl-C end the job themselves, with one
+message and ``MPI_Abort``.
 
 The names below are imported on first use: ``import hpcnn`` loads neither numpy nor mpi4py, so
 ``python -m hpcnn.train`` catches signals before anything heavy is imported.
