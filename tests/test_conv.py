@@ -255,6 +255,7 @@ def test_shapes_flops_and_errors():
     conv = Conv2D(3, 8, 5, stride=2, padding=1)
     assert conv.out_shape((32, 30, 3)) == (15, 14, 8)
     assert conv.flops((32, 30, 3)) == 3 * 2 * 15 * 14 * 5 * 5 * 3 * 8
+    assert conv.products((32, 30, 3)) == [(15 * 14, 5 * 5 * 3, 8)]
     assert conv.workspace_width((32, 30, 3)) >= 15 * 14 * 75
     with pytest.raises(ValueError, match="takes 3 channels, not 4"):
         conv.out_shape((32, 32, 4))

@@ -143,6 +143,10 @@ class Conv2D(Layer):
         # three products of one size: y = cols W, dW = cols.T dy, and the input gradient's
         return 3 * 2.0 * ho * wo * self.fan_in * self.out_channels
 
+    def products(self, in_shape):
+        ho, wo, cout = self.out_shape(in_shape)
+        return [(ho * wo, self.fan_in, cout)]  # cols (rows * Ho * Wo, KH * KW * C) @ W
+
     def workspace_width(self, in_shape):
         (h, w, c), (ho, wo) = in_shape, self._sizes(in_shape)
         width = self._cols_width(in_shape) + ho * wo  # cols (the columns of dy in backward), ones
