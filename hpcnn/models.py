@@ -20,25 +20,19 @@ take the data's rows and give one value per output is checked where the data is 
 (``hpcnn.training.setup.check_model``).
 """
 
-import contextlib
-import importlib
 import inspect
 import math
 from pathlib import Path
 
-# Imported for their layer classes (Dropout; BatchNorm, LayerNorm), which importing registers with
-# ``layer_from_spec``: model files and checkpoints name them.
+# Imported for their layer classes (Conv2D and the pooling layers; Dropout; BatchNorm, LayerNorm),
+# which importing registers with ``layer_from_spec``: model files and checkpoints name them.
+import hpcnn.core.conv  # noqa: F401
 import hpcnn.core.dropout  # noqa: F401
 import hpcnn.core.norm  # noqa: F401
 from hpcnn.config import MODELS, load_toml
 from hpcnn.core.layers import LAYER_TYPES, Layer, layer_from_spec
 from hpcnn.core.model import as_shape
 from hpcnn.errors import UserError
-
-# TEMPORARY guard until hpcnn.core.conv is merged (then: a plain import above). Without it, model
-# files cannot name Conv2D and friends, and lenet and cnn-digits fail with "unknown layer type".
-with contextlib.suppress(ImportError):
-    importlib.import_module("hpcnn.core.conv")
 
 BUILTIN_MODELS = MODELS  # named in hpcnn.config, which checks --model without importing numpy
 

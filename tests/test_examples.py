@@ -134,18 +134,10 @@ def test_digits_reaches_its_accuracy_and_logs_each_epoch_once(ranks):
     assert epochs == list(range(1, len(epochs) + 1)) and epochs, proc.stdout  # rank 0 alone logs
 
 
-try:
-    import hpcnn.core.conv  # noqa: F401
-
-    HAVE_CONV = True
-except ImportError:  # the convolution layers are not part of this hpcnn yet
-    HAVE_CONV = False
-
 # Measured: 0.9861 held-out at 1 and at 2 ranks (stopped early at the example's target of 0.985).
 CNN_ACCURACY = 0.97
 
 
-@pytest.mark.skipif(not HAVE_CONV, reason="hpcnn.core.conv not available")
 @pytest.mark.parametrize("ranks", [None, pytest.param(2, marks=pytest.mark.launches)])
 def test_cnn_trains_a_conv_net_on_digit_images(ranks):
     proc = example("cnn", ranks=ranks)

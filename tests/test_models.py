@@ -23,14 +23,6 @@ from hpcnn.models import cnn_digits, layers_from_specs, lenet, model_file_text, 
 from hpcnn.parallel.comm import Comm
 from hpcnn.training.setup import check_model, command_layers
 
-try:
-    import hpcnn.core.conv  # noqa: F401
-
-    HAVE_CONV = True
-except ImportError:  # the convolution layers are not part of this hpcnn yet
-    HAVE_CONV = False
-needs_conv = pytest.mark.skipif(not HAVE_CONV, reason="hpcnn.core.conv not available")
-
 MLP_FILE = """\
 input_shape = [8, 8, 1]
 
@@ -109,7 +101,6 @@ def test_a_model_file_reads_back_as_its_layers_and_their_specs_write_it_again(tm
     ]
 
 
-@needs_conv
 def test_a_conv_model_file_round_trips_and_fits_digits(tmp_path):
     path = tmp_path / "cnn.toml"
     path.write_text(CNN_FILE)
@@ -150,7 +141,6 @@ def test_the_builtin_specs_follow_their_definitions():
     assert cnn_digits((6, 4, 3), 5)[-3]["fan_in"] == 3 * 2 * 32  # any image of even sides
 
 
-@needs_conv
 def test_the_builtins_have_their_shapes_and_parameter_counts():
     layers = model_layers("lenet", (28, 28, 1), 10, "mnist")
     shapes = Sequential.shapes(layers, (28, 28, 1))
@@ -253,7 +243,6 @@ def test_a_trainer_takes_a_model_file_and_trains_it(tmp_path):
     assert result.steps == 3 and math.isfinite(result.final["loss"])
 
 
-@needs_conv
 def test_a_trainer_predicts_images_in_either_layout_as_flat_rows():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(12, 2, 4, 6)).astype(np.float32)  # (rows, C, H, W)
@@ -344,7 +333,6 @@ def test_evaluate_names_a_non_finite_value_of_an_image_row(tmp_path):
         predict(ckpt, tmp_path / "p.h5", {"data": str(data)}, Comm.serial())
 
 
-@needs_conv
 def test_a_trainer_takes_a_builtin_model_by_name():
     trainer = hpcnn.Trainer("cnn-digits", "digits", comm=Comm.serial(), max_steps=2, eval_every=0, log=None)
     result = trainer.fit()

@@ -497,7 +497,7 @@ def current_spec(spec: dict) -> dict:
 
 # hpcnn's layers defined outside this module (they import it): loaded when a spec names a type
 # not registered yet
-BUILTIN_MODULES = ("hpcnn.core.norm", "hpcnn.core.dropout")
+BUILTIN_MODULES = ("hpcnn.core.conv", "hpcnn.core.norm", "hpcnn.core.dropout")
 
 
 def layer_from_spec(spec: dict) -> Layer:
