@@ -25,6 +25,8 @@ counts wrote into ``DIR`` (``jobs/scaling.sbatch`` does this), and writes ``DIR/
 Defaults are the reference benchmark network: 784-1024-1024-10, ReLU, softmax cross-entropy, SGD
 momentum 0.9, float32, global batch 256. Any training flag changes them (``--hidden``,
 ``--batch-size``, ``--pipeline-stages``, ``--micro-batches``, ``--overlap off``, ``--threads`` ...).
+``--model lenet`` and ``--model cnn-cifar`` benchmark the convolutional networks on synthetic 1x28x28
+and 3x32x32 images (docs/performance.md compares them with PyTorch).
 """
 
 import argparse
@@ -64,6 +66,8 @@ BENCH_DEFAULTS = {
     "eval_every": 0,
     "epochs": 1_000_000,
 }
+# The images a built-in convolutional network is benchmarked on (synthetic, CxHxW), unless given.
+BENCH_IMAGES = {"lenet": "1x28x28", "cnn-cifar": "3x32x32", "cnn-digits": "1x8x8"}
 PARTS = ("data", "forward", "backward", "pipeline_wait", "reduce_exposed", "optimizer", "other")
 
 
@@ -89,6 +93,8 @@ def bench_config(argv, is_root: bool = True):
     path = args.pop("config", None)
     values = dict(BENCH_DEFAULTS, **(load_toml(path) if path else {}))
     cfg = dataclasses.replace(from_dict(values, path or "benchmark defaults"), **args)
+    if cfg.data == "synthetic" and not cfg.synthetic_image and cfg.model in BENCH_IMAGES:
+        cfg.synthetic_image = BENCH_IMAGES[cfg.model]
     if "synthetic_rows" not in values and "synthetic_rows" not in args and cfg.data == "synthetic":
         cfg.synthetic_rows = 4 * cfg.batch_size  # enough distinct batches; generated in memory
     cfg.checkpoint_dir, cfg.resume = "", ""  # a benchmark writes no checkpoints
@@ -233,9 +239,7 @@ def run(cfg, opts, comm: Comm, log=None) -> dict | None:
     exposed = max(r["breakdown_ms"]["reduce_exposed"] for r in per_rank)
     result = {
         "hpcnn": __version__,
-        "network": "-".join(map(str, [cfg.synthetic_features, *cfg.hidden, cfg.synthetic_classes]))
-        if cfg.data == "synthetic"
-        else training.ds.name,
+        "network": _network(cfg, training.ds),
         "parameters": sum(layer_params(layer) for layer in training.layers),
         "ranks": comm.size,
         "replicas": grid.replicas,
@@ -312,6 +316,16 @@ def _timed_steps(training, opts, comm):
             parts.append(_breakdown(pipe.times, seconds[-1] / opts.steps, opts.steps))
         training.stop.drain()
     return seconds, samples, parts
+
+
+def _network(cfg, ds) -> str:
+    """The network's name in the results: the MLP's widths, or the model and its input images."""
+    if cfg.model != "mlp":
+        shape = ds.in_shape
+        return cfg.model + ("" if len(shape) == 1 else f" ({shape[2]}x{shape[0]}x{shape[1]})")
+    if cfg.data == "synthetic":
+        return "-".join(map(str, [cfg.synthetic_features, *cfg.hidden, cfg.synthetic_classes]))
+    return ds.name
 
 
 def layer_params(layer) -> int:

@@ -33,7 +33,8 @@ class Config:
     model: str = _f(
         "mlp",
         "the network: mlp (Dense layers of --hidden widths), lenet (1x28x28 images), cnn-digits (small "
-        "images such as digits' 1x8x8), or a model file FILE.toml (docs/data.md)",
+        "images such as digits' 1x8x8), cnn-cifar (3x32x32, the benchmark's), or a model file FILE.toml "
+        "(docs/data.md)",
         group="model",
     )
     hidden: list = _f(
@@ -291,7 +292,7 @@ class Config:
 
 
 # The built-in models (``hpcnn.models``, which builds them: config parsing imports no numpy).
-MODELS = ("mlp", "lenet", "cnn-digits")
+MODELS = ("mlp", "lenet", "cnn-digits", "cnn-cifar")
 
 
 def chw_shape(text: str, key: str) -> tuple[int, int, int]:

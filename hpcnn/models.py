@@ -9,6 +9,9 @@
 - ``cnn-digits``: a small convolutional network for the built-in ``digits`` (1x8x8 images): conv3-16
   pad 1, relu, conv3-32 pad 1, relu, maxpool2, dense 64, relu, dense classes; it takes any image
   whose sides are even;
+- ``cnn-cifar``: the CIFAR-sized network of the benchmark (3x32x32: conv3-32, conv3-32, maxpool2,
+  conv3-64, conv3-64, maxpool2, all convolutions pad 1 and followed by relu, dense 256, relu, dense
+  classes); it takes any image whose sides divide by 4;
 - ``FILE.toml``: a model file, one ``[[layers]]`` table per layer: ``type`` (a layer class:
   ``Dense``, ``Conv2D``, ``ReLU``, ...) and the class's constructor arguments, exactly the spec a
   checkpoint stores and ``Trainer`` accepts as dicts; an optional top-level ``input_shape`` (the
@@ -45,6 +48,8 @@ def model_layers(model: str, in_shape, outputs: int, where: str) -> list:
         return layers_from_specs(lenet(shape, outputs, where), "lenet")
     if model == "cnn-digits":
         return layers_from_specs(cnn_digits(shape, outputs, where), "cnn-digits")
+    if model == "cnn-cifar":
+        return layers_from_specs(cnn_cifar(shape, outputs, where), "cnn-cifar")
     if model.endswith(".toml"):
         layers, wanted = read_model_file(model)
         if wanted is not None and wanted != shape:
@@ -104,6 +109,27 @@ def cnn_digits(in_shape: tuple, classes: int, where: str = "the data") -> list[d
         {"type": "ReLU"},
         {"type": "Dense", "fan_in": 64, "fan_out": classes, "init": "xavier"},
     ]
+
+
+def cnn_cifar(in_shape: tuple, classes: int, where: str = "the data") -> list[dict]:
+    """The ``cnn-cifar`` layer specs (a CIFAR-sized VGG-style network, the benchmark's) for ``(H,
+    W, C)`` images with ``H`` and ``W`` divisible by 4 (CIFAR-10: 32x32x3)."""
+    h, w, c = _image(in_shape, "cnn-cifar", where, "CxHxW, H and W divisible by 4, such as 3x32x32")
+    if h % 4 or w % 4:
+        raise UserError(f"--model cnn-cifar takes images whose sides divide by 4; {where} has {c}x{h}x{w}")
+
+    def conv(cin, cout):
+        return [{"type": "Conv2D", "in_channels": cin, "out_channels": cout, "kernel": 3, "padding": 1},
+                {"type": "ReLU"}]  # fmt: skip
+
+    return [
+        *conv(c, 32), *conv(32, 32), {"type": "MaxPool2D", "kernel": 2},  # -> (h/2, w/2, 32)
+        *conv(32, 64), *conv(64, 64), {"type": "MaxPool2D", "kernel": 2},  # -> (h/4, w/4, 64)
+        {"type": "Flatten"},
+        {"type": "Dense", "fan_in": (h // 4) * (w // 4) * 64, "fan_out": 256},
+        {"type": "ReLU"},
+        {"type": "Dense", "fan_in": 256, "fan_out": classes, "init": "xavier"},
+    ]  # fmt: skip
 
 
 def layers_from_specs(specs, where: str) -> list[Layer]:

@@ -109,3 +109,26 @@ def test_scaling_command_needs_no_mpi_and_fails_clearly(tmp_path, capsys):
     (tmp_path / "bench-1.json").write_text(json.dumps(_fake_run(1, 100.0)))
     assert bench.main(["scaling", str(tmp_path), "--no-plot"]) == 0
     assert json.loads((tmp_path / "scaling.json").read_text())["runs"][0]["speedup"] == 1.0
+
+
+def test_a_conv_net_is_benchmarked_on_images_with_its_convolutions_counted():
+    from hpcnn.core.conv import Conv2D
+    from hpcnn.models import cnn_digits, layers_from_specs, model_layers
+
+    cfg, opts = bench.bench_config(["--model", "cnn-digits", "--batch-size", "16", *QUICK])
+    assert (cfg.data, cfg.synthetic_image) == ("synthetic", "1x8x8")
+    r = bench.run(cfg, opts, Comm.serial())
+    assert r["network"] == "cnn-digits (1x8x8)"
+    layers = layers_from_specs(cnn_digits((8, 8, 1), 10), "cnn-digits")
+    assert r["parameters"] == sum(bench.layer_params(layer) for layer in layers)
+    # conv 3x3 1->16 on 8x8 (pad 1): 64 output pixels x 9 x 1 x 16 per row, forward and weight
+    # gradient only (the first layer); conv 16->32 (64 x 144 x 32) and the Dense layers: 3 products
+    assert isinstance(layers[0], Conv2D)
+    expected = 2 * 16 * (2 * 64 * 9 * 16 + 3 * 64 * 144 * 32 + 3 * 512 * 64 + 3 * 64 * 10)
+    assert bench.step_flops(layers, 16, (8, 8, 1)) == expected
+    assert r["gflops"] == pytest.approx(expected / (r["step_ms"] / 1e3) / 1e9, rel=1e-6)
+    cfg, _ = bench.bench_config(["--model", "cnn-cifar"])
+    assert cfg.synthetic_image == "3x32x32"
+    cifar = model_layers("cnn-cifar", (32, 32, 3), 10, "CIFAR-10")
+    # the same network as the PyTorch peer's "cifar": 1,116,970 parameters
+    assert sum(bench.layer_params(layer) for layer in cifar) == 1_116_970
