@@ -224,7 +224,7 @@ def test_the_model_setting_is_checked_with_the_config():
     assert resolve(["--model", "cnn-digits"]).model == "cnn-digits"
     assert resolve(["--model", "net.toml"]).model == "net.toml"
     with pytest.raises(
-        UserError, match=r"model = 'resnet': expected one of mlp, lenet, cnn-digits or a FILE.toml"
+        UserError, match=r"model = 'resnet': expected one of mlp, lenet, cnn-digits, cnn-cifar or a FILE.toml"
     ):
         resolve(["--model", "resnet"])
     with pytest.raises(UserError, match=r"synthetic_image = '3x32': expected CxHxW"):
