@@ -134,3 +134,33 @@ def test_a_conv_net_checkpoint_written_at_n_ranks_resumes_at_two(world, shared):
     finally:
         two.Free()
     agreed(world, problems)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_with_micro_batches_batchnorm_uses_micro_batch_m_of_every_replica(world):
+    """micro_batches = 2 in a 2-stage pipeline of R = size / 2 replicas computes what R replicas
+    without a pipeline compute with the same 2 micro-batches (the same groups of rows), and not
+    what whole-batch statistics give."""
+    if world.size % 2:
+        pytest.skip("2 stages need an even number of ranks")
+    x, y, xt, yt = images()
+    arrays = hpcnn.arrays(x, y, xt, yt)
+    settings = dict(SETTINGS, micro_batches=2)
+    replicas = world.size // 2
+    sub = world.Split(0 if world.rank < replicas else 1, world.rank)
+    try:
+        reference = None
+        if world.rank < replicas:
+            t = Trainer(cnn(), arrays, comm=sub, **settings)
+            t.fit()
+            reference = {k: np.array(v) for k, v in state_of(t).items()}
+        reference = world.bcast(reference, root=0)
+    finally:
+        sub.Free()
+    t = Trainer(cnn(), arrays, comm=world, pipeline_stages=2, **settings)
+    t.fit()
+    problems = compare(world, state_of(t), reference, 1e-10, "2 stages, 2 micro-batches")
+    whole_batch = serial_state(arrays, **SETTINGS)
+    if max(float(np.max(np.abs(reference[k] - whole_batch[k]))) for k in reference) < 1e-6:
+        problems.append("micro-batch statistics gave what whole-batch statistics give")
+    agreed(world, problems)

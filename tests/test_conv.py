@@ -1,6 +1,7 @@
 """Convolution and pooling layers: finite differences, direct loop implementations, every backward mode."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -368,3 +369,20 @@ def test_the_layer_split_adds_up():
     assert sum(f + b for _, f, b, _, _ in rows) <= total
     assert all(i + c <= f + b for _, f, b, i, c in rows)
     assert rows[0][3] > 0 and rows[3][4] > 0  # im2col in the first convolution, col2im in the second
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [Conv2D(3, 4, 3, padding=1), Conv2D(3, 4, 3, stride=2), MaxPool2D(2), AvgPool2D(3, stride=1),
+     GlobalAvgPool(), Flatten(), Dense(6 * 6 * 3, 5)],
+    ids=repr,
+)  # fmt: skip
+def test_a_replica_with_no_rows_of_the_batch_passes_empty_arrays_through(layer):
+    """Deterministic mode can leave a replica without rows of a batch: every layer then takes and
+    gives arrays of 0 rows (no reshape of 0 rows with -1, whose size numpy cannot infer)."""
+    model = Sequential([layer], np.float64, in_shape=(6, 6, 3))
+    model.params.initialize(np.random.default_rng(0))
+    y = model.forward(np.zeros((0, 6 * 6 * 3)))
+    assert y.shape == (0, *model.out_shape)
+    dx = model.backward(np.zeros((0, math.prod(model.out_shape))), need_input_grad=True)
+    assert dx.shape == (0, 6, 6, 3) and not model.params.grad.any()

@@ -321,7 +321,7 @@ class Conv2D(Layer):
         if self.bias:  # as one row of Ho * Wo * Cout values: numpy's loops would otherwise run over Cout
             row = ws("bias", (ho * wo, cout), x.dtype)
             xp.copyto(row, self.b)
-            y.reshape(n, -1)[...] += row.reshape(-1)
+            y.reshape(n, ho * wo * cout)[...] += row.reshape(-1)
         if saved is not None:
             saved["x"], saved["cols"], saved["flat"], saved["by_offset"] = x, cols, flat, by_offset
         return y
@@ -402,7 +402,7 @@ class Conv2D(Layer):
         Wt = self._flipped() if transposed else None
         ones = ws("ones", (len(dy) * dy.shape[1] * dy.shape[2],), dy.dtype)
         ones.fill(1)
-        width = len(flat) // n
+        width = len(flat) // max(n, 1)  # (a replica may hold no rows of a batch)
 
         def weights(k):
             r = sh.rows_of(k, n)
@@ -682,7 +682,7 @@ class Flatten(Layer):
     def forward(self, x, saved, ws=FRESH):
         if saved is not None:
             saved["shape"] = x.shape
-        return x.reshape(len(x), -1)
+        return x.reshape(len(x), math.prod(x.shape[1:]))  # (not -1: a replica may have 0 rows)
 
     def backward(self, dy, saved, need_dx=True, accumulate=False, ws=FRESH):
         return dy.reshape(saved.pop("shape"))

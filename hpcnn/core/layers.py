@@ -196,7 +196,7 @@ class Dense(Layer):
         if x.ndim != 2:  # image rows (after a convolution or pooling): flattened, a view
             if saved is not None:
                 saved["shape"] = x.shape
-            x = x.reshape(len(x), -1)
+            x = x.reshape(len(x), self.fan_in)
         if saved is not None:
             saved["x"] = x  # (batch, fan_in), kept for dW
         y = ws("y", (len(x), self.fan_out), x.dtype)

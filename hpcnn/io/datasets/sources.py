@@ -67,7 +67,7 @@ def as_rows(block, layout: str):
     (H, W, C) order, channels last (a copy for ``nchw`` images, else a view where numpy can)."""
     if block.ndim == 4 and layout == "nchw":
         block = block.transpose(0, 2, 3, 1)  # (rows, H, W, C)
-    return block.reshape(len(block), -1)
+    return block.reshape(len(block), math.prod(block.shape[1:]))  # (not -1: 0 rows are allowed)
 
 
 class H5Source:
@@ -155,7 +155,7 @@ def first_nonfinite(a) -> int | None:
     # min and max are NaN or infinite exactly when some value is, without a boolean temporary
     if math.isfinite(float(a.min())) and math.isfinite(float(a.max())):
         return None
-    flat = a.reshape(len(a), -1)
+    flat = a.reshape(len(a), math.prod(a.shape[1:]))
     return int(np.flatnonzero(~np.isfinite(flat).all(axis=1))[0])
 
 

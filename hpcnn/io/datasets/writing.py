@@ -82,8 +82,8 @@ def convert(inputs: list[str], out: str, x_key: str, y_key: str) -> str:
     else:
         raise UserError("convert takes one .npz file or two .npy files (inputs, then labels)")
     if x.ndim == 1 or x.ndim > 4:
-        x = x.reshape(len(x), -1)  # (rows, features)
-        xt = None if xt is None else xt.reshape(len(xt), -1)
+        x = x.reshape(len(x), math.prod(x.shape[1:]))  # (rows, features)
+        xt = None if xt is None else xt.reshape(len(xt), math.prod(xt.shape[1:]))
     if xt is not None and xt.shape[1:] != x.shape[1:]:
         raise UserError(f"held-out inputs have rows of shape {xt.shape[1:]}, inputs {x.shape[1:]}")
     if len(x) != len(y):
