@@ -21,7 +21,11 @@ CONVS = [  # (Conv2D arguments, input row shape)
     ((3, 2, 3, (1, 2), (2, 0)), (5, 7, 3)),  # padding larger than "same"
     ((2, 2, 4, 3, 3), (5, 5, 2)),  # stride 3, kernel 4, padding 3
     ((1, 3, 5), (5, 5, 1)),  # kernel as large as the image: one output pixel
-    ((1, 3, (3, 2), 2, 1), (7, 6, 1)),  # one channel (columns by kernel offset), strided and padded
+    ((1, 3, (3, 2), 2, 1), (7, 6, 1)),  # one channel (blocked columns), strided and padded
+    ((1, 2, 5), (9, 10, 1)),  # one channel, blocks of 3 pixels: three pieces per field row in col2im
+    ((1, 2, 3), (4, 4, 1)),  # one channel, blocks of 2 pixels
+    ((1, 2, (3, 2), (1, 3), (1, 0)), (5, 12, 1)),  # one channel, stride wider than the kernel
+    ((1, 2, 3, 1, 1), (5, 7, 1)),  # one channel, prime output width: columns by kernel offset
 ]
 
 
@@ -368,3 +372,27 @@ def test_the_layer_split_adds_up():
     assert sum(f + b for _, f, b, _, _ in rows) <= total
     assert all(i + c <= f + b for _, f, b, i, c in rows)
     assert rows[0][3] > 0 and rows[3][4] > 0  # im2col in the first convolution, col2im in the second
+
+
+def test_a_one_channel_conv_step_allocates_no_activation_sized_array():
+    """The blocked columns, their kernel, the padded input gradient: all reused from step to step."""
+    import tracemalloc
+
+    model = Sequential(
+        [Conv2D(1, 6, 5, padding=2), ReLU(), MaxPool2D(2), Flatten(), Dense(6 * 14 * 14, 10)],
+        np.float32,
+        in_shape=(28, 28, 1),
+    )
+    model.params.initialize(np.random.default_rng(0))
+    rng = np.random.default_rng(1)
+    x, d = rng.normal(size=(64, 784)).astype(np.float32), rng.normal(size=(64, 10)).astype(np.float32)
+    assert model.layers[0]._block((28, 28, 1)) == 4  # the blocked path, with padding
+    for _ in range(2):
+        model.forward(x)
+        model.backward(d, need_input_grad=True)
+    tracemalloc.start()
+    model.forward(x)
+    model.backward(d, need_input_grad=True)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 64 * 784 * 4, f"a step allocated {peak} bytes"  # less than the input
