@@ -26,6 +26,8 @@ CONVS = [  # (Conv2D arguments, input row shape)
     ((1, 2, 3), (4, 4, 1)),  # one channel, blocks of 2 pixels
     ((1, 2, (3, 2), (1, 3), (1, 0)), (5, 12, 1)),  # one channel, stride wider than the kernel
     ((1, 2, 3, 1, 1), (5, 7, 1)),  # one channel, prime output width: columns by kernel offset
+    ((2, 3, 3), (5, 7, 2)),  # short field rows, prime output width: col2im
+    ((8, 3, 4, 2), (7, 7, 8)),  # field rows of 32 values: col2im
 ]
 
 
@@ -329,9 +331,9 @@ def layer_split(name: str, batch: int = 256, steps: int = 10, dtype=np.float32) 
         return run
 
     Conv = conv.Conv2D
-    kept = conv._fields, Conv._offset_cols, Conv._col2im, Conv._offset_col2im
+    kept = conv._fields, Conv._offset_cols, Conv._col2im, Conv._offset_col2im, Conv._blocked_col2im
     conv._fields, Conv._offset_cols = timed(kept[0], 2), timed(kept[1], 2)
-    Conv._col2im, Conv._offset_col2im = timed(kept[2], 3), timed(kept[3], 3)
+    Conv._col2im, Conv._offset_col2im, Conv._blocked_col2im = (timed(f, 3) for f in kept[2:])
     try:
         for step in range(steps + 2):  # two warm-up steps: the workspace is filled
             if step == 2:
@@ -351,7 +353,7 @@ def layer_split(name: str, batch: int = 256, steps: int = 10, dtype=np.float32) 
             opt.step(0.01)
         total = (time.perf_counter() - start) / steps
     finally:
-        conv._fields, Conv._offset_cols, Conv._col2im, Conv._offset_col2im = kept
+        conv._fields, Conv._offset_cols, Conv._col2im, Conv._offset_col2im, Conv._blocked_col2im = kept
     return total, [(layer, *(spent[i] / steps)) for i, layer in enumerate(layers)]
 
 

@@ -12,12 +12,12 @@ the flipped kernel, into the ``cols`` array (dead once the weight gradient is fo
 is ``dy @ W.T`` there, added back onto the input pixels by col2im.
 
 With one input channel a field's rows are only ``KW`` values long and the product has only
-``KH * KW`` columns, both slow (numpy's per-run cost, a narrow matrix in BLAS). The columns are then
-*blocked*: one row per block of ``b`` output pixels side by side, holding the ``KH`` rows of
+``KH * KW`` columns, both slow (numpy's per-run cost, a narrow matrix in BLAS); with a few channels
+and no padding, col2im adds runs of only ``KW * C`` values. The columns are then *blocked*: one row per block of ``b`` output pixels side by side, holding the ``KH`` rows of
 ``(b - 1) * stride + KW`` input values they read, and the kernel is the ``b`` shifted copies of ``W``
 side by side (zeros elsewhere), so that the product gives ``b`` pixels' outputs at once, still in
 the output's layout. This does more arithmetic (the zeros) on a better-shaped product, and copies
-fewer, longer runs.
+(and, in col2im, adds) fewer, longer runs.
 
 Pooling works on strided views of the input, one per window offset: whole-array operations, no
 index arrays. ``MaxPool2D`` finds the window's first maximum again in backward, by comparing the
@@ -198,9 +198,12 @@ class Conv2D(Layer):
         return width
 
     def _block(self, in_shape) -> int:
-        """Output pixels per blocked field (``_blocked``), 0 when the columns are not blocked: one
-        input channel only, and a block size that divides the output width."""
-        if in_shape[2] != 1:
+        """Output pixels per blocked field (``_blocked``), 0 when the columns are not blocked: for
+        one input channel, or short field rows (``KW * C`` values) whose input gradient would go
+        through col2im (blocked col2im adds longer runs; the transposed convolution needs none);
+        the block size must divide the output width."""
+        c = in_shape[2]
+        if c > 1 and (self._transposed() or self._k[1] * c >= _SHORT_ROW):
             return 0
         wo = self._sizes(in_shape)[1]
         return next((b for b in range(_BLOCK, 1, -1) if wo % b == 0), 0)
@@ -534,6 +537,7 @@ class Conv2D(Layer):
 
 
 _BLOCK = 4  # output pixels per blocked field at most (``Conv2D._blocked``)
+_SHORT_ROW = 32  # field rows of fewer values are blocked (``Conv2D._block``)
 _CACHE_VALUES = 1 << 19  # input-gradient values col2im adds into at a time (2 MiB in float32)
 
 
