@@ -12,12 +12,13 @@ the flipped kernel, into the ``cols`` array (dead once the weight gradient is fo
 is ``dy @ W.T`` there, added back onto the input pixels by col2im.
 
 With one input channel a field's rows are only ``KW`` values long and the product has only
-``KH * KW`` columns, both slow (numpy's per-run cost, a narrow matrix in BLAS); with a few channels
-and no padding, col2im adds runs of only ``KW * C`` values. The columns are then *blocked*: one row per block of ``b`` output pixels side by side, holding the ``KH`` rows of
-``(b - 1) * stride + KW`` input values they read, and the kernel is the ``b`` shifted copies of ``W``
-side by side (zeros elsewhere), so that the product gives ``b`` pixels' outputs at once, still in
-the output's layout. This does more arithmetic (the zeros) on a better-shaped product, and copies
-(and, in col2im, adds) fewer, longer runs.
+``KH * KW`` columns, both slow (numpy's per-run cost, a narrow matrix in BLAS); with a few channels,
+col2im adds runs of only ``KW * C`` values. The columns are then *blocked*: one row per block of
+``b`` output pixels side by side, holding the ``KH`` rows of ``(b - 1) * stride + KW`` input values
+they read, and the kernel is the ``b`` shifted copies of ``W`` side by side (zeros elsewhere), so
+that the product gives ``b`` pixels' outputs at once, still in the output's layout. This does more
+arithmetic (the zeros) on a better-shaped product, and copies (and, in col2im, adds) fewer, longer
+runs.
 
 Pooling works on strided views of the input, one per window offset: whole-array operations, no
 index arrays. ``MaxPool2D`` finds the window's first maximum again in backward, by comparing the
