@@ -22,7 +22,13 @@ CONVS = [  # (Conv2D arguments, input row shape)
     ((3, 2, 3, (1, 2), (2, 0)), (5, 7, 3)),  # padding larger than "same"
     ((2, 2, 4, 3, 3), (5, 5, 2)),  # stride 3, kernel 4, padding 3
     ((1, 3, 5), (5, 5, 1)),  # kernel as large as the image: one output pixel
-    ((1, 3, (3, 2), 2, 1), (7, 6, 1)),  # one channel (columns by kernel offset), strided and padded
+    ((1, 3, (3, 2), 2, 1), (7, 6, 1)),  # one channel (blocked columns), strided and padded
+    ((1, 2, 5), (9, 10, 1)),  # one channel, blocks of 3 pixels: three pieces per field row in col2im
+    ((1, 2, 3), (4, 4, 1)),  # one channel, blocks of 2 pixels
+    ((1, 2, (3, 2), (1, 3), (1, 0)), (5, 12, 1)),  # one channel, stride wider than the kernel
+    ((1, 2, 3, 1, 1), (5, 7, 1)),  # one channel, prime output width: columns by kernel offset
+    ((2, 3, 3), (5, 7, 2)),  # short field rows, prime output width: col2im
+    ((8, 3, 4, 2), (7, 7, 8)),  # field rows of 32 values: col2im
 ]
 
 
@@ -326,9 +332,9 @@ def layer_split(name: str, batch: int = 256, steps: int = 10, dtype=np.float32) 
         return run
 
     Conv = conv.Conv2D
-    kept = conv._fields, Conv._offset_cols, Conv._col2im, Conv._offset_col2im
+    kept = conv._fields, Conv._offset_cols, Conv._col2im, Conv._offset_col2im, Conv._blocked_col2im
     conv._fields, Conv._offset_cols = timed(kept[0], 2), timed(kept[1], 2)
-    Conv._col2im, Conv._offset_col2im = timed(kept[2], 3), timed(kept[3], 3)
+    Conv._col2im, Conv._offset_col2im, Conv._blocked_col2im = (timed(f, 3) for f in kept[2:])
     try:
         for step in range(steps + 2):  # two warm-up steps: the workspace is filled
             if step == 2:
@@ -348,7 +354,7 @@ def layer_split(name: str, batch: int = 256, steps: int = 10, dtype=np.float32) 
             opt.step(0.01)
         total = (time.perf_counter() - start) / steps
     finally:
-        conv._fields, Conv._offset_cols, Conv._col2im, Conv._offset_col2im = kept
+        conv._fields, Conv._offset_cols, Conv._col2im, Conv._offset_col2im, Conv._blocked_col2im = kept
     return total, [(layer, *(spent[i] / steps)) for i, layer in enumerate(layers)]
 
 
@@ -386,3 +392,27 @@ def test_a_replica_with_no_rows_of_the_batch_passes_empty_arrays_through(layer):
     assert y.shape == (0, *model.out_shape)
     dx = model.backward(np.zeros((0, math.prod(model.out_shape))), need_input_grad=True)
     assert dx.shape == (0, 6, 6, 3) and not model.params.grad.any()
+
+
+def test_a_one_channel_conv_step_allocates_no_activation_sized_array():
+    """The blocked columns, their kernel, the padded input gradient: all reused from step to step."""
+    import tracemalloc
+
+    model = Sequential(
+        [Conv2D(1, 6, 5, padding=2), ReLU(), MaxPool2D(2), Flatten(), Dense(6 * 14 * 14, 10)],
+        np.float32,
+        in_shape=(28, 28, 1),
+    )
+    model.params.initialize(np.random.default_rng(0))
+    rng = np.random.default_rng(1)
+    x, d = rng.normal(size=(64, 784)).astype(np.float32), rng.normal(size=(64, 10)).astype(np.float32)
+    assert model.layers[0]._block((28, 28, 1)) == 4  # the blocked path, with padding
+    for _ in range(2):
+        model.forward(x)
+        model.backward(d, need_input_grad=True)
+    tracemalloc.start()
+    model.forward(x)
+    model.backward(d, need_input_grad=True)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 64 * 784 * 4, f"a step allocated {peak} bytes"  # less than the input

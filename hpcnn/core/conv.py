@@ -11,6 +11,15 @@ layout the next layer reads (docs/architecture.md). Backward forms the weight gr
 the flipped kernel, into the ``cols`` array (dead once the weight gradient is formed). Otherwise it
 is ``dy @ W.T`` there, added back onto the input pixels by col2im.
 
+With one input channel a field's rows are only ``KW`` values long and the product has only
+``KH * KW`` columns, both slow (numpy's per-run cost, a narrow matrix in BLAS); with a few channels,
+col2im adds runs of only ``KW * C`` values. The columns are then *blocked*: one row per block of
+``b`` output pixels side by side, holding the ``KH`` rows of ``(b - 1) * stride + KW`` input values
+they read, and the kernel is the ``b`` shifted copies of ``W`` side by side (zeros elsewhere), so
+that the product gives ``b`` pixels' outputs at once, still in the output's layout. This does more
+arithmetic (the zeros) on a better-shaped product, and copies (and, in col2im, adds) fewer, longer
+runs.
+
 Pooling works on strided views of the input, one per window offset: whole-array operations, no
 index arrays. ``MaxPool2D`` finds the window's first maximum again in backward, by comparing the
 input with the output it kept.
@@ -100,6 +109,7 @@ class Conv2D(Layer):
         self._shards = self._shard_grads = None  # deterministic mode (``shard``)
         self._deferred_shape = None  # input row shape of the deferred backwards (``weight_grads``)
         self._Wt = None  # the transposed convolution's kernel (``_flipped``)
+        self._T = self._dT = None  # the blocked kernel and its gradient (``_blocked``)
 
     def param_specs(self):
         kh, kw = self._k
@@ -152,6 +162,8 @@ class Conv2D(Layer):
         width = self._cols_width(in_shape) + ho * wo  # cols (the columns of dy in backward), ones
         if self._p != (0, 0):
             width += (h + 2 * self._p[0]) * (w + 2 * self._p[1]) * c
+            if self._block(in_shape):  # the padded input gradient of blocked col2im
+                width += (h + 2 * self._p[0]) * (w + 2 * self._p[1]) * c
         if self._transposed():
             q = self._q()
             width += (ho + 2 * q[0]) * (wo + 2 * q[1]) * self.out_channels
@@ -178,11 +190,76 @@ class Conv2D(Layer):
     def _cols_width(self, in_shape) -> int:
         """Values per row of the ``cols`` workspace: the forward's columns, and in backward those of
         ``dy`` for the transposed convolution (the same array: cols is dead by then)."""
-        (h, w, _), (ho, wo) = in_shape, self._sizes(in_shape)
+        (h, w, c), (ho, wo) = in_shape, self._sizes(in_shape)
         width = ho * wo * self.fan_in
+        if b := self._block(in_shape):
+            width = max(width, ho * (wo // b) * self._k[0] * self._span(b) * c)
         if self._transposed():
             width = max(width, h * w * self._k[0] * self._k[1] * self.out_channels)
         return width
+
+    def _block(self, in_shape) -> int:
+        """Output pixels per blocked field (``_blocked``), 0 when the columns are not blocked: for
+        one input channel, or short field rows (``KW * C`` values) whose input gradient would go
+        through col2im (blocked col2im adds longer runs; the transposed convolution needs none);
+        the block size must divide the output width."""
+        c = in_shape[2]
+        if c > 1 and (self._transposed() or self._k[1] * c >= _SHORT_ROW):
+            return 0
+        wo = self._sizes(in_shape)[1]
+        return next((b for b in range(_BLOCK, 1, -1) if wo % b == 0), 0)
+
+    def _span(self, b: int) -> int:
+        """Input columns a block of ``b`` output pixels reads."""
+        return (b - 1) * self._s[1] + self._k[1]
+
+    def _blocked(self, b: int):
+        """The kernel of the blocked product, ``(KH * span * C, b * Cout)``: for each of a block's
+        ``b`` output pixels, ``W`` shifted to that pixel's columns of the field, zeros elsewhere
+        (a small scratch array, rebuilt from ``W`` each forward)."""
+        (kh, kw), sw, c, cout = self._k, self._s[1], self.in_channels, self.out_channels
+        shape = (kh, self._span(b), c, b, cout)
+        if self._T is None or self._T.shape != shape or self._T.dtype != self.W.dtype:
+            self._T = xp.zeros(shape, self.W.dtype)
+            self._dT = xp.empty(shape, self.W.dtype)
+        w4 = self.W.reshape(kh, kw, c, cout)
+        for j in range(b):
+            self._T[:, j * sw : j * sw + kw, :, j] = w4
+        return self._T.reshape(-1, b * cout)
+
+    def _fold(self, dT, out) -> None:
+        """``out`` (the ``W`` gradient) from the blocked kernel's gradient ``dT``: the sum over a
+        block's pixels of each one's shifted copy of ``W``."""
+        (kh, kw), sw, c, cout = self._k, self._s[1], self.in_channels, self.out_channels
+        out4 = out.reshape(kh, kw, c, cout)
+        xp.copyto(out4, dT[:, 0:kw, :, 0])
+        for j in range(1, dT.shape[3]):
+            out4 += dT[:, j * sw : j * sw + kw, :, j]
+
+    def _blocked_col2im(self, dcols, dx, dpad, b: int) -> None:
+        """Add the blocked fields' gradient ``dcols`` (n, Ho, Wo / b, KH, span * C) back onto ``dx``
+        (n, H, W, C), which this fills, through ``dpad`` (the padded image's gradient, ``None``
+        without padding). Blocks next to each other overlap by ``span - b * stride`` columns: each
+        addition takes one piece of ``b * stride`` columns of every block's row (pieces of different
+        blocks do not overlap), so there are a few additions per kernel row, over long runs."""
+        (kh_, _), (sh, sw), (ph, pw) = self._k, self._s, self._p
+        n, h, w, c = dx.shape
+        _, ho, nb, _, width = dcols.shape
+        if n == 0:  # a replica without rows of this batch (numpy gives empty arrays zero strides)
+            return
+        out = dx if dpad is None else dpad
+        out[...] = 0
+        flat, (s0, s1, _, s3) = out.reshape(-1), out.strides
+        piece, row = b * sw * c, s1 // s3  # values per piece; per (padded) image row
+        for kh in range(kh_):
+            for u in range(0, width, piece):
+                size = min(piece, width - u)
+                view = xp.lib.stride_tricks.as_strided(
+                    flat[kh * row + u :], (n, ho, nb, size), (s0, sh * s1, piece * s3, s3)
+                )
+                view += dcols[:, :, :, kh, u : u + size]
+        if dpad is not None:
+            xp.copyto(dx, dpad[:, ph : ph + h, pw : pw + w])
 
     def _cols(self, ws, name: str, n: int, in_shape, dtype):
         """The ``cols`` workspace of ``n`` rows (flat: its views below are contiguous)."""
@@ -301,8 +378,18 @@ class Conv2D(Layer):
         cols = flat[: n * ho * wo * self.fan_in].reshape(n, ho, wo, kh, kw * c)
         pad = self._pad_ws(ws, "pad", n, shape, self._p, x.dtype)
         y = ws("y", (n, ho, wo, cout), x.dtype)
-        by_offset = c == 1 and self._shards is None
-        if by_offset:  # one channel: the columns kernel offset by kernel offset (see _offset_cols)
+        block = self._block(shape) if self._shards is None else 0
+        by_offset = c == 1 and self._shards is None and not block
+        if block:  # few channels: fields of a block of output pixels (see _blocked)
+            span = self._span(block)
+            cols = flat[: n * ho * (wo // block) * kh * span * c].reshape(n, ho, wo // block, kh, span * c)
+            _fields(x, pad, self._p, (kh, span), (self._s[0], block * self._s[1]), cols)
+            xp.matmul(
+                cols.reshape(len(cols) * ho * (wo // block), kh * span * c),
+                self._blocked(block),
+                out=y.reshape(-1, block * cout),
+            )
+        elif by_offset:  # one channel: the columns kernel offset by kernel offset (see _offset_cols)
             cols = flat[: n * ho * wo * self.fan_in].reshape(self.fan_in, n * ho * wo)
             self._offset_cols(x, pad, cols.reshape(self.fan_in, n, ho, wo))
             xp.matmul(cols.T, self.W, out=y.reshape(-1, cout))
@@ -324,6 +411,7 @@ class Conv2D(Layer):
             y.reshape(n, ho * wo * cout)[...] += row.reshape(-1)
         if saved is not None:
             saved["x"], saved["cols"], saved["flat"], saved["by_offset"] = x, cols, flat, by_offset
+            saved["block"] = block
         return y
 
     def _bias_grad(self, dy2, out, ws) -> None:
@@ -335,13 +423,15 @@ class Conv2D(Layer):
 
     def backward(self, dy, saved, need_dx=True, accumulate=False, ws=FRESH):
         x, cols, flat = saved.pop("x"), saved.pop("cols"), saved.pop("flat")
-        by_offset = saved.pop("by_offset")
+        by_offset, block = saved.pop("by_offset"), saved.pop("block")
         n, cout = len(dy), self.out_channels
         if self._shards is not None:
             return self._backward_shards(x, dy, cols, flat, saved.get("shard", 0), need_dx, ws)
         dy2 = dy.reshape(-1, cout)  # (n * Ho * Wo, Cout)
-        # (n * Ho * Wo, KH * KW * C), a transposed view of the (KH * KW, n * Ho * Wo) columns by offset
-        cols2 = cols.T if by_offset else cols.reshape(-1, self.fan_in)
+        # (n * Ho * Wo, KH * KW * C), a transposed view of the (KH * KW, n * Ho * Wo) columns by offset;
+        # blocked: (n * Ho * Wo / b, KH * span * C)
+        # (not -1 in the reshape: 0 rows are allowed)
+        cols2 = cols.T if by_offset else cols.reshape(math.prod(cols.shape[:3]), math.prod(cols.shape[3:]))
         if "defer" in saved:  # (first row, step rows, stack scope): weight gradients come later
             first, rows, stack = saved["defer"]
             self._deferred_shape = x.shape[1:]
@@ -351,18 +441,28 @@ class Conv2D(Layer):
             if self._dW_part is None:  # once per run: micro-batches after the first add into dW
                 self._dW_part = xp.empty_like(self.dW)
                 self._db_part = xp.empty_like(self.db) if self.bias else None
-            xp.matmul(cols2.T, dy2, out=self._dW_part)
+            self._weight_grad(cols2, dy2, block, self._dW_part)
             self.dW += self._dW_part
             if self.bias:
                 self._bias_grad(dy2, self._db_part, ws)
                 self.db += self._db_part
         else:
-            xp.matmul(cols2.T, dy2, out=self.dW)
+            self._weight_grad(cols2, dy2, block, self.dW)
             if self.bias:
                 self._bias_grad(dy2, self.db, ws)
         if not need_dx:
             return None
         dx = ws("dx", x.shape, dy.dtype)
+        if block:  # dy @ T.T: the blocked fields' gradient, into the columns (dead now)
+            dcols = flat[: cols.size].reshape(cols.shape)
+            xp.matmul(
+                dy.reshape(-1, block * cout),
+                self._T.reshape(-1, block * cout).T,
+                out=dcols.reshape(-1, cols.shape[3] * cols.shape[4]),
+            )
+            dpad = self._pad_ws(ws, "dxpad", n, x.shape[1:], self._p, dy.dtype)
+            self._blocked_col2im(dcols, dx, dpad, block)
+            return dx
         if by_offset:
             xp.matmul(self.W, dy2.T, out=cols)  # (KH * KW, n * Ho * Wo), over the columns
             self._offset_col2im(cols.reshape(self.fan_in, *dy.shape[:3]), dx)
@@ -371,6 +471,16 @@ class Conv2D(Layer):
         dypad = self._pad_ws(ws, "dypad", n, dy.shape[1:], self._q(), dy.dtype) if transposed else None
         self._input_grad(dy, dx, flat, dypad, self._flipped() if transposed else None)
         return dx
+
+    def _weight_grad(self, cols2, dy2, block: int, out) -> None:
+        """``out = cols2.T @ dy2``, the ``W`` gradient (``dy2``: ``(n * Ho * Wo, Cout)``); blocked,
+        the blocked kernel's gradient from the same product, folded into ``out``."""
+        if not block:
+            xp.matmul(cols2.T, dy2, out=out)
+            return
+        cout = self.out_channels
+        xp.matmul(cols2.T, dy2.reshape(-1, block * cout), out=self._dT.reshape(-1, block * cout))
+        self._fold(self._dT, out)
 
     def _q(self) -> tuple[int, int]:
         return self._k[0] - 1 - self._p[0], self._k[1] - 1 - self._p[1]
@@ -430,6 +540,8 @@ class Conv2D(Layer):
         return f"Conv2D({self.in_channels}, {self.out_channels}, {self.kernel}{extra})"
 
 
+_BLOCK = 4  # output pixels per blocked field at most (``Conv2D._blocked``)
+_SHORT_ROW = 32  # field rows of fewer values are blocked (``Conv2D._block``)
 _CACHE_VALUES = 1 << 19  # input-gradient values col2im adds into at a time (2 MiB in float32)
 
 
