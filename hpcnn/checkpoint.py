@@ -14,10 +14,17 @@ from hpcnn.io.checkpoints import (
     Info,
     checkpoints,
     damage_reason,
+    in_shape_of,
     inspect,
     step_of,
     verify_bounded,
 )
+
+
+def _inputs(shape: tuple) -> str:
+    if len(shape) == 3:  # (H, W, C)
+        return f"input {shape[0]}x{shape[1]} images with {shape[2]} channel(s)"
+    return f"{shape[0]} input features"
 
 
 def describe_info(info: Info, verified_bytes: int | None) -> str:
@@ -25,7 +32,7 @@ def describe_info(info: Info, verified_bytes: int | None) -> str:
     lines = [
         f"{info.path}: {KIND}, format_version {info.format_version}, hpcnn {info.hpcnn_version}, "
         f"{info.created}",
-        f"model: {info.description}, {arch['dtype']}, {arch['in_features']} input features",
+        f"model: {info.description}, {arch['dtype']}, {_inputs(in_shape_of(arch))}",
         f"optimizer: {info.optimizer}, {info.optimizer_t} steps taken, "
         f"state {', '.join(info.state_names) or '-'}",
         *(
