@@ -33,6 +33,23 @@ def test_a_silent_rank_is_lost_and_pipeline_receives_name_their_stage():
     assert "lost: rank 1, not heard from for 25 s (last seen in forward/backward at step 3)" in text
 
 
+def test_a_rank_that_froze_as_the_others_began_to_wait_is_lost():
+    """Rank 1 froze at step 2500 just after its heartbeat; rank 0 began waiting for it at the same
+    moment, and the report comes as rank 0's wait passes the 30 s deadline: rank 1 has then been
+    silent for a little less than 30 s, which is being lost, not late."""
+    s = state((2500, "pipeline receive", 1, 30.05), (2497, "forward/backward", 0, 0.0))
+    text = diagnose(s, np.array([0.0, 29.9]), lambda op: 30.0, slack=2.0)
+    assert "lost: rank 1, not heard from for 30 s (last seen in forward/backward at step 2497)" in text
+    assert "not arrived" not in text
+    # a rank heard from a few seconds ago is late, not lost
+    text = diagnose(s, np.array([0.0, 3.0]), lambda op: 30.0, slack=2.0)
+    assert "not arrived: rank 1, in forward/backward at step 2497 for 3 s" in text and "lost" not in text
+    # at a deadline under ten times the slack, a live rank's heartbeat may be that stale: not lost
+    s = state((5, "gradient allreduce", 0, 8.5), (5, "forward/backward", 0, 0.0))
+    text = diagnose(s, np.array([0.0, 7.0]), lambda op: 8.0, slack=2.0)
+    assert "not arrived: rank 1, in forward/backward at step 5 for 7 s" in text and "lost" not in text
+
+
 def test_finished_ranks_are_never_late():
     s = state((9, "done", 0, 500.0), (9, "done", 0, 500.0))
     assert diagnose(s, np.zeros(2), lambda op: 1.0) is None

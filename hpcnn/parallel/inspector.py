@@ -227,7 +227,7 @@ class Inspector:
             if self._away(now):
                 self._heard[:] = np.maximum(self._heard, now - self.period)  # its absence, not theirs
                 continue
-            message = diagnose(self._state_of, now - self._heard, self.deadline)
+            message = diagnose(self._state_of, now - self._heard, self.deadline, 2 * self.period)
             if message is not None and not self._stop.is_set():
                 self._fail(message)
 
@@ -237,9 +237,17 @@ class Inspector:
         abort_job(EXIT_STALL)
 
 
-def diagnose(state, silent, deadline) -> str | None:
+def diagnose(state, silent, deadline, slack: float = 0.0) -> str | None:
     """The stall report for ``state`` rows ``(step, op, detail, seconds in op)`` per rank and
-    ``silent`` (seconds since each rank was heard from), or ``None`` if nothing is late."""
+    ``silent`` (seconds since each rank was heard from), or ``None`` if nothing is late.
+
+    A rank silent for longer than its deadline is *lost*. Silence is counted from when rank 0 took
+    a rank's last heartbeat, up to ``slack`` (two heartbeat periods: one for rank 0 to take a
+    heartbeat, one for the sender to see it taken and send the next) after the rank sent it, so a
+    rank that froze just as the others began to wait for it reads as silent for up to ``slack``
+    less than they have waited when their wait passes the deadline. For deadlines of ten times
+    ``slack`` and more, silence within ``slack`` of the deadline is therefore taken as lost too; for
+    shorter ones it is not, as a live rank's heartbeat can be that stale on oversubscribed cores."""
     ops = state[:, 1].astype(int)
     age = state[:, 3] + silent  # seconds in the current operation, extrapolated to now
     late = [r for r in range(len(state)) if ops[r] != DONE and age[r] > deadline(ops[r])]
@@ -251,7 +259,8 @@ def diagnose(state, silent, deadline) -> str | None:
     groups: dict[str, list[int]] = {}
     lost = []
     for r in range(len(state)):
-        if silent[r] > deadline(ops[r]):
+        limit = deadline(ops[r])
+        if silent[r] > limit - (slack if limit >= 10 * slack else 0.0):
             lost.append(r)
         elif ops[r] in WAITING:
             groups.setdefault(where(r), []).append(r)
