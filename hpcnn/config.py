@@ -126,6 +126,12 @@ class Config:
         "parallel",
     )
     bucket_mb: float = _f(2.0, "gradient bucket size in MiB for the overlapped reduction", group="parallel")
+    zero: int = _f(
+        0,
+        "shard over the data-parallel replicas: 1 the optimizer state, 2 also the gradients (ZeRO); 0 none",
+        [0, 1, 2],
+        "parallel",
+    )
     # --- optimizer
     optimizer: str = _f("adam", "optimizer", ["sgd", "adam", "adamw"], "optimizer")
     lr: float = _f(1e-3, "peak learning rate", group="optimizer")
@@ -205,7 +211,8 @@ class Config:
         for f in fields(self):
             choices = f.metadata["choices"]
             if choices and getattr(self, f.name) not in choices:
-                raise UserError(f"{f.name} = {getattr(self, f.name)!r}: expected one of {', '.join(choices)}")
+                expected = ", ".join(map(str, choices))
+                raise UserError(f"{f.name} = {getattr(self, f.name)!r}: expected one of {expected}")
             # TOML's nan/inf and float("inf") from a flag pass every comparison below that NaN fails
             # silently or infinity passes (lr = inf, stall_timeout = nan)
             if f.type is float and not math.isfinite(getattr(self, f.name)):

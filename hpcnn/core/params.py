@@ -109,6 +109,20 @@ class FlatParams:
             view[...] = _draw(rng, spec)
 
 
+class FlatShard:
+    """The part ``[lo, hi)`` of a ``FlatParams``'s flat buffers that one rank updates when the
+    optimizer state is sharded over the replicas (``hpcnn.parallel.zero``): what an optimizer is
+    bound to there. ``data`` is a view of the parameters (the update lands in the whole buffer);
+    ``grad`` is this part's reduced gradient (a view of ``params.grad``, or a buffer of its own
+    where the rank keeps no whole gradient). ``size`` is the whole buffer's length: checkpoints
+    place the optimizer's shard-sized state at ``lo`` of whole tensors."""
+
+    def __init__(self, params, lo: int, hi: int, grad):
+        assert 0 <= lo <= hi <= params.size and len(grad) == hi - lo, (lo, hi, params.size, len(grad))
+        self.params, self.lo, self.hi, self.size = params, lo, hi, params.size
+        self.data, self.grad, self.dtype = params.data[lo:hi], grad, params.dtype
+
+
 def layout(layers, state: bool = False) -> list[Slot]:
     """Where each tensor of ``layers`` lives in a flat buffer: slots listed in model order (layer,
     then declared order), offsets assigned in backward order (last layer first). ``state``: the

@@ -116,6 +116,15 @@ class RunDir:
         with open(self.path / "command.txt", "a") as fh:
             fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}  ranks={facts.get('ranks')}  {command}\n")
 
+    def add_facts(self, values: dict) -> None:
+        """Add ``values`` to ``facts.json`` (what is known only at the end: measured memory)."""
+        path = self.path / "facts.json"
+        try:
+            facts = json.loads(path.read_text())
+        except (OSError, ValueError):  # not written (a refused start) or damaged: these facts alone
+            facts = {}
+        path.write_text(json.dumps({**facts, **values}, indent=2) + "\n")
+
     def record(self, kind: str, values: dict) -> None:
         # One line per record, flushed: a run killed at any moment leaves whole lines (but the last).
         self._metrics.write(json.dumps({"kind": kind, **values}, allow_nan=True) + "\n")

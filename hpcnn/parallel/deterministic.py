@@ -35,10 +35,12 @@ import numpy as np
 
 from hpcnn.core.backend import xp
 from hpcnn.core.optim import clip_grad_norm
+from hpcnn.core.params import FlatShard
 from hpcnn.errors import UserError
 from hpcnn.io.datasets import split_counts
 from hpcnn.parallel.comm import IN_PLACE, SUM, Request
 from hpcnn.parallel.sync import GradientSync
+from hpcnn.parallel.zero import gather_parts
 
 # shard_rows = 0: each full batch in this many shards. More shards let more replicas work but cost
 # throughput (smaller products, more per-shard gradients to add): at the benchmark network, 4 shards
@@ -227,16 +229,25 @@ class ShardReducer(GradientSync):
     is_last : whether this rank holds the last stage (computes the loss)
     tensors : ``(index of this stage's first tensor in the whole model, tensors in the model)``;
         the norm is summed per tensor in model order (default: this stage is the model)
+    zero : shard the optimizer state over the replicas (``--zero 1|2``): each rank updates the
+        chunk of the buffer it completes the tree for, and the parameters are gathered. The whole
+        reduced gradient is still gathered (the norm is summed per whole tensor), and the per-shard
+        gradient buffers stay: stage 2 is stage 1 here.
 
     ``start()`` ends the set-up: it takes BLAS's threads for the shard threads (``close()`` gives
     them back).
     """
 
     def __init__(
-        self, comm, model, max_shards: int, rows: int, world=None, stages=None, is_last=True, tensors=None
-    ):
+        self, comm, model, max_shards: int, rows: int, world=None, stages=None, is_last=True, tensors=None,
+        zero=False,
+    ):  # fmt: skip
         super().__init__(comm, model.params)
         params = self.params
+        self.zero = zero and comm.size > 1
+        self._chunks = [split_counts(params.size, comm.size, q) for q in range(comm.size)]
+        start, n = self._chunks[comm.rank]
+        self.shard = FlatShard(params, start, start + n, params.grad[start : start + n])
         self.world = comm if world is None else world
         self.stages, self.is_last, self.rows = stages, is_last, rows
         self._tensor_base, self._tensor_count = tensors or (0, len(params.slots))
@@ -252,6 +263,20 @@ class ShardReducer(GradientSync):
     @property
     def workers(self) -> Workers:
         return self.sharding.workers
+
+    def grad_bytes(self) -> int:
+        """The reduced gradient and the per-shard gradients."""
+        return int(self.params.grad.nbytes + self.grads.nbytes)
+
+    def optimizer_params(self):
+        """This rank's chunk (``zero``), else the whole stage."""
+        return self.shard if self.zero else self.params
+
+    def step(self, opt, lr: float) -> None:
+        opt.step(lr)
+        if self.zero:  # every chunk's updated parameters to every replica
+            counts, displs = [n for _, n in self._chunks], [start for start, _ in self._chunks]
+            gather_parts(self.comm, self.params.data, counts, displs)
 
     def start(self) -> "ShardReducer":
         """Shard threads in place of BLAS's own (BLAS single-threaded: a product's bits depend on
@@ -297,14 +322,14 @@ class ShardReducer(GradientSync):
     def reduce_shards(self, first: int, count: int, total: int) -> None:
         """Fill ``params.grad`` with the tree sum of all ``total`` shards' gradients; this replica
         computed shards ``first .. first + count - 1`` into rows ``0 .. count - 1``."""
-        grad, size = self.params.grad, self.params.size
+        grad = self.params.grad
         nodes = tree_nodes(first, first + count, total)
         comm = self.comm
         if comm.size == 1:  # one node, the root: its last addition goes straight into grad
             self._add_subtrees([(0, total, 0)], out=grad)
             return
         self._add_subtrees([(a - first, b - first, a) for a, b in nodes])
-        chunks = [split_counts(size, comm.size, q) for q in range(comm.size)]
+        chunks = self._chunks
         here, mine = comm.rank, chunks[comm.rank]
         requests, parts = [], {}
         for q, (start, n) in enumerate(chunks):

@@ -116,6 +116,8 @@ class Pipeline:
         # --deterministic: the last stage keeps each shard's loss sum of the latest step (or
         # evaluation chunk) in shard order
         self.shard_losses: list[float] = []
+        # --zero 2 on a single stage: weight gradients deferred too (each formed once per step)
+        self.always_defer = False
 
     @property
     def shard_rows(self) -> int:
@@ -133,7 +135,7 @@ class Pipeline:
         self.probe.times = value
 
     def defers_weight_grads(self, micro: int) -> bool:
-        return defers_weight_grads(self.stages, micro, bool(self.shard_rows))
+        return defers_weight_grads(self.stages, micro, bool(self.shard_rows), self.always_defer)
 
     def handshake(self) -> None:
         """Check that each stage sends the width and dtype the next one expects (before any data)."""
@@ -327,10 +329,11 @@ class Pipeline:
         return loss_sum, correct
 
 
-def defers_weight_grads(stages: int, micro: int, sharded: bool) -> bool:
+def defers_weight_grads(stages: int, micro: int, sharded: bool, always: bool = False) -> bool:
     """Whether a step of ``micro`` micro-batches forms weight gradients once, after the last
-    backward: on every stage of a pipeline (``sharded``, deterministic mode, sums them per shard)."""
-    return stages > 1 and micro > 1 and not sharded
+    backward: on every stage of a pipeline, or ``always`` (``--zero 2``: a gradient written once per
+    step needs no whole-model buffer); ``sharded`` (deterministic mode) sums them per shard."""
+    return (stages > 1 or always) and micro > 1 and not sharded
 
 
 def gpipe_bubble(stages: int, micro: int) -> float:

@@ -12,10 +12,13 @@ the step's metrics and gradient norm are. The training step calls, in this order
 
 Two implement it: ``DataParallel`` (``data_parallel``: bucketed ``Iallreduce`` overlapped with
 backward) and ``ShardReducer`` (``deterministic``: per-shard gradients summed in one tree order,
-bitwise the same at any layout). A sharded optimizer would implement ``reduce`` as a
-reduce-scatter and ``step`` as the optimizer on this rank's part followed by an all-gather of the
-parameters.
+bitwise the same at any layout); ``ZeroSync`` (``zero``: the optimizer state, and the gradient,
+sharded over the replicas) implements ``reduce`` as a reduce-scatter and ``step`` as the optimizer
+on this rank's part followed by an all-gather of the parameters. The optimizer is bound to
+``optimizer_params()``: the whole ``FlatParams``, or this rank's ``FlatShard`` of it.
 """
+
+from hpcnn.core.backend import xp
 
 
 class GradientSync:
@@ -31,6 +34,23 @@ class GradientSync:
 
     def __init__(self, comm, params):
         self.comm, self.params = comm, params
+
+    def optimizer_params(self):
+        """What the optimizer updates: the stage's ``FlatParams`` (a sharded sync: its part)."""
+        return self.params
+
+    def first_nonfinite(self):
+        """The first layer of this stage whose reduced gradient holds a non-finite value, or
+        ``None`` (a sharded sync: collective over the replicas)."""
+        params = self.params
+        for slot in params.slots:
+            if not xp.isfinite(params.view(params.grad, slot)).all():
+                return slot.layer
+        return None
+
+    def grad_bytes(self) -> int:
+        """Bytes of gradient buffers this rank holds."""
+        return int(self.params.grad.nbytes)
 
     def broadcast_parameters(self, root: int = 0) -> None:
         """Make every replica start from ``root``'s parameters."""

@@ -13,6 +13,7 @@ from hpcnn.io.datasets import split_units
 from hpcnn.parallel.comm import Comm
 from hpcnn.parallel.deterministic import shard_count, shard_rows
 from hpcnn.parallel.pipeline import defers_weight_grads
+from hpcnn.parallel.zero import plan
 from hpcnn.training.report import describe_run
 from hpcnn.training.setup import prepare, total_steps
 
@@ -40,21 +41,32 @@ def dry_run(cfg: Config, comm: Comm) -> int:
     activation_bytes = cfg.micro_batches * micro_rows * widths * itemsize
     # A pipeline stage keeps its layers' inputs and output gradients for the whole step's rows
     # until the weight-gradient products.
-    if defers_weight_grads(grid.stages, cfg.micro_batches, cfg.deterministic):
+    always = cfg.zero == 2 and grid.replicas > 1  # ZeroSync defers them on a single stage too
+    if defers_weight_grads(grid.stages, cfg.micro_batches, cfg.deterministic, always):
         activation_bytes += rows * stacked * itemsize
-    buffers = 2 + state  # parameters, gradients, optimizer state
+    # gradients and optimizer state at the --zero level (sharded over the stage's replicas)
+    level = cfg.zero if grid.replicas > 1 else 0
+    stage_layers = layers[bounds[grid.stage] : bounds[grid.stage + 1]]
+    level = min(level, 1) if cfg.deterministic else level  # (its per-shard gradients stay)
+    grads, part = plan(
+        params, stage_layers, level, grid.replicas, grid.replica, cfg.micro_batches, cfg.bucket_mb
+    )
     if cfg.deterministic:  # one gradient per shard this replica holds in a step
         full = shard_count(min(cfg.batch_size, len(ds.train)), shard_rows(cfg))
-        buffers += -(-full // grid.replicas)
-    bytes_total = buffers * params.size * itemsize + activation_bytes
+        grads += -(-full // grid.replicas) * params.size
+    parts = [params.size * itemsize, grads * itemsize, state * part * itemsize, activation_bytes]
     row = (comm.rank, socket.gethostname(), grid.stage, grid.replica, bounds[grid.stage],
-           bounds[grid.stage + 1] - 1, params.size, bytes_total, rows)  # fmt: skip
+           bounds[grid.stage + 1] - 1, params.size, parts, rows)  # fmt: skip
     rows_all = comm.gather(row, root=0)
-    comm.print0("layout (rank: host, stage, replica, layers, parameters, estimated memory, rows per step):")
+    comm.print0(
+        "layout (rank: host, stage, replica, layers, parameters, estimated memory: parameters + gradients "
+        f"+ optimizer state{f' (zero {cfg.zero})' if cfg.zero else ''} + activations, rows per step):"
+    )
     for r, host, stage, replica, a, b, n, nbytes, batch_rows in rows_all or []:
+        split = " + ".join(f"{x / 2**20:.1f}" for x in nbytes)
         comm.print0(
             f"  rank {r}: {host}, stage {stage}, replica {replica}, layers {a}-{b}, {n:,} parameters, "
-            f"~{nbytes / 2**20:.1f} MiB, ~{batch_rows} rows of each global batch"
+            f"~{sum(nbytes) / 2**20:.1f} MiB ({split}), ~{batch_rows} rows of each global batch"
         )
     total = sum(row[6] for row in rows_all or [] if row[3] == 0)
     comm.print0(f"parameters: {total:,} in all; {steps} steps")

@@ -39,6 +39,7 @@ from hpcnn.parallel.preempt import ALL, INTERRUPT, StopRequest
 from hpcnn.parallel.probe import Probe
 from hpcnn.parallel.sync import GradientSync
 from hpcnn.parallel.timeline import Timeline
+from hpcnn.parallel.zero import ZeroSync
 from hpcnn.training.batches import (
     bad_row,
     evaluate_split,
@@ -76,6 +77,15 @@ class Result:
     in_shape: tuple = ()
     optimizer: object = None  # this stage's optimizer, bound to ``model.params``
     position: Position | None = None  # where training ended (what a checkpoint of this state records)
+
+
+def peak_rss() -> int:
+    """This process's peak resident set size in bytes (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def _time_parts(t) -> np.ndarray:
@@ -117,7 +127,7 @@ class Training:
             probe.timeline = Timeline(comm, comm.wtime)
         # a copy: one optimizer object given to two trainers must not end up bound to the second's buffers
         self.opt = (make_optimizer(cfg) if parts.optimizer is None else copy.copy(parts.optimizer)).bind(
-            self.model.params
+            self.sync.optimizer_params()
         )
         self.steps = total_steps(cfg, sampler)
         # Rank 0 with a log shows progress (bar, lines or nothing); every other rank is silent.
@@ -171,13 +181,22 @@ class Training:
         stages = grid.pipe if grid.stages > 1 else None
         if not cfg.deterministic:
             params, overlap = self.model.params, cfg.overlap == "on"
+            if cfg.zero:
+                stage_layers = self.layers[self.bounds[grid.stage] : self.bounds[grid.stage + 1]]
+                pipe.always_defer = cfg.zero == 2 and grid.replicas > 1
+                return ZeroSync(
+                    grid.dp, params, cfg.zero, stage_layers, cfg.micro_batches, overlap, cfg.bucket_mb,
+                    self.probe, stages, pipe.is_last,
+                )  # fmt: skip
             return DataParallel(grid.dp, params, overlap, cfg.bucket_mb, self.probe, stages, pipe.is_last)
         rows, _, most = self._shard_counts()
         # the gradient norm is summed per tensor, in model order: this stage's first tensor's index
         base = sum(len(layer.param_specs()) for layer in self.layers[: self.bounds[grid.stage]])
         tensors = (base, sum(len(layer.param_specs()) for layer in self.layers))
         with self.comm.agreed(cfg.debug):  # one gradient per shard: a large allocation, maybe too large
-            return ShardReducer(grid.dp, self.model, most, rows, grid.world, stages, pipe.is_last, tensors)
+            return ShardReducer(
+                grid.dp, self.model, most, rows, grid.world, stages, pipe.is_last, tensors, bool(cfg.zero)
+            )
 
     def _shard_counts(self) -> tuple[int, int, int]:
         """Deterministic mode: rows per shard, shards in a full batch, and at most per replica."""
@@ -356,10 +375,9 @@ class Training:
         self.progress.step(self.step, self.epoch, self.batch, record)
 
     def _first_nonfinite_layer(self) -> int:
-        params = self.model.params
-        for slot in params.slots:
-            if not xp.isfinite(params.view(params.grad, slot)).all():
-                return self.bounds[self.grid.stage] + slot.layer
+        layer = self.sync.first_nonfinite()  # (sharded gradients: collective over the replicas)
+        if layer is not None:
+            return self.bounds[self.grid.stage] + layer
         return self.bounds[self.grid.stage + 1]  # finite but overflowing: past this stage's layers
 
     def _close_epoch(self, sums, rows: int, seconds: float) -> None:
@@ -486,6 +504,18 @@ class Training:
                 EXIT_INTERNAL,
             )
 
+    def memory(self) -> dict:
+        """This rank's training-state bytes as allocated (parameters, gradients, optimizer state;
+        ``--zero`` shards the last two) and its peak resident set size so far."""
+        params = self.model.params
+        return {
+            "rank": self.comm.rank,
+            "parameters": int(params.data.nbytes),
+            "gradients": self.sync.grad_bytes(),
+            "optimizer_state": int(sum(buf.nbytes for buf in self.opt.state.values())),
+            "peak_rss": peak_rss(),
+        }
+
     def _final(self) -> None:
         result, ds = self.result, self.ds
         result.steps = self.step
@@ -494,8 +524,10 @@ class Training:
         result.final = dict(final or self._evaluate(split))
         result.final["split"] = "held-out" if ds.test is not None else "training"
         self.progress.close()
+        memory = self.comm.gather(self.memory(), root=0)
         if self.run_dir is not None:
             self.run_dir.record("final", {"step": self.step, **result.final})
+            self.run_dir.add_facts({"memory_per_rank": memory})
         if self.grid.stages > 1:
             report_stages(self.log, self.cfg, self.grid, self.pipe)
         ds.close()

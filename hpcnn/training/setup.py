@@ -213,7 +213,8 @@ def resume_from(cfg, grid, layers, in_shape, bounds, model, opt, log):
                 f"this run's {cfg.optimizer} keeps {sorted(opt.state)} (match --optimizer and --momentum)"
             )
         stage = grid.stage
-        read_stage(chosen, layers, bounds[stage], bounds[stage + 1], model.params, opt.state)
+        lo = getattr(opt.params, "lo", 0)  # an optimizer of a part (--zero): its first element
+        read_stage(chosen, layers, bounds[stage], bounds[stage + 1], model.params, opt.state, lo)
         opt.t = info.optimizer_t
     at = info.position
     layout = info.layout

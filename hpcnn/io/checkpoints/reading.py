@@ -105,14 +105,18 @@ def checked_version(path, f) -> int:
     return version
 
 
-def read_stage(path, layers, first: int, stop: int, params, state: dict) -> None:
+def read_stage(path, layers, first: int, stop: int, params, state: dict, state_lo: int = 0) -> None:
     """Fill this stage's flat parameter, layer-state (``params.state``) and optimizer-state buffers
-    from ``path``."""
-    targets = [("model", params.data), (STATE, params.state)]
-    targets += [(f"optimizer/{n}", state[n]) for n in sorted(state)]
+    from ``path``. The optimizer's buffers may hold a part of the stage's flat buffer, from element
+    ``state_lo`` (``--zero``: each replica reads its part of every tensor)."""
+    targets = [("model", params.data, 0), (STATE, params.state, 0)]
+    targets += [(f"optimizer/{n}", state[n], state_lo) for n in sorted(state)]
     with open_checkpoint(path) as f:
-        for group, flat in targets:
+        for group, flat, lo in targets:
             for key, offset, shape in group_tensors(group, layers, first, stop):
+                a, z = max(offset, lo), min(offset + math.prod(shape), lo + len(flat))
+                if z <= a:  # (a part of the buffer without this tensor)
+                    continue
                 name = f"{group}/{key}"
                 if name not in f:
                     raise UserError(f"checkpoint {path} has no dataset {name}")
@@ -123,4 +127,4 @@ def read_stage(path, layers, first: int, stop: int, params, state: dict) -> None
                     values = dset[...]
                 except DAMAGE as exc:
                     raise UserError(f"checkpoint {path}: dataset {name} is corrupt ({exc})") from None
-                flat[offset : offset + math.prod(shape)] = values.reshape(-1)
+                flat[a - lo : z - lo] = values.reshape(-1)[a - offset : z - offset]

@@ -8,6 +8,12 @@ chunks, filters, values):
   buffers to rank 0 one stage at a time (rank 0 holds one stage's state at a time, not the whole
   model's).
 
+A buffer may be sharded over the replicas of its stage (``Part``: the optimizer state of
+``--zero 1|2``, each replica holding a contiguous part of the flat buffer): both writers then gather
+it, collectively over the stage's replicas, to replica 0, which writes it as if it held it whole:
+the same datasets, so a checkpoint never shows the layout it was written from. ``gather`` holds one
+whole flat buffer at a time on replica 0, ``mpio`` one tensor.
+
 Each returns the failure every rank agrees on (``None``: written); ``save`` (``writing``) chooses
 the writer and owns the file's name. HDF5 never sees a failed write from the gathering writer
 (``_Spool``): after one, HDF5's file state is broken and its own close crashes the process.
@@ -23,6 +29,38 @@ from hpcnn.core.backend import to_host
 from hpcnn.io.checkpoints.fileformat import LIBVER, group_tensors
 from hpcnn.io.datasets.sampler import split_counts
 from hpcnn.parallel import faults
+
+
+class Part:
+    """This rank's part ``[lo, lo + len(local))`` of a ``size``-element flat buffer whose other parts
+    the other replicas of its stage hold, in replica order (``hpcnn.parallel.zero.shard_bounds``)."""
+
+    def __init__(self, local, lo: int, size: int):
+        self.local, self.lo, self.size = local, lo, size
+
+    def gather(self, dp, start: int, stop: int, root: int = 0):
+        """Elements ``[start, stop)`` of the whole buffer on replica ``root`` of ``dp`` (``None``
+        elsewhere); collective over ``dp``."""
+        from mpi4py import MPI
+
+        local = to_host(self.local)
+        bounds = [(a, a + n) for a, n in (split_counts(self.size, dp.size, q) for q in range(dp.size))]
+        assert bounds[dp.rank] == (self.lo, self.lo + len(local)), (bounds, self.lo, len(local))
+        counts = [max(0, min(stop, hi) - max(start, lo)) for lo, hi in bounds]
+        displs = [sum(counts[:q]) for q in range(dp.size)]
+        a = max(start, self.lo)
+        send = local[a - self.lo : a - self.lo + counts[dp.rank]]
+        out = np.empty(stop - start, local.dtype) if dp.rank == root else None
+        kind = MPI.DOUBLE if local.dtype == np.float64 else MPI.FLOAT
+        dp.Gatherv(send, [out, counts, displs, kind] if out is not None else None, root=root)
+        return out
+
+
+def whole(buf, dp):
+    """A buffer as replica 0 of its stage writes it: the whole flat buffer (a ``Part``: gathered
+    there, collectively, ``None`` elsewhere)."""
+    return buf.gather(dp, 0, buf.size) if isinstance(buf, Part) else to_host(buf)
+
 
 CHUNK_BYTES = 1 << 20  # chunk size target: large enough for fast I/O, small enough to checksum often
 
@@ -156,9 +194,10 @@ def write_gathered(tmp, meta, grid, layers, bounds, buffers, fault) -> str | Non
     world = grid.world
     if not world.is_root:
         fault("checkpoint")
-        if grid.replica == 0:
-            for tag, (_, buf) in enumerate(buffers):
-                world.Send(to_host(buf), dest=0, tag=tag)
+        for tag, (_, buf) in enumerate(buffers):
+            flat = whole(buf, grid.dp)  # (collective over the stage's replicas for a Part)
+            if grid.replica == 0:
+                world.Send(flat, dest=0, tag=tag)
         return world.bcast(None)
     failure, f, spool = None, None, None
     try:
@@ -174,7 +213,7 @@ def write_gathered(tmp, meta, grid, layers, bounds, buffers, fault) -> str | Non
             tensors = group_tensors(group, layers, bounds[stage], bounds[stage + 1])
             size = sum(math.prod(shape) for _, _, shape in tensors)
             if stage == 0:
-                flat = to_host(buf)
+                flat = whole(buf, grid.dp)
             else:  # always receive, even after a failure: the sender must not be left waiting
                 flat = np.empty(size, dtype)
                 world.Recv(flat, source=stage, tag=tag)
@@ -232,15 +271,18 @@ def write_mpio(tmp, meta, grid, layers, bounds, buffers, fault) -> str | None:
             for stage in range(grid.stages):
                 for group, buf in buffers:
                     tensors = group_tensors(group, layers, bounds[stage], bounds[stage + 1])
-                    flat = to_host(buf)
+                    part = isinstance(buf, Part)
+                    flat = None if part else to_host(buf)
                     for key, offset, shape in tensors:
                         dset = _create(f, f"{group}/{key}", shape, dtype)  # collective: all ranks
                         fspace = dset.id.get_space()
-                        start, count = 0, 0
-                        if grid.stage == stage:  # my replica writes a block of the rows
+                        start, count, row = 0, 0, math.prod(shape[1:])
+                        if grid.stage == stage and part:  # gathered: replica 0 writes it whole
+                            src = buf.gather(grid.dp, offset, offset + math.prod(shape))
+                            count = shape[0] if grid.replica == 0 else 0
+                        elif grid.stage == stage:  # my replica writes a block of the rows
                             start, count = split_counts(shape[0], grid.replicas, grid.replica)
-                        row = math.prod(shape[1:])
-                        src = flat[offset + start * row : offset + (start + count) * row]
+                            src = flat[offset + start * row : offset + (start + count) * row]
                         if count:
                             fspace.select_hyperslab((start,) + (0,) * (len(shape) - 1), (count, *shape[1:]))
                             mspace = h5s.create_simple((count, *shape[1:]))

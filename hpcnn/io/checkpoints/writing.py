@@ -37,7 +37,7 @@ from hpcnn.io.checkpoints.fileformat import (
     step_of,
     tensor_digest,
 )
-from hpcnn.io.checkpoints.writers import chunk_shape, write_gathered, write_mpio
+from hpcnn.io.checkpoints.writers import Part, chunk_shape, write_gathered, write_mpio
 
 TEMPORARY = re.compile(r"^\.ckpt-\d+\.h5(\..+)?\.tmp$")  # a write in progress, or one a dead run left
 # Bytes per dataset besides its values: HDF5's object header and chunk index, and its entry in
@@ -121,10 +121,16 @@ def _amount(n: int) -> str:
 
 def _buffers(layers, model, opt) -> list[tuple[str, object]]:
     """This stage's flat buffers and the HDF5 group each one's tensors go under (the layer state's
-    where any layer of the whole model keeps state: the same list on every rank)."""
+    where any layer of the whole model keeps state: the same list on every rank). Optimizer state
+    sharded over the replicas (``--zero``: the optimizer is bound to a ``FlatShard``) is a ``Part``."""
     state = [(STATE, model.params.state)] if keeps_state(layers) else []
+    lo = getattr(opt.params, "lo", None)  # a FlatShard's first element
+
+    def optimizer(n):
+        return opt.state[n] if lo is None else Part(opt.state[n], lo, model.params.size)
+
     return (
-        [("model", model.params.data)] + [(f"optimizer/{n}", opt.state[n]) for n in sorted(opt.state)] + state
+        [("model", model.params.data)] + [(f"optimizer/{n}", optimizer(n)) for n in sorted(opt.state)] + state
     )
 
 
@@ -215,9 +221,13 @@ def _tensor_digests(grid, layers, bounds, buffers) -> dict | None:
     every = [(b, t) for b in buffers for t in group_tensors(b[0], layers, first, stop)]
     mine = {}
     for i, ((group, buf), (key, offset, shape)) in enumerate(every):
-        if i % grid.replicas == grid.replica:
-            values = to_host(buf)[offset : offset + math.prod(shape)].reshape(shape)
-            mine[f"{group}/{key}"] = tensor_digest(values)
+        owner, n = i % grid.replicas, math.prod(shape)
+        if isinstance(buf, Part):  # its parts to the replica that hashes it (collective)
+            values = buf.gather(grid.dp, offset, offset + n, owner)
+        elif owner == grid.replica:
+            values = to_host(buf)[offset : offset + n]
+        if owner == grid.replica:
+            mine[f"{group}/{key}"] = tensor_digest(values.reshape(shape))
     parts = grid.world.gather(mine)
     return None if parts is None else {name: d for part in parts for name, d in part.items()}
 
