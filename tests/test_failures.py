@@ -310,3 +310,32 @@ def test_mpi4py_for_another_mpi_than_the_launcher_is_explained_once():
     errors = [line for _, err in outs for line in err.splitlines() if line.startswith("hpcnn: error:")]
     assert len(errors) == 1 and "the launcher started 2 processes (OMPI_COMM_WORLD_SIZE=2)" in errors[0]
     assert "mpi4py uses another MPI" in errors[0] and not any(out for out, _ in outs)
+
+
+# --- with sharded optimizer state (--zero) ------------------------------------------------------
+
+
+@pytest.mark.launches
+def test_a_nan_with_zero_2_names_the_first_bad_layer_from_the_gradient_shards(tmp_path):
+    """Every replica holds a part of the gradient: the first non-finite layer is agreed over them."""
+    d = tmp_path / "ckpt"
+    args = [*FAST, "--zero", "2", "--checkpoint-dir", str(d), "--checkpoint-every", "1", "--keep", "0"]
+    proc, seconds = launch(args, {"HPCNN_FAULT": "nan@forward:rank=1,step=5"})
+    assert proc.returncode == 3 and seconds < LIMIT, proc.stderr
+    assert ours(proc) == [
+        "hpcnn: error: non-finite loss and gradient (the first layer with a non-finite gradient is 0, "
+        "Dense(64, 32)) at step 5; training stopped, no checkpoint written from that state (try a lower "
+        "--lr or --clip-norm)"
+    ], proc.stderr
+    assert checkpoints(d)[0].name == "ckpt-000000005.h5"
+
+
+@pytest.mark.launches
+def test_a_rank_hung_before_the_parameter_allgather_is_named(tmp_path):
+    proc, seconds = launch(
+        [*FAST, "--zero", "1", "--stall-timeout", "8"], {"HPCNN_FAULT": "hang@allgather:rank=3,step=4"}
+    )
+    assert proc.returncode == 4 and seconds < LIMIT, (proc.returncode, proc.stderr)
+    assert len(ours(proc)) == 1 and ours(proc)[0].startswith("hpcnn: error: stall: no progress for")
+    assert "waiting in parameter allgather at step 4: ranks 0, 1, 2, 4, 5, 6, 7" in proc.stderr
+    assert "not arrived: rank 3, in parameter allgather at step 4" in proc.stderr

@@ -186,3 +186,70 @@ def test_zero_2_staging_is_not_overwritten_while_a_bucket_is_in_flight(world, ov
         t.fit()
         states.append(state_of(t))
     agreed(world, compare(world, states[1], states[0], 1e-10, f"zero 2, overlap {overlap}"))
+
+
+# --- memory: what a rank allocates against the formula ------------------------------------------
+
+WIDTH, DEPTH = 384, 12  # 12 equal Dense layers: 1.77 M float32 parameters, one bucket each
+
+
+def measured_bytes(comm, level: int) -> tuple[int, int, int]:
+    """``(bytes, parameters, part)``: what building a stage's flat buffers, its ``zero`` level's
+    gradient synchronisation and a bound Adam allocate on this rank and still hold (tracemalloc:
+    numpy reports its buffers), the parameter count, and this rank's part of it."""
+    import tracemalloc
+
+    from hpcnn.core.optim import Adam
+    from hpcnn.core.params import FlatParams
+    from hpcnn.parallel.data_parallel import DataParallel
+    from hpcnn.parallel.zero import ZeroSync, shard_bounds
+
+    layers = [Dense(WIDTH, WIDTH) for _ in range(DEPTH)]
+    bucket_mb = (WIDTH * WIDTH + WIDTH) * 4 / 2**20  # one layer per bucket
+    tracemalloc.start()
+    try:
+        params = FlatParams(layers, np.float32)
+        if level:
+            sync = ZeroSync(comm, params, level, layers, bucket_mb=bucket_mb)
+        else:
+            sync = DataParallel(comm, params, bucket_mb=bucket_mb)
+        opt = Adam().bind(sync.optimizer_params())
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert opt.state and sync  # (held until measured)
+    lo, hi = shard_bounds(params.size, comm.size)[comm.rank]
+    return held, params.size, hi - lo
+
+
+def formula_bytes(level: int, size: int, part: int, replicas: int) -> int:
+    """Adam in float32: parameters 4 P; gradients 4 P (zero 0, 1) or 4 P / d plus the two largest
+    consecutive buckets (zero 2: two layers here); two moments 8 P (zero 0) or 8 P / d; and the
+    optimizer's one block of scratch (256 KiB, or the part if smaller)."""
+    layer = WIDTH * WIDTH + WIDTH
+    scratch = 4 * min(part if level else size, 2**16)
+    if level == 0:
+        return 16 * size + scratch
+    if level == 1:
+        return 8 * size + 8 * part + scratch
+    staging = 2 * layer if replicas > 1 else 0
+    grads = 4 * part + 4 * staging if replicas > 1 else 4 * size
+    return 4 * size + grads + 8 * part + scratch
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("level", [0, 1, 2])
+def test_bytes_per_rank_match_the_formula(world, level):
+    held, size, part = measured_bytes(world, level)
+    expected = formula_bytes(level, size, part, world.size)
+    problems = []
+    if abs(held - expected) > 0.05 * expected:
+        problems.append(
+            f"rank {world.rank}, zero {level} at d={world.size}: {held:,} bytes, formula {expected:,}"
+        )
+    # and what it saves: zero 2 at d = 8 holds 4 + 12/8 bytes per parameter plus two layers' staging
+    agreed(world, problems)
+    if world.rank == 0:
+        print(
+            f"zero {level}, d = {world.size}: {held / size:.2f} bytes per parameter (formula {expected / size:.2f})"
+        )

@@ -14,7 +14,8 @@ which optimizer step (0-based; ``step`` may be left out: the first time the site
   with the gathering writer only rank 0 writes, so name rank 0);
 - SITE: ``setup`` (the start of a training's set-up, before its data is opened), ``data`` (after
   reading a batch), ``forward``, ``backward``, ``allreduce`` (just before the gradient
-  reduction), ``optimizer``, ``checkpoint`` (inside a checkpoint write), ``evaluation``.
+  reduction), ``optimizer``, ``allgather`` (``--zero``: just before the parameters' all-gather),
+  ``checkpoint`` (inside a checkpoint write), ``evaluation``.
 
 Example: ``HPCNN_FAULT=raise@backward:rank=2,step=5 mpirun -n 4 python -m hpcnn.train``, or
 ``HPCNN_FAULT=sleep@checkpoint:rank=0,step=9,seconds=3``.
@@ -31,7 +32,9 @@ import sys
 import time
 
 KINDS = ("raise", "kill", "hang", "freeze", "sleep", "nan", "diverge", "enospc", "eio")
-SITES = ("setup", "data", "forward", "backward", "allreduce", "optimizer", "checkpoint", "evaluation")
+SITES = (
+    "setup", "data", "forward", "backward", "allreduce", "optimizer", "allgather", "checkpoint", "evaluation",
+)  # fmt: skip
 VARIABLE = "HPCNN_FAULT"
 ERRNOS = {"enospc": errno.ENOSPC, "eio": errno.EIO}  # the write errors the checkpoint writers simulate
 # kinds the caller carries out, and where

@@ -46,6 +46,7 @@ OPS = (
     "evaluation allreduce",
     "gradient allreduce",
     "optimizer step",
+    "parameter allgather",
     "stop check",
     "evaluation",
     "checkpoint",
@@ -60,6 +61,7 @@ WAITING = frozenset(
         "evaluation receive",
         "evaluation allreduce",
         "gradient allreduce",
+        "parameter allgather",
         "stop check",
         "finishing",
     )

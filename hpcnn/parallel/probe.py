@@ -95,6 +95,7 @@ PHASES = {
     "metrics": Phase(_PIPELINE),
     "reduce": Phase("gradient allreduce", "reduce", "reduce wait", "allreduce"),
     "optimizer": Phase("optimizer step", "optimizer", "optimizer"),
+    "gather parameters": Phase("parameter allgather", "optimizer", "parameter allgather", "allgather"),
     # between steps
     "stop check": Phase("stop check", span="stop check"),
     "callbacks": Phase("stop check", span="callbacks"),  # on_step/on_epoch: the user's stop check

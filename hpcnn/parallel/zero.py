@@ -317,6 +317,8 @@ class ZeroSync(DataParallel):
     def step(self, opt, lr: float) -> None:
         """Update this replica's part, then gather every part into every replica's parameters."""
         opt.step(lr)
+        if self.probe is not None:
+            self.probe("gather parameters")
         gather_parts(self.comm, self.params.data, self._data_counts, self._data_displs)
 
     def first_nonfinite(self):
