@@ -243,13 +243,9 @@ def test_bytes_per_rank_match_the_formula(world, level):
     held, size, part = measured_bytes(world, level)
     expected = formula_bytes(level, size, part, world.size)
     problems = []
+    what = f"rank {world.rank}, zero {level} at d = {world.size}"
     if abs(held - expected) > 0.05 * expected:
-        problems.append(
-            f"rank {world.rank}, zero {level} at d={world.size}: {held:,} bytes, formula {expected:,}"
-        )
-    # and what it saves: zero 2 at d = 8 holds 4 + 12/8 bytes per parameter plus two layers' staging
+        problems.append(f"{what}: {held:,} bytes, formula {expected:,}")
     agreed(world, problems)
-    if world.rank == 0:
-        print(
-            f"zero {level}, d = {world.size}: {held / size:.2f} bytes per parameter (formula {expected / size:.2f})"
-        )
+    if world.rank == 0:  # (-s shows the table of docs/performance.md)
+        print(f"{what}: {held / size:.2f} bytes per parameter (formula {expected / size:.2f})")
