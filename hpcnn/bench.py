@@ -215,7 +215,7 @@ def run(cfg, opts, comm: Comm, log=None) -> dict | None:
     gemm = gemm_seconds(pipe.model, rows, pipe.is_first, cfg.micro_batches, deferred)
     comm.Barrier()
     raw = raw_allreduce_seconds(grid.dp, pipe.model.params.size, pipe.model.dtype)
-    grad_bytes = int(pipe.model.params.size * pipe.model.params.grad.itemsize)
+    grad_bytes = int(pipe.model.params.size * pipe.model.params.data.itemsize)
     per_rank = comm.gather(
         {
             "gemm_s": gemm,
@@ -247,6 +247,7 @@ def run(cfg, opts, comm: Comm, log=None) -> dict | None:
         "micro_batches": cfg.micro_batches,
         "schedule": cfg.schedule,
         "overlap": cfg.overlap,
+        "zero": cfg.zero,
         "deterministic": cfg.deterministic,
         "shard_rows": training.pipe.shard_rows or None,
         "bucket_mb": cfg.bucket_mb,
@@ -363,6 +364,7 @@ def _report(log, r: dict) -> None:
             if r["deterministic"]
             else f"overlap {r['overlap']} ({r['buckets']} bucket(s))"
         )
+        + (f", zero {r['zero']}" if r.get("zero") else "")
     )
     spread = ", ".join(f"{s:,.0f}" for s in r["samples_per_s_repeats"])
     log(
