@@ -102,7 +102,7 @@ def options_markdown() -> str:
         for f in members:
             meaning = f.metadata["help"]
             if f.metadata["choices"]:
-                meaning += ": " + ", ".join(f.metadata["choices"])
+                meaning += ": " + ", ".join(map(str, f.metadata["choices"]))
             flag = "--" + f.name.replace("_", "-")
             rows.append(f"| `{flag}` | `{_shown(getattr(defaults, f.name))}` | {_cell(meaning)} |")
         parts.append(f"## {GROUP_TITLES.get(group, group.capitalize())}\n\n" + "\n".join(rows) + "\n")
