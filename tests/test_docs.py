@@ -47,7 +47,8 @@ def test_options_page_lists_every_option_with_its_real_default():
         row = f"| `--{f.name.replace('_', '-')}` | `{shown}` |"
         assert row in OPTIONS, f"docs/options.md lacks or misstates {row}"
         for choice in f.metadata["choices"] or []:
-            assert choice in OPTIONS.split(row)[1].splitlines()[0], f"{f.name}: choice {choice} not shown"
+            shown_line = OPTIONS.split(row)[1].splitlines()[0]
+            assert str(choice) in shown_line, f"{f.name}: choice {choice} not shown"
     documented = re.findall(r"^\| `--([a-z0-9-]+)`", OPTIONS, flags=re.M)
     assert sorted(documented) == sorted(f.name.replace("_", "-") for f in fields(Config))
 
