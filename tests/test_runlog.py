@@ -207,10 +207,35 @@ def test_dry_run_prints_the_layout_and_trains_nothing(tmp_path):
     proc = train(["--dry-run", *layout, "--run-dir", str(tmp_path / "run")], ranks=4)
     assert proc.returncode == 0, proc.stderr
     lines = re.findall(r"^  rank (\d): \S+, stage (\d), replica (\d), layers (\d)-(\d), ([\d,]+) parameters, "
-                       r"~([\d.]+) MiB, ~(\d+) rows of each global batch$", proc.stdout, re.M)  # fmt: skip
+                       r"~([\d.]+) MiB \(.*\), ~(\d+) rows of each global batch$",
+                       proc.stdout, re.M)  # fmt: skip
     assert [(int(r), int(s), int(p)) for r, s, p, *_ in lines] == [(0, 0, 0), (1, 1, 0), (2, 0, 1), (3, 1, 1)]
     params = {int(s): int(n.replace(",", "")) for _, s, _, _, _, n, *_ in lines}
     assert sum(params.values()) == 64 * 64 + 64 + 64 * 32 + 32 + 32 * 10 + 10
     assert all(int(rows) == 32 for *_, rows in lines)  # 64 rows per step over 2 replicas
     assert "parameters: 6,570 in all; 690 steps" in proc.stdout and 'optimizer = "adam"' in proc.stdout
     assert not (tmp_path / "run").exists() and not re.search(r"^epoch ", proc.stdout, re.M)
+
+
+@pytest.mark.launches
+def test_dry_run_splits_each_ranks_memory_at_the_zero_level():
+    """Parameters + gradients + optimizer state + activations, MiB: Adam's two moments are twice
+    the parameters at zero 0, a quarter of that at zero 1 over 4 replicas; zero 2 also shards
+    the gradient (plus its staging: the two largest consecutive buckets, of one 1 MiB layer each
+    here, 2 of 7.2 MiB)."""
+    split = {}
+    for level in (0, 1, 2):
+        args = ["--dry-run", "--hidden", ",".join(["512"] * 8), "--optimizer", "adam", "--bucket-mb", "1"]
+        args += ["--zero", str(level)]
+        proc = train(args, ranks=4)
+        assert proc.returncode == 0, proc.stderr
+        found = re.findall(
+            r"^  rank \d: .* MiB \(([\d.]+) \+ ([\d.]+) \+ ([\d.]+) \+ ([\d.]+)\)", proc.stdout, re.M
+        )
+        assert len(found) == 4 and len(set(found)) == 1, proc.stdout  # every replica alike
+        split[level] = [float(x) for x in found[0]]
+    params = split[0][0]  # 1,877,002 float32 parameters: 7.2 MiB
+    assert split[0][1:3] == [params, pytest.approx(2 * params, abs=0.1)]
+    assert split[1][1:3] == [params, pytest.approx(params / 2, abs=0.1)]
+    assert split[2][2] == split[1][2] and split[2][1] < 0.55 * params  # 1/4 + about 2/9
+    assert sum(split[2][:3]) < sum(split[1][:3]) < sum(split[0][:3])
