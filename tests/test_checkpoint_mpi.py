@@ -142,11 +142,15 @@ def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(world, shared
 
 @pytest.mark.skipif(not h5py_parallel(), reason="h5py was built without parallel HDF5 (no mpio driver)")
 @pytest.mark.parametrize("stages", [1, 2])
-def test_the_parallel_writer_stores_the_same_bytes_as_the_gathering_one(world, shared, stages):
+@pytest.mark.parametrize("zero", [0, 2])
+def test_the_parallel_writer_stores_the_same_bytes_as_the_gathering_one(world, shared, stages, zero):
+    """... also when the optimizer state is sharded over the replicas (``--zero 2``: each writer
+    gathers the parts to replica 0 of the stage)."""
     runs = {}
     for io in ("mpio", "gather"):
         runs[io] = os.path.join(shared, io)
-        cfg = Config(**BASE, pipeline_stages=stages, max_steps=9, checkpoint_dir=runs[io], checkpoint_io=io)
+        cfg = Config(**BASE, pipeline_stages=stages, max_steps=9, checkpoint_dir=runs[io], checkpoint_io=io,
+                     zero=zero, optimizer="adam")  # fmt: skip
         fit(cfg, world)
 
     def same_bytes():

@@ -18,8 +18,8 @@ the others afterwards. ``ZeroSync`` (a ``GradientSync``) does this:
 - **the gradient norm** (clipping, the non-finite check, the records) is the sum of the parts'
   squared norms over the replicas (and the stages).
 
-**Stage 1** keeps the whole gradient buffer (backward writes into it; the reduce-scatter runs in
-place and this replica's pieces are moved to its part): ``4 + 4 + 4 k / d`` bytes per float32
+**Stage 1** keeps the whole gradient buffer (backward writes into it) and receives its part of
+the reduced gradient into a buffer of its own: ``4 + 4 + 4 (k + 1) / d`` bytes per float32
 parameter with ``k`` state buffers (Adam: ``k = 2``). **Stage 2** keeps only the gradient part
 after the reduce-scatter: backward writes each bucket's gradients into one of two bucket-sized
 *staging* arena (``Staging``: the layers' gradient views are rebound there) and the reduce-scatter
@@ -208,10 +208,11 @@ class ZeroSync(DataParallel):
             kept = {b for b, (_, _, m) in enumerate(self.buckets) if m & resident}
             self.staging = Staging(layers, params, self.buckets, kept)
             self.blocking = not overlap  # --overlap off: each bucket's reduction completes in the hook
-            self.grad = xp.zeros(self.hi - self.lo, dtype=params.dtype)
             params.grad = None  # the whole gradient no longer exists: a use of it fails loudly
-        else:
-            self.grad = params.grad[self.lo : self.hi]
+        # This replica's part of the reduced gradient: a buffer of its own. (An in-place
+        # reduce-scatter into the whole gradient would save it, but MPICH 5.0 aborts on one whose
+        # receiving piece starts the bucket: "memcpy argument memory ranges overlap".)
+        self.grad = xp.zeros(self.hi - self.lo, dtype=params.dtype) if d > 1 else params.grad
         self.shard = FlatShard(params, self.lo, self.hi, self.grad)
         self._counts = [pieces(start, stop, self.bounds) for start, stop, _ in self.buckets]
         self._data_counts = [hi - lo for lo, hi in self.bounds]
@@ -248,12 +249,9 @@ class ZeroSync(DataParallel):
         start, stop, _ = self.buckets[b]
         counts = self._counts[b]
         a, z = max(start, self.lo), min(stop, self.hi)
-        if self.staging is None:  # in place: this replica's piece lands at the bucket's start
-            request = self.comm.Ireduce_scatter(IN_PLACE, self.params.grad[start:stop], counts, op=SUM)
-        else:
-            send = self.staging.bucket(b)
-            recv = self.grad[a - self.lo : max(a, z) - self.lo]
-            request = self.comm.Ireduce_scatter(send, recv, counts, op=SUM)
+        send = self.params.grad[start:stop] if self.staging is None else self.staging.bucket(b)
+        recv = self.grad[a - self.lo : max(a, z) - self.lo]
+        request = self.comm.Ireduce_scatter(send, recv, counts, op=SUM)
         self._requests[b] = request
         self._pending.append(request)
         if self._timeline() is not None:
@@ -273,12 +271,11 @@ class ZeroSync(DataParallel):
         """Reduce every bucket; afterwards ``shard.grad`` holds this replica's part of the sum."""
         if self.comm.size == 1:
             return
-        if not self.overlap:  # one blocking reduce-scatter of the whole buffer, in place
+        if not self.overlap:  # one blocking reduce-scatter of the whole buffer
             timeline = self._timeline()
             t0 = self.probe.clock() if timeline is not None else 0.0
             counts = [hi - lo for lo, hi in self.bounds]
-            self.comm.Reduce_scatter(IN_PLACE, self.params.grad, counts, op=SUM)
-            self._move(0, self.params.size)
+            self.comm.Reduce_scatter(self.params.grad, self.grad, counts, op=SUM)
             if timeline is not None:
                 n = self.params.grad.nbytes
                 timeline.span("reduce-scatter (blocking)", t0, self.probe.clock(), COMMUNICATION, bytes=n)
@@ -289,18 +286,7 @@ class ZeroSync(DataParallel):
         Request.Waitall(self._pending)
         self._pending.clear()
         self._completed()
-        if self.staging is None:
-            for start, stop, _ in self.buckets:
-                self._move(start, stop)
         self._reset()
-
-    def _move(self, start: int, stop: int) -> None:
-        """After an in-place reduce-scatter of ``[start, stop)``: this replica's piece, received at
-        ``start``, to where it belongs (its part of ``[start, stop)``)."""
-        a, z = max(start, self.lo), min(stop, self.hi)
-        if z > a and a != start:
-            grad = self.params.grad
-            grad[a:z] = grad[start : start + z - a]  # numpy copies overlapping ranges correctly
 
     def sq_norm(self, max_norm: float = 0.0) -> tuple[float, float]:
         """The stage's squared norm from the parts (summed over the replicas; clipping adds the
