@@ -205,7 +205,7 @@ def measured_bytes(comm, level: int) -> tuple[int, int, int]:
     from hpcnn.core.optim import Adam
     from hpcnn.core.params import FlatParams
     from hpcnn.parallel.data_parallel import DataParallel
-    from hpcnn.parallel.zero import ZeroSync, shard_bounds
+    from hpcnn.parallel.zero import ZeroSync, plan, shard_bounds
 
     layers = [Dense(WIDTH, WIDTH) for _ in range(DEPTH)]
     bucket_mb = (WIDTH * WIDTH + WIDTH) * 4 / 2**20  # one layer per bucket
@@ -220,7 +220,9 @@ def measured_bytes(comm, level: int) -> tuple[int, int, int]:
         held = tracemalloc.get_traced_memory()[0]
     finally:
         tracemalloc.stop()
-    assert opt.state and sync  # (held until measured)
+    # what --dry-run reports is what was allocated
+    planned = plan(params, layers, level, comm.size, comm.rank, 1, bucket_mb)
+    assert planned == (sync.grad_bytes() // 4, len(opt.state["m"])), (planned, sync.grad_bytes())
     lo, hi = shard_bounds(params.size, comm.size)[comm.rank]
     return held, params.size, hi - lo
 

@@ -114,9 +114,11 @@ def plan(params, layers, level: int, replicas: int, replica: int, micro_batches:
     """``(gradient elements, optimizer-state elements per state buffer)`` this replica holds at
     ``level`` (what ``ZeroSync`` allocates, computed without allocating: ``--dry-run``)."""
     lo, hi = shard_bounds(params.size, replicas)[replica]
-    part = hi - lo if level else params.size
-    if level < 2 or replicas == 1:
-        return params.size, part
+    if level == 0 or replicas == 1:
+        return params.size, params.size
+    part = hi - lo
+    if level == 1:  # the whole gradient, and the reduced part
+        return params.size + part, part
     resident = resident_layers(layers, micro_batches)
     buckets = zero_buckets(params.slots, int(bucket_mb * 2**20), np.dtype(params.dtype).itemsize, resident)
     kept = {b for b, (_, _, m) in enumerate(buckets) if m & resident}
@@ -320,10 +322,12 @@ class ZeroSync(DataParallel):
         return None if found == none else found
 
     def grad_bytes(self) -> int:
-        """Bytes of gradient storage this rank holds (the whole buffer, or the part and staging)."""
-        if self.staging is None:
-            return int(self.params.grad.nbytes)
-        return int(self.grad.nbytes) + self.staging.nbytes
+        """Bytes of gradient storage this rank holds: the part, and the whole gradient (stage 1) or
+        the staging (stage 2); one replica: the whole gradient, which is its part."""
+        if self.comm.size == 1:
+            return int(self.grad.nbytes)
+        whole = self.params.grad.nbytes if self.staging is None else self.staging.nbytes
+        return int(self.grad.nbytes + whole)
 
 
 def gather_parts(comm, data, counts, displs) -> None:
