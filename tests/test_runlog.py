@@ -240,3 +240,19 @@ def test_dry_run_splits_each_ranks_memory_at_the_zero_level():
     assert split[1][1:3] == [pytest.approx(1.25 * params, abs=0.1), pytest.approx(params / 2, abs=0.1)]
     assert split[2][2] == split[1][2] and split[2][1] < 0.55 * params  # 1/4 + about 2/9
     assert sum(split[2][:3]) < sum(split[1][:3]) < sum(split[0][:3])
+
+
+@pytest.mark.launches
+def test_facts_record_each_ranks_measured_memory_at_the_end(tmp_path):
+    """``memory_per_rank``: what each rank allocated for parameters, gradients and optimizer state
+    (here --zero 2 over 2 replicas: half of Adam's state each) and its peak resident set size."""
+    run = tmp_path / "run"
+    proc = train([*ARGS, "--run-dir", str(run), "--optimizer", "adam", "--zero", "2"], ranks=2)
+    assert proc.returncode == 0, proc.stderr
+    memory = json.loads((run / "facts.json").read_text())["memory_per_rank"]
+    assert [m["rank"] for m in memory] == [0, 1]
+    parameters = 64 * 32 + 32 + 32 * 16 + 16 + 16 * 10 + 10
+    for m, part in zip(memory, (parameters - parameters // 2, parameters // 2), strict=True):
+        assert m["parameters"] == 4 * parameters and m["optimizer_state"] == 2 * 4 * part
+        assert 4 * part < m["gradients"] <= 4 * (part + parameters)  # the part and the staging
+        assert m["peak_rss"] > 20 * 2**20  # (an interpreter with numpy: tens of MiB at least)
