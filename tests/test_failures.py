@@ -331,11 +331,14 @@ def test_a_nan_with_zero_2_names_the_first_bad_layer_from_the_gradient_shards(tm
 
 
 @pytest.mark.launches
-def test_a_rank_hung_before_the_parameter_allgather_is_named(tmp_path):
+@pytest.mark.parametrize("zero", ["1", "2"])
+def test_a_rank_hung_after_its_parameter_allgather_is_not_shown_in_it(zero):
+    """``hang@optimizer`` holds rank 3 at the end of step 4, after the all-gather: the others wait
+    in step 5's reduction, and rank 3 shows in its optimizer step, not in the all-gather."""
     proc, seconds = launch(
-        [*FAST, "--zero", "1", "--stall-timeout", "8"], {"HPCNN_FAULT": "hang@allgather:rank=3,step=4"}
+        [*FAST, "--zero", zero, "--stall-timeout", "8"], {"HPCNN_FAULT": "hang@optimizer:rank=3,step=4"}
     )
     assert proc.returncode == 4 and seconds < LIMIT, (proc.returncode, proc.stderr)
     assert len(ours(proc)) == 1 and ours(proc)[0].startswith("hpcnn: error: stall: no progress for")
-    assert "waiting in parameter allgather at step 4: ranks 0, 1, 2, 4, 5, 6, 7" in proc.stderr
-    assert "not arrived: rank 3, in parameter allgather at step 4" in proc.stderr
+    assert "waiting in gradient allreduce at step 5: ranks 0, 1, 2, 4, 5, 6, 7" in proc.stderr
+    assert "not arrived: rank 3, in optimizer step at step 4" in proc.stderr

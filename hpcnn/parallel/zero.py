@@ -216,6 +216,7 @@ class ZeroSync(DataParallel):
         # receiving piece starts the bucket: "memcpy argument memory ranges overlap".)
         self.grad = xp.zeros(self.hi - self.lo, dtype=params.dtype) if d > 1 else params.grad
         self.shard = FlatShard(params, self.lo, self.hi, self.grad)
+        self._sq = None  # the stage's squared gradient norm, once ``reduce`` has summed it
         self._counts = [pieces(start, stop, self.bounds) for start, stop, _ in self.buckets]
         self._data_counts = [hi - lo for lo, hi in self.bounds]
         self._data_displs = [lo for lo, _ in self.bounds]
@@ -270,9 +271,16 @@ class ZeroSync(DataParallel):
             self._began.clear()
 
     def reduce(self, global_rows: int = 0) -> None:
-        """Reduce every bucket; afterwards ``shard.grad`` holds this replica's part of the sum."""
+        """Reduce every bucket; afterwards ``shard.grad`` holds this replica's part of the sum, and
+        the stage's squared norm is known (summed over the parts here, in the reduction's phase: a
+        rank late for it is late for the reduction)."""
+        self._sq = None
         if self.comm.size == 1:
             return
+        self._reduce()
+        self._sq = self.comm.sum(float(xp.dot(self.grad, self.grad)))
+
+    def _reduce(self) -> None:
         if not self.overlap:  # one blocking reduce-scatter of the whole buffer
             timeline = self._timeline()
             t0 = self.probe.clock() if timeline is not None else 0.0
@@ -291,10 +299,10 @@ class ZeroSync(DataParallel):
         self._reset()
 
     def sq_norm(self, max_norm: float = 0.0) -> tuple[float, float]:
-        """The stage's squared norm from the parts (summed over the replicas; clipping adds the
-        stages'); every replica counts its part's share."""
+        """The stage's squared norm from the parts (summed over the replicas in ``reduce``; clipping
+        adds the stages'); every replica counts its part's share."""
         mine = float(xp.dot(self.grad, self.grad))
-        sq = self.comm.sum(mine) if self.comm.size > 1 else mine
+        sq = mine if self._sq is None else self._sq
         if max_norm:
             total = self.stages.sum(sq) if self.stages is not None else sq
             norm = float(np.sqrt(total))
@@ -308,6 +316,8 @@ class ZeroSync(DataParallel):
         if self.probe is not None:
             self.probe("gather parameters")
         gather_parts(self.comm, self.params.data, self._data_counts, self._data_displs)
+        if self.probe is not None:  # (a rank held up after the gather is not in it)
+            self.probe("optimizer")
 
     def first_nonfinite(self):
         """The first layer (of this stage) whose gradient holds a non-finite value, over the
