@@ -72,3 +72,20 @@ def test_one_replica_holds_what_zero_0_holds(level):
     assert part == size
     assert abs(held - formula_bytes(level, size, part, 1)) <= 0.05 * formula_bytes(0, size, size, 1)
     assert abs(held / size - 16) < 0.5  # 4 + 4 + 8 bytes per parameter: nothing to shard over
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 5), (4, 3, 2), (2, 3, 4, 5), (1, 1), (5, 1, 3)])
+def test_flat_blocks_select_exactly_a_flat_range_in_order(shape):
+    """The hyperslabs the parallel writer selects for a replica's part of a tensor: every element of
+    ``[a, z)`` once, nothing else, in C order, at most two per dimension."""
+    from hpcnn.io.checkpoints.writers import flat_blocks
+
+    n = int(np.prod(shape))
+    index = np.arange(n).reshape(shape)
+    for a in range(n + 1):
+        for z in range(a, n + 1):
+            blocks = flat_blocks(shape, a, z)
+            chosen = [index[tuple(slice(c, c + e) for c, e in zip(corner, extent, strict=True))].reshape(-1)
+                      for corner, extent in blocks]  # fmt: skip
+            assert list(np.concatenate(chosen or [np.zeros(0, int)])) == list(range(a, z)), (a, z, blocks)
+            assert len(blocks) <= 2 * len(shape)

@@ -9,10 +9,11 @@ chunks, filters, values):
   model's).
 
 A buffer may be sharded over the replicas of its stage (``Part``: the optimizer state of
-``--zero 1|2``, each replica holding a contiguous part of the flat buffer): both writers then gather
-it, collectively over the stage's replicas, to replica 0, which writes it as if it held it whole:
-the same datasets, so a checkpoint never shows the layout it was written from. ``gather`` holds one
-whole flat buffer at a time on replica 0, ``mpio`` one tensor.
+``--zero 1|2``, each replica holding a contiguous part of the flat buffer). ``mpio`` then has each
+replica write its part of each tensor (a flat range of it: a few hyperslabs, ``flat_blocks``) in
+the same collective write; ``gather`` gathers the parts to replica 0 of the stage (one whole flat
+buffer at a time) and sends it on as before. Both give the same datasets, so a checkpoint never
+shows the layout it was written from.
 
 Each returns the failure every rank agrees on (``None``: written); ``save`` (``writing``) chooses
 the writer and owns the file's name. HDF5 never sees a failed write from the gathering writer
@@ -54,6 +55,35 @@ class Part:
         kind = MPI.DOUBLE if local.dtype == np.float64 else MPI.FLOAT
         dp.Gatherv(send, [out, counts, displs, kind] if out is not None else None, root=root)
         return out
+
+
+def flat_blocks(shape: tuple, a: int, z: int) -> list[tuple[tuple, tuple]]:
+    """Elements ``[a, z)`` of a C-ordered array of ``shape`` as hyperslabs ``(corner, extent)``, in
+    order (a partial first row, whole rows, a partial last row, recursively: at most two per
+    dimension), for a parallel write of a flat part of a tensor."""
+    if z <= a:
+        return []
+    if len(shape) == 1:
+        return [((a,), (z - a,))]
+    inner = math.prod(shape[1:])
+    r0, r1 = a // inner, (z - 1) // inner
+
+    def within(r, lo, hi):  # a piece of row r
+        return [((r, *c), (1, *e)) for c, e in flat_blocks(shape[1:], lo - r * inner, hi - r * inner)]
+
+    if r0 == r1:
+        return within(r0, a, z)
+    out, first, stop = [], r0, r1 + 1
+    if a % inner:
+        out += within(r0, a, (r0 + 1) * inner)
+        first = r0 + 1
+    if z % inner:
+        stop = r1
+    if stop > first:
+        out.append(((first, *(0,) * (len(shape) - 1)), (stop - first, *shape[1:])))
+    if z % inner:
+        out += within(r1, r1 * inner, z)
+    return out
 
 
 def whole(buf, dp):
@@ -277,9 +307,17 @@ def write_mpio(tmp, meta, grid, layers, bounds, buffers, fault) -> str | None:
                         dset = _create(f, f"{group}/{key}", shape, dtype)  # collective: all ranks
                         fspace = dset.id.get_space()
                         start, count, row = 0, 0, math.prod(shape[1:])
-                        if grid.stage == stage and part:  # gathered: replica 0 writes it whole
-                            src = buf.gather(grid.dp, offset, offset + math.prod(shape))
-                            count = shape[0] if grid.replica == 0 else 0
+                        if grid.stage == stage and part:  # my replica writes its part of the tensor
+                            a = max(offset, buf.lo) - offset
+                            z = min(offset + math.prod(shape), buf.lo + len(buf.local)) - offset
+                            if z > a:
+                                fspace.select_none()  # (a new dataspace selects everything)
+                                for corner, extent in flat_blocks(shape, a, z):
+                                    fspace.select_hyperslab(corner, extent, op=h5s.SELECT_OR)
+                                mspace = h5s.create_simple((z - a,))
+                                src = to_host(buf.local)[offset + a - buf.lo : offset + z - buf.lo]
+                                dset.id.write(mspace, fspace, np.ascontiguousarray(src), dxpl=dxpl)
+                                continue
                         elif grid.stage == stage:  # my replica writes a block of the rows
                             start, count = split_counts(shape[0], grid.replicas, grid.replica)
                             src = flat[offset + start * row : offset + (start + count) * row]
