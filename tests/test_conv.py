@@ -8,7 +8,7 @@ import pytest
 
 from hpcnn.core.conv import AvgPool2D, Conv2D, Flatten, GlobalAvgPool, MaxPool2D
 from hpcnn.core.layers import Dense, ReLU, layer_from_spec
-from hpcnn.core.model import Sequential
+from hpcnn.core.model import Key, Sequential
 from hpcnn.parallel.deterministic import Sharding, Workers
 from hpcnn.testing import check_gradients
 
@@ -291,6 +291,17 @@ NETS = {  # the benchmark networks of docs/performance.md (ReLU after every conv
 
 
 def net_layers(name: str) -> tuple[tuple, list]:
+    if name == "cifar-norm":  # the CIFAR-sized net with BatchNorm after every convolution, LayerNorm
+        # and Dropout after its hidden Dense: the normalisation layers' share of a step
+        from hpcnn import BatchNorm, Dropout, LayerNorm
+
+        layers = []
+        for item in ((3, 32), (32, 32), "pool", (32, 64), (64, 64), "pool"):
+            if item == "pool":
+                layers.append(MaxPool2D(2))
+            else:
+                layers += [Conv2D(*item, 3, padding=1), BatchNorm(item[1]), ReLU()]
+        return (32, 32, 3), [*layers, Dense(4096, 256), LayerNorm(256), ReLU(), Dropout(0.5), Dense(256, 10)]
     shape, plan = NETS[name]
     layers, dense = [], [n for n in plan if isinstance(n, int)]
     for item in plan:
@@ -342,6 +353,7 @@ def layer_split(name: str, batch: int = 256, steps: int = 10, dtype=np.float32) 
                 start = time.perf_counter()
             tape, h = [{} for _ in layers], x.reshape(batch, *shape)
             for i, layer in enumerate(layers):
+                tape[i]["key"] = Key(0, step, i, 0, batch)  # (what Dropout's masks are drawn by)
                 where[0], t = i, time.perf_counter()
                 h = layer.forward(h, tape[i], model.workspace.scope(i, ("train", 0)))
                 spent[i, 0] += time.perf_counter() - t
@@ -372,6 +384,9 @@ def print_layer_split(name: str, batch: int = 256, steps: int = 10) -> None:
 def test_the_layer_split_adds_up():
     total, rows = layer_split("lenet", batch=4, steps=1, dtype=np.float64)
     assert [repr(r[0]) for r in rows[:3]] == ["Conv2D(1, 6, 5)", "ReLU", "MaxPool2D(2)"]
+    norm_total, norm_rows = layer_split("cifar-norm", batch=2, steps=1, dtype=np.float64)
+    assert {type(r[0]).__name__ for r in norm_rows} >= {"BatchNorm", "LayerNorm", "Dropout"}
+    assert sum(f + b for _, f, b, _, _ in norm_rows) <= norm_total
     assert sum(f + b for _, f, b, _, _ in rows) <= total
     assert all(i + c <= f + b for _, f, b, i, c in rows)
     assert rows[0][3] > 0 and rows[3][4] > 0  # im2col in the first convolution, col2im in the second
