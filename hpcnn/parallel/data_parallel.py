@@ -58,6 +58,8 @@ class DataParallel(GradientSync):
     is_last : whether this rank holds the last stage (computes the loss)
     """
 
+    REDUCTION = "allreduce"  # what the timeline calls a bucket's reduction
+
     def __init__(
         self, comm, params, overlap=True, bucket_mb=BUCKET_MB, probe=None, stages=None, is_last=True
     ):
@@ -93,11 +95,19 @@ class DataParallel(GradientSync):
         return None if self.probe is None else self.probe.timeline
 
     def _start(self, b: int) -> None:
-        start, stop, _ = self.buckets[b]
-        self._requests[b] = self.comm.Iallreduce(IN_PLACE, self.params.grad[start:stop], op=SUM)
+        self._requests[b] = self._post(b)
         self._pending.append(self._requests[b])
         if self._timeline() is not None:
             self._began[b] = self.probe.clock()
+
+    def _post(self, b: int):
+        """Start bucket ``b``'s non-blocking reduction; return its request."""
+        start, stop, _ = self.buckets[b]
+        return self.comm.Iallreduce(IN_PLACE, self.params.grad[start:stop], op=SUM)
+
+    def _reduce_whole(self) -> None:
+        """The blocking reduction of the whole buffer (no overlap)."""
+        self.comm.Allreduce(IN_PLACE, self.params.grad, op=SUM)
 
     def _completed(self) -> None:
         """Every started bucket's reduction is known complete now: record their spans."""
@@ -106,8 +116,8 @@ class DataParallel(GradientSync):
             now = self.probe.clock()
             for b, began in self._began.items():
                 start, stop, _ = self.buckets[b]
-                nbytes = (stop - start) * self.params.grad.itemsize
-                timeline.span(f"allreduce bucket {b}", began, now, COMMUNICATION, bytes=nbytes)
+                nbytes = (stop - start) * self.params.data.itemsize
+                timeline.span(f"{self.REDUCTION} bucket {b}", began, now, COMMUNICATION, bytes=nbytes)
             self._began.clear()
 
     def metrics(self, global_rows, loss_sum, correct, rows, shard_losses):
@@ -129,10 +139,11 @@ class DataParallel(GradientSync):
         else:
             timeline = self._timeline()
             t0 = self.probe.clock() if timeline is not None else 0.0
-            self.comm.Allreduce(IN_PLACE, self.params.grad, op=SUM)
+            self._reduce_whole()
             if timeline is not None:
-                nbytes = self.params.grad.nbytes
-                timeline.span("allreduce (blocking)", t0, self.probe.clock(), COMMUNICATION, bytes=nbytes)
+                nbytes = self.params.data.nbytes
+                name = f"{self.REDUCTION} (blocking)"
+                timeline.span(name, t0, self.probe.clock(), COMMUNICATION, bytes=nbytes)
 
     def sq_norm(self, max_norm: float = 0.0) -> tuple[float, float]:
         """This stage's squared norm (every replica holds the same reduced gradient); clipping

@@ -44,11 +44,12 @@ Checkpoints stay layout-free: each replica's state is its part of the same whole
 import numpy as np
 
 from hpcnn.core.backend import xp
+from hpcnn.core.layers import Layer
+from hpcnn.core.optim import clip_grad_norm
 from hpcnn.core.params import FlatShard, layer_ranges
 from hpcnn.io.datasets import split_counts
-from hpcnn.parallel.comm import IN_PLACE, SUM, Request
+from hpcnn.parallel.comm import IN_PLACE, SUM
 from hpcnn.parallel.data_parallel import BUCKET_MB, DataParallel
-from hpcnn.parallel.timeline import COMMUNICATION
 
 LEVELS = (0, 1, 2)
 
@@ -74,8 +75,6 @@ def resident_layers(layers, micro_batches: int) -> set:
     than defer them to ``weight_grads`` (a layer defers if it defines ``weight_grads``)."""
     if micro_batches <= 1:
         return set()
-    from hpcnn.core.layers import Layer
-
     return {
         i
         for i, layer in enumerate(layers)
@@ -189,6 +188,8 @@ class ZeroSync(DataParallel):
     micro_batches : micro-batches per step (stage 2: which layers keep their own gradients)
     """
 
+    REDUCTION = "reduce-scatter"
+
     def __init__(
         self, comm, params, level, layers, micro_batches=1, overlap=True, bucket_mb=BUCKET_MB,
         probe=None, stages=None, is_last=True,
@@ -225,10 +226,6 @@ class ZeroSync(DataParallel):
         """What the optimizer is bound to: this replica's ``FlatShard``."""
         return self.shard
 
-    @property
-    def on_layer_done(self):
-        return self._layer_done if self.overlap else None
-
     def _layer_done(self, layer: int) -> None:
         super()._layer_done(layer)
         if self.staging is None:
@@ -248,27 +245,15 @@ class ZeroSync(DataParallel):
                     self._requests[n].Wait()
                     break
 
-    def _start(self, b: int) -> None:
+    def _post(self, b: int):
         start, stop, _ = self.buckets[b]
-        counts = self._counts[b]
         a, z = max(start, self.lo), min(stop, self.hi)
         send = self.params.grad[start:stop] if self.staging is None else self.staging.bucket(b)
         recv = self.grad[a - self.lo : max(a, z) - self.lo]
-        request = self.comm.Ireduce_scatter(send, recv, counts, op=SUM)
-        self._requests[b] = request
-        self._pending.append(request)
-        if self._timeline() is not None:
-            self._began[b] = self.probe.clock()
+        return self.comm.Ireduce_scatter(send, recv, self._counts[b], op=SUM)
 
-    def _completed(self) -> None:
-        timeline = self._timeline()
-        if timeline is not None:
-            now = self.probe.clock()
-            for b, began in self._began.items():
-                start, stop, _ = self.buckets[b]
-                nbytes = (stop - start) * self.shard.data.itemsize
-                timeline.span(f"reduce-scatter bucket {b}", began, now, COMMUNICATION, bytes=nbytes)
-            self._began.clear()
+    def _reduce_whole(self) -> None:
+        self.comm.Reduce_scatter(self.params.grad, self.grad, self._data_counts, op=SUM)
 
     def reduce(self, global_rows: int = 0) -> None:
         """Reduce every bucket; afterwards ``shard.grad`` holds this replica's part of the sum, and
@@ -277,26 +262,8 @@ class ZeroSync(DataParallel):
         self._sq = None
         if self.comm.size == 1:
             return
-        self._reduce()
+        super().reduce(global_rows)
         self._sq = self.comm.sum(float(xp.dot(self.grad, self.grad)))
-
-    def _reduce(self) -> None:
-        if not self.overlap:  # one blocking reduce-scatter of the whole buffer
-            timeline = self._timeline()
-            t0 = self.probe.clock() if timeline is not None else 0.0
-            counts = [hi - lo for lo, hi in self.bounds]
-            self.comm.Reduce_scatter(self.params.grad, self.grad, counts, op=SUM)
-            if timeline is not None:
-                n = self.params.grad.nbytes
-                timeline.span("reduce-scatter (blocking)", t0, self.probe.clock(), COMMUNICATION, bytes=n)
-            return
-        for b, request in enumerate(self._requests):
-            if request is None:  # backward never reported it (e.g. no hook was passed)
-                self._start(b)
-        Request.Waitall(self._pending)
-        self._pending.clear()
-        self._completed()
-        self._reset()
 
     def sq_norm(self, max_norm: float = 0.0) -> tuple[float, float]:
         """The stage's squared norm from the parts (summed over the replicas in ``reduce``; clipping
@@ -304,10 +271,7 @@ class ZeroSync(DataParallel):
         mine = float(xp.dot(self.grad, self.grad))
         sq = mine if self._sq is None else self._sq
         if max_norm:
-            total = self.stages.sum(sq) if self.stages is not None else sq
-            norm = float(np.sqrt(total))
-            if norm > max_norm:
-                self.grad *= max_norm / (norm + 1e-6)
+            clip_grad_norm(self.grad, max_norm, self.stages.sum if self.stages is not None else None, sq)
         return sq, mine
 
     def step(self, opt, lr: float) -> None:

@@ -44,10 +44,12 @@ class Part:
         elsewhere); collective over ``dp``."""
         from mpi4py import MPI
 
+        from hpcnn.parallel.zero import pieces, shard_bounds  # (the parts' layout is the optimizer's)
+
         local = to_host(self.local)
-        bounds = [(a, a + n) for a, n in (split_counts(self.size, dp.size, q) for q in range(dp.size))]
+        bounds = shard_bounds(self.size, dp.size)
         assert bounds[dp.rank] == (self.lo, self.lo + len(local)), (bounds, self.lo, len(local))
-        counts = [max(0, min(stop, hi) - max(start, lo)) for lo, hi in bounds]
+        counts = pieces(start, stop, bounds)
         displs = [sum(counts[:q]) for q in range(dp.size)]
         a = max(start, self.lo)
         send = local[a - self.lo : a - self.lo + counts[dp.rank]]
