@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 import pytest
+from test_cnn_mpi import agreed, compare  # (atol 0: bitwise)
 
 import hpcnn
 from hpcnn import Dense, ReLU, Tanh, Trainer
@@ -41,11 +42,6 @@ def data(rows=96, test_rows=24, seed=3):
     return hpcnn.arrays(x[:rows], y[:rows], x[rows:], y[rows:])
 
 
-def agreed(world, problems: list) -> None:
-    everything = [p for rank_problems in world.allgather(problems) for p in rank_problems]
-    assert not everything, everything
-
-
 def state_of(t) -> dict:
     """This rank's stage's parameters and whole optimizer state (gathered from the replicas where
     it is sharded: collective over the stage's replicas), by global layer index and name."""
@@ -65,17 +61,6 @@ def state_of(t) -> dict:
             out[f"{first + slot.layer}/{name}/{slot.name}"] = params.view(whole, slot).copy()
     out["t"] = np.array([opt.t])
     return out
-
-
-def compare(world, ours: dict, reference: dict, atol: float, what: str) -> list:
-    problems = []
-    for key, value in ours.items():
-        ref = reference[key]
-        same = np.array_equal(value, ref) if atol == 0 else float(np.max(np.abs(value - ref))) <= atol
-        if not same:
-            worst = float(np.max(np.abs(value - ref)))
-            problems.append(f"rank {world.rank}, {what}: {key} differs (max {worst})")
-    return problems
 
 
 @pytest.mark.mpi(min_size=2)
