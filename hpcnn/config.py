@@ -178,6 +178,13 @@ class Config:
         "every this many steps, check that data-parallel replicas hold identical parameters (0: never)",
         group="failures",
     )
+    elastic: int = _f(
+        0,
+        "survive dead ranks: go on with the survivors while at least this many ranks are left, else "
+        "checkpoint and exit 75 (needs Open MPI's ULFM: mpiexec --with-ft ulfm; docs/elastic.md); 0: a "
+        "dead rank ends the job",
+        group="failures",
+    )
     # --- run
     threads: int = _f(
         0, "BLAS threads per rank (0: cores // ranks per node, or OMP_NUM_THREADS)", group="run"
@@ -240,6 +247,7 @@ class Config:
             "checkpoint_every",
             "keep",
             "check_replicas",
+            "elastic",
             "shard_rows",
             "stall_timeout",
             "log_every",

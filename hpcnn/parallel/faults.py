@@ -15,7 +15,8 @@ which optimizer step (0-based; ``step`` may be left out: the first time the site
 - SITE: ``setup`` (the start of a training's set-up, before its data is opened), ``data`` (after
   reading a batch), ``forward``, ``backward``, ``allreduce`` (just before the gradient
   reduction), ``optimizer``, ``allgather`` (``--zero``: just before the parameters' all-gather),
-  ``checkpoint`` (inside a checkpoint write), ``evaluation``.
+  ``checkpoint`` (inside a checkpoint write), ``evaluation``, ``recovery`` (``--elastic``: after the
+  survivors of a failure have agreed on the step to go on from; ``step`` is that step).
 
 Example: ``HPCNN_FAULT=raise@backward:rank=2,step=5 mpirun -n 4 python -m hpcnn.train``, or
 ``HPCNN_FAULT=sleep@checkpoint:rank=0,step=9,seconds=3``.
@@ -34,6 +35,7 @@ import time
 KINDS = ("raise", "kill", "hang", "freeze", "sleep", "nan", "diverge", "enospc", "eio")
 SITES = (
     "setup", "data", "forward", "backward", "allreduce", "optimizer", "allgather", "checkpoint", "evaluation",
+    "recovery",
 )  # fmt: skip
 VARIABLE = "HPCNN_FAULT"
 ERRNOS = {"enospc": errno.ENOSPC, "eio": errno.EIO}  # the write errors the checkpoint writers simulate
@@ -45,10 +47,12 @@ class Fault:
     """One armed fault: ``kind`` at ``site`` on world rank ``rank`` at ``step`` (``None``: the
     first time the site is reached), fired at most once."""
 
-    def __init__(self, kind: str, site: str, rank: int, step: int | None, seconds: float, world_rank: int):
-        self.kind, self.site, self.rank, self.step = kind, site, rank, step
+    def __init__(
+        self, kind: str, site: str, ranks: tuple, step: int | None, seconds: float, world_rank: int
+    ):  # fmt: skip
+        self.kind, self.site, self.ranks, self.step = kind, site, ranks, step
         self.seconds = seconds  # how long a ``sleep`` pauses
-        self.here = rank == world_rank  # whether this process is the one that fails
+        self.here = world_rank in ranks  # whether this process is one that fails
         self.fired = False
 
     def point(self, site: str, step: int) -> str | None:
@@ -88,7 +92,8 @@ def armed(world_rank: int, text: str | None = None) -> Fault | None:
         head, _, tail = text.partition(":")
         kind, site = head.split("@")
         fields = dict(part.split("=") for part in tail.split(",") if part)
-        rank, step = int(fields.get("rank", 0)), int(fields["step"]) if "step" in fields else None
+        ranks = tuple(int(r) for r in fields.get("rank", "0").split("+"))
+        step = int(fields["step"]) if "step" in fields else None
         seconds = float(fields.get("seconds", 2.0))
     except (ValueError, KeyError):
         raise ValueError(f"{VARIABLE}={text!r}: expected KIND@SITE:rank=R,step=S") from None
@@ -98,4 +103,4 @@ def armed(world_rank: int, text: str | None = None) -> Fault | None:
         raise ValueError(f"{VARIABLE}={text!r}: {kind} acts only at {', '.join(ACTING[kind])}")
     if set(fields) - {"rank", "step", "seconds"} or ("seconds" in fields and kind != "sleep"):
         raise ValueError(f"{VARIABLE}={text!r}: fields are rank, step (and seconds, for sleep)")
-    return Fault(kind, site, rank, step, seconds, world_rank)
+    return Fault(kind, site, ranks, step, seconds, world_rank)

@@ -35,7 +35,7 @@ import time
 import numpy as np
 
 from hpcnn.errors import EXIT_STALL
-from hpcnn.parallel.comm import REQUEST_NULL, Request, abort_job, say, threads_supported
+from hpcnn.parallel.comm import REQUEST_NULL, Request, abort_job, process_failure, say, threads_supported
 
 OPS = (
     "setup",
@@ -88,6 +88,7 @@ class Inspector:
         self.totals = [0.0] * len(OPS)  # seconds spent in each operation
         self._stop = threading.Event()
         self._thread, self._abandoned = None, False
+        self.lost = False  # the thread stopped because MPI reported a dead rank
         self._last_wake, self._quiet_until = time.monotonic(), 0.0
         if not threads_supported():
             return  # MPI without MPI_THREAD_MULTIPLE: no helper thread may call it (times still kept)
@@ -98,7 +99,9 @@ class Inspector:
             self._done[0] = True
             self._requests = [self.comm.Irecv(self._inbox[r], r, HEARTBEAT) for r in range(1, size)]
         target = self._watch if comm.is_root else self._beat
-        self._thread = threading.Thread(target=target, name="hpcnn-stall-inspector", daemon=True)
+        self._thread = threading.Thread(
+            target=self._guarded, args=(target,), name="hpcnn-stall-inspector", daemon=True
+        )
         self._thread.start()
 
     # --- the main thread ------------------------------------------------------------------
@@ -145,6 +148,17 @@ class Inspector:
             self._thread.join()
 
     # --- the thread -----------------------------------------------------------------------
+
+    def _guarded(self, target) -> None:
+        """Run the thread; a dead rank that MPI reports (``--elastic``: ULFM) ends it quietly: the
+        main thread meets the same failure in its next MPI call and recovers from it, and the
+        recovered run watches its ranks with a new inspector."""
+        try:
+            target()
+        except Exception as exc:
+            if not process_failure(exc):
+                raise
+            self.lost = True
 
     def deadline(self, op: int) -> float:
         if self.timeout > 0:

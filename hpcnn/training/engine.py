@@ -15,6 +15,7 @@ import copy
 import hashlib
 import itertools
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from hpcnn.errors import EXIT_INTERNAL, EXIT_NONFINITE, EXIT_USAGE, JobError, Us
 from hpcnn.io.checkpoints import Position, estimate_bytes, prune, save
 from hpcnn.io.datasets import split_units
 from hpcnn.io.runlog import STEP_TIMES, Progress
-from hpcnn.parallel import faults
+from hpcnn.parallel import elastic, faults
 from hpcnn.parallel.batchstats import batch_stats
 from hpcnn.parallel.comm import IN_PLACE, SUM, Comm, Grid
 from hpcnn.parallel.data_parallel import DataParallel
@@ -77,6 +78,7 @@ class Result:
     in_shape: tuple = ()
     optimizer: object = None  # this stage's optimizer, bound to ``model.params``
     position: Position | None = None  # where training ended (what a checkpoint of this state records)
+    left: bool = False  # --elastic: this rank left the training after ranks died (it holds no model)
 
 
 def peak_rss() -> int:
@@ -98,13 +100,18 @@ class Training:
     """One run's state on this rank: what the loop, its epoch summaries and its checkpoints share."""
 
     def __init__(
-        self, cfg: Config, comm: Comm, log, inspector: Inspector, run=None, terminal: bool = False, parts=None
-    ):
+        self, cfg: Config, comm: Comm, log, inspector: Inspector, run=None, terminal: bool = False,
+        parts=None, restore=None, fault=False,
+    ):  # fmt: skip
+        """``restore`` (``hpcnn.parallel.elastic.Restore``): a run rebuilt after a rank failure
+        starts from a state held in memory (or from a checkpoint: ``cfg.resume``); ``fault``: the
+        armed ``HPCNN_FAULT`` to keep (``False``: arm it from the variable)."""
         self.cfg, self.comm, self.inspector, self.run_dir = cfg, comm, inspector, run
         parts = parts or Parts()
         self.on_step, self.on_epoch = parts.on_step, parts.on_epoch
         # what watches this rank's phases: step timers, the stall inspector, the timeline, faults
-        self.probe = probe = Probe(comm.wtime, inspector, faults=faults.armed(comm.world_rank))
+        fault = faults.armed(comm.world_rank) if fault is False else fault
+        self.probe = probe = Probe(comm.wtime, inspector, faults=fault)
         probe.fault("setup")
         ds, layers, bounds, grid, pipe, sampler = prepare(cfg, comm, parts, probe)
         self.ds, self.layers, self.bounds, self.grid, self.pipe, self.sampler = (
@@ -130,6 +137,7 @@ class Training:
             self.sync.optimizer_params()
         )
         self.steps = total_steps(cfg, sampler)
+        self.speak = log if log is not None else (lambda text: None)  # what --quiet does not silence
         # Rank 0 with a log shows progress (bar, lines or nothing); every other rank is silent.
         if log is None:
             self.progress = Progress.silent()
@@ -140,18 +148,25 @@ class Training:
         self.lr = Schedule(
             cfg.lr_schedule, cfg.lr, self.steps, cfg.warmup_steps, cfg.step_size, cfg.gamma, cfg.min_lr
         )
-        describe_run(log, cfg, ds, layers, bounds, grid, sampler, self.steps)
+        if restore is None:
+            describe_run(log, cfg, ds, layers, bounds, grid, sampler, self.steps)
         self.result = Result(
             self.model, grid, bounds, pipe, layers=layers, in_shape=ds.in_shape, optimizer=self.opt
         )
-        self.start, source = (
-            resume_from(cfg, grid, layers, ds.in_shape, bounds, self.model, self.opt, log)
-            if cfg.resume
-            else (None, None)
-        )
-        size = estimate_bytes(layers, 1 + len(self.opt.state), np.dtype(cfg.dtype).itemsize)
-        check_checkpoint_dir(cfg, comm, self.start, size)
-        if run is not None:
+        held = restore.held if restore is not None else None
+        if held is not None:  # the state this rank held when ranks died (the same stage)
+            held.put(self.model.params, self.opt)
+            self.start, source = restore.position, None
+            self.result.step_losses = list(restore.losses)
+        elif cfg.resume:
+            args = (cfg, grid, layers, ds.in_shape, bounds, self.model, self.opt, log)
+            self.start, source = resume_from(*args)
+        else:
+            self.start, source = None, None
+        if held is None:
+            size = estimate_bytes(layers, 1 + len(self.opt.state), np.dtype(cfg.dtype).itemsize)
+            check_checkpoint_dir(cfg, comm, self.start, size)
+        if run is not None and restore is None:
             run.write_start()
         at = self.start or Position()
         self.finished = list(at.history)  # rows of complete epochs (what checkpoints carry)
@@ -168,6 +183,14 @@ class Training:
         self.result.checkpoint = source if same_dir else None
         self.stop = None
         self.bad_input = None  # (step, row, headline, detail): the first bad input row read here
+        # --elastic: the state at the start of the step in progress, and where in the step this
+        # rank is (``held_states``); the epoch's metrics summed over every rank, step by step
+        self._held = None
+        if cfg.elastic and not cfg.zero:
+            self._held = elastic.Held.like(self.model.params, self.opt)
+        self._in_step, self._updated = False, False
+        self.global_sums = np.array(at.epoch_sums, float)
+        self.recovery = restore.report if restore is not None else None  # said once the next step is done
         if cfg.deterministic:  # last: nothing after it can fail and leave BLAS single-threaded
             self._shard()
         self.t_start = comm.wtime()
@@ -220,13 +243,47 @@ class Training:
                 "--shard-rows uses them all (and gives other bits)"
             )
 
-    def close(self) -> None:
+    def close(self, freeing: bool = True) -> None:
         """Stop the shard threads and give BLAS its threads back (deterministic mode); free the
-        batch statistics' communicator."""
+        batch statistics' communicator (``freeing``: not after a rank failure, which revoked it)."""
         self.sync.close()
         stats, self.model.context.stats = self.model.context.stats, None
-        if stats is not None:
+        if stats is not None and freeing:
             stats.close()
+
+    def held_states(self) -> tuple[int, dict]:
+        """``(done, states)``: the optimizer steps this rank completed, and ``{step: Held}`` for
+        each state it can restore from memory (``--elastic``; none with ``--zero``): the live one
+        and the copy taken at the start of the step in progress."""
+        done = self.step + (self._in_step and self._updated)
+        if self._held is None:
+            return done, {}
+        states = {self._held.step: self._held} if self._held.step >= 0 else {}
+        if not self._in_step or self._updated:  # the live buffers hold the state after ``done`` steps
+            params = self.model.params
+            live = elastic.Held(
+                done, params.data, self.opt.state, self.opt.t, params.state, self.global_sums.copy(),
+                list(self.finished), len(self.result.step_losses),
+            )  # fmt: skip
+            states[done] = live
+        return done, states
+
+    def _recovered(self) -> None:
+        took = time.time() - self.recovery["noticed_at"]
+        self.progress.close()
+        self.speak(f"elastic: step {self.step} done {took:.2f} s after the failure was noticed")
+        if self.run_dir is not None:
+            self.run_dir.record("recovered", {"step": self.step, "seconds_since_failure": took})
+        self.recovery = None
+
+    def stop_below(self, reason: str) -> Result:
+        """Too few ranks are left to go on (``--elastic``): checkpoint the restored state, stop."""
+        result = self.result
+        with StopRequest(self.comm, ()) as self.stop:
+            result.steps, result.stopped, result.position = self.step, reason, self.start
+            self.checkpoint(None, "too few ranks left", self.start)
+        self.progress.close()
+        return result
 
     def _new_interval(self) -> None:
         """Start summing the metrics of the next ``log_every`` steps."""
@@ -268,8 +325,9 @@ class Training:
         with StopRequest(self.comm, ALL if cfg.checkpoint_dir else (INTERRUPT,)) as self.stop:
             while self.epoch < cfg.epochs and not (self.step >= self.steps and self.batch == 0):
                 # Only rank 0 carries a resumed epoch's running sums: the epoch's reduction adds them once.
-                resumed = self.start is not None and self.epoch == self.start.epoch and self.comm.is_root
-                sums = np.array(self.start.epoch_sums) if resumed else np.zeros(3)  # loss, correct, rows
+                resumed = self.start is not None and self.epoch == self.start.epoch
+                sums = np.array(self.start.epoch_sums) if resumed and self.comm.is_root else np.zeros(3)
+                self.global_sums = np.array(self.start.epoch_sums) if resumed else np.zeros(3)
                 t0, rows = self.comm.wtime(), 0
                 for ids, global_rows in itertools.islice(self.sampler.epoch(self.epoch), self.batch, None):
                     if self.step >= self.steps:
@@ -321,6 +379,12 @@ class Training:
     def _step(self, ids, global_rows: int, sums) -> None:
         """One optimizer step on the global batch whose rows ``ids`` are this replica's."""
         cfg, pipe, probe, sync = self.cfg, self.pipe, self.probe, self.sync
+        if self._held is not None:  # --elastic: what survivors go back to if this step fails
+            self._held.take(
+                self.step, self.model.params, self.opt, self.global_sums, self.finished,
+                len(self.result.step_losses),
+            )  # fmt: skip
+        self._in_step, self._updated = True, False
         probe.begin_step(self.step, self.epoch)
         probe("data", value=len(ids))
         x, y, problem = read_batch(self.ds.train, ids, pipe, self.dtype, self.classify, "train")
@@ -347,8 +411,14 @@ class Training:
             self._interval[:3] += counted
         if pipe.is_last:
             self.result.step_losses.append(loss_sum)
+        if cfg.elastic:  # the epoch's metrics must survive any rank: summed over all, every step
+            step_sums = np.zeros(3) if counted is None else np.array(counted, float)
+            summing = self.comm.Iallreduce(IN_PLACE, step_sums, op=SUM)
         probe("reduce")
         sync.reduce(global_rows)
+        if cfg.elastic:
+            summing.Wait()
+            self.global_sums += step_sums
         probe("optimizer")
         sq, share = sync.sq_norm(cfg.clip_norm)
         # Whether to step depends on the reduced gradient only, which all replicas of a stage share,
@@ -357,6 +427,7 @@ class Training:
         loss_bad = pipe.is_last and not math.isfinite(loss_sum)
         if math.isfinite(sq):
             sync.step(self.opt, self.lr(self.step))
+        self._updated = True
         if loss_bad or not math.isfinite(sq):
             layer = None if math.isfinite(sq) else self._first_nonfinite_layer()
             self.stop.note_nonfinite(self.step, layer, loss_bad)
@@ -364,9 +435,12 @@ class Training:
             self.model.params.data[0] += 1e-3
         seconds = probe.end_step()
         self.step, self.batch = self.step + 1, self.batch + 1
+        self._in_step = False
         self._interval[3] = share  # the ranks' shares add up to the whole model's squared norm
         self._interval_steps += 1
         self._interval_wall += seconds
+        if self.recovery is not None:  # the first step after a recovery: how long the failure cost
+            self._recovered()
         record = None
         if cfg.log_every and (self.step % cfg.log_every == 0 or self.step == self.steps):
             record = self._step_record()

@@ -18,6 +18,7 @@ inside the run is a ``JobError`` raised on every rank with the same message.
 import copy
 import dataclasses
 import math
+import time
 
 import numpy as np
 
@@ -28,11 +29,12 @@ from hpcnn.core.losses import LOSSES
 from hpcnn.core.model import Sequential
 from hpcnn.core.optim import make_optimizer
 from hpcnn.errors import JobError, UserError
-from hpcnn.io.checkpoints import Position, save
+from hpcnn.io.checkpoints import Position, remove_temporaries, save
 from hpcnn.io.datasets import Dataset, as_rows, image_shape, split_units
 from hpcnn.io.runlog import RunDir
-from hpcnn.parallel.comm import IN_PLACE, SUM, Comm, blas_threads
-from hpcnn.parallel.inspector import Inspector
+from hpcnn.parallel import elastic
+from hpcnn.parallel.comm import IN_PLACE, SUM, Comm, blas_threads, process_failure
+from hpcnn.parallel.inspector import OPS, Inspector
 from hpcnn.parallel.preempt import INTERRUPT, HeldInterrupts, Interrupted, watch_interrupts
 from hpcnn.training.batches import as_batch, evaluate_split, forward_rows
 from hpcnn.training.engine import Result, Training
@@ -72,17 +74,58 @@ def fit(
 
 
 def _fit(cfg: Config, comm: Comm, log, run: RunDir | None, terminal: bool, parts) -> Result:
+    speak, first = log, comm  # log: rank 0's; after a recovery the survivors' rank 0 speaks
     log = log if (log is not None and comm.is_root) else None
     run = run if comm.is_root else None
+    if cfg.elastic:
+        elastic.check(cfg, comm)
+    run_path = comm.bcast(str(run.path) if run is not None else None) if cfg.elastic else None
     inspector = Inspector(comm, cfg.stall_timeout)
-    training, lock = None, None
+    training, lock, holder, restore, fault = None, None, None, None, False
+    abandoned = []  # runs that ranks died under: MPI may still hold their buffers
     try:
         lock = lock_checkpoint_dir(cfg, comm, log)  # one run per checkpoint directory
-        training = Training(cfg, comm, log, inspector, run, terminal, parts)
-        try:
-            result = training.run()
-        finally:
-            training.close()
+        while True:
+            try:
+                run_cfg = cfg
+                if restore is not None and restore.held is None:  # the state died: a checkpoint
+                    run_cfg = dataclasses.replace(cfg, resume="auto" if cfg.checkpoint_dir else "")
+                training = None
+                training = Training(run_cfg, comm, log, inspector, run, terminal, parts, restore, fault)
+                holder, fault = training, training.probe.faults
+                if restore is not None:
+                    _report_recovery(training, restore.report, abandoned)
+                try:
+                    if restore is not None and restore.below:
+                        result = training.stop_below(f"rank failure ({restore.below})")
+                    else:
+                        result = training.run()
+                except BaseException as exc:
+                    if not (cfg.elastic and process_failure(exc)):
+                        training.close()
+                    raise
+                training.close()
+                break
+            except Exception as exc:
+                if not (cfg.elastic and process_failure(exc)):
+                    raise
+                noticed = time.time()
+                phase = OPS[inspector.op]
+                inspector.abandon()
+                if training is not None:
+                    training.close(freeing=False)
+                    abandoned.append(training)
+                comm, restore = _recover(comm, holder, cfg, noticed, phase, fault)
+                first.speak_as(comm)
+                if comm is not None:
+                    comm.debug = first.debug
+                if comm is None:  # this rank left the training: the survivors go on without it
+                    return Result(None, None, [], None, steps=holder.step if holder else 0, left=True)
+                log = speak if comm.is_root else None
+                if comm.is_root and run is None and run_path is not None:
+                    run = RunDir(run_path)  # rank 0 died: its successor keeps the run directory
+                lock = _relock(cfg, comm, log, lock)
+                inspector = Inspector(comm, cfg.stall_timeout)
         timeline = training.probe.timeline
         if timeline is not None:
             timeline.write(cfg.timeline)
@@ -108,6 +151,58 @@ def _fit(cfg: Config, comm: Comm, log, run: RunDir | None, terminal: bool, parts
             saved += " (no checkpoint directory)"
         raise Interrupted(f"interrupted (Ctrl-C) after step {result.steps}; {saved}", result)
     return result
+
+
+def _recover(comm: Comm, holder, cfg: Config, noticed: float, phase: str, fault):
+    """``elastic.recover`` until it completes: a rank that dies during a recovery is one more
+    failure, recovered from by shrinking ``comm`` again (its survivors now)."""
+    while True:
+        try:
+            return elastic.recover(comm, holder, cfg, noticed, phase, fault)
+        except Exception as exc:
+            if not process_failure(exc):
+                raise
+
+
+def _relock(cfg: Config, comm: Comm, log, lock):
+    """After a recovery: the survivors' rank 0 holds the checkpoint directory's lock (taking it
+    over from a dead rank 0) and removes what an interrupted checkpoint write left there."""
+    if not cfg.checkpoint_dir:
+        return lock
+    if comm.bcast(lock is None if comm.is_root else None):
+        return lock_checkpoint_dir(cfg, comm, log)
+    if comm.is_root:
+        removed = remove_temporaries(cfg.checkpoint_dir)
+        if removed and log is not None:
+            log(f"elastic: removed what an interrupted checkpoint write left: {', '.join(removed)}")
+    return lock
+
+
+def _report_recovery(training: Training, report: dict, abandoned: list) -> None:
+    """Say what a recovery did on rank 0, in the run directory and on the timeline."""
+    lost = ", ".join(map(str, report["lost"]))
+    if report["source"] == "memory":
+        went = f"went on from step {report['step']} held in memory ({report['redone']} step(s) redone)"
+    elif report["source"] == "checkpoint":
+        went = "a stage's state died with its ranks: went on from the newest good checkpoint"
+    else:
+        went = "a stage's state died with its ranks and there is no checkpoint directory: started over"
+    training.progress.close()
+    training.speak(
+        f"elastic: lost world rank(s) {lost} (noticed after step {report['noticed_step']}, in "
+        f"{report['phase']}); {went}; {report['kept']} of {report['ranks_before']} ranks now, "
+        f"{report['layout']} (replicas x stages); recovery took {report['seconds']:.2f} s"
+    )
+    if training.run_dir is not None:
+        training.run_dir.record("recovery", report)
+    timeline = training.probe.timeline
+    if timeline is not None:
+        earlier = next((t.probe.timeline for t in reversed(abandoned) if t.probe.timeline), None)
+        if earlier is not None:  # this rank's spans before the failure, on the new clock origin
+            shift = earlier.t0 - timeline.t0
+            timeline.spans[:0] = [(n, k, a + shift, b + shift, x) for n, k, a, b, x in earlier.spans]
+        now = training.comm.wtime()
+        timeline.span("recovery", now - report["seconds"], now, lost=report["lost"])
 
 
 @dataclasses.dataclass
@@ -233,7 +328,10 @@ class Trainer:
         parts = Parts(self.layers, self._data, self._loss, self._optimizer, self.on_step, self.on_epoch)
         self._release()
         result = fit(cfg, self.comm, self.log, self._run, self._terminal, parts)
-        self.layers, self.result = result.layers, result
+        self.result = result
+        if result.left:  # --elastic: ranks died and this one left the training
+            return result
+        self.layers, self.comm = result.layers, result.grid.world  # (after a recovery: the survivors)
         self._stage = _Stage(
             result.layers, result.in_shape, result.bounds, result.grid, result.pipeline,
             result.optimizer, result.position,
