@@ -10,6 +10,7 @@ import os
 import sys
 
 from hpcnn.errors import EXIT_USAGE, JobError
+from hpcnn.parallel import comm as comm_module
 from hpcnn.parallel.comm import Comm, LaunchMismatch, launch_mismatch, say
 from hpcnn.parallel.preempt import watch_interrupts
 
@@ -34,12 +35,14 @@ def run_command(body, argv) -> int:
     comm.debug = "--debug" in argv
     watch_interrupts(comm.end_job, command=True)
     try:
-        return body(comm, argv)
+        code = body(comm, argv)
     except JobError as exc:
         if comm.is_root:
             say(f"hpcnn: error: {exc.message}", sys.stderr)
-        return exc.exit_code
+        code = exc.exit_code
     except KeyboardInterrupt:  # Ctrl-C where no training stops for it (a training raises Interrupted)
         comm.end_job("interrupted (Ctrl-C): ending the job")
     except Exception as exc:  # noqa: BLE001  (a rank failing alone must take the job down, not hang it)
         comm.abort(exc, comm.debug)
+    comm_module.exit_status = code  # (a process that outlived a dead rank exits without MPI_Finalize)
+    return code

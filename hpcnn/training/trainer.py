@@ -181,12 +181,18 @@ def _relock(cfg: Config, comm: Comm, log, lock):
 def _report_recovery(training: Training, report: dict, abandoned: list) -> None:
     """Say what a recovery did on rank 0, in the run directory and on the timeline."""
     lost = ", ".join(map(str, report["lost"]))
+    if report["source"] != "memory":  # known once the rebuilt run has read its checkpoint
+        report.update(step=training.step, redone=report["noticed_step"] - training.step)
     if report["source"] == "memory":
         went = f"went on from step {report['step']} held in memory ({report['redone']} step(s) redone)"
     elif report["source"] == "checkpoint":
-        went = "a stage's state died with its ranks: went on from the newest good checkpoint"
+        went = (
+            f"a stage's state died with its ranks: went on from the checkpoint of step {training.step} "
+            f"({report['redone']} step(s) redone)"
+        )
     else:
-        went = "a stage's state died with its ranks and there is no checkpoint directory: started over"
+        went = "a stage's state died with its ranks, and no checkpoint: started over"
+        went += f" ({report['redone']} step(s) redone)"
     training.progress.close()
     training.speak(
         f"elastic: lost world rank(s) {lost} (noticed after step {report['noticed_step']}, in "
