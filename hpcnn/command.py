@@ -34,6 +34,7 @@ def run_command(body, argv) -> int:
         return EXIT_USAGE
     comm.debug = "--debug" in argv
     watch_interrupts(comm.end_job, command=True)
+    code = None  # (abort and end_job end the process; should one return, the status stays 0 as ever)
     try:
         code = body(comm, argv)
     except JobError as exc:
@@ -44,5 +45,5 @@ def run_command(body, argv) -> int:
         comm.end_job("interrupted (Ctrl-C): ending the job")
     except Exception as exc:  # noqa: BLE001  (a rank failing alone must take the job down, not hang it)
         comm.abort(exc, comm.debug)
-    comm_module.exit_status = code  # (a process that outlived a dead rank exits without MPI_Finalize)
+    comm_module.exit_status = code or 0  # (a process that outlived a dead rank exits without MPI_Finalize)
     return code

@@ -204,9 +204,10 @@ def _report_recovery(training: Training, report: dict, abandoned: list) -> None:
     timeline = training.probe.timeline
     if timeline is not None:
         earlier = next((t.probe.timeline for t in reversed(abandoned) if t.probe.timeline), None)
-        if earlier is not None:  # this rank's spans before the failure, on the new clock origin
-            shift = earlier.t0 - timeline.t0
-            timeline.spans[:0] = [(n, k, a + shift, b + shift, x) for n, k, a, b, x in earlier.spans]
+        if earlier is not None:  # this rank's spans before the failure, on the run's first clock origin
+            shift, timeline.t0 = timeline.t0 - earlier.t0, earlier.t0
+            since = [(n, k, a + shift, b + shift, x) for n, k, a, b, x in timeline.spans]
+            timeline.spans[:] = earlier.spans + since
         now = training.comm.wtime()
         timeline.span("recovery", now - report["seconds"], now, lost=report["lost"])
 
