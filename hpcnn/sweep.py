@@ -101,6 +101,11 @@ def load_sweep(path) -> tuple[dict, dict, list[dict]]:
         owned = sorted(set(settings) & set(OWNED))
         if owned:
             raise UserError(f"{where}: {owned} are set by the sweep (one checkpoint directory per task)")
+        if settings.get("elastic"):  # a recovery revokes every communicator of the job, the sweep's too
+            raise UserError(
+                f"{where}: elastic is for a job of one training: a sweep's groups share the job, and a dead "
+                "rank ends the sweep (run it again to finish the remaining tasks)"
+            )
         from_dict({**base, **settings}, where)  # types now; values when the task runs
     return options, base, tasks
 

@@ -137,6 +137,21 @@ def test_a_stage_lost_with_all_its_copies_falls_back_to_the_checkpoint(tmp_path,
 
 
 @needs_ulfm
+def test_sharded_optimizer_state_falls_back_to_the_checkpoint(tmp_path, reference):
+    """--zero 1: a dead rank's part of the optimizer state is gone; the survivors go on from the
+    checkpoint of step 10, with the undisturbed result."""
+    proc = train(
+        tmp_path,
+        "r",
+        ["--elastic", "2", "--deterministic", "--zero", "1"],
+        fault="kill@backward:rank=2,step=13",
+    )
+    assert_same(final(proc), reference[True], True)
+    (recovery,) = records(proc, "recovery")
+    assert recovery["source"] == "checkpoint" and recovery["step"] == 10 and "--zero" in recovery["why"]
+
+
+@needs_ulfm
 def test_a_kill_during_a_checkpoint_write(tmp_path, reference):
     """A rank dies inside the write of step 20's checkpoint: no temporary file stays, every
     checkpoint left reads back whole, and the run ends with the undisturbed result."""

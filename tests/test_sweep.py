@@ -51,6 +51,7 @@ def test_the_sweep_file_is_checked_before_anything_runs(tmp_path):
     for text, message in [
         ("[grid]\nlearning_rate = [0.1]\n", r"task 0: unknown key\(s\) \['learning_rate'\]"),
         ("[base]\nresume = 'auto'\n", r"\[base\]: \['resume'\] are set by the sweep"),
+        ("[grid]\nelastic = [2]\n", r"task 0: elastic is for a job of one training"),
         ("[grid]\nlr = []\n", "grid.lr must be a non-empty list"),
         ("[grid]\nlr = ['fast']\n", "task 0: lr = 'fast': expected float"),
         ("[sweeep]\n", r"unknown table\(s\) \['sweeep'\]"),

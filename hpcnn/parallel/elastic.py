@@ -189,6 +189,7 @@ def recover(comm: Comm, training, cfg, noticed: float, phase: str, fault=None):
     else:
         new = shrunk
         report.update(step=None, redone=None, source="checkpoint" if cfg.checkpoint_dir else "start")
+        report["why"] = "a part of the sharded optimizer state (--zero)" if cfg.zero else "a stage's state"
         restore = Restore(None, None, [], report, below)
     replicas = new.size // cfg.pipeline_stages
     if new.size % cfg.pipeline_stages:  # checkpoint fallback: whole replicas only

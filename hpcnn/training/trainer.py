@@ -187,11 +187,11 @@ def _report_recovery(training: Training, report: dict, abandoned: list) -> None:
         went = f"went on from step {report['step']} held in memory ({report['redone']} step(s) redone)"
     elif report["source"] == "checkpoint":
         went = (
-            f"a stage's state died with its ranks: went on from the checkpoint of step {training.step} "
+            f"{report['why']} died with its ranks: went on from the checkpoint of step {training.step} "
             f"({report['redone']} step(s) redone)"
         )
     else:
-        went = "a stage's state died with its ranks, and no checkpoint: started over"
+        went = f"{report['why']} died with its ranks, and no checkpoint: started over"
         went += f" ({report['redone']} step(s) redone)"
     training.progress.close()
     training.speak(
