@@ -266,6 +266,9 @@ def _end_without_finalize() -> None:
     for stream in (sys.stdout, sys.stderr):
         with suppress(Exception):
             stream.flush()
+    # The launcher stops forwarding a process's output once it sees it gone without finalizing:
+    # a moment for it to take the last lines (the final line, the exit-75 advice) first.
+    time.sleep(0.5)
     os._exit(exit_status)
 
 
