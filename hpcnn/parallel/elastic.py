@@ -130,7 +130,7 @@ def plan(everyone: list[Survivor], stages: int) -> tuple[int | None, dict[int, i
     """``(step, keep)``: the step every survivor can restore from memory and ``keep``: old rank ->
     new rank of the ranks that form the new grid (stage = new rank % stages, as ``Grid`` places
     them); ``(None, {})`` when some stage's state is gone (no survivor holds it at that step)."""
-    step = min(s.done for s in everyone if s.stage >= 0) if any(s.stage >= 0 for s in everyone) else -1
+    step = min((s.done for s in everyone if s.stage >= 0), default=-1)  # (-1: none had set up)
     holders = [[r for r, s in enumerate(everyone) if s.stage == k and step in s.steps] for k in range(stages)]
     replicas = min(len(h) for h in holders)
     if replicas == 0:

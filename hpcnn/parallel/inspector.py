@@ -88,7 +88,6 @@ class Inspector:
         self.totals = [0.0] * len(OPS)  # seconds spent in each operation
         self._stop = threading.Event()
         self._thread, self._abandoned = None, False
-        self.lost = False  # the thread stopped because MPI reported a dead rank
         self._last_wake, self._quiet_until = time.monotonic(), 0.0
         if not threads_supported():
             return  # MPI without MPI_THREAD_MULTIPLE: no helper thread may call it (times still kept)
@@ -158,7 +157,6 @@ class Inspector:
         except Exception as exc:
             if not process_failure(exc):
                 raise
-            self.lost = True
 
     def deadline(self, op: int) -> float:
         if self.timeout > 0:

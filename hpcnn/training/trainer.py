@@ -95,32 +95,28 @@ def _fit(cfg: Config, comm: Comm, log, run: RunDir | None, terminal: bool, parts
                 holder, fault = training, training.probe.faults
                 if restore is not None:
                     _report_recovery(training, restore.report, abandoned)
-                try:
-                    if restore is not None and restore.below:
-                        result = training.stop_below(f"rank failure ({restore.below})")
-                    else:
-                        result = training.run()
-                except BaseException as exc:
-                    if not (cfg.elastic and process_failure(exc)):
-                        training.close()
-                    raise
+                if restore is not None and restore.below:
+                    result = training.stop_below(f"rank failure ({restore.below})")
+                else:
+                    result = training.run()
                 training.close()
                 break
-            except Exception as exc:
-                if not (cfg.elastic and process_failure(exc)):
+            except BaseException as exc:
+                failed = cfg.elastic and process_failure(exc)
+                if training is not None:  # (a rank failure revoked its communicators: not freed)
+                    training.close(freeing=not failed)
+                if not failed:
                     raise
                 noticed = time.time()
                 phase = OPS[inspector.op]
                 inspector.abandon()
                 if training is not None:
-                    training.close(freeing=False)
                     abandoned.append(training)
                 comm, restore = _recover(comm, holder, cfg, noticed, phase, fault)
                 first.speak_as(comm)
-                if comm is not None:
-                    comm.debug = first.debug
                 if comm is None:  # this rank left the training: the survivors go on without it
                     return Result(None, None, [], None, steps=holder.step if holder else 0, left=True)
+                comm.debug = first.debug
                 log = speak if comm.is_root else None
                 if comm.is_root and run is None and run_path is not None:
                     run = RunDir(run_path)  # rank 0 died: its successor keeps the run directory
