@@ -27,6 +27,18 @@ def _inputs(shape: tuple) -> str:
     return f"{shape[0]} input features"
 
 
+def privacy_line(state: dict) -> str:
+    """What a private run's checkpoint has spent (its accountant recomputed from the segments)."""
+    from hpcnn.training.privacy import Accountant
+
+    spent = Accountant.from_state(state)
+    sigmas = ", ".join(f"{sigma:.4g} x {steps} steps at q = {q:.4g}" for q, sigma, steps in spent.segments)
+    return (
+        f"privacy: epsilon {spent.epsilon():.4g} at delta {spent.delta:g} ({spent.kind} accountant) after "
+        f"{spent.steps} private steps; noise multiplier {sigmas}"
+    )
+
+
 def describe_info(info: Info, verified_bytes: int | None) -> str:
     at, layout, arch = info.position, info.layout, info.architecture
     lines = [
@@ -45,6 +57,8 @@ def describe_info(info: Info, verified_bytes: int | None) -> str:
         f"written by {layout['ranks']} rank(s): {layout['replicas']} replica(s) x {layout['stages']} "
         f"stage(s), stage bounds {layout['stage_bounds']}, {layout['io']} writer",
     ]
+    if at.privacy:
+        lines.append(privacy_line(at.privacy))
     if at.history:
         last = at.history[-1]
         text = f"last finished epoch {last['epoch']}: loss {last['loss']:.4f}"

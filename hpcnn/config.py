@@ -149,6 +149,40 @@ class Config:
     gamma: float = _f(0.1, "decay factor of the step schedule", group="optimizer")
     min_lr: float = _f(0.0, "final learning rate of the cosine schedule", group="optimizer")
     clip_norm: float = _f(0.0, "clip the global gradient norm to this (0: no clipping)", group="optimizer")
+    # --- privacy
+    dp_sgd: bool = _f(
+        False,
+        "differentially private training (DP-SGD): each example's gradient clipped to max_grad_norm, "
+        "Gaussian noise added to the sum, the privacy spent accounted (docs/privacy.md)",
+        group="privacy",
+    )
+    max_grad_norm: float = _f(1.0, "DP-SGD: each example's gradient norm is clipped to this", group="privacy")
+    noise_multiplier: float = _f(
+        0.0,
+        "DP-SGD: noise standard deviation over max_grad_norm (0: the one that spends target_epsilon "
+        "by the last step)",
+        group="privacy",
+    )
+    target_epsilon: float = _f(
+        0.0,
+        "DP-SGD: the privacy budget; training stops before a step would spend more (0: no budget, "
+        "then noise_multiplier is required)",
+        group="privacy",
+    )
+    target_delta: float = _f(
+        0.0, "DP-SGD: delta of (epsilon, delta) (0: 1 / training rows, rounded down to a power of 10)",
+        group="privacy",
+    )
+    accountant: str = _f(
+        "rdp", "DP-SGD: privacy accountant of dp-accounting (RDP or PLD)", ["rdp", "pld"], "privacy"
+    )
+    sampling: str = _f(
+        "poisson",
+        "DP-SGD batches: poisson (each row in with probability batch_size / rows, what the accountant "
+        "assumes) or shuffle (fixed-size batches; the guarantee then does not hold as stated)",
+        ["poisson", "shuffle"],
+        "privacy",
+    )
     # --- checkpoints
     checkpoint_dir: str = _f(
         "", "write checkpoints into this directory (empty: write none)", group="checkpoint"
@@ -284,12 +318,40 @@ class Config:
             raise UserError("nesterov needs momentum > 0")
         if self.checkpoint_every_epochs < 0:
             raise UserError(f"checkpoint_every_epochs = {self.checkpoint_every_epochs}: must be >= 0")
+        self._validate_privacy()
         if self.resume == "auto" and not self.checkpoint_dir and self.run_dir in ("", "auto"):
             raise UserError(
                 "resume = 'auto' looks in checkpoint_dir (or run_dir/checkpoints): name one with "
                 "--checkpoint-dir or --run-dir"
             )
         return self
+
+    def _validate_privacy(self) -> None:
+        for key in ("noise_multiplier", "target_epsilon", "target_delta"):
+            if not getattr(self, key) >= 0:
+                raise UserError(f"{key} = {getattr(self, key)}: must be >= 0")
+        if not self.max_grad_norm > 0:
+            raise UserError(f"max_grad_norm = {self.max_grad_norm}: must be > 0")
+        if not self.target_delta < 1:
+            raise UserError(f"target_delta = {self.target_delta}: must be below 1")
+        if not self.dp_sgd:
+            return
+        if not (self.noise_multiplier or self.target_epsilon):
+            raise UserError(
+                "dp_sgd needs the noise: --noise-multiplier SIGMA, or --target-epsilon E to solve for it"
+            )
+        refused = {
+            "deterministic": "deterministic mode's per-shard gradients",
+            "zero": "--zero's sharded gradients",
+        }
+        for key, what in refused.items():
+            if getattr(self, key):
+                raise UserError(f"dp_sgd with {key}: {what} are not clipped per example yet; drop one")
+        if self.elastic:
+            raise UserError(
+                "dp_sgd with elastic: a recovery's state held in memory does not carry the privacy "
+                "accountant yet; drop one (a private run resumes exactly from its checkpoints)"
+            )
 
     def to_toml(self) -> str:
         """The resolved config as a TOML document (readable by ``--config``)."""

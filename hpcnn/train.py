@@ -79,6 +79,12 @@ def _main(comm: Comm, argv, early: EarlySignals) -> int:
     if final["accuracy"] is not None:
         text += f" ({final['rows']} rows)"
     comm.print0(f"{text}; {result.steps} steps in {time.perf_counter() - t0:.1f} s")
+    if result.privacy is not None:
+        spent = result.privacy
+        comm.print0(
+            f"privacy spent: epsilon {spent['epsilon']:.3f} at delta {spent['delta']:g} ({spent['accountant']}, "
+            f"noise multiplier {spent['noise_multiplier']:.4g}, {spent['steps']} private steps)"
+        )
     return EXIT_OK
 
 

@@ -27,9 +27,12 @@ input with the output it kept.
 
 import math
 
+import numpy as np
+
 from hpcnn.core.backend import xp
 from hpcnn.core.layers import Layer
 from hpcnn.core.params import ParamSpec
+from hpcnn.core.privacy import ghost_conv_cheaper, rows_sq_norm
 from hpcnn.core.workspace import FRESH
 
 
@@ -108,6 +111,7 @@ class Conv2D(Layer):
         self._dW_part = self._db_part = None  # scratch for accumulated micro-batch gradients
         self._shards = self._shard_grads = None  # deterministic mode (``shard``)
         self._deferred_shape = None  # input row shape of the deferred backwards (``weight_grads``)
+        self._cols_built = False  # this step's stacked columns are built (``_stacked``)
         self._Wt = None  # the transposed convolution's kernel (``_flipped``)
         self._T = self._dT = None  # the blocked kernel and its gradient (``_blocked``)
 
@@ -434,7 +438,7 @@ class Conv2D(Layer):
         cols2 = cols.T if by_offset else cols.reshape(math.prod(cols.shape[:3]), math.prod(cols.shape[3:]))
         if "defer" in saved:  # (first row, step rows, stack scope): weight gradients come later
             first, rows, stack = saved["defer"]
-            self._deferred_shape = x.shape[1:]
+            self._deferred_shape, self._cols_built = x.shape[1:], False
             stack("x", (rows, *x.shape[1:]), x.dtype)[first : first + n] = x
             stack("dy", (rows, *dy.shape[1:]), dy.dtype)[first : first + n] = dy
         elif accumulate:
@@ -485,18 +489,51 @@ class Conv2D(Layer):
     def _q(self) -> tuple[int, int]:
         return self._k[0] - 1 - self._p[0], self._k[1] - 1 - self._p[1]
 
-    def weight_grads(self, stack, rows):
-        if self._deferred_shape is None:  # no deferred backward ran (no rows this step)
-            return
+    def _stacked(self, stack, rows):
+        """The step's columns (built from the stacked inputs once per step) and output gradients."""
         dt, shape = self.dW.dtype, self._deferred_shape
         ho, wo, cout = self.out_shape(shape)
-        x, dy = stack("x", (rows, *shape), dt), stack("dy", (rows, ho, wo, cout), dt)
+        dy = stack("dy", (rows, ho, wo, cout), dt)
         cols = stack("cols", (rows, ho, wo, self._k[0], self._k[1] * self.in_channels), dt)
-        self._fields(x, self._pad_ws(stack, "pad", rows, shape, self._p, dt), cols)
+        if not self._cols_built:
+            x = stack("x", (rows, *shape), dt)
+            self._fields(x, self._pad_ws(stack, "pad", rows, shape, self._p, dt), cols)
+            self._cols_built = True
+        return cols, dy
+
+    def weight_grads(self, stack, rows, factors=None):
+        if self._deferred_shape is None:  # no deferred backward ran (no rows this step)
+            return
+        cols, dy = self._stacked(stack, rows)
+        self._cols_built = False  # the next step's are other rows
+        if factors is not None:
+            dy *= factors[:, None, None, None]
+        cout = self.out_channels
         dy2 = dy.reshape(-1, cout)
         xp.matmul(cols.reshape(-1, self.fan_in).T, dy2, out=self.dW)  # one product over the step's rows
         if self.bias:
             self._bias_grad(dy2, self.db, stack)
+
+    def example_sq_norms(self, stack, rows):
+        if self._deferred_shape is None:
+            return [np.zeros(rows) for _ in self.param_specs()]
+        cols, dy = self._stacked(stack, rows)
+        positions, k, n = dy.shape[1] * dy.shape[2], self.fan_in, self.out_channels
+        c3, d3 = cols.reshape(rows, positions, k), dy.reshape(rows, positions, n)
+        ghost = ghost_conv_cheaper(positions, k, n)
+        # examples at a time: each one's (P, P) Gram matrices or (K, N) gradient, a few MiB in all
+        chunk = max(1, _CACHE_VALUES // (2 * positions * positions if ghost else k * n))
+        w_sq = np.empty(rows)
+        for start in range(0, rows, chunk):
+            part = slice(start, start + chunk)
+            a, d = c3[part], d3[part]
+            if ghost:  # ||sum_p a_p d_p^T||^2 = sum_{p,q} (a_p . a_q)(d_p . d_q)
+                gram_a = xp.matmul(a, a.transpose(0, 2, 1))
+                gram_d = xp.matmul(d, d.transpose(0, 2, 1))
+                w_sq[part] = np.einsum("ipq,ipq->i", gram_a, gram_d, dtype=np.float64)
+            else:
+                w_sq[part] = rows_sq_norm(xp.matmul(a.transpose(0, 2, 1), d))
+        return [w_sq, rows_sq_norm(d3.sum(axis=1))] if self.bias else [w_sq]
 
     def shard(self, sharding, grads):
         self._shards, self._shard_grads = sharding, grads

@@ -26,6 +26,7 @@ import math
 
 from hpcnn.core.backend import xp
 from hpcnn.core.params import ParamSpec
+from hpcnn.core.privacy import rows_sq_norm
 from hpcnn.core.workspace import FRESH
 from hpcnn.errors import UserError
 
@@ -104,8 +105,18 @@ class Layer:
     def backward(self, dy, saved: dict, need_dx: bool = True, accumulate: bool = False, ws=FRESH):
         return dy
 
-    def weight_grads(self, stack, rows: int) -> None:
-        """Form the weight gradients from the ``rows`` rows deferred backwards put in ``stack``."""
+    def weight_grads(self, stack, rows: int, factors=None) -> None:
+        """Form the weight gradients from the ``rows`` rows deferred backwards put in ``stack``;
+        ``factors`` ``(rows,)``: each row's output gradient scaled by its factor first (DP-SGD's
+        clipping; the stacked rows may be scaled in place)."""
+
+    def example_sq_norms(self, stack, rows: int) -> list:
+        """DP-SGD: each example's squared gradient norm, one float64 ``(rows,)`` array per tensor of
+        ``param_specs`` (in that order), from what deferred backwards put in ``stack``. A layer
+        with parameters must override it to train privately (``hpcnn.core.privacy``)."""
+        if self.param_specs():
+            raise NotImplementedError(f"{self!r} has no per-example gradient norms")
+        return []
 
     def shard(self, sharding, grads: dict | None) -> None:
         """Compute in the fixed row blocks of ``sharding`` (``--deterministic``; ``None``: as usual),
@@ -231,11 +242,22 @@ class Dense(Layer):
         dx = xp.matmul(dy, self.W.T, out=ws("dx", (len(dy), self.fan_in), dy.dtype))  # (batch, fan_in)
         return dx if shape is None else dx.reshape(shape)
 
-    def weight_grads(self, stack, rows):
+    def _stacked(self, stack, rows):
         dt = self.dW.dtype
-        x, dy = stack("x", (rows, self.fan_in), dt), stack("dy", (rows, self.fan_out), dt)
+        return stack("x", (rows, self.fan_in), dt), stack("dy", (rows, self.fan_out), dt)
+
+    def weight_grads(self, stack, rows, factors=None):
+        x, dy = self._stacked(stack, rows)
+        if factors is not None:
+            dy *= factors[:, None]
         xp.matmul(x.T, dy, out=self.dW)  # one product over the whole step: K = rows, not a micro-batch
         xp.sum(dy, axis=0, out=self.db)
+
+    def example_sq_norms(self, stack, rows):
+        # an example's dW is the outer product x_i dy_i: its squared norm is ||x_i||^2 ||dy_i||^2
+        x, dy = self._stacked(stack, rows)
+        dy_sq = rows_sq_norm(dy)
+        return [rows_sq_norm(x) * dy_sq, dy_sq]
 
     def deferred_width(self, in_shape):
         return self.fan_in + self.fan_out

@@ -120,11 +120,12 @@ class Sequential:
                 on_layer_done(i)
         return dout
 
-    def weight_grads(self, rows: int, on_layer_done=None) -> None:
+    def weight_grads(self, rows: int, on_layer_done=None, factors=None) -> None:
         """After deferred backwards (``tape`` entries ``defer``) over ``rows`` rows in all: form
-        every layer's weight gradients, last layer first (the order backward would finish them)."""
+        every layer's weight gradients, last layer first (the order backward would finish them);
+        ``factors``: each row's output gradients scaled by its factor (DP-SGD's clipping)."""
         for i in range(len(self.layers) - 1, -1, -1):
-            self.layers[i].weight_grads(self.stack(i), rows)
+            self.layers[i].weight_grads(self.stack(i), rows, factors)
             if on_layer_done is not None:
                 on_layer_done(i)
 

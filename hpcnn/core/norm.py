@@ -41,6 +41,7 @@ import numpy as np
 from hpcnn.core.backend import xp
 from hpcnn.core.layers import Layer
 from hpcnn.core.params import ParamSpec
+from hpcnn.core.privacy import rows_sq_norm
 from hpcnn.core.workspace import FRESH
 
 F64 = np.float64
@@ -235,6 +236,7 @@ class LayerNorm(Layer):
         self.features, self.eps = features, eps
         self._part = None  # scratch for micro-batches after the first (accumulate)
         self._shards = self._shard_grads = None  # deterministic mode (``shard``)
+        self._per = 1  # pixels per row of the deferred backwards (``weight_grads``)
 
     def param_specs(self):
         return [ParamSpec("g", (self.features,), "ones"), ParamSpec("b", (self.features,), "zeros")]
@@ -268,7 +270,15 @@ class LayerNorm(Layer):
         xhat, inv = saved.pop("xhat"), saved.pop("inv")
         f, dt = self.features, dy.dtype
         dy2 = dy.reshape(-1, f)
-        self._weight_grads(dy, dy2, xhat, saved, accumulate)
+        if "defer" in saved and self._shards is None:  # (first row, step rows, stack scope)
+            first, rows, stack = saved["defer"]
+            if len(dy):
+                self._per = len(dy2) // len(dy)  # pixels per row (1 for flat rows)
+            at = slice(first * self._per, (first + len(dy)) * self._per)
+            stack("xhat", (rows * self._per, f), dt)[at] = xhat
+            stack("dy", (rows * self._per, f), dt)[at] = dy2
+        else:
+            self._weight_grads(dy, dy2, xhat, saved, accumulate)
         if not need_dx:
             return None
         # dx = inv * (d - mean(d) - xhat * mean(d * xhat)), d = dy * g: the gradient through xhat
@@ -305,6 +315,26 @@ class LayerNorm(Layer):
         else:
             xp.einsum("ij,ij->j", dy2, xhat, out=self.dg)
             xp.sum(dy2, axis=0, out=self.db)
+
+    def _stacked(self, stack, rows):
+        shape, dt = (rows * self._per, self.features), self.dg.dtype
+        return stack("xhat", shape, dt), stack("dy", shape, dt)
+
+    def weight_grads(self, stack, rows, factors=None):
+        xhat, dy2 = self._stacked(stack, rows)
+        if factors is not None:
+            dy2.reshape(rows, self._per, self.features)[...] *= factors[:, None, None]
+        xp.einsum("ij,ij->j", dy2, xhat, out=self.dg)
+        xp.sum(dy2, axis=0, out=self.db)
+
+    def example_sq_norms(self, stack, rows):
+        xhat, dy2 = self._stacked(stack, rows)
+        d3 = dy2.reshape(rows, self._per, self.features)
+        dg = xp.einsum("ipj,ipj->ij", d3, xhat.reshape(d3.shape))  # each example's g gradient
+        return [rows_sq_norm(dg), rows_sq_norm(d3.sum(axis=1))]
+
+    def deferred_width(self, in_shape):
+        return 2 * math.prod(in_shape)
 
     def out_shape(self, in_shape):
         _channels(self, in_shape, self.features)

@@ -118,6 +118,9 @@ class Pipeline:
         self.shard_losses: list[float] = []
         # --zero 2 on a single stage: weight gradients deferred too (each formed once per step)
         self.always_defer = False
+        # --dp-sgd: rows -> each row's clip factor, called between the last backward and the weight
+        # gradients (``hpcnn.training.privacy.Clipping``); weight gradients are then always deferred
+        self.clipping = None
 
     @property
     def shard_rows(self) -> int:
@@ -135,6 +138,8 @@ class Pipeline:
         self.probe.times = value
 
     def defers_weight_grads(self, micro: int) -> bool:
+        if self.clipping is not None:
+            return True
         return defers_weight_grads(self.stages, micro, bool(self.shard_rows), self.always_defer)
 
     def handshake(self) -> None:
@@ -274,8 +279,13 @@ class Pipeline:
                     self._release_unless_sent(dout, sends)
                 live -= 1
         if defer:
-            probe("weight gradients", 0, int(offsets[-1]))
-            self.model.weight_grads(int(offsets[-1]), backward_hook if on_layer_done else progress)
+            rows = int(offsets[-1])
+            factors = None
+            if self.clipping is not None:
+                probe("clipping", 0, rows)
+                factors = self.clipping(rows)
+            probe("weight gradients", 0, rows)
+            self.model.weight_grads(rows, backward_hook if on_layer_done else progress, factors)
         self._complete(sends)
         return loss_sum, correct
 

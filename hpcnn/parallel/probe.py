@@ -85,6 +85,7 @@ PHASES = {
     "forward": Phase(_PIPELINE, "forward", "forward mb {}", arg="rows"),
     "backward": Phase(_PIPELINE, "backward", "backward mb {}", "backward", arg="rows"),
     "weight gradients": Phase(_PIPELINE, "backward", "weight gradients", arg="rows"),
+    "clipping": Phase(_PIPELINE, "backward", "per-example clipping", arg="rows"),
     "receive activations": Phase(
         "pipeline receive", "wait", "recv wait mb {}", arg="stage", args=_ACTIVATIONS, detailed=True
     ),

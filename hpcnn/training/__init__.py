@@ -6,5 +6,6 @@
   checkpoints) and ``Result``;
 - ``batches``: reading a step's rows, checking them, micro-batches, evaluation over a split;
 - ``setup``: data, this rank's pipeline stage, resume, checkpoint-directory lock and checks;
+- ``privacy``: private training (``--dp-sgd``): the accountant, per-example clipping, noise;
 - ``report``: what rank 0 says about a run; ``dryrun``: ``--dry-run``'s memory model.
 """

@@ -84,6 +84,8 @@ def epoch_line(row: dict, epochs: int) -> str:
         text += f"  | held-out loss {row['test']['loss']:.4f}"
         if row["test"]["accuracy"] is not None:
             text += f"  acc {_pct(row['test']['accuracy'])}"
+    if "epsilon" in row:
+        text += f"  | epsilon {row['epsilon']:.3g}"
     return text + f"  | lr {row['lr']:.2e}  {row['samples_per_s']:,.0f} rows/s  {row['seconds']:.2f} s"
 
 

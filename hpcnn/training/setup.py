@@ -31,12 +31,13 @@ from hpcnn.io.checkpoints import (
     too_little_space,
     verify_bounded,
 )
-from hpcnn.io.datasets import Dataset, EpochSampler, open_dataset, set_num_classes
+from hpcnn.io.datasets import Dataset, EpochSampler, PoissonSampler, open_dataset, set_num_classes
 from hpcnn.io.dirlock import DirectoryLock
 from hpcnn.io.runlog import RunDir
 from hpcnn.parallel.comm import Comm, Grid
 from hpcnn.parallel.deterministic import shard_rows
 from hpcnn.parallel.pipeline import Pipeline, balanced_partition, explicit_partition
+from hpcnn.training import privacy
 
 
 @dataclasses.dataclass
@@ -139,10 +140,15 @@ def prepare(cfg: Config, comm: Comm, parts: Parts | None = None, probe=None):
         check_model(layers, ds)
     bounds, grid, pipe = build_stages(cfg, comm, layers, ds.in_shape, probe)
     with comm.agreed(cfg.debug):
+        privacy.check(cfg, layers)
         rows = shard_rows(cfg) if cfg.deterministic else 0
-        sampler = EpochSampler(
-            ds.train.ids, cfg.batch_size, grid.replica, replicas, cfg.seed, cfg.drop_last, rows
-        )
+        if cfg.dp_sgd and cfg.sampling == "poisson":
+            rate = privacy.sampling_rate(cfg, len(ds.train))
+            sampler = PoissonSampler(ds.train.ids, rate, grid.replica, replicas, cfg.seed)
+        else:
+            sampler = EpochSampler(
+                ds.train.ids, cfg.batch_size, grid.replica, replicas, cfg.seed, cfg.drop_last, rows
+            )
         if len(sampler) == 0:
             raise UserError(
                 f"drop_last with batch_size {cfg.batch_size} > {len(ds.train)} training rows leaves no step"

@@ -16,7 +16,9 @@ Layout of ``ckpt-<step>.h5`` (``format_version`` 2)::
                                         only in checkpoints of models whose layers keep state
     /position              attrs: step, epoch, batch (global batches of ``epoch`` done),
                                   epoch_sums (loss sum, correct, rows of that epoch so far),
-                                  history (JSON: one row per finished epoch)
+                                  history (JSON: one row per finished epoch),
+                                  privacy (JSON, private runs only: accountant, delta and
+                                  the (sampling rate, noise multiplier, steps) segments)
     /rng                   attrs: seed, data_order: what the data order is derived from
     /layout                attrs: ranks, replicas, stages, stage_bounds, micro_batches, schedule,
                                   io ("mpio" or "gather"); for information only
@@ -100,6 +102,7 @@ class Position:
     batch: int = 0  # global batches of ``epoch`` done
     epoch_sums: list = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss sum, correct, rows
     history: list = field(default_factory=list)  # one dict per finished epoch
+    privacy: dict | None = None  # --dp-sgd: the accountant's state (``hpcnn.training.privacy``)
 
 
 @dataclass
@@ -263,6 +266,7 @@ def metadata(cfg, layers, in_shape, bounds, grid, opt, position: Position, io: s
             "batch": position.batch,
             "epoch_sums": np.asarray(position.epoch_sums, np.float64),
             "history": json.dumps(position.history),
+            **({"privacy": json.dumps(position.privacy)} if position.privacy else {}),
         },
         "rng": {"seed": cfg.seed, "data_order": DATA_ORDER},
         "layout": {

@@ -85,6 +85,7 @@ def info_of(path, f, version: int) -> Info:
             int(p["batch"]),
             [float(v) for v in p["epoch_sums"]],
             json.loads(attr_text(p["history"])),
+            json.loads(attr_text(p["privacy"])) if "privacy" in p else None,
         ),
         seed=int(f["rng"].attrs["seed"]),
         layout={k: attr_text(v) if isinstance(v, (bytes, str)) else v.tolist() for k, v in layout.items()},

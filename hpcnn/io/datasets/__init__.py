@@ -8,7 +8,8 @@ The parts, each a module of this package:
   them in memory), unreadable and non-finite rows, and the ``Split`` and ``Dataset`` made of them;
 - ``inmemory``: the built-in ``xor`` and ``synthetic`` sets and a user's arrays (``arrays``);
 - ``writing``: files in the layout (``python -m hpcnn.data``: ``convert``, the synthetic set);
-- ``sampler``: each rank's rows of every global batch (``EpochSampler``) and near-equal slices.
+- ``sampler``: each rank's rows of every global batch (``EpochSampler``; ``PoissonSampler`` for
+  private training) and near-equal slices.
 
 Everything a caller uses is importable from here (``from hpcnn.io.datasets import open_dataset``).
 To replace a function for a test, patch it in the module that calls it.
@@ -16,7 +17,7 @@ To replace a function for a test, patch it in the module that calls it.
 
 from hpcnn.io.datasets.inmemory import SYNTHETIC_BLOCK, arrays, synthetic_arrays, synthetic_blocks, xor_arrays
 from hpcnn.io.datasets.layout import BUILTIN, NO_LABELS, SPLIT_SEED, input_dataset, open_dataset, open_h5
-from hpcnn.io.datasets.sampler import EpochSampler, split_counts, split_units
+from hpcnn.io.datasets.sampler import EpochSampler, PoissonSampler, split_counts, split_units
 from hpcnn.io.datasets.sources import (
     MAX_CLASSES,
     ArraySource,
@@ -43,6 +44,7 @@ __all__ = [
     "ArraySource",
     "Dataset",
     "EpochSampler",
+    "PoissonSampler",
     "H5Source",
     "Split",
     "UnreadableRows",

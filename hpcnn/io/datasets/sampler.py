@@ -4,10 +4,13 @@ Sampling: each epoch's order is a permutation drawn from ``(seed, epoch)``, iden
 global batch ``b`` is rows ``[b*B, (b+1)*B)`` of it, split into ``size`` contiguous slices that
 differ by at most one row (``split_counts``; whole shards of rows in deterministic mode,
 ``split_units``). Every row is used exactly once per epoch across all ranks, without padding; the
-last partial batch is kept unless ``drop_last``.
+last partial batch is kept unless ``drop_last``. Private training samples each batch's rows
+independently instead (``PoissonSampler``).
 """
 
 import numpy as np
+
+from hpcnn.core.privacy import poisson_batch, steps_per_epoch
 
 
 def split_counts(n: int, parts: int, index: int) -> tuple[int, int]:
@@ -52,4 +55,27 @@ class EpochSampler:
             batch = order[b * self.batch_size : (b + 1) * self.batch_size]
             # whole shards of shard_rows rows each (--deterministic), else near-equal rows
             start, count = split_units(len(batch), self.shard_rows or 1, self.size, self.rank)
+            yield batch[start : start + count], len(batch)
+
+
+class PoissonSampler:
+    """Row ids of this rank's slice of Poisson-sampled global batches (private training).
+
+    Each of ``round(1 / rate)`` batches of an epoch holds every training row with probability
+    ``rate``, independently (``hpcnn.core.privacy.poisson_batch``, drawn from ``(seed, epoch,
+    batch)`` identically on every rank); each rank keeps its near-equal slice of the rows drawn, so
+    no row is read by two ranks. Batch sizes vary around ``rate * rows``; a batch may be empty.
+    """
+
+    def __init__(self, ids, rate: float, rank: int, size: int, seed: int):
+        self.ids, self.rate, self.rank, self.size, self.seed = ids, rate, rank, size, seed
+        self.batches = steps_per_epoch(rate)
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def epoch(self, epoch: int):
+        for b in range(self.batches):
+            batch = poisson_batch(self.seed, epoch, b, self.ids, self.rate)
+            start, count = split_counts(len(batch), self.size, self.rank)
             yield batch[start : start + count], len(batch)
