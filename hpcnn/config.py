@@ -170,7 +170,8 @@ class Config:
         group="privacy",
     )
     target_delta: float = _f(
-        0.0, "DP-SGD: delta of (epsilon, delta) (0: 1 / training rows, rounded down to a power of 10)",
+        0.0,
+        "DP-SGD: delta of (epsilon, delta) (0: 1 / training rows, rounded down to a power of 10)",
         group="privacy",
     )
     accountant: str = _f(

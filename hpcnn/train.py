@@ -82,8 +82,9 @@ def _main(comm: Comm, argv, early: EarlySignals) -> int:
     if result.privacy is not None:
         spent = result.privacy
         comm.print0(
-            f"privacy spent: epsilon {spent['epsilon']:.3f} at delta {spent['delta']:g} ({spent['accountant']}, "
-            f"noise multiplier {spent['noise_multiplier']:.4g}, {spent['steps']} private steps)"
+            f"privacy spent: epsilon {spent['epsilon']:.3f} at delta {spent['delta']:g} "
+            f"({spent['accountant']}, noise multiplier {spent['noise_multiplier']:.4g}, "
+            f"{spent['steps']} private steps)"
         )
     return EXIT_OK
 

@@ -31,8 +31,13 @@ def _stacks():
         (
             "conv",
             lambda: [
-                Conv2D(2, 3, 3, padding=1), ReLU(), MaxPool2D(2), Conv2D(3, 16, 3, padding=1),
-                LayerNorm(16), Flatten(), Dense(3 * 3 * 16, 4),
+                Conv2D(2, 3, 3, padding=1),
+                ReLU(),
+                MaxPool2D(2),
+                Conv2D(3, 16, 3, padding=1),
+                LayerNorm(16),
+                Flatten(),
+                Dense(3 * 3 * 16, 4),
             ],  # fmt: skip
             (6, 6, 2),
         ),
@@ -65,7 +70,9 @@ def _private_step(model, x, y, max_norm, scale, micro):
     pipe.clipping = privacy.Clipping(model, None, max_norm, scale)
     pieces = np.array_split(np.arange(len(x)), micro)
     inputs = [x[p].reshape(len(p), -1) for p in pieces]
-    pipe.train_step(inputs, [y[p] for p in pieces], [len(p) for p in pieces], scale, LOSSES["cross_entropy"]())
+    pipe.train_step(
+        inputs, [y[p] for p in pieces], [len(p) for p in pieces], scale, LOSSES["cross_entropy"]()
+    )
     return model.params.grad.copy(), pipe.clipping.clipped
 
 
@@ -104,6 +111,12 @@ def test_noise_is_keyed_and_has_the_asked_deviation():
     values = np.concatenate([gaussian_noise(0, s, 0, 1000, 0.25, np.float64) for s in range(200)])
     assert abs(values.std() / 0.25 - 1) < 5 / math.sqrt(2 * values.size)
     assert abs(values.mean()) < 5 * 0.25 / math.sqrt(values.size)
+    from scipy import stats  # (dp-accounting's dependency)
+
+    # normal, not only of the right deviation: Kolmogorov-Smirnov at a 1e-4 false-alarm rate
+    assert stats.kstest(values / 0.25, "norm").pvalue > 1e-4
+    single = gaussian_noise(0, 0, 0, 200_000, 1.0, np.float32)  # float32 as trained: normal as well
+    assert single.dtype == np.float32 and stats.kstest(single.astype(np.float64), "norm").pvalue > 1e-4
 
 
 def test_accountant_equals_the_library():
@@ -128,7 +141,11 @@ def test_accountant_state_round_trips_and_segments_compose():
     accountant.add(0.02, 1.5, 50)
     again = privacy.Accountant.from_state(accountant.state())
     assert again.segments == [[0.01, 1.0, 100], [0.02, 1.5, 50]] and again.steps == 150
-    assert again.epsilon() == accountant.epsilon() > privacy.Accountant("rdp", 1e-5, [[0.01, 1.0, 100]]).epsilon()
+    assert (
+        again.epsilon()
+        == accountant.epsilon()
+        > privacy.Accountant("rdp", 1e-5, [[0.01, 1.0, 100]]).epsilon()
+    )
 
 
 def test_solved_noise_spends_the_target_and_the_budget_stops_in_time():

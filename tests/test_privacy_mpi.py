@@ -43,7 +43,9 @@ def reference(x, y, steps: int) -> Sequential:
         total /= s["batch_size"]  # the expected batch size
         std = s["noise_multiplier"] * s["max_grad_norm"] / s["batch_size"]
         for j, slot in enumerate(model.params.slots):  # tensors in model order: the noise's key
-            total[slot.offset : slot.offset + slot.size] += gaussian_noise(s["seed"], step, j, slot.size, std, np.float64)
+            total[slot.offset : slot.offset + slot.size] += gaussian_noise(
+                s["seed"], step, j, slot.size, std, np.float64
+            )
         model.params.data -= s["lr"] * total
     return model
 

@@ -62,13 +62,33 @@ def clip_factors(sq, max_norm: float, scale: float):
         return np.minimum(1.0, max_norm / norms)
 
 
-def gaussian_noise(seed: int, step: int, tensor: int, size: int, std: float, dtype, out=None):
+def gaussian_noise(seed: int, step: int, tensor: int, size: int, std: float, dtype):
     """``size`` normal deviates of standard deviation ``std`` for tensor ``tensor`` (its index in the
-    whole model) at step ``step``, drawn in float64 from a Philox stream keyed by those numbers and
-    cast to ``dtype``."""
-    rng = np.random.Generator(np.random.Philox(key=_key(seed, step, tensor, _NOISE)))
-    values = rng.standard_normal(size) * std
-    return xp.asarray(values, dtype=dtype) if out is None else xp.copyto(out, values, casting="same_kind")
+    whole model) at step ``step``, in ``dtype``.
+
+    Box-Muller over a keyed ``SFC64`` stream of 32-bit integers: the first half give ``u1`` in
+    ``(0, 1]``, the second ``u2`` in ``[0, 1)``, and each pair two deviates ``sqrt(-2 ln u1)
+    (cos, sin)(2 pi u2)`` (cosines first, then sines), computed in ``dtype``. Drawing the bits is what
+    costs (numpy's ziggurat spends ~3x longer per deviate here, a third of a step of the reference
+    network); the transcendental functions are vectorised. ``u1 >= 2**-32`` bounds the deviates'
+    magnitude at 6.66 ``std``, like any floating-point sampler's tail cut (Opacus's included)."""
+    half = -(-size // 2)
+    words = np.random.SFC64(np.random.SeedSequence(_key(seed, step, tensor, _NOISE))).random_raw(half)
+    u = xp.asarray(words.view(np.uint32), dtype=dtype)  # 2 * half uniform 32-bit integers
+    u1, u2 = u[:half], u[half:]
+    u1 += 1
+    u *= 2.0**-32
+    u2 *= 2 * math.pi
+    radius = xp.log(u1, out=u1)
+    radius *= -2
+    xp.sqrt(radius, out=radius)
+    radius *= std
+    out = xp.empty(2 * half, dtype=dtype)
+    xp.cos(u2, out=out[:half])
+    xp.sin(u2, out=out[half:])
+    out[:half] *= radius
+    out[half:] *= radius
+    return out[:size]
 
 
 def poisson_batch(seed: int, epoch: int, batch: int, ids, rate: float):

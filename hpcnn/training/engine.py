@@ -41,6 +41,7 @@ from hpcnn.parallel.probe import Probe
 from hpcnn.parallel.sync import GradientSync
 from hpcnn.parallel.timeline import Timeline
 from hpcnn.parallel.zero import ZeroSync
+from hpcnn.training import privacy
 from hpcnn.training.batches import (
     bad_row,
     evaluate_split,
@@ -48,7 +49,6 @@ from hpcnn.training.batches import (
     problem_text,
     read_batch,
 )
-from hpcnn.training import privacy
 from hpcnn.training.report import describe_run, epoch_line, report_stages
 from hpcnn.training.setup import (
     Parts,
@@ -212,7 +212,9 @@ class Training:
             sigma, accountant = privacy.plan(cfg, rows, self.steps, spent)
             budget = self.steps
             if cfg.target_epsilon:  # the steps the budget allows, from the step resumed at
-                budget = min(budget, at.step + privacy.affordable(accountant, self.rate, sigma, cfg.target_epsilon))
+                budget = min(
+                    budget, at.step + privacy.affordable(accountant, self.rate, sigma, cfg.target_epsilon)
+                )
             return sigma, accountant, budget
 
         self.rate = privacy.sampling_rate(cfg, rows)

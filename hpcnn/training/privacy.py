@@ -38,7 +38,11 @@ def _dp():
     with warnings.catch_warnings():  # its dependencies' import-time deprecations are not the user's
         warnings.simplefilter("ignore")
         import dp_accounting
+        from absl import logging
         from dp_accounting import pld, rdp
+
+    # its accountants log convergence notes per order (absl, to stderr): not the user's concern
+    logging.set_verbosity(logging.ERROR)
     return dp_accounting, rdp, pld
 
 
@@ -76,7 +80,7 @@ def noise_for(kind: str, rate: float, steps: int, target: float, delta: float, s
         sigma = dp.calibrate_dp_mechanism(
             lambda: _fresh(kind), make, target, delta, dp.ExplicitBracketInterval(1e-2, 1e3)
         )
-    except Exception as exc:  # the library says no noise in its bracket reaches the target
+    except ValueError as exc:  # the library: no noise in its bracket reaches the target
         raise UserError(
             f"target_epsilon = {target} at target_delta = {delta:g}: no noise multiplier in [0.01, 1000] "
             f"reaches it in {steps} steps of sampling rate {rate:.4g} ({exc})"
@@ -183,20 +187,22 @@ def plan(cfg, rows: int, steps: int, spent: Accountant | None) -> tuple[float, A
     accountant = spent or Accountant(cfg.accountant, delta)
     if spent is not None and (spent.kind, spent.delta) != (cfg.accountant, delta):
         raise UserError(
-            f"dp_sgd: the checkpoint's privacy was accounted with {spent.kind} at delta {spent.delta:g}; "
-            f"this run asks for {cfg.accountant} at delta {delta:g} (set accountant and target_delta to match)"
+            f"dp_sgd: the checkpoint's privacy was accounted with {spent.kind} at delta "
+            f"{spent.delta:g}; this run asks for {cfg.accountant} at delta {delta:g} (set accountant and "
+            "target_delta to match)"
         )
     rate = sampling_rate(cfg, rows)
     if cfg.noise_multiplier:
         return cfg.noise_multiplier, accountant
     remaining = steps - accountant.steps
-    return noise_for(cfg.accountant, rate, remaining, cfg.target_epsilon, delta, accountant.segments), accountant
+    return noise_for(
+        cfg.accountant, rate, remaining, cfg.target_epsilon, delta, accountant.segments
+    ), accountant
 
 
 def scale(cfg, rows: int) -> float:
     """The loss gradient's scale in a private step: one over the expected batch size."""
     return 1.0 / expected_rows(sampling_rate(cfg, rows), rows)
-
 
 
 def affordable(accountant: Accountant, rate: float, sigma: float, target: float) -> int:
