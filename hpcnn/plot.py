@@ -7,8 +7,8 @@ Reads each run directory's ``metrics.jsonl``, one JSON object per line:
   step (``step`` counts optimizer steps done; ``time`` is seconds per step over the logged
   interval);
 - ``{"kind": "epoch", "epoch", "step", "loss", "accuracy", "lr", "seconds", "samples_per_s",
-  "test": {"loss", "accuracy", "rows"}}`` at the end of each epoch (``test`` only when held-out
-  rows were scored);
+  "test": {"loss", "accuracy", "rows"}, "epsilon"}`` at the end of each epoch (``test`` only when
+  held-out rows were scored, ``epsilon`` only in private runs);
 
 and other kinds are skipped. A last line cut short (a run killed mid-write) is skipped with a
 warning; any other line that is not JSON is an error. A resumed run appends to the file: its
@@ -23,6 +23,7 @@ are overlaid), one line per run in each figure:
   last step) and the held-out loss;
 - ``accuracy.png``: the same for accuracy (only when some run has it);
 - ``lr.png``, ``throughput.png`` (samples/s), ``grad_norm.png`` (log scale) per logged step;
+- ``privacy.png``: the epsilon spent by the end of each epoch (private runs: ``--dp-sgd``);
 - ``time_breakdown.png``: each run's step time split into data, forward+backward, gradient
   reduction, optimizer and the rest, stacked (one panel per run).
 
@@ -208,13 +209,16 @@ def _metric_figure(plt, runs: list[Run], key: str, ylabel: str, title: str):
     return _finish(ax, fig, runs, ylabel, title)
 
 
-def _simple_figure(plt, runs: list[Run], key: str, ylabel: str, title: str, log: bool = False):
+def _simple_figure(
+    plt, runs: list[Run], key: str, ylabel: str, title: str, log: bool = False, epochs: bool = False
+):
+    """One curve per run of ``key`` per logged step (``epochs``: per epoch, with markers)."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     drawn = False
     for run in runs:
-        xs, ys = _series(run, key, positive=log)
+        xs, ys = _xy(run.epochs, key) if epochs else _series(run, key, positive=log)
         if xs:
-            ax.plot(xs, ys, "-", lw=1, label=run.label)
+            ax.plot(xs, ys, "o-" if epochs else "-", lw=1, label=run.label)
             drawn = True
     if not drawn:
         plt.close(fig)
@@ -255,6 +259,7 @@ def figures(runs: list[Run]) -> dict:
         "throughput.png": _simple_figure(plt, runs, "samples_per_s", "samples/s", "throughput"),
         "time_breakdown.png": _time_figure(plt, runs),
         "grad_norm.png": _simple_figure(plt, runs, "grad_norm", "gradient norm", "gradient norm", log=True),
+        "privacy.png": _simple_figure(plt, runs, "epsilon", "epsilon spent", "privacy spent", epochs=True),
     }
     return {name: fig for name, fig in made.items() if fig is not None}
 

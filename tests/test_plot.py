@@ -266,3 +266,23 @@ def test_command_needs_no_mpi(tmp_path):
     done = launch.run(code, [run], timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("wrote ") == len(ALL)
+
+
+def test_a_private_run_gets_its_privacy_spent_per_epoch(tmp_path):
+    pytest.importorskip("matplotlib", reason=NEEDS_MPL)
+    import matplotlib.pyplot as plt
+
+    records = _records()
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    for r, eps in zip(epochs, (0.8, 1.3), strict=True):
+        r["epsilon"] = eps
+    run = _run_dir(tmp_path / "private", records=records)
+    assert plot.main([str(run)]) == 0
+    assert _pngs(run) == ALL | {"privacy.png"}
+    figs = plot.figures([plot.Run("private", *plot.load_metrics(run))])
+    try:
+        (line,) = figs["privacy.png"].axes[0].get_lines()
+        assert list(line.get_xdata()) == [10, 20] and list(line.get_ydata()) == [0.8, 1.3]
+    finally:
+        for fig in figs.values():
+            plt.close(fig)

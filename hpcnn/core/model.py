@@ -125,7 +125,9 @@ class Sequential:
         every layer's weight gradients, last layer first (the order backward would finish them);
         ``factors``: each row's output gradients scaled by its factor (DP-SGD's clipping)."""
         for i in range(len(self.layers) - 1, -1, -1):
-            self.layers[i].weight_grads(self.stack(i), rows, factors)
+            layer, stack = self.layers[i], self.stack(i)
+            # (factors only when clipping: a user layer's weight_grads(stack, rows) keeps working)
+            layer.weight_grads(stack, rows) if factors is None else layer.weight_grads(stack, rows, factors)
             if on_layer_done is not None:
                 on_layer_done(i)
 

@@ -32,19 +32,6 @@ def _key(seed: int, a: int, b: int, domain: int) -> np.ndarray:
     return np.random.SeedSequence([int(seed) % 2**64, int(a), int(b), domain]).generate_state(2, np.uint64)
 
 
-def private_layers(layers) -> list:
-    """The layers with parameters that have no per-example norm rule (``example_sq_norms``): a
-    private run refuses them. BatchNorm has no such rule on purpose: it mixes a batch's examples, so
-    no example has a gradient of its own."""
-    from hpcnn.core.layers import Layer
-
-    return [
-        layer
-        for layer in layers
-        if layer.param_specs() and type(layer).example_sq_norms is Layer.example_sq_norms
-    ]
-
-
 def total_sq_norms(parts, rows: int):
     """Each example's squared gradient norm from ``parts``, per-tensor columns ``(tensors, rows)`` in
     model order, added one tensor after the other: the same bits however the tensors were cut."""

@@ -172,7 +172,7 @@ class Training:
         if run is not None and restore is None:
             run.write_start()
         at = self.start or Position()
-        self.accountant = None
+        self.accountant, self.budget_steps = None, None
         if cfg.dp_sgd:
             self._private(at)
         self.finished = list(at.history)  # rows of complete epochs (what checkpoints carry)
@@ -218,7 +218,10 @@ class Training:
             return sigma, accountant, budget
 
         self.rate = privacy.sampling_rate(cfg, rows)
+        planned = self.steps
         self.sigma, self.accountant, self.steps = self.comm.root_decides(decide, cfg.debug)
+        if self.steps < planned:  # the budget ends training early (said when it does)
+            self.budget_steps = self.steps
         self.loss_scale = privacy.scale(cfg, rows)
         self.noise_std = self.sigma * cfg.max_grad_norm * self.loss_scale
         self.first_tensor = sum(len(layer.param_specs()) for layer in self.layers[: self.bounds[grid.stage]])
@@ -402,6 +405,11 @@ class Training:
                     break
             if self.stop.drain():
                 return self._stopped(sums)
+            if self.step == self.budget_steps:
+                self.speak(
+                    f"dp-sgd: the privacy budget (epsilon {cfg.target_epsilon:g}) allows no further step: "
+                    f"training ends at step {self.step}"
+                )
             result.position = self.position(sums if self.batch else np.zeros(3))
             self.checkpoint(None, "end of training", result.position)
             self._final()

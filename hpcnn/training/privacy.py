@@ -23,7 +23,8 @@ import warnings
 
 import numpy as np
 
-from hpcnn.core.privacy import clip_factors, expected_rows, gaussian_noise, private_layers, total_sq_norms
+from hpcnn.core.layers import Layer
+from hpcnn.core.privacy import clip_factors, expected_rows, gaussian_noise, total_sq_norms
 from hpcnn.errors import UserError
 
 ACCOUNTANTS = ("rdp", "pld")
@@ -80,10 +81,10 @@ def noise_for(kind: str, rate: float, steps: int, target: float, delta: float, s
         sigma = dp.calibrate_dp_mechanism(
             lambda: _fresh(kind), make, target, delta, dp.ExplicitBracketInterval(1e-2, 1e3)
         )
-    except ValueError as exc:  # the library: no noise in its bracket reaches the target
+    except ValueError:  # the library: no noise in its bracket reaches the target
         raise UserError(
             f"target_epsilon = {target} at target_delta = {delta:g}: no noise multiplier in [0.01, 1000] "
-            f"reaches it in {steps} steps of sampling rate {rate:.4g} ({exc})"
+            f"reaches it in {steps} steps of sampling rate {rate:.4g}"
         ) from None
     return float(sigma)
 
@@ -131,7 +132,12 @@ def check(cfg, layers) -> None:
             f"dp_sgd: {mixing[0]!r} mixes the examples of a batch (its statistics), so no example has a "
             "gradient of its own to clip; use LayerNorm, or train without dp_sgd"
         )
-    missing = private_layers(layers)
+    # no per-example rule: BatchNorm has none on purpose (no example has a gradient of its own)
+    missing = [
+        layer
+        for layer in layers
+        if layer.param_specs() and type(layer).example_sq_norms is Layer.example_sq_norms
+    ]
     if missing:
         raise UserError(
             f"dp_sgd: layer {missing[0]!r} has parameters but no per-example gradient norm "
