@@ -214,3 +214,60 @@ def test_default_delta():
     assert privacy.default_delta(1438) == 1e-4
     assert privacy.default_delta(60000) == 1e-5
     assert privacy.default_delta(100) == 1e-2
+
+
+# --- the command ----------------------------------------------------------------------------------
+
+
+@pytest.mark.launches
+def test_the_command_trains_privately_at_four_ranks_and_the_checkpoint_says_what_was_spent(tmp_path):
+    from launch import run
+
+    ckpt = tmp_path / "ckpt"
+    args = ["--dp-sgd", "--target-epsilon", "3", "--epochs", "3", "--lr", "0.01", "--run-dir", ""]
+    proc = run("hpcnn.train", [*args, "--checkpoint-dir", str(ckpt)], ranks=4, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert out.count("privacy spent: epsilon 3.000 at delta 0.0001 (rdp, noise multiplier") == 1, out
+    assert out.count("dp-sgd: per-example gradients clipped to 1, noise multiplier") == 1
+    epochs = [line for line in out.splitlines() if line.startswith("epoch ")]
+    spent = [float(line.split("epsilon ")[1].split()[0]) for line in epochs]
+    assert len(spent) == 3 and spent[0] < spent[1] < spent[2] == 3.0, epochs
+    (path,) = ckpt.glob("ckpt-*.h5")
+    info = run("hpcnn.checkpoint", ["info", str(path)], timeout=60)
+    assert (
+        info.returncode == 0
+        and "privacy: epsilon 3 at delta 0.0001 (rdp accountant) after 66 private" in info.stdout
+    )
+
+
+@pytest.mark.launches
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dp-sgd"], "dp_sgd needs the noise: --noise-multiplier SIGMA, or --target-epsilon E"),
+        (["--dp-sgd", "--noise-multiplier", "1", "--deterministic"], "dp_sgd with deterministic:"),
+        (
+            ["--dp-sgd", "--target-epsilon", "1e-6"],
+            "target_epsilon = 1e-06 at target_delta = 0.0001: no noise",
+        ),
+        (
+            ["--dp-sgd", "--noise-multiplier", "1", "--model", "MODEL"],
+            "dp_sgd: BatchNorm(16) mixes the examples",
+        ),
+    ],
+)
+def test_what_cannot_be_private_is_refused_once_before_training(tmp_path, args, message):
+    from launch import run
+
+    model = tmp_path / "bn.toml"
+    model.write_text(
+        '[[layers]]\ntype = "Dense"\nfan_in = 64\nfan_out = 16\n[[layers]]\ntype = "BatchNorm"\n'
+        'channels = 16\n[[layers]]\ntype = "ReLU"\n[[layers]]\ntype = "Dense"\nfan_in = 16\nfan_out = 10\n'
+    )
+    args = [str(model) if a == "MODEL" else a for a in args]
+    proc = run("hpcnn.train", [*args, "--run-dir", ""], ranks=4, timeout=60)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith(f"hpcnn: error: {message}"), proc.stderr
+    assert "Traceback" not in proc.stderr and "epoch " not in proc.stdout
