@@ -146,6 +146,14 @@ def test_accountant_state_round_trips_and_segments_compose():
         == accountant.epsilon()
         > privacy.Accountant("rdp", 1e-5, [[0.01, 1.0, 100]]).epsilon()
     )
+    import dp_accounting
+    from dp_accounting import rdp
+
+    library = rdp.RdpAccountant()  # the segments composed by the library itself, in order
+    for q, sigma, k in again.segments:
+        event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+        library.compose(dp_accounting.SelfComposedDpEvent(event, k))
+    assert again.epsilon() == library.get_epsilon(1e-5)
 
 
 def test_solved_noise_spends_the_target_and_the_budget_stops_in_time():
