@@ -13,7 +13,7 @@ gradient), sums them over the layers of every pipeline stage, and forms each wei
 from the scaled rows. The norms are per tensor, summed in model order (``total_sq_norms``): the same
 bits whatever the stage cut.
 
-Noise and sampling are drawn from counter-based generators keyed by the run's seed and the step
+Noise and sampling are drawn from generators seeded by the run's seed and the step
 (and the tensor's index in the model): every layout draws the same numbers, and a resumed run draws
 what an uninterrupted one would, with no generator state to save.
 """
@@ -28,8 +28,8 @@ _NOISE = 0x4E4F4953  # "NOIS": keeps these keys apart from dropout's and samplin
 _SAMPLE = 0x504F4953  # "POIS"
 
 
-def _key(seed: int, a: int, b: int, domain: int) -> np.ndarray:
-    return np.random.SeedSequence([int(seed) % 2**64, int(a), int(b), domain]).generate_state(2, np.uint64)
+def _seed(seed: int, a: int, b: int, domain: int) -> np.random.SeedSequence:
+    return np.random.SeedSequence([int(seed) % 2**64, int(a), int(b), domain])
 
 
 def total_sq_norms(parts, rows: int):
@@ -60,7 +60,7 @@ def gaussian_noise(seed: int, step: int, tensor: int, size: int, std: float, dty
     network); the transcendental functions are vectorised. ``u1 >= 2**-32`` bounds the deviates'
     magnitude at 6.66 ``std``, like any floating-point sampler's tail cut (Opacus's included)."""
     half = -(-size // 2)
-    words = np.random.SFC64(np.random.SeedSequence(_key(seed, step, tensor, _NOISE))).random_raw(half)
+    words = np.random.SFC64(_seed(seed, step, tensor, _NOISE)).random_raw(half)
     u = xp.asarray(words.view(np.uint32), dtype=dtype)  # 2 * half uniform 32-bit integers
     u1, u2 = u[:half], u[half:]
     u1 += 1
@@ -82,7 +82,7 @@ def poisson_batch(seed: int, epoch: int, batch: int, ids, rate: float):
     """The rows of global batch ``batch`` of ``epoch`` under Poisson sampling: each of ``ids`` is in
     it with probability ``rate``, independently (the sampling the privacy accountant assumes). Every
     rank draws the same inclusions from one keyed stream and keeps its own slice of the rows drawn."""
-    rng = np.random.Generator(np.random.Philox(key=_key(seed, epoch, batch, _SAMPLE)))
+    rng = np.random.Generator(np.random.SFC64(_seed(seed, epoch, batch, _SAMPLE)))
     return ids[rng.random(len(ids)) < rate]
 
 
