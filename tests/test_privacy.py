@@ -224,6 +224,44 @@ def test_default_delta():
     assert privacy.default_delta(100) == 1e-2
 
 
+def test_empty_poisson_batches_still_add_the_noise_and_count():
+    from test_privacy_mpi import PRIVATE, layers, reference, stage_differences
+    from test_trainer import data
+
+    import hpcnn
+    from hpcnn import Trainer
+    from hpcnn.parallel.comm import Comm
+
+    x, y, xt, yt = data(rows=200)
+    steps = 30  # q = 1 / 200: about a third of the batches are empty
+    rate = 1 / 200
+    empty = sum(len(poisson_batch(4, 0, b, np.arange(200), rate)) == 0 for b in range(steps))
+    assert empty >= 5
+    result = Trainer(
+        layers(), hpcnn.arrays(x, y, xt, yt), comm=Comm.serial(), epochs=1, max_steps=steps,
+        **dict(PRIVATE, batch_size=1),
+    ).fit()  # fmt: skip
+    assert stage_differences(result, reference(x, y, steps, batch_size=1)) < 1e-12
+    assert result.privacy["steps"] == steps
+
+
+def test_shuffled_batches_train_with_a_warning_that_the_guarantee_does_not_hold():
+    from test_privacy_mpi import PRIVATE, layers
+    from test_trainer import data
+
+    import hpcnn
+    from hpcnn import Trainer
+    from hpcnn.parallel.comm import Comm
+
+    x, y, xt, yt = data(rows=200)
+    lines = []
+    settings = dict(PRIVATE, sampling="shuffle", log=lines.append, epochs=1)
+    result = Trainer(layers(), hpcnn.arrays(x, y, xt, yt), comm=Comm.serial(), **settings).fit()
+    warned = [line for line in lines if "warning: shuffled fixed-size batches" in line]
+    assert len(warned) == 1 and "not a guarantee" in warned[0]
+    assert result.steps == 5 and result.privacy["steps"] == 5  # 200 rows in fixed batches of 40
+
+
 # --- the command ----------------------------------------------------------------------------------
 
 

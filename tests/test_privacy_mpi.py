@@ -26,16 +26,18 @@ def layers():
     return [Dense(12, 16), LayerNorm(16), ReLU(), Dense(16, 4, init="xavier")]
 
 
-def reference(x, y, steps: int) -> Sequential:
+def reference(x, y, steps: int, **changes) -> Sequential:
     """DP-SGD by brute force over ``x, y`` (float64): the model after ``steps`` steps."""
-    s = PRIVATE
+    s = dict(PRIVATE, **changes)
     model = Sequential(layers(), np.float64)
     model.params.initialize(np.random.default_rng(s["seed"]))
     loss = LOSSES["cross_entropy"]()
     rate = s["batch_size"] / len(x)
     for step in range(steps):
         total = np.zeros(model.params.size)
-        for i in poisson_batch(s["seed"], 0, step, np.arange(len(x)), rate):
+        for i in poisson_batch(
+            s["seed"], step // round(1 / rate), step % round(1 / rate), np.arange(len(x)), rate
+        ):
             loss.forward(model.forward(x[i : i + 1].astype(np.float64)), y[i : i + 1])
             model.backward(loss.backward(1.0))
             g = model.params.grad

@@ -95,7 +95,7 @@ def ghost_conv_cheaper(positions: int, fan_in: int, fan_out: int) -> bool:
 
 def rows_sq_norm(a):
     """``||a_i||^2`` per row of ``a`` (any shape: rows first), summed in float64."""
-    flat = a.reshape(len(a), -1)
+    flat = a.reshape(len(a), math.prod(a.shape[1:]))  # (not -1: an empty batch has 0 rows)
     return np.einsum("ij,ij->i", flat, flat, dtype=np.float64)
 
 
