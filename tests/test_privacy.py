@@ -262,6 +262,23 @@ def test_shuffled_batches_train_with_a_warning_that_the_guarantee_does_not_hold(
     assert result.steps == 5 and result.privacy["steps"] == 5  # 200 rows in fixed batches of 40
 
 
+def test_a_run_that_was_not_private_cannot_be_resumed_privately(tmp_path):
+    from test_privacy_mpi import PRIVATE, layers
+    from test_trainer import data
+
+    import hpcnn
+    from hpcnn import Trainer
+    from hpcnn.errors import JobError
+    from hpcnn.parallel.comm import Comm
+
+    x, y, xt, yt = data(rows=200)
+    arrays, d = hpcnn.arrays(x, y, xt, yt), str(tmp_path / "ckpt")
+    settings = dict(PRIVATE, comm=Comm.serial(), epochs=1, checkpoint_dir=d)
+    Trainer(layers(), arrays, **dict(settings, dp_sgd=False), max_steps=3).fit()
+    with pytest.raises((UserError, JobError), match="3 steps into a run that was not private"):
+        Trainer(layers(), arrays, **settings, resume="auto").fit()
+
+
 # --- the command ----------------------------------------------------------------------------------
 
 

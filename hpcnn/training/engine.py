@@ -172,9 +172,12 @@ class Training:
         if run is not None and restore is None:
             run.write_start()
         at = self.start or Position()
-        self.accountant, self.budget_steps = None, None
+        self.private = None  # --dp-sgd: the accountant, the noise (``hpcnn.training.privacy``)
         if cfg.dp_sgd:
-            self._private(at)
+            args = (cfg, comm, len(ds.train), self.steps, at, layers, bounds, grid, pipe)
+            self.private = privacy.PrivateRun(*args)
+            self.steps = self.private.steps
+            self.speak(self.private.description)
         self.finished = list(at.history)  # rows of complete epochs (what checkpoints carry)
         self.result.history = list(at.history)
         self.step, self.epoch, self.batch = at.step, at.epoch, at.batch
@@ -201,45 +204,6 @@ class Training:
             self._shard()
         self.t_start = comm.wtime()
         self._new_interval()
-
-    def _private(self, at: Position) -> None:
-        """``--dp-sgd``: the noise multiplier (given, or solved on rank 0 for ``target_epsilon``),
-        the accountant (carried on from a checkpoint), the step budget, per-example clipping."""
-        cfg, rows, grid = self.cfg, len(self.ds.train), self.grid
-        spent = privacy.Accountant.from_state(at.privacy) if at.privacy else None
-
-        def decide():
-            sigma, accountant = privacy.plan(cfg, rows, self.steps, spent)
-            budget = self.steps
-            if cfg.target_epsilon:  # the steps the budget allows, from the step resumed at
-                budget = min(
-                    budget, at.step + privacy.affordable(accountant, self.rate, sigma, cfg.target_epsilon)
-                )
-            return sigma, accountant, budget
-
-        self.rate = privacy.sampling_rate(cfg, rows)
-        planned = self.steps
-        self.sigma, self.accountant, self.steps = self.comm.root_decides(decide, cfg.debug)
-        if self.steps < planned:  # the budget ends training early (said when it does)
-            self.budget_steps = self.steps
-        self.loss_scale = privacy.scale(cfg, rows)
-        self.noise_std = self.sigma * cfg.max_grad_norm * self.loss_scale
-        self.first_tensor = sum(len(layer.param_specs()) for layer in self.layers[: self.bounds[grid.stage]])
-        self.pipe.clipping = privacy.Clipping(
-            self.model, grid.pipe if grid.stages > 1 else None, cfg.max_grad_norm, self.loss_scale
-        )
-        self.speak(privacy.describe(cfg, self.sigma, self.accountant, self.rate, rows, self.steps))
-
-    def privacy_spent(self) -> dict | None:
-        """Epsilon spent so far (computed on rank 0, the same on every rank) and how."""
-        if self.accountant is None:
-            return None
-        eps = self.comm.bcast(self.accountant.epsilon() if self.comm.is_root else None)
-        a = self.accountant
-        return {
-            "epsilon": eps, "delta": a.delta, "noise_multiplier": self.sigma, "sampling_rate": self.rate,
-            "max_grad_norm": self.cfg.max_grad_norm, "steps": a.steps, "accountant": a.kind,
-        }  # fmt: skip
 
     def _gradient_sync(self) -> GradientSync:
         """How this stage's replicas agree on the gradient: the overlapped bucketed Allreduce, or
@@ -405,7 +369,7 @@ class Training:
                     break
             if self.stop.drain():
                 return self._stopped(sums)
-            if self.step == self.budget_steps:
+            if self.private is not None and self.step == self.private.budget_steps:
                 self.speak(
                     f"dp-sgd: the privacy budget (epsilon {cfg.target_epsilon:g}) allows no further step: "
                     f"training ends at step {self.step}"
@@ -454,7 +418,7 @@ class Training:
         context.step, context.batch_rows = self.step, global_rows
         first_row = split_units(global_rows, pipe.shard_rows or 1, self.grid.replicas, self.grid.replica)[0]
         # a private step divides by the expected batch size, whatever the batch drawn (maybe empty)
-        scale = self.loss_scale if self.accountant is not None else 1.0 / global_rows
+        scale = self.private.loss_scale if self.private is not None else 1.0 / global_rows
         loss_sum, correct = pipe.train_step(inputs, targets, sizes, scale, self.loss_fn, hook, first_row)
         probe("metrics")
         counted, loss_sum = sync.metrics(global_rows, loss_sum, correct, len(ids), pipe.shard_losses)
@@ -468,9 +432,8 @@ class Training:
             summing = self.comm.Iallreduce(IN_PLACE, step_sums, op=SUM)
         probe("reduce")
         sync.reduce(global_rows)
-        if self.accountant is not None:  # the same noise on every replica: added once to the sum
-            privacy.add_noise(self.model.params, cfg.seed, self.step, self.first_tensor, self.noise_std)
-            self.accountant.add(self.rate, self.sigma)
+        if self.private is not None:  # the same noise on every replica: added once to the sum
+            self.private.add_noise(self.model.params, self.step)
         if cfg.elastic:
             summing.Wait()
             self.global_sums += step_sums
@@ -523,8 +486,8 @@ class Training:
             "seconds": seconds,
             "samples_per_s": rows / seconds,
         }
-        if self.accountant is not None:
-            row["epsilon"] = self.privacy_spent()["epsilon"]
+        if self.private is not None:
+            row["epsilon"] = self.private.spent(self.comm)["epsilon"]
         last = self.epoch + 1 == cfg.epochs or self.step >= self.steps
         if self.ds.test is not None and (last or (cfg.eval_every and (self.epoch + 1) % cfg.eval_every == 0)):
             row["test"] = self._evaluate(self.ds.test)
@@ -572,7 +535,7 @@ class Training:
         progress, summed over the ranks, whatever the layout that resumes them."""
         total = sums.copy()
         self.comm.Allreduce(IN_PLACE, total, op=SUM)
-        spent = self.accountant.state() if self.accountant is not None else None
+        spent = self.private.accountant.state() if self.private is not None else None
         return Position(self.step, self.epoch, self.batch, total.tolist(), self.finished, spent)
 
     def _stopped(self, sums) -> Result:
@@ -655,7 +618,7 @@ class Training:
         final = result.history[-1].get("test") if result.history else None
         result.final = dict(final or self._evaluate(split))
         result.final["split"] = "held-out" if ds.test is not None else "training"
-        result.privacy = self.privacy_spent()
+        result.privacy = self.private.spent(self.comm) if self.private is not None else None
         self.progress.close()
         memory = self.comm.gather(self.memory(), root=0)
         if self.run_dir is not None:

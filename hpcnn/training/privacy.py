@@ -263,3 +263,52 @@ def describe(cfg, sigma: float, accountant: Accountant, rate: float, rows: int, 
             "assumes: the epsilon reported is not a guarantee for this run"
         )
     return text
+
+
+class PrivateRun:
+    """A private run's state on this rank: the noise multiplier, the accountant, the step budget,
+    the loss scale; it installs the per-example clipping on the pipeline and adds the noise.
+
+    ``at`` is where the run starts (a checkpoint's position carries the accountant); ``steps`` the
+    planned steps. The noise multiplier is solved on rank 0 (``comm.root_decides``) and its error,
+    if any, is every rank's."""
+
+    def __init__(self, cfg, comm, rows: int, steps: int, at, layers, bounds, grid, pipe):
+        if at.step and not at.privacy:
+            raise UserError(
+                f"dp_sgd: the checkpoint resumed from is {at.step} steps into a run that was not private; "
+                "no accountant can say what those steps spent: train privately from the start"
+            )
+        spent = Accountant.from_state(at.privacy) if at.privacy else None
+        self.cfg, self.rate = cfg, sampling_rate(cfg, rows)
+
+        def decide():
+            sigma, accountant = plan(cfg, rows, steps, spent)
+            budget = steps
+            if cfg.target_epsilon:  # the steps the budget allows, from the step resumed at
+                budget = min(budget, at.step + affordable(accountant, self.rate, sigma, cfg.target_epsilon))
+            return sigma, accountant, budget
+
+        self.sigma, self.accountant, self.steps = comm.root_decides(decide, cfg.debug)
+        self.budget_steps = self.steps if self.steps < steps else None  # the budget ends training early
+        self.loss_scale = scale(cfg, rows)
+        self.noise_std = self.sigma * cfg.max_grad_norm * self.loss_scale
+        self.first_tensor = sum(len(layer.param_specs()) for layer in layers[: bounds[grid.stage]])
+        pipe.clipping = Clipping(
+            pipe.model, grid.pipe if grid.stages > 1 else None, cfg.max_grad_norm, self.loss_scale
+        )
+        self.description = describe(cfg, self.sigma, self.accountant, self.rate, rows, self.steps)
+
+    def add_noise(self, params, step: int) -> None:
+        """After the gradient reduction of ``step``: the noise, and the step accounted for."""
+        add_noise(params, self.cfg.seed, step, self.first_tensor, self.noise_std)
+        self.accountant.add(self.rate, self.sigma)
+
+    def spent(self, comm) -> dict:
+        """Epsilon spent so far (computed on rank 0, the same on every rank) and how."""
+        eps = comm.bcast(self.accountant.epsilon() if comm.is_root else None)
+        a = self.accountant
+        return {
+            "epsilon": eps, "delta": a.delta, "noise_multiplier": self.sigma, "sampling_rate": self.rate,
+            "max_grad_norm": self.cfg.max_grad_norm, "steps": a.steps, "accountant": a.kind,
+        }  # fmt: skip
