@@ -99,11 +99,6 @@ def rows_sq_norm(a):
     return np.einsum("ij,ij->i", flat, flat, dtype=np.float64)
 
 
-def expected_rows(rate: float, rows: int) -> float:
-    """The expected batch size of Poisson sampling: what a private step divides its sum by."""
-    return rate * rows
-
-
 def steps_per_epoch(rate: float) -> int:
     """Poisson-sampled batches per epoch: ``round(1 / rate)`` (each row drawn once on average)."""
     return max(1, int(math.floor(1.0 / rate + 0.5)))

@@ -25,10 +25,8 @@ import warnings
 import numpy as np
 
 from hpcnn.core.layers import Layer
-from hpcnn.core.privacy import clip_factors, expected_rows, gaussian_noise, total_sq_norms
+from hpcnn.core.privacy import clip_factors, gaussian_noise, total_sq_norms
 from hpcnn.errors import UserError
-
-ACCOUNTANTS = ("rdp", "pld")
 
 
 def default_delta(rows: int) -> float:
@@ -226,11 +224,6 @@ def plan(cfg, rows: int, steps: int, spent: Accountant | None) -> tuple[float, A
     ), accountant
 
 
-def scale(cfg, rows: int) -> float:
-    """The loss gradient's scale in a private step: one over the expected batch size."""
-    return 1.0 / expected_rows(sampling_rate(cfg, rows), rows)
-
-
 def affordable(accountant: Accountant, rate: float, sigma: float, target: float) -> int:
     """The most further steps at ``(rate, sigma)`` that keep epsilon at or below ``target`` (a
     bisection over the accountant, whose epsilon grows with the steps)."""
@@ -291,7 +284,7 @@ class PrivateRun:
 
         self.sigma, self.accountant, self.steps = comm.root_decides(decide, cfg.debug)
         self.budget_steps = self.steps if self.steps < steps else None  # the budget ends training early
-        self.loss_scale = scale(cfg, rows)
+        self.loss_scale = 1.0 / (self.rate * rows)  # one over the expected batch size
         self.noise_std = self.sigma * cfg.max_grad_norm * self.loss_scale
         self.first_tensor = sum(len(layer.param_specs()) for layer in layers[: bounds[grid.stage]])
         pipe.clipping = Clipping(
